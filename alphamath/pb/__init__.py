@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs of package alphamath.v1 (`make proto`; do not edit)."""

@@ -1,0 +1,170 @@
+"""The paper's step format, the round-0 prompt and a parser that never raises.
+
+A solution is a sequence of steps. Each step is written as
+
+    <step>thought text
+    <code>
+    python code
+    </code>
+    <output>
+    what the code printed
+    </output>
+    </step>
+
+where the code/output pair is optional. The policy generates one step per call: the prompt ends
+with "<step>" and generation stops at "</code>" (then the engine runs the code and appends the
+output block and "</step>") or at "</step>". The last step states the final answer in
+\\boxed{...} (or <answer>...</answer>).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from alphamath.interfaces import Sample
+
+STEP_OPEN, STEP_CLOSE = "<step>", "</step>"
+CODE_OPEN, CODE_CLOSE = "<code>", "</code>"
+OUTPUT_OPEN, OUTPUT_CLOSE = "<output>", "</output>"
+STOP = (CODE_CLOSE, STEP_CLOSE)
+MAX_OUTPUT_CHARS = 1024  # code output is cut so one step cannot flood the context
+
+SYSTEM = (
+    "You solve math problems step by step. Write each step inside <step> ... </step>. "
+    "When a calculation is needed, write Python inside <code> ... </code> and print the result; "
+    "its output is shown to you inside <output> ... </output>. "
+    "In the last step give the final answer as \\boxed{answer}."
+)
+
+FEW_SHOT = [
+    (
+        "Tom has 3 boxes with 12 apples each. He gives away 7 apples. How many apples are left?",
+        "<step>First find how many apples Tom has in total.\n<code>\nprint(3 * 12)\n</code>\n"
+        "<output>\n36\n</output>\n</step>\n"
+        "<step>He gives away 7, so 36 - 7 = 29 apples are left. The answer is \\boxed{29}.</step>",
+    ),
+    (
+        "A shirt costs $20 and is on sale for 25% off. What is the sale price in dollars?",
+        "<step>The discount is 25% of 20.\n<code>\nprint(20 * 25 / 100)\n</code>\n"
+        "<output>\n5.0\n</output>\n</step>\n"
+        "<step>The sale price is 20 - 5 = 15 dollars. The answer is \\boxed{15}.</step>",
+    ),
+]
+
+
+def chat_messages(question: str) -> list[dict]:
+    """Round-0 conversation: system rules, worked examples, then the question."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    for q, a in FEW_SHOT:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def render_prompt(question: str, tokenizer=None) -> str:
+    """The prompt every state starts with; it ends with STEP_OPEN so the model writes a step."""
+    messages = chat_messages(question)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "".join(f"{m['role'].upper()}: {m['content']}\n" for m in messages) + "ASSISTANT: "
+    return text + STEP_OPEN
+
+
+@dataclass
+class Step:
+    """One parsed step. `kind` is "code", "text", "answer" or "malformed"."""
+
+    text: str
+    kind: str
+    code: str | None = None
+    output: str | None = None
+    code_error: bool = False
+    answer: str | None = None
+    reason: str | None = None  # why a step is malformed
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in ("answer", "malformed")
+
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+_ANSWER_IS = re.compile(r"(?:final answer|the answer) is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.\s*)?(?:</step>)?\s*$", re.I)
+
+
+def boxed_content(text: str) -> str | None:
+    """Content of the last \\boxed{...}, braces balanced; None if absent or unbalanced."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    i, depth = starts[-1], 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j].strip()
+    return None
+
+
+def find_answer(text: str) -> str | None:
+    """The final answer a step states: \\boxed{}, <answer>, or 'the answer is X' at the end."""
+    boxed = boxed_content(text)
+    if boxed:
+        return boxed
+    tags = _ANSWER_TAG.findall(text)
+    if tags and tags[-1].strip():
+        return tags[-1].strip()
+    m = _ANSWER_IS.search(text.strip())
+    if m and m.group(1).strip():
+        return m.group(1).strip().rstrip(".")
+    return None
+
+
+def parse_step(sample: Sample) -> Step:
+    """Classify one sampled step. Never raises: anything unusable is a malformed terminal."""
+    raw = sample.text or ""
+    body = raw[len(STEP_OPEN):] if raw.startswith(STEP_OPEN) else raw
+    if sample.finish_reason == "length":
+        return Step(body, "malformed", reason="step longer than max_new_tokens")
+    if body.rstrip().endswith(CODE_CLOSE) and CODE_OPEN in body:
+        head, _, rest = body.rpartition(CODE_OPEN)
+        code = rest[: rest.rfind(CODE_CLOSE)].strip("\n")
+        if not code.strip():
+            return Step(body, "malformed", reason="empty code block")
+        return Step(head.rstrip() + "\n" if head.strip() else "", "code", code=code)
+    text = body[: -len(STEP_CLOSE)] if body.rstrip().endswith(STEP_CLOSE) else body
+    text = text.rstrip()
+    if STEP_CLOSE in text:
+        text = text[: text.index(STEP_CLOSE)]
+    answer = find_answer(text)
+    if answer is not None:
+        return Step(text, "answer", answer=answer)
+    if not text.strip():
+        return Step(text, "malformed", reason="empty step")
+    if sample.finish_reason == "eos":
+        return Step(text, "malformed", reason="solution ended without a final answer")
+    return Step(text, "text")
+
+
+def render_step(step: Step) -> str:
+    """Text of a finished step as it appears in the state (after the opening <step>)."""
+    if step.kind == "code":
+        out = (step.output or "")[:MAX_OUTPUT_CHARS]
+        return (
+            f"{step.text}{CODE_OPEN}\n{step.code}\n{CODE_CLOSE}\n"
+            f"{OUTPUT_OPEN}\n{out.rstrip()}\n{OUTPUT_CLOSE}\n{STEP_CLOSE}\n"
+        )
+    return f"{step.text}{STEP_CLOSE}\n"
+
+
+def render_state(prompt: str, steps: list[Step]) -> str:
+    """The state the value head scores: prompt and finished steps; read at its last token."""
+    return prompt + STEP_OPEN.join(render_step(s) for s in steps)
+
+
+def generation_prefix(prompt: str, steps: list[Step]) -> str:
+    """The text the policy continues to write the next step: the state plus an opened step."""
+    return render_state(prompt, steps) + (STEP_OPEN if steps else "")

@@ -1,0 +1,88 @@
+"""Step-level beam search SBS(B1, B2), greedy decoding and majority vote.
+
+SBS: the root samples B1*B2 children, every later beam node B2; all children are scored by the
+value head and the top B1 - |final| kept. A kept terminal with an answer moves to the final set,
+which shrinks the beam. The answer is the final node with the highest value.
+"""
+from __future__ import annotations
+
+from alphamath.interfaces import Policy, Sandbox, Value
+from alphamath.tree import Node, Tree
+from search_svc.config import SearchConfig
+from search_svc.expand import Checker, evaluate, expand
+from search_svc.mcts import finish
+
+FAILED = ("malformed", "max_depth", "code_errors", "no_children")
+
+
+def sbs(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
+        check: Checker | None = None, on_progress=None) -> Tree:
+    beam: list[Node] = [tree.root]
+    final: list[Node] = []
+    step = 0
+    while beam:
+        width = cfg.beam_b1 * cfg.beam_b2 if step == 0 else cfg.beam_b2
+        groups = expand(tree, [b.id for b in beam], width, policy, sandbox, cfg,
+                        seed=cfg.seed * 100_003 + step)
+        children = [c for g in groups for c in g]
+        # Rank by the value head even with ground truth: SBS is an inference method.
+        evaluate(tree, children, value, check=None)
+        alive = [c for c in children if c.terminal_reason not in FAILED]
+        keep = sorted(alive, key=lambda c: c.value, reverse=True)[: cfg.beam_b1 - len(final)]
+        final += [c for c in keep if c.terminal_reason == "answer"]
+        beam = [c for c in keep if not c.terminal]
+        step += 1
+        if on_progress:
+            on_progress(step, tree)
+    best = max(final, key=lambda c: c.value) if final else None
+    tree.meta["iterations_done"] = step
+    return finish(tree, best, check)
+
+
+def rollouts(tree: Tree, k: int, temperature: float, policy: Policy, value: Value,
+             sandbox: Sandbox, cfg: SearchConfig, on_progress=None) -> list[Node]:
+    """k independent solutions sampled step by step, advancing together in one batch per step.
+    Samples are not merged (each path is one vote). Returns the k leaves."""
+    tips = expand(tree, [0], k, policy, sandbox, cfg, temperature=temperature, seed=cfg.seed,
+                  unique=False)[0]
+    step = 1
+    while any(not t.terminal for t in tips):
+        open_ = [i for i, t in enumerate(tips) if not t.terminal]
+        groups = expand(tree, [tips[i].id for i in open_], 1, policy, sandbox, cfg,
+                        temperature=temperature, seed=cfg.seed * 100_003 + step, unique=False)
+        for i, g in zip(open_, groups):
+            if g:
+                tips[i] = g[0]
+        step += 1
+        if on_progress:
+            on_progress(step, tree)
+    return tips
+
+
+def greedy(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
+           check: Checker | None = None, on_progress=None) -> Tree:
+    """One path at temperature 0; its final state is value-scored for reporting."""
+    leaf = rollouts(tree, 1, 0.0, policy, value, sandbox, cfg, on_progress)[0]
+    evaluate(tree, [leaf], value, check=None)
+    return finish(tree, leaf if leaf.terminal_reason == "answer" else None, check)
+
+
+def majority(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
+             check: Checker | None = None, equiv: Checker | None = None, on_progress=None) -> Tree:
+    """k sampled solutions vote; answers are grouped by equivalence, the largest group wins
+    (ties go to the group with the higher summed value)."""
+    leaves = rollouts(tree, cfg.majority_k, cfg.temperature or 0.6, policy, value, sandbox, cfg, on_progress)
+    answered = [n for n in leaves if n.terminal_reason == "answer"]
+    evaluate(tree, answered, value, check=None)
+    same = equiv or (lambda a, b: a == b)
+    groups: list[list[Node]] = []
+    for node in answered:
+        for g in groups:
+            if same(node.answer, g[0].answer):
+                g.append(node)
+                break
+        else:
+            groups.append([node])
+    tree.meta["votes"] = {g[0].answer: len(g) for g in groups}
+    best = max(groups, key=lambda g: (len(g), sum(n.value for n in g)), default=None)
+    return finish(tree, max(best, key=lambda n: n.value) if best else None, check)

@@ -1,0 +1,53 @@
+"""One entry point for every search method: question in, finished tree out."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from alphamath.interfaces import Policy, Sandbox, Value
+from alphamath.tree import Tree
+from search_svc.beam import greedy, majority, sbs
+from search_svc.config import METHODS, SearchConfig
+from search_svc.mcts import mcts
+
+MAX_QUESTION_CHARS = 4000
+
+
+def check_question(question: str) -> str:
+    """Reject what no search should run on, with a message a user can act on."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"question has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
+    return question.strip()
+
+
+def default_checker():
+    from alphamath.answer import is_equiv
+    return is_equiv
+
+
+def solve(question: str, method: str, policy: Policy, value: Value, sandbox: Sandbox,
+          cfg: SearchConfig | None = None, ground_truth: str | None = None,
+          question_id: str | None = None, on_progress: Callable[[int, Tree], None] | None = None,
+          check=None) -> Tree:
+    """Search for a solution; the answer, its value and correctness land in tree.meta."""
+    question = check_question(question)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    cfg = (cfg or SearchConfig()).validate()
+    check = check or default_checker()
+    tree = Tree(question=question, prompt=policy.render_prompt(question),
+                ground_truth=ground_truth, question_id=question_id)
+    tree.meta.update(method=method, config=cfg.to_dict())
+    start = time.perf_counter()
+    if method == "mcts":
+        mcts(tree, policy, value, sandbox, cfg, check, on_progress)
+    elif method == "sbs":
+        sbs(tree, policy, value, sandbox, cfg, check, on_progress)
+    elif method == "greedy":
+        greedy(tree, policy, value, sandbox, cfg, check, on_progress)
+    else:
+        majority(tree, policy, value, sandbox, cfg, check, equiv=check, on_progress=on_progress)
+    tree.meta["seconds"] = round(time.perf_counter() - start, 3)
+    return tree

@@ -1,0 +1,134 @@
+"""Expansion and evaluation, shared by every search method.
+
+Expansion keeps every sample: the paper's code drops a whole expansion when one of its n samples
+is malformed, which with a small model means trees never grow. Here a malformed sample becomes a
+terminal child with reward -1, and the well-formed siblings live on.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+from alphamath.interfaces import Policy, Sample, Sandbox, Value
+from alphamath.steps import STOP, parse_step
+from alphamath.tree import Node, Tree
+from search_svc.config import SearchConfig
+
+NEGATIVE_REWARD, POSITIVE_REWARD = -1.0, 1.0
+Checker = Callable[[str | None, str], bool]
+
+
+def prior(sample: Sample) -> float:
+    """P = exp(mean token log-prob of the step): a length-normalised likelihood in (0, 1]."""
+    return math.exp(sample.cumulative_logprob / max(sample.token_count, 1))
+
+
+def dedupe(samples: Sequence[Sample]) -> list[Sample]:
+    """Identical step texts are one child (the first sample's statistics are kept)."""
+    seen, out = set(), []
+    for s in samples:
+        key = s.text.strip()
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def consecutive_code_errors(tree: Tree, node_id: int) -> int:
+    count = 0
+    for node in reversed(tree.path(node_id)):
+        if not node.code_error:
+            break
+        count += 1
+    return count
+
+
+def mark_terminal(tree: Tree, node: Node, cfg: SearchConfig) -> None:
+    """Apply the paper's terminal rules to a fresh child."""
+    if node.kind == "answer":
+        node.terminal_reason = "answer"
+    elif node.kind == "malformed":
+        node.terminal_reason = "malformed"
+    elif consecutive_code_errors(tree, node.id) > cfg.max_code_errors:
+        node.terminal_reason = "code_errors"
+    elif node.depth >= cfg.max_depth:
+        node.terminal_reason = "max_depth"
+
+
+def run_code(tree: Tree, parent: int, steps, sandbox: Sandbox) -> None:
+    """Execute the code steps among `steps` (children of `parent`) in parallel sandboxes."""
+    cells = tree.code_cells(parent)
+    code_steps = [s for s in steps if s.kind == "code"]
+    if not code_steps:
+        return
+    with ThreadPoolExecutor(max_workers=min(4, len(code_steps))) as pool:
+        results = list(pool.map(lambda s: sandbox.execute(cells + [s.code]), code_steps))
+    for step, res in zip(code_steps, results):
+        step.code_error = bool(res.error) or res.timed_out
+        if res.timed_out:
+            step.output = (res.stdout + "\nTimeoutError: code ran too long").strip()
+        elif res.error:
+            step.output = (res.stdout + "\n" + res.error).strip()
+        else:
+            step.output = res.stdout
+
+
+def add_children(tree: Tree, node_ids: Sequence[int], samples: Sequence[Sequence[Sample]],
+                 sandbox: Sandbox, cfg: SearchConfig, unique: bool = True) -> list[list[Node]]:
+    """Turn each node's samples into children: parse, run code, apply terminal rules."""
+    out = []
+    for node_id, node_samples in zip(node_ids, samples):
+        kept = dedupe(node_samples) if unique else list(node_samples)
+        steps = [parse_step(s) for s in kept]
+        run_code(tree, node_id, steps, sandbox)
+        children = []
+        for s, step in zip(kept, steps):
+            child = tree.add_child(node_id, step, prior(s), s.token_count)
+            mark_terminal(tree, child, cfg)
+            children.append(child)
+        if not children:
+            tree.nodes[node_id].terminal_reason = "no_children"
+        out.append(children)
+    return out
+
+
+def expand(tree: Tree, node_ids: Sequence[int], width: int, policy: Policy, sandbox: Sandbox,
+           cfg: SearchConfig, temperature: float | None = None, seed: int | None = None,
+           unique: bool = True) -> list[list[Node]]:
+    """Sample `width` next steps for each node in one policy call and add them as children
+    (identical samples are merged unless `unique` is False, as independent votes need)."""
+    samples = policy.generate(
+        [tree.prefix(i) for i in node_ids], width, stop=STOP,
+        temperature=cfg.temperature if temperature is None else temperature,
+        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed)
+    return add_children(tree, node_ids, samples, sandbox, cfg, unique)
+
+
+def terminal_reward(tree: Tree, node: Node, check: Checker) -> float:
+    """With ground truth: +1 for a correct answer, -1 for anything else that ends a path."""
+    if node.terminal_reason == "answer":
+        node.correct = bool(check(node.answer, tree.ground_truth))
+        return POSITIVE_REWARD if node.correct else NEGATIVE_REWARD
+    return NEGATIVE_REWARD
+
+
+def evaluate(tree: Tree, nodes: Sequence[Node], value: Value, check: Checker | None) -> list[float]:
+    """Value of each node's state: the reward for terminals when ground truth is known, else the
+    value head (failed terminals are -1 either way). Sets node.value and returns the values."""
+    out: list[float | None] = [None] * len(nodes)
+    to_score = []
+    for i, node in enumerate(nodes):
+        if node.terminal and node.terminal_reason != "answer":
+            out[i] = NEGATIVE_REWARD
+        elif node.terminal and tree.ground_truth is not None and check is not None:
+            out[i] = terminal_reward(tree, node, check)
+        else:
+            to_score.append(i)
+    if to_score:
+        scores = value.score([tree.state(nodes[i].id) for i in to_score])
+        for i, v in zip(to_score, scores):
+            out[i] = float(v)
+    for node, v in zip(nodes, out):
+        node.value = v
+    return out  # type: ignore[return-value]

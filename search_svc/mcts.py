@@ -1,0 +1,121 @@
+"""Monte Carlo Tree Search over steps, as small functions over the explicit tree.
+
+One simulation:
+  select    descend from the root by PUCT(child) = Q + c_puct * P * sqrt(N_parent) / (1 + N)
+            over non-terminal children (ties broken by a seeded RNG); a node whose children
+            are all terminal becomes terminal ("children_terminal") and selection restarts.
+  expand    sample n next steps of the selected leaf (identical texts deduplicated).
+  evaluate  each new terminal child backs up its reward (+1 correct / -1 otherwise, with ground
+            truth; the value head's estimate without); the expanded leaf backs up the value
+            head's estimate of its own state.
+  backup    N += 1 and W += v from the evaluated node up to the root; Q = W / N.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+from alphamath.interfaces import Policy, Sandbox, Value
+from alphamath.tree import Node, Tree
+from search_svc.config import SearchConfig
+from search_svc.expand import Checker, evaluate, expand
+
+Progress = Callable[[int, Tree], None]
+
+
+def puct(parent: Node, child: Node, c_puct: float) -> float:
+    return child.Q + c_puct * child.prior * math.sqrt(parent.N) / (1 + child.N)
+
+
+def backup(tree: Tree, node_id: int, value: float) -> None:
+    """Add one visit and `value` to every node from node_id up to the root."""
+    while node_id is not None:
+        node = tree.nodes[node_id]
+        node.N += 1
+        node.W += value
+        node_id = node.parent
+
+
+def select_child(tree: Tree, node: Node, c_puct: float, rng: random.Random) -> Node | None:
+    """The non-terminal child with the highest PUCT score; None if every child is terminal."""
+    candidates = [tree.nodes[c] for c in node.children if not tree.nodes[c].terminal]
+    if not candidates:
+        return None
+    scores = [puct(node, c, c_puct) for c in candidates]
+    best = max(scores)
+    return rng.choice([c for c, s in zip(candidates, scores) if s == best])
+
+
+def select_leaf(tree: Tree, c_puct: float, rng: random.Random) -> Node | None:
+    """Descend to an unexpanded node; None when the whole tree is solved (root terminal)."""
+    while not tree.root.terminal:
+        node = tree.root
+        while node.expanded:
+            child = select_child(tree, node, c_puct, rng)
+            if child is None:
+                node.terminal_reason = "children_terminal"
+                break
+            node = child
+        else:
+            return node
+    return None
+
+
+def simulate(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
+             rng: random.Random, check: Checker | None, seed: int | None = None) -> bool:
+    """One select-expand-evaluate-backup pass; False when nothing is left to expand."""
+    leaf = select_leaf(tree, cfg.c_puct, rng)
+    if leaf is None:
+        return False
+    children = expand(tree, [leaf.id], cfg.n_children, policy, sandbox, cfg, seed=seed)[0]
+    terminals = [c for c in children if c.terminal]
+    for child, v in zip(terminals, evaluate(tree, terminals, value, check)):
+        backup(tree, child.id, v)
+    if leaf.value is None:
+        evaluate(tree, [leaf], value, check)
+    backup(tree, leaf.id, leaf.value)
+    return True
+
+
+def best_answer_node(tree: Tree, select_by: str = "q") -> Node | None:
+    """Descend from the root choosing the child with the best Q (or value, or visits); if the
+    descent ends without an answer, fall back to the best answer node anywhere in the tree."""
+    key = {
+        "q": lambda n: (n.Q if n.N else -math.inf, n.N),
+        "value": lambda n: (n.value if n.value is not None else -math.inf, n.N),
+        "visits": lambda n: (n.N, n.Q),
+    }[select_by]
+    node = tree.root
+    while node.children:
+        node = max((tree.nodes[c] for c in node.children), key=key)
+    if node.answer is not None:
+        return node
+    answers = [n for n in tree.nodes if n.terminal_reason == "answer"]
+    return max(answers, key=key) if answers else None
+
+
+def mcts(question_tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
+         check: Checker | None = None, on_progress: Progress | None = None) -> Tree:
+    """Run cfg.iterations simulations (fewer if the tree is exhausted) and record the answer."""
+    tree, rng = question_tree, random.Random(cfg.seed)
+    done = 0
+    for i in range(cfg.iterations):
+        if not simulate(tree, policy, value, sandbox, cfg, rng, check, seed=cfg.seed * 100_003 + i):
+            break
+        done += 1
+        if on_progress:
+            on_progress(done, tree)
+    tree.meta["iterations_done"] = done
+    return finish(tree, best_answer_node(tree, cfg.select_by), check)
+
+
+def finish(tree: Tree, node: Node | None, check: Checker | None) -> Tree:
+    """Record the chosen answer node in the tree's meta (and its correctness if known)."""
+    tree.meta["answer_node"] = node.id if node else None
+    tree.meta["answer"] = node.answer if node else None
+    tree.meta["value"] = node.value if node else None
+    if node is not None and tree.ground_truth is not None and check is not None and node.correct is None:
+        node.correct = bool(check(node.answer, tree.ground_truth))
+    tree.meta["correct"] = node.correct if node else (False if tree.ground_truth is not None else None)
+    return tree
