@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class PolicyServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """The policy LLM behind search: batched step generation.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -53,7 +54,8 @@ class PolicyServiceStub:
 
 
 class PolicyServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The policy LLM behind search: batched step generation.
+    """
 
     def Generate(self, request, context):
         """n sampled continuations per prompt, each ending at a stop string, EOS or max_new_tokens.
@@ -103,7 +105,8 @@ def add_PolicyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PolicyService:
-    """Missing associated documentation comment in .proto file."""
+    """The policy LLM behind search: batched step generation.
+    """
 
     @staticmethod
     def Generate(request,

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class SandboxServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Isolated execution of model-written code.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,7 +43,8 @@ class SandboxServiceStub:
 
 
 class SandboxServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Isolated execution of model-written code.
+    """
 
     def Execute(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -67,7 +69,8 @@ def add_SandboxServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SandboxService:
-    """Missing associated documentation comment in .proto file."""
+    """Isolated execution of model-written code.
+    """
 
     @staticmethod
     def Execute(request,

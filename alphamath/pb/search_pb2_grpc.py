@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class SearchServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Search front end: the API clients call to solve questions.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +53,8 @@ class SearchServiceStub:
 
 
 class SearchServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Search front end: the API clients call to solve questions.
+    """
 
     def Solve(self, request, context):
         """Solve one question and return the chosen solution.
@@ -104,7 +106,8 @@ def add_SearchServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SearchService:
-    """Missing associated documentation comment in .proto file."""
+    """Search front end: the API clients call to solve questions.
+    """
 
     @staticmethod
     def Solve(request,

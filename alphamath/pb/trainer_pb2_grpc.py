@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class TrainerServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Trainer control plane: ingestion/training status and jobs.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +48,8 @@ class TrainerServiceStub:
 
 
 class TrainerServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Trainer control plane: ingestion/training status and jobs.
+    """
 
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -83,7 +85,8 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
-    """Missing associated documentation comment in .proto file."""
+    """Trainer control plane: ingestion/training status and jobs.
+    """
 
     @staticmethod
     def Status(request,

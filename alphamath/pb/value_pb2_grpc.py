@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class ValueServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """The value head behind search: batched state scoring.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -48,7 +49,8 @@ class ValueServiceStub:
 
 
 class ValueServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The value head behind search: batched state scoring.
+    """
 
     def Score(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -84,7 +86,8 @@ def add_ValueServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ValueService:
-    """Missing associated documentation comment in .proto file."""
+    """The value head behind search: batched state scoring.
+    """
 
     @staticmethod
     def Score(request,

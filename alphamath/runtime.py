@@ -1,0 +1,27 @@
+"""The in-process engine: one local model serving policy and value, and the sandbox."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Engine:
+    policy: object
+    value: object
+    sandbox: object
+    lm: object
+    model_dir: Path
+
+
+def load_engine(model_dir: str | None = None, dtype: str | None = None) -> Engine:
+    """Load `model_dir` (default: the embedded SmolLM2 checkpoint, materialised on first use)."""
+    from alphamath.lm import LocalLM
+    from alphamath.model import embedded_checkpoint
+    from policy_svc.local import LocalPolicy
+    from sandbox_svc.executor import Executor
+    from value_svc.local import LocalValue
+
+    path = Path(model_dir) if model_dir else embedded_checkpoint()
+    lm = LocalLM(path, dtype=dtype)
+    return Engine(LocalPolicy(lm), LocalValue(lm), Executor(), lm, path)

@@ -1,0 +1,62 @@
+"""Bad input to the CLI: a clear message and a non-zero exit, never a traceback."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from alphamath.cli import main
+from alphamath.data import DataError, load_problems
+from alphamath.render import tree_html, tree_text
+from alphamath.steps import Step
+from alphamath.tree import Tree
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["solve", ""], "question is empty"),
+    (["solve", "x" * 5000], "limit is 4000"),
+    (["solve", "2+2?", "--method", "astar"], "unknown method"),
+    (["solve", "2+2?", "--iterations", "0"], "iterations"),
+    (["eval", "--data", "/no/such.jsonl"], "does not exist"),
+    (["solve", "2+2?", "--model", "/tmp"], "has no config.json"),
+    (["show-tree", "/no/trees.jsonl"], "does not exist"),
+])
+def test_bad_input_exits_2_with_message(argv, msg, capsys):
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_malformed_data_file_names_the_line(tmp_path, capsys):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n{"id": "b", "question": \n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
+        load_problems(f)
+    assert main(["eval", "--data", str(f), "--method", "greedy"]) == 2
+    assert "d.jsonl:2" in capsys.readouterr().err
+    f.write_text('{"id": "a", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r":1: expected an object"):
+        load_problems(f)
+
+
+def test_no_traceback_from_the_console_script():
+    r = subprocess.run([sys.executable, "-m", "alphamath.cli", "solve", "   "], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "question is empty" in r.stderr
+
+
+def test_show_tree_text_and_html(tmp_path, capsys):
+    t = Tree(question="What is 1 < 2?", prompt="P<step>", ground_truth="yes", question_id="q1")
+    n = t.add_child(0, Step("Compare </script>", "answer", answer="yes"), 0.5)
+    n.terminal_reason, n.correct = "answer", True
+    f = tmp_path / "trees.jsonl"
+    f.write_text(t.to_json() + "\n")
+    page = tmp_path / "t.html"
+    assert main(["show-tree", str(f), "--id", "q1", "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert "answer='yes' ✓" in out and "Compare" in out
+    html = page.read_text()
+    data = html.split('<script type="application/json" id="tree">')[1].split("</script>")[0]
+    assert Tree.from_json(data.replace("<\\/", "</")).to_json() == t.to_json()
+    assert "&lt;/script&gt;" in html
+    assert main(["show-tree", str(f), "--id", "nope"]) == 2
+    assert "q1" in tree_text(t) or "What is" in tree_text(t)
+    assert tree_html(t).startswith("<!doctype html>")

@@ -1,0 +1,58 @@
+"""Step parsing never crashes; malformed output becomes a terminal; rendering round-trips."""
+import pytest
+
+from alphamath.interfaces import Sample
+from alphamath.steps import (STEP_OPEN, Step, boxed_content, find_answer, generation_prefix, parse_step,
+                             render_prompt, render_state)
+
+
+def s(text, finish="stop"):
+    return Sample(text=text, token_count=3, cumulative_logprob=-1.0, finish_reason=finish)
+
+
+@pytest.mark.parametrize("text,finish,kind,extra", [
+    ("Add them.\n<code>\nprint(2+3)\n</code>", "stop", "code", {"code": "print(2+3)", "text": "Add them.\n"}),
+    ("First, 3 * 4 = 12.</step>", "stop", "text", {"text": "First, 3 * 4 = 12."}),
+    ("So the total is \\boxed{\\frac{1}{2}}.</step>", "stop", "answer", {"answer": "\\frac{1}{2}"}),
+    ("The answer is <answer>42</answer>", "eos", "answer", {"answer": "42"}),
+    ("Therefore, the answer is 17.", "eos", "answer", {"answer": "17"}),
+    ("I think we should", "eos", "malformed", {}),
+    ("blah " * 50, "length", "malformed", {}),
+    ("", "eos", "malformed", {}),
+    ("</step>", "stop", "malformed", {}),
+    ("Run:\n<code>\n\n</code>", "stop", "malformed", {}),
+    ("\\boxed{unbalanced", "eos", "malformed", {}),
+    ("<step><step></code></output>\\boxed{}", "eos", "malformed", {}),
+])
+def test_parse_step(text, finish, kind, extra):
+    step = parse_step(s(text, finish))
+    assert step.kind == kind
+    for k, v in extra.items():
+        assert getattr(step, k) == v
+    assert step.terminal == (kind in ("answer", "malformed"))
+
+
+def test_parse_never_raises_on_garbage():
+    import random
+    rng = random.Random(0)
+    alphabet = ["<step>", "</step>", "<code>", "</code>", "\\boxed{", "}", "{", "x", "\n", "answer is "]
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        parse_step(s(text, rng.choice(["stop", "eos", "length"])))
+
+
+def test_boxed_nested_braces():
+    assert boxed_content("x \\boxed{\\frac{a}{b}} y \\boxed{\\sqrt{2}}") == "\\sqrt{2}"
+    assert find_answer("no answer here") is None
+
+
+def test_state_and_prefix_rendering():
+    prompt = render_prompt("What is 2+3?")
+    assert prompt.endswith(STEP_OPEN) and "What is 2+3?" in prompt and "\\boxed{29}" in prompt
+    code = Step("Add.\n", "code", code="print(2+3)", output="5\n")
+    text = Step("So 5.", "text")
+    state = render_state(prompt, [code, text])
+    assert state == prompt + "Add.\n<code>\nprint(2+3)\n</code>\n<output>\n5\n</output>\n</step>\n" \
+        + STEP_OPEN + "So 5.</step>\n"
+    assert generation_prefix(prompt, [code, text]) == state + STEP_OPEN
+    assert generation_prefix(prompt, []) == prompt == render_state(prompt, [])
