@@ -30,6 +30,8 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if isinstance(row, dict) and isinstance(row.get("answer"), list) and row["answer"]:
+                row["answer"] = row["answer"][0]  # a few MATH items list several accepted forms
             if not isinstance(row, dict) or not all(isinstance(row.get(k), (str, int, float)) for k in ("question", "answer")):
                 raise DataError(f'{path}:{lineno}: expected an object with "question" and "answer"')
             if not str(row["question"]).strip():
