@@ -1,0 +1,55 @@
+"""`python -m value_svc`: ValueService (gRPC) over the local value-head model, and metrics.
+
+Every flag can be set as ALPHAMATH_VALUE_<FLAG> or ALPHAMATH_<FLAG> (see --help).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from alphamath.service import parse_config, run_until_signal, service_parser, setup_logging
+
+log = logging.getLogger("value_svc")
+
+
+def build_parser():
+    p = service_parser("value", __doc__.splitlines()[0])
+    p.add_argument("--model-dir", default="", help="HF model directory with value head (default: embedded)")
+    p.add_argument("--checkpoint", default="", help="checkpoint id reported in Info/metrics (default: dir name)")
+    p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bf16 where the CPU is fast at it)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, help="batching window")
+    p.add_argument("--max-batch-size", type=int, default=128, help="states per batch")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    return p
+
+
+def load(args):
+    from alphamath.lm import LocalLM
+    from alphamath.model import embedded_checkpoint
+    from value_svc.local import LocalValue
+    from value_svc.server import LoadedValue
+
+    path = Path(args.model_dir) if args.model_dir else embedded_checkpoint()
+    lm = LocalLM(path, dtype=args.dtype or None)
+    return LoadedValue(LocalValue(lm), model_id=path.name, checkpoint=args.checkpoint or path.name, path=str(path),
+                       dtype=str(lm.model.dtype).replace("torch.", ""))
+
+
+def main(argv=None) -> int:
+    args = parse_config(build_parser(), argv)
+    setup_logging("value", args.log_level)
+    from value_svc.server import ValueServer
+
+    loaded = load(args)
+    server = ValueServer(loaded, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                         max_workers=args.max_workers, max_batch_size=args.max_batch_size,
+                         window_s=args.batch_window_ms / 1000, max_queue=args.max_queue)
+    log.info("value_svc serving", extra={"grpc_port": server.port, "metrics_port": server.metrics_port,
+                                         "checkpoint": loaded.checkpoint})
+    run_until_signal(server.stop, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
