@@ -10,9 +10,10 @@ export PYTHONUNBUFFERED := 1
 .PHONY: setup model demo test bench proto run stop round k8s-validate clean
 
 $(STAMP): pyproject.toml
-	@command -v runsc >/dev/null || (echo "installing gVisor runsc (Debian package)"; \
-	  (apt-get update -qq && apt-get install -y -qq runsc bubblewrap) >/dev/null || \
-	  echo "WARNING: could not install runsc; the sandbox will fall back to bubblewrap or refuse to run code")
+	@(command -v runsc && command -v bwrap && /usr/bin/python3 -c 'import numpy, sympy') >/dev/null 2>&1 || \
+	  (echo "installing gVisor runsc, bubblewrap, python3-numpy, python3-sympy (Debian packages)"; \
+	  (apt-get update -qq && apt-get install -y -qq runsc bubblewrap python3 python3-numpy python3-sympy) >/dev/null || \
+	  echo "WARNING: could not install the sandbox packages; code steps will fail with a clear error")
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -36,5 +37,22 @@ bench: model
 proto: setup  ## regenerate the Python gRPC stubs from proto/
 	$(BIN)/python -m alphamath.protogen
 
+run: model  ## start the local stack (policy, value, sandbox, search), solve a few problems through gRPC
+	$(BIN)/python -m alphamath.stack run --data $(DATA)/gsm8k/dev.jsonl --limit 3
+
+stop:  ## end exactly the processes `make run` started (pid files in var/)
+	$(BIN)/python -m alphamath.stack stop
+
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+broker: setup  ## run a local tansu Kafka broker on 127.0.0.1:9092 with the alphamath topics (foreground)
+	$(BIN)/python -m alphamath.broker run --port 9092
+
+K ?= 8
+ITERATIONS ?= 10
+EPOCHS ?= 1
+EVAL_K ?= 8
+round: model  ## one self-training round: trees -> Kafka -> ingest -> train -> evaluate -> promote -> reload
+	$(BIN)/python -m trainer_svc.round --k $(K) --iterations $(ITERATIONS) --epochs $(EPOCHS) --eval-k $(EVAL_K) $(ROUND_ARGS)
+.PHONY: broker

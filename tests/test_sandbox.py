@@ -1,0 +1,303 @@
+"""Containment tests of the code sandbox against the real gVisor runsc (and the bwrap fallback).
+
+Every test runs real code in a real sandbox: nothing here is faked. The hostile cells (fork bomb,
+memory bomb, infinite loop, output flood) are each followed by a normal execution to prove the
+executor survives them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from sandbox_svc.executor import Executor, SandboxUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+
+LIMITS = dict(memory_mb=128, pids=16, cpu_s=2.0, timeout_s=4.0, max_output_bytes=1024, max_code_bytes=8192)
+
+HOST_FILES_CELL = f"""
+import os
+for path in ("/etc/shadow", "/etc/passwd", {str(REPO / "pyproject.toml")!r}, "/root/.bashrc"):
+    try:
+        open(path).read()
+        print("READ", path)
+    except OSError as e:
+        print("denied", type(e).__name__)
+for d in ({str(REPO)!r}, "/root", "/work", "/home"):
+    try:
+        print("LISTED", d, os.listdir(d))
+    except OSError as e:
+        print("denied", type(e).__name__)
+"""
+
+WRITE_CELL = """
+for path in ("/usr/pwned", "/pwned", "/etc/pwned", "/usr/lib/python3/dist-packages/pwned.py"):
+    try:
+        open(path, "w").write("x")
+        print("WROTE", path)
+    except OSError as e:
+        print("denied", type(e).__name__)
+with open("/tmp/scratch.txt", "w") as f:
+    f.write("scratch ok")
+print(open("/tmp/scratch.txt").read())
+"""
+
+IDENTITY_CELL = """
+import os
+status = open("/proc/self/status").read()
+caps = [l.split()[1] for l in status.splitlines() if l.startswith(("CapEff", "CapPrm", "CapBnd"))]
+print(os.getuid(), os.getgid(), sorted(set(caps)))
+"""
+
+FORK_BOMB = "import os\nwhile True:\n    os.fork()"
+MEMORY_BOMB = "chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))"
+INFINITE_LOOP = "while True:\n    pass"
+OUTPUT_FLOOD = "for _ in range(1_000_000):\n    print('x' * 99)"  # 100 MB, streamed
+
+
+def network_cell(port: int) -> str:
+    return f"""
+import socket
+for host, port in (("127.0.0.1", {port}), ("1.1.1.1", 53), ("1.1.1.1", 443)):
+    s = socket.socket()
+    s.settimeout(1.0)
+    try:
+        s.connect((host, port))
+        print("CONNECTED", host, port)
+    except OSError as e:
+        print("blocked", type(e).__name__)
+    finally:
+        s.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def runsc():
+    with Executor(backend="runsc", **LIMITS) as ex:
+        yield ex
+
+
+@pytest.fixture(scope="module")
+def bwrap():
+    with Executor(backend="bwrap", **LIMITS) as ex:
+        yield ex
+
+
+@pytest.fixture
+def host_listener():
+    """A server on the host's loopback: the sandbox must not reach it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def assert_still_works(ex: Executor) -> None:
+    r = ex.execute(["print('still alive')"])
+    assert (r.stdout, r.error, r.timed_out) == ("still alive\n", None, False)
+
+
+# ---------------------------------------------------------------------------------------- runsc
+
+
+def test_runsc_is_the_backend_and_prints(runsc):
+    assert runsc.backend == "runsc"
+    r = runsc.execute(["print(6 * 7)"])
+    assert (r.stdout, r.error, r.timed_out) == ("42\n", None, False)
+    assert 0 < r.duration_s < LIMITS["timeout_s"]
+
+
+def test_state_is_rebuilt_and_only_last_output_kept(runsc):
+    r = runsc.execute(["x = 20\nprint('early output')", "y = x + 1\nimport os; os.write(1, b'raw')", "print(x + y)"])
+    assert (r.stdout, r.error) == ("41\n", None)
+
+
+def test_error_is_last_traceback_line(runsc):
+    r = runsc.execute(["a = 1", "print('before')\nprint(x)"])
+    assert r.stdout == "before\n"
+    assert r.error == "NameError: name 'x' is not defined"
+    assert not r.timed_out
+    assert runsc.execute(["1/0", "print('ok')"]).error is None  # earlier errors are not reported
+    assert runsc.execute(["def f(:"]).error.startswith("SyntaxError")
+
+
+def test_numpy_and_sympy_import(runsc):
+    r = runsc.execute(
+        [
+            "import numpy as np\nimport sympy as sp",
+            "x = sp.symbols('x')\nprint(sp.solve(x**2 - 4, x), int(np.arange(5).sum()))",
+        ]
+    )
+    assert (r.stdout, r.error) == ("[-2, 2] 10\n", None)
+
+
+def test_runs_unprivileged(runsc):
+    r = runsc.execute([IDENTITY_CELL])
+    assert r.stdout == "65534 65534 ['0000000000000000']\n", r
+
+
+def test_no_network(runsc, host_listener):
+    r = runsc.execute([network_cell(host_listener)])
+    assert r.error is None and "CONNECTED" not in r.stdout
+    assert r.stdout.count("blocked") == 3, r.stdout
+
+
+def test_cannot_read_host_files(runsc):
+    r = runsc.execute([HOST_FILES_CELL])
+    assert r.error is None
+    assert "READ" not in r.stdout and "LISTED" not in r.stdout
+    assert r.stdout.count("denied") == 8, r.stdout
+
+
+def test_cannot_write_outside_tmp(runsc):
+    r = runsc.execute([WRITE_CELL])
+    assert r.error is None
+    assert "WROTE" not in r.stdout
+    assert r.stdout.count("denied") == 4 and r.stdout.endswith("scratch ok\n"), r.stdout
+
+
+def test_fork_bomb_is_stopped(runsc):
+    r = runsc.execute([FORK_BOMB])
+    assert r.error, r
+    assert r.duration_s < LIMITS["timeout_s"] + 5
+    assert_still_works(runsc)
+
+
+def test_memory_bomb_is_stopped(runsc):
+    r = runsc.execute([MEMORY_BOMB])
+    assert r.error and ("MemoryError" in r.error or "SandboxError" in r.error), r
+    assert_still_works(runsc)
+
+
+def test_infinite_loop_times_out(runsc):
+    r = runsc.execute(["print('started')", INFINITE_LOOP])
+    assert r.timed_out and r.error, r
+    assert r.duration_s < LIMITS["timeout_s"] + 5
+    assert_still_works(runsc)
+
+
+def test_output_flood_is_cut(runsc):
+    r = runsc.execute([OUTPUT_FLOOD])
+    assert r.error.startswith("OutputLimitExceeded"), r
+    assert len(r.stdout) <= LIMITS["max_output_bytes"] + 64
+    assert_still_works(runsc)
+
+
+def test_long_output_is_truncated(runsc):
+    r = runsc.execute(["print('y' * 5000)"])
+    assert r.error is None
+    assert r.stdout.startswith("y" * 1024) and r.stdout.endswith("[output truncated]")
+    assert len(r.stdout) <= LIMITS["max_output_bytes"] + 64
+
+
+def test_oversized_code_is_rejected(runsc):
+    with pytest.raises(ValueError, match="max_code_bytes"):
+        runsc.execute(["x = 1", "#" * 9000])
+    with pytest.raises(TypeError):
+        runsc.execute("print(1)")
+    assert runsc.execute([]).stdout == ""
+
+
+def test_concurrent_executions_are_isolated_and_cleaned_up(runsc):
+    results = {}
+
+    def run(i):
+        results[i] = runsc.execute([f"v = {i}", "import os; print(v, os.listdir('/tmp'))"])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {i: r.stdout for i, r in results.items()} == {i: f"{i} []\n" for i in range(3)}
+    backend = runsc._backend
+    assert list(backend.state.iterdir()) == []  # no container state left behind
+    assert sorted(p.name for p in backend.workdir.iterdir()) == ["rootfs", "state"]  # no bundles
+
+
+def test_cgroup_limits_are_applied(runsc):
+    """The whole gVisor sandbox (sentry included) sits in a cgroup with memory and pids limits."""
+    parent = runsc._backend.cgroup_parent
+    seen = []
+
+    def watch():
+        for _ in range(40):
+            for pids_max in Path("/sys/fs/cgroup/pids" + parent).glob("*/pids.max"):
+                memory = Path("/sys/fs/cgroup/memory" + parent) / pids_max.parent.name / "memory.limit_in_bytes"
+                seen.append((int(pids_max.read_text()), int(memory.read_text())))
+            if seen:
+                return
+            threading.Event().wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    r = runsc.execute(["import time; time.sleep(1.5); print('slept')"])
+    watcher.join()
+    assert r.stdout == "slept\n"
+    assert seen, "no per-sandbox cgroup found under " + parent
+    pids_max, memory_limit = seen[0]
+    assert pids_max <= LIMITS["pids"] + 256
+    assert memory_limit <= (LIMITS["memory_mb"] << 20) + (512 << 20)
+
+
+def test_warm_pool_sandboxes_are_single_use():
+    with Executor(backend="runsc", pool_size=1, preload=(), **LIMITS) as ex:
+        workdir = ex._backend.workdir
+        cgroup_parent = ex._backend.cgroup_parent
+        first = ex.execute(["import builtins\nbuiltins.leak = 1\nopen('/tmp/leak', 'w').write('x')\nprint('set')"])
+        second = ex.execute(["import os, builtins\nprint(hasattr(builtins, 'leak'), os.listdir('/tmp'))"])
+        assert (first.stdout, second.stdout) == ("set\n", "False []\n")
+    assert not workdir.exists()
+    assert not list(Path("/sys/fs/cgroup").glob("*" + cgroup_parent))
+
+
+# ----------------------------------------------------------------------------------- bubblewrap
+
+
+def test_bwrap_fallback_contains(bwrap, host_listener):
+    assert bwrap.backend == "bwrap"
+    r = bwrap.execute(["x = 20", "import numpy, sympy\nprint(x + 1, sympy.sqrt(8))"])
+    assert (r.stdout, r.error) == ("21 2*sqrt(2)\n", None)
+    assert bwrap.execute([IDENTITY_CELL]).stdout == "65534 65534 ['0000000000000000']\n"
+    r = bwrap.execute([network_cell(host_listener)])
+    assert r.stdout.count("blocked") == 3 and "CONNECTED" not in r.stdout, r.stdout
+    r = bwrap.execute([HOST_FILES_CELL])
+    assert r.stdout.count("denied") == 8, r.stdout
+    r = bwrap.execute([WRITE_CELL])
+    assert r.stdout.count("denied") == 4 and r.stdout.endswith("scratch ok\n"), r.stdout
+
+
+def test_bwrap_fallback_stops_hostile_code(bwrap):
+    for cell in (FORK_BOMB, MEMORY_BOMB, OUTPUT_FLOOD):
+        r = bwrap.execute([cell])
+        assert r.error, (cell, r)
+        assert_still_works(bwrap)
+    r = bwrap.execute([INFINITE_LOOP])
+    assert r.timed_out, r
+    assert_still_works(bwrap)
+
+
+def test_auto_falls_back_to_bwrap_loudly(caplog):
+    with caplog.at_level(logging.WARNING, logger="sandbox_svc.executor"):
+        with Executor(runsc_path="/nonexistent/runsc", **LIMITS) as ex:
+            assert ex.backend == "bwrap"
+            assert ex.execute(["print('fallback')"]).stdout == "fallback\n"
+    assert any("FALLING BACK to bubblewrap" in rec.getMessage() for rec in caplog.records)
+
+
+def test_no_backend_is_a_clear_error():
+    tmp = tempfile.gettempdir()
+    before = {p for p in os.listdir(tmp) if p.startswith("alphamath-runsc-")}
+    with pytest.raises(SandboxUnavailable, match="no sandbox backend"):
+        Executor(runsc_path="/nonexistent/runsc", bwrap_path="/nonexistent/bwrap", **LIMITS)
+    with pytest.raises(SandboxUnavailable, match="python3"):
+        Executor(python="/nonexistent/python3", **LIMITS)
+    after = {p for p in os.listdir(tmp) if p.startswith("alphamath-runsc-")}
+    assert after <= before  # a failed backend removes its bundle/state directory
