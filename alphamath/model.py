@@ -193,6 +193,30 @@ def embedded_gguf() -> Path:
     raise FileNotFoundError(f"{EMBEDDED_GGUF} not found in {list(spec.submodule_search_locations)}")
 
 
+def _fix_special_tokens(tokenizer, eos_token_id: int):
+    """The GGUF tokenizer conversion maps eos to <|im_start|>; SmolLM2 ends a turn with
+    config.eos_token_id (<|im_end|>), which HF's own SmolLM2 tokenizer also uses as eos and pad."""
+    eos = tokenizer.convert_ids_to_tokens(eos_token_id)
+    tokenizer.eos_token = eos
+    tokenizer.pad_token = eos
+    return tokenizer
+
+
+def embedded_tokenizer(cache_dir: str | os.PathLike | None = None):
+    """The SmolLM2 tokenizer (with chat template): from the materialised checkpoint if present, else the GGUF."""
+    from transformers import AutoTokenizer
+
+    target = cache_root(cache_dir) / EMBEDDED_NAME
+    if (target / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(target)
+    gguf = embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields["tokenizer.ggml.eos_token_id"]
+    return _fix_special_tokens(tokenizer, int(field.parts[field.data[0]][0]))
+
+
 def embedded_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     """Materialise SmolLM2-135M-Instruct (dequantised from the GGUF) as a safetensors checkpoint, once.
 
@@ -210,10 +234,13 @@ def embedded_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        lm.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
         if not getattr(tokenizer, "chat_template", None):
             raise RuntimeError(f"{gguf} carries no chat template")
+        _fix_special_tokens(tokenizer, lm.config.eos_token_id)
+        lm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes 0700: let other users of the cache read it
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             tmp.rename(target)
         except OSError:

@@ -1,0 +1,487 @@
+"""One local model serving both the policy (generation) and the value head, with a prefix KV cache.
+
+MCTS asks for the same text over and over: every expansion of a question starts with the same
+few-shot prompt, the n siblings of an expansion share their parent state, and the value of a child
+is the parent state plus the sampled step plus a few appended tokens (the code output, "</step>").
+`LocalLM` keeps the KV states (and the value-head output) of every token it has computed in a
+radix tree keyed by token ids, so each token of the tree is run through the trunk once:
+
+- `generate` prefills only what follows a prompt's longest cached prefix, then decodes all samples
+  of all prompts in one batch and stores each sample's KV back in the tree;
+- `score` computes only the tokens past a state's cached prefix and reads the value there.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from alphamath.interfaces import Sample, Usage
+from alphamath.model import ValueHeadModel
+
+KV = list  # per layer: (keys [heads, tokens, head_dim], values [heads, tokens, head_dim])
+DEFAULT_MAX_CACHED_TOKENS = 32768  # ~0.75 GB of bf16 KV for SmolLM2-135M (30 layers x 3 kv heads x 64)
+DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x (past + new) per prefill forward, bounds activation memory
+
+
+# ---- radix tree of KV states -------------------------------------------------------------------
+class _Node:
+    __slots__ = ("tokens", "kv", "values", "children", "parent", "last_used")
+
+    def __init__(self, tokens: list[int], kv: KV, values: torch.Tensor, parent: "_Node | None"):
+        self.tokens, self.kv, self.values, self.parent = tokens, kv, values, parent
+        self.children: dict[int, _Node] = {}
+        self.last_used = 0
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _slice_kv(kv: KV, start: int, stop: int | None = None, copy: bool = False) -> KV:
+    out = [(k[:, start:stop], v[:, start:stop]) for k, v in kv]
+    return [(k.clone(), v.clone()) for k, v in out] if copy else out
+
+
+class PrefixCache:
+    """KV states of token sequences in a radix tree; shared prefixes are stored once.
+
+    `match` returns the KV of the longest cached prefix of a query (an edge may match partially:
+    attention is causal, so the first m tokens' KV do not depend on what followed them).
+    Least recently used leaves are evicted while more than `max_tokens` tokens are stored.
+    """
+
+    def __init__(self, max_tokens: int = DEFAULT_MAX_CACHED_TOKENS):
+        self.max_tokens = max_tokens
+        self.root = _Node([], [], torch.empty(0), None)
+        self.tokens = 0
+        self._clock = 0
+
+    def _touch(self, node: _Node) -> None:
+        self._clock += 1
+        while node is not None:
+            node.last_used = self._clock
+            node = node.parent
+
+    def _walk(self, tokens: Sequence[int]):
+        """Yield (node, matched tokens on its edge) along the longest cached prefix of `tokens`."""
+        node, i = self.root, 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                return
+            m = _lcp(child.tokens, tokens[i:i + len(child.tokens)])
+            yield child, m
+            i += m
+            if m < len(child.tokens):
+                return
+            node = child
+
+    def match_length(self, tokens: Sequence[int]) -> int:
+        return sum(m for _, m in self._walk(tokens))
+
+    def match(self, tokens: Sequence[int]) -> tuple[int, KV | None, torch.Tensor | None]:
+        """(m, KV of tokens[:m], value-head outputs of tokens[:m]) for the longest cached prefix."""
+        path = list(self._walk(tokens))
+        if not path:
+            return 0, None, None
+        self._touch(path[-1][0])
+        m = sum(n for _, n in path)
+        layers = len(path[0][0].kv)
+        kv = [
+            (torch.cat([node.kv[l][0][:, :n] for node, n in path], dim=1),
+             torch.cat([node.kv[l][1][:, :n] for node, n in path], dim=1))
+            for l in range(layers)
+        ]
+        values = torch.cat([node.values[:n] for node, n in path])
+        return m, kv, values
+
+    def insert(self, tokens: Sequence[int], kv: KV, values: torch.Tensor) -> None:
+        """Store the KV of `tokens` (kv covers all of them); only the uncached suffix is kept."""
+        tokens = list(tokens)
+        node, i = self.root, 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                leaf = _Node(tokens[i:], _slice_kv(kv, i, copy=True), values[i:].clone(), node)
+                node.children[tokens[i]] = leaf
+                self.tokens += len(leaf.tokens)
+                node = leaf
+                break
+            m = _lcp(child.tokens, tokens[i:i + len(child.tokens)])
+            if m < len(child.tokens):
+                child = self._split(child, m)
+            node, i = child, i + m
+        self._touch(node)
+        self._evict()
+
+    def _split(self, node: _Node, m: int) -> _Node:
+        """Cut node's edge after m tokens; returns the new upper node. Copies so halves free independently."""
+        upper = _Node(node.tokens[:m], _slice_kv(node.kv, 0, m, copy=True), node.values[:m].clone(), node.parent)
+        upper.last_used = node.last_used
+        node.parent.children[node.tokens[0]] = upper
+        node.tokens, node.kv, node.values = node.tokens[m:], _slice_kv(node.kv, m, copy=True), node.values[m:].clone()
+        node.parent = upper
+        upper.children[node.tokens[0]] = node
+        return upper
+
+    def _leaves(self) -> list[_Node]:
+        out, stack = [], [self.root]
+        while stack:
+            n = stack.pop()
+            if n.children:
+                stack.extend(n.children.values())
+            elif n is not self.root:
+                out.append(n)
+        return out
+
+    def _evict(self) -> None:
+        while self.tokens > self.max_tokens:
+            for leaf in sorted(self._leaves(), key=lambda n: n.last_used):
+                del leaf.parent.children[leaf.tokens[0]]
+                self.tokens -= len(leaf.tokens)
+                if self.tokens <= self.max_tokens:
+                    return
+
+    def clear(self) -> None:
+        self.root.children.clear()
+        self.tokens = 0
+
+
+# ---- batched forward over rows with different cached prefixes ---------------------------------
+@dataclass
+class _Row:
+    """One sequence to extend: tokens[:cached] have KV `past`; tokens[cached:] are computed."""
+
+    tokens: list[int]
+    cached: int
+    past: KV | None
+    past_values: torch.Tensor | None
+    # filled by _extend:
+    kv: KV | None = None
+    values: torch.Tensor | None = None
+    last_logits: torch.Tensor | None = None
+
+
+@dataclass
+class _Decoding:
+    """One sample being decoded."""
+
+    prompt: int
+    seed_key: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    logprob: float = 0.0
+    text: str = ""
+    finish: str | None = None
+
+
+def _sample_seed(seed: int, k: int, prompt: str) -> int:
+    """Seed of sample k of `prompt`: independent of which other requests share the batch."""
+    digest = hashlib.sha256(f"{seed}:{k}:{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class LocalLM:
+    """Policy and value from one `ValueHeadModel`, computing every token at most once (see module doc)."""
+
+    def __init__(self, model: ValueHeadModel | str | os.PathLike, tokenizer=None, *, dtype=None,
+                 device: str | torch.device = "cpu", max_cached_tokens: int | None = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+        if not isinstance(model, ValueHeadModel):
+            model = ValueHeadModel.from_pretrained(model, dtype=dtype, device=device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("LocalLM needs a tokenizer (none was saved with the model)")
+        if max_cached_tokens is None:
+            max_cached_tokens = int(os.environ.get("ALPHAMATH_KV_CACHE_TOKENS", DEFAULT_MAX_CACHED_TOKENS))
+        self.cache = PrefixCache(max_cached_tokens)
+        self.max_batch_tokens = max_batch_tokens
+        self.usage = Usage()
+        self.reused_tokens = 0  # tokens served from the prefix cache instead of being recomputed
+        self.lock = threading.RLock()
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model.lm, "generation_config", None), self.model.config, self.tokenizer):
+            eos = getattr(src, "eos_token_id", None)
+            if eos is not None:
+                ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        return ids
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids without added special tokens: rendered prompts already carry the chat template's."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _count(self, name: str) -> None:
+        self.usage.calls[name] = self.usage.calls.get(name, 0) + 1
+
+    def reset_cache(self) -> None:
+        """Drop all cached KV (after loading new weights the cached states are stale)."""
+        with self.lock:
+            self.cache.clear()
+
+    # -- prefill / extend ------------------------------------------------------------------------
+    def _lookup(self, tokens: list[int], need_logits: bool) -> _Row:
+        """Longest cached prefix of `tokens`; keeps >= 1 token to compute when logits are needed."""
+        limit = len(tokens) - 1 if need_logits else len(tokens)
+        m, kv, vals = self.cache.match(tokens[:limit] if need_logits else tokens)
+        self.reused_tokens += m
+        return _Row(tokens, m, kv, vals)
+
+    def _extend(self, rows: list[_Row]) -> None:
+        """Compute the uncached tokens of all rows, in batches bounded by max_batch_tokens."""
+        todo = sorted((r for r in rows if r.cached < len(r.tokens)), key=lambda r: len(r.tokens))
+        batch: list[_Row] = []
+        for row in todo:
+            width = max([len(r.tokens) for r in batch] + [len(row.tokens)])
+            if batch and (len(batch) + 1) * width > self.max_batch_tokens:
+                self._extend_batch(batch)
+                batch = []
+            batch.append(row)
+        if batch:
+            self._extend_batch(batch)
+
+    def _extend_batch(self, rows: list[_Row]) -> None:
+        """One forward. Row layout along the KV axis: [pad | cached past | new tokens | pad].
+
+        Pads are masked out and positions are explicit, so each row sees exactly its own tokens;
+        right-padding the new tokens keeps every query row attending to at least one real token.
+        """
+        dev = self.device
+        B = len(rows)
+        M = max(r.cached for r in rows)
+        S = max(len(r.tokens) - r.cached for r in rows)
+        ids = torch.zeros(B, S, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, S, dtype=torch.long, device=dev)
+        mask = torch.zeros(B, M + S, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            new = r.tokens[r.cached:]
+            ids[i, :len(new)] = torch.tensor(new, device=dev)
+            pos[i, :len(new)] = torch.arange(r.cached, len(r.tokens), device=dev)
+            mask[i, M - r.cached:M + len(new)] = 1
+        cache = DynamicCache()
+        if M:
+            template = next(r.past for r in rows if r.past is not None)
+            for layer, (k0, _) in enumerate(template):
+                keys = k0.new_zeros(B, k0.shape[0], M, k0.shape[2])
+                vals = torch.zeros_like(keys)
+                for i, r in enumerate(rows):
+                    if r.cached:
+                        keys[i, :, M - r.cached:] = r.past[layer][0]
+                        vals[i, :, M - r.cached:] = r.past[layer][1]
+                cache.update(keys, vals, layer)
+        h, cache = self.model.hidden(ids, attention_mask=mask, past_key_values=cache, position_ids=pos, use_cache=True)
+        values = self.model.values_from_hidden(h)
+        last = torch.tensor([len(r.tokens) - r.cached - 1 for r in rows], device=dev)
+        logits = self.model.lm_head(h[torch.arange(B, device=dev), last]).float()
+        layers = _cache_layers(cache)
+        for i, r in enumerate(rows):
+            n = len(r.tokens) - r.cached
+            r.kv = [(k[i, :, M - r.cached:M + n], v[i, :, M - r.cached:M + n]) for k, v in layers]
+            new_vals = values[i, :n]
+            r.values = new_vals if r.past_values is None else torch.cat([r.past_values, new_vals])
+            r.last_logits = logits[i]
+            self.usage.prefill_tokens += n
+
+    # -- value ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, states: Sequence[str]) -> list[float]:
+        """Value head at the last token of each state; cached prefixes are reused, new KV stored."""
+        if not states:
+            return []
+        with self.lock:
+            self._count("score")
+            unique = {s: None for s in states}
+            rows = {}
+            for s in unique:
+                tokens = self.encode(s)
+                if not tokens:
+                    raise ValueError("cannot score an empty state")
+                rows[s] = self._lookup(tokens, need_logits=False)
+            self._extend([r for r in rows.values() if r.cached < len(r.tokens)])
+            for r in rows.values():
+                if r.kv is not None:
+                    self.cache.insert(r.tokens, r.kv, r.values)
+                else:
+                    r.values = r.past_values
+            return [float(rows[s].values[-1]) for s in states]
+
+    # -- policy -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], n: int, *, stop: Sequence[str] = (), temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 256, seed: int | None = None) -> list[list[Sample]]:
+        """n samples per prompt, decoded together in one batch.
+
+        `cumulative_logprob` sums log p(token) under the model's own distribution (softmax of the raw
+        logits: temperature 1, no top-p), so a step's prior does not depend on sampling settings.
+        Texts end right after the first stop string matched; EOS counts as a token but adds no text.
+        Temperature 0 is greedy: one row is decoded and copied n times.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts:
+            return []
+        stop = [s for s in stop if s]
+        with self.lock:
+            self._count("generate")
+            unique = list(dict.fromkeys(prompts))
+            rows = []
+            for p in unique:
+                tokens = self.encode(p)
+                if not tokens:
+                    raise ValueError("cannot generate from an empty prompt")
+                rows.append(self._lookup(tokens, need_logits=True))
+            self._extend(rows)
+            for r in rows:
+                self.cache.insert(r.tokens, r.kv, r.values)
+            if seed is None:
+                seed = secrets.randbits(63)
+            greedy = temperature == 0
+            samples = []
+            for i, p in enumerate(unique):
+                for k in range(1 if greedy else n):
+                    gen = None
+                    if not greedy:
+                        gen = torch.Generator(device=self.device).manual_seed(_sample_seed(seed, k, p))
+                    samples.append(_Decoding(i, k, gen))
+            self._decode(rows, samples, stop, temperature, top_p, max_new_tokens)
+            by_prompt: dict[str, list[Sample]] = {p: [] for p in unique}
+            for s in samples:
+                out = Sample(s.text, len(s.tokens), s.logprob, s.finish)
+                by_prompt[unique[s.prompt]].extend(replace(out) for _ in range(n if greedy else 1))
+            return [[replace(x) for x in by_prompt[p]] for p in prompts]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, rows: list[_Decoding], temperature: float, top_p: float) -> tuple[list[int], list[float]]:
+        """Next token of each row (greedy, or sampled with the row's own generator) and its raw log-prob."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        if temperature == 0:
+            toks = torch.argmax(logits, dim=-1).tolist()
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+                drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p  # never drops the top token
+                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            toks = [int(torch.multinomial(probs[b], 1, generator=r.generator)) for b, r in enumerate(rows)]
+        picked = logprobs[torch.arange(len(toks)), torch.tensor(toks)].tolist()
+        return toks, picked
+
+    def _finished(self, s: _Decoding, tok: int, stop: Sequence[str], max_new_tokens: int) -> bool:
+        if tok in self.eos_ids:
+            s.text = self.tokenizer.decode(s.tokens[:-1], skip_special_tokens=True)
+            s.finish = "eos"
+            return True
+        if not stop and len(s.tokens) < max_new_tokens:
+            return False
+        s.text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+        hits = [(i, st) for st in stop if (i := s.text.find(st)) >= 0]
+        if hits:
+            i, st = min(hits)
+            s.text = s.text[: i + len(st)]
+            s.finish = "stop"
+        elif len(s.tokens) >= max_new_tokens:
+            s.finish = "length"
+        return s.finish is not None
+
+    def _decode(self, rows: list[_Row], samples: list[_Decoding], stop, temperature, top_p, max_new_tokens) -> None:
+        """Token-by-token decoding of all samples in one batch; finished rows leave the batch.
+
+        Each row's KV starts as its prompt's (left-padded to the longest prompt). When a sample
+        finishes, the KV of everything fed through the model (prompt + all tokens but the last) is
+        stored in the prefix cache, so scoring the child state only computes what follows.
+        """
+        dev = self.device
+        lens = [len(r.tokens) for r in rows]
+        L = max(lens)
+        B = len(samples)
+        owner = torch.tensor([s.prompt for s in samples], device=dev)
+        keys_layers = []
+        for layer in range(len(rows[0].kv)):
+            k0 = rows[0].kv[layer][0]
+            keys = k0.new_zeros(len(rows), k0.shape[0], L, k0.shape[2])
+            vals = torch.zeros_like(keys)
+            for i, r in enumerate(rows):
+                keys[i, :, L - lens[i]:] = r.kv[layer][0]
+                vals[i, :, L - lens[i]:] = r.kv[layer][1]
+            keys_layers.append((keys[owner], vals[owner]))
+        mask = torch.zeros(B, L, dtype=torch.long, device=dev)
+        head_values = torch.zeros(B, L, device=dev)
+        for b, s in enumerate(samples):
+            mask[b, L - lens[s.prompt]:] = 1
+            head_values[b, L - lens[s.prompt]:] = rows[s.prompt].values
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(keys_layers):
+            cache.update(k, v, layer)
+        logits = torch.stack([rows[s.prompt].last_logits for s in samples])
+        active = list(range(B))  # index into samples for each batch row
+        while True:
+            next_tokens, keep = [], []
+            toks, lps = self._pick(logits, [samples[si] for si in active], temperature, top_p)
+            for b, (si, tok, lp) in enumerate(zip(active, toks, lps)):
+                s = samples[si]
+                s.tokens.append(tok)
+                s.logprob += lp
+                if self._finished(s, tok, stop, max_new_tokens):
+                    fed = rows[s.prompt].tokens + s.tokens[:-1]
+                    cols = mask[b].bool()
+                    kv = [(k[b][:, cols], v[b][:, cols]) for k, v in _cache_layers(cache)]
+                    self.cache.insert(fed, kv, head_values[b][cols])
+                else:
+                    keep.append(b)
+                    next_tokens.append(tok)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=dev)
+                mask, head_values = mask[idx], head_values[idx]
+                cols = mask.bool().any(0)  # drop columns that only finished rows used
+                mask, head_values = mask[:, cols], head_values[:, cols]
+                for layer in _cache_layers(cache, raw=True):
+                    layer.keys = layer.keys[idx][:, :, cols]
+                    layer.values = layer.values[idx][:, :, cols]
+                active = [active[b] for b in keep]
+            pos = torch.tensor([[lens[samples[si].prompt] + len(samples[si].tokens) - 1] for si in active], device=dev)
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
+            h, cache = self.model.hidden(ids, attention_mask=mask, past_key_values=cache, position_ids=pos, use_cache=True)
+            head_values = torch.cat([head_values, self.model.values_from_hidden(h)], dim=1)
+            logits = self.model.lm_head(h[:, -1]).float()
+            self.usage.decode_tokens += len(active)
+
+
+def _cache_layers(cache: DynamicCache, raw: bool = False):
+    """Per-layer (keys, values) of a DynamicCache ([batch, heads, tokens, head_dim]); transformers>=4.56 API."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise RuntimeError("this transformers version's DynamicCache has no .layers; need transformers>=4.56")
+    return layers if raw else [(layer.keys, layer.values) for layer in layers]
+
+
+def load_local_lm(model_dir: str | Path | None = None, dtype=None, device="cpu") -> LocalLM:
+    """LocalLM on `model_dir` or, by default, the embedded SmolLM2 checkpoint."""
+    from alphamath.model import embedded_checkpoint
+
+    return LocalLM(Path(model_dir) if model_dir else embedded_checkpoint(), dtype=dtype, device=device)

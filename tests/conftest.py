@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny randomly initialised Llama with the real SmolLM2 tokenizer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The SmolLM2 tokenizer (chat template included): from the materialised cache dir, else the GGUF."""
+    from alphamath.model import embedded_tokenizer
+
+    return embedded_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A 2-layer Llama (hidden 32, GQA 4q/2kv heads) with random weights, saved as a HF checkpoint + tokenizer.
+
+    No value head file: loading it gives a fresh head. Tests that need a head copy the dir.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    # A wider init than HF's 0.02 so the random model's distributions are not flat (argmax ties).
+    config.initializer_range = 0.5
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path

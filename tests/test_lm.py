@@ -1,0 +1,316 @@
+"""LocalLM: exact token accounting of the prefix cache, generation semantics, and value scoring."""
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+
+from alphamath.interfaces import Sample
+from alphamath.lm import LocalLM, PrefixCache
+from alphamath.model import ValueHeadModel
+from alphamath.steps import STOP, render_prompt
+from policy_svc.local import LocalPolicy, NaivePolicy
+from value_svc.local import LocalValue, NaiveValue
+
+QUESTION = "Tom has 3 boxes with 12 apples each. He gives away 7 apples. How many apples are left?"
+
+
+@pytest.fixture(scope="module")
+def head_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a non-zero value head, so value tests compare real numbers."""
+    d = tmp_path_factory.mktemp("tiny-head")
+    shutil.copytree(tiny_model_dir, d, dirs_exist_ok=True)
+    m = ValueHeadModel.from_pretrained(d, dtype="fp32")
+    torch.manual_seed(1)
+    torch.nn.init.normal_(m.value_head.weight, std=0.1)
+    m.save_pretrained(d)
+    return d
+
+
+@pytest.fixture()
+def lm(head_model_dir):
+    return LocalLM(head_model_dir, dtype="fp32")
+
+
+def short_prompt(lm, question="What is 2 + 3?"):
+    return lm.tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                            add_generation_prompt=True) + "<step>"
+
+
+def hf_greedy(lm, prompt, max_new_tokens):
+    """Reference: HF generate, greedy, with its raw per-step logits."""
+    ids = torch.tensor([lm.encode(prompt)])
+    out = lm.model.lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                               eos_token_id=sorted(lm.eos_ids), pad_token_id=min(lm.eos_ids),
+                               output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    logprob = sum(float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.logits, new))
+    return new, logprob
+
+
+def same(a: list[list[Sample]], b: list[list[Sample]]) -> bool:
+    """Equal texts, lengths and finish reasons; logprobs equal up to float noise of batch shapes."""
+    return len(a) == len(b) and all(
+        len(x) == len(y) and all(
+            (s.text, s.token_count, s.finish_reason) == (t.text, t.token_count, t.finish_reason)
+            and s.cumulative_logprob == pytest.approx(t.cumulative_logprob, abs=1e-4) for s, t in zip(x, y))
+        for x, y in zip(a, b))
+
+
+def full_value(lm, text):
+    """Reference: value head at the last token from one uncached forward over the whole text."""
+    with torch.no_grad():
+        out = lm.model(torch.tensor([lm.encode(text)]))
+    return float(out.values[0, -1])
+
+
+# ---- prefix cache data structure -----------------------------------------------------------------
+def _kv(tokens, layers=2):
+    """Fake KV whose entries encode the token id, so slices can be checked by value."""
+    t = torch.tensor(tokens, dtype=torch.float32)
+    return [(t.view(1, -1, 1).repeat(2, 1, 3) + l, -t.view(1, -1, 1).repeat(2, 1, 3)) for l in range(layers)]
+
+
+def test_prefix_cache_longest_prefix_partial_edges_and_shared_storage():
+    c = PrefixCache(max_tokens=100)
+    c.insert([1, 2, 3, 4], _kv([1, 2, 3, 4]), torch.tensor([.1, .2, .3, .4]))
+    c.insert([1, 2, 7], _kv([1, 2, 7]), torch.tensor([.1, .2, .7]))  # splits the edge after [1, 2]
+    assert c.tokens == 5  # [1, 2] stored once
+    m, kv, vals = c.match([1, 2, 3, 9, 9])
+    assert m == 3
+    assert torch.equal(kv[1][0][0, :, 0], torch.tensor([2., 3., 4.]))  # layer 1 keys = token + 1
+    assert torch.equal(vals, torch.tensor([.1, .2, .3]))
+    m, kv, _ = c.match([1, 2, 7, 8])
+    assert m == 3 and torch.equal(kv[0][1][0, :, 0], torch.tensor([-1., -2., -7.]))
+    assert c.match([5, 1])[0] == 0
+    assert c.match_length([1, 2, 3, 4, 5]) == 4
+
+
+def test_prefix_cache_evicts_least_recently_used_leaves():
+    c = PrefixCache(max_tokens=8)
+    c.insert([1, 2, 3], _kv([1, 2, 3]), torch.zeros(3))
+    c.insert([4, 5, 6], _kv([4, 5, 6]), torch.zeros(3))
+    c.match([1, 2, 3])  # [1, 2, 3] is now more recent than [4, 5, 6]
+    c.insert([7, 8, 9], _kv([7, 8, 9]), torch.zeros(3))
+    assert c.tokens == 6
+    assert c.match_length([4, 5, 6]) == 0
+    assert c.match_length([1, 2, 3]) == 3 and c.match_length([7, 8, 9]) == 3
+
+
+# ---- token accounting ----------------------------------------------------------------------------
+def test_generating_n_samples_computes_the_prompt_once(lm):
+    prompt = render_prompt(QUESTION, lm.tokenizer)
+    out = lm.generate([prompt], 3, stop=[], temperature=1.0, max_new_tokens=6, seed=0)
+    assert len(out) == 1 and len(out[0]) == 3
+    assert lm.usage.prefill_tokens == len(lm.encode(prompt))
+    # decoding feeds every sampled token but the last, one batch row per sample
+    assert lm.usage.decode_tokens == sum(s.token_count - 1 for s in out[0])
+    # asking again only recomputes the prompt's last token (its logits are not cached)
+    lm.generate([prompt], 2, stop=[], temperature=1.0, max_new_tokens=3, seed=1)
+    assert lm.usage.prefill_tokens == len(lm.encode(prompt)) + 1
+
+
+def test_scoring_a_child_after_generation_computes_only_the_appended_tokens(lm):
+    prompt = short_prompt(lm)
+    gen, _ = hf_greedy(lm, prompt, 8)
+    [[sample]] = lm.generate([prompt], 1, stop=[], temperature=0, max_new_tokens=8)
+    child = prompt + sample.text + "\n<output>\n5\n</output>\n</step>\n"
+    before = lm.usage.prefill_tokens
+    [v] = lm.score([child])
+    computed = lm.usage.prefill_tokens - before
+    child_ids, fed = lm.encode(child), lm.encode(prompt) + gen[:-1]  # generation fed all but its last token
+    common = next((i for i, (a, b) in enumerate(zip(child_ids, fed)) if a != b), min(len(child_ids), len(fed)))
+    assert computed == len(child_ids) - common
+    assert computed <= len(lm.encode("\n<output>\n5\n</output>\n</step>\n")) + 2
+    assert v == pytest.approx(full_value(lm, child), abs=1e-5)
+    # scoring it again is free: values of cached tokens are kept with their KV
+    assert lm.score([child]) == [v] and lm.usage.prefill_tokens - before == computed
+
+
+def test_siblings_share_the_parent_prefix(lm):
+    parent = short_prompt(lm)
+    kids = [parent + t for t in ("First add the numbers.</step>\n", "Think about it.</step>\n")]
+    assert all(lm.encode(k)[:len(lm.encode(parent))] == lm.encode(parent) for k in kids)
+    lm.score([parent])
+    before = lm.usage.prefill_tokens
+    values = lm.score(kids)
+    assert lm.usage.prefill_tokens - before == sum(len(lm.encode(k)) - len(lm.encode(parent)) for k in kids)
+    assert values == pytest.approx([full_value(lm, k) for k in kids], abs=1e-5)
+
+
+# ---- generation semantics ------------------------------------------------------------------------
+def test_greedy_equals_hf_generate_and_logprob_is_raw_model_distribution(lm):
+    prompt = render_prompt(QUESTION, lm.tokenizer)
+    gen, logprob = hf_greedy(lm, prompt, 12)
+    samples = lm.generate([prompt], 3, stop=[], temperature=0, max_new_tokens=12)[0]
+    assert samples[0] == samples[1] == samples[2]  # greedy: n identical samples, decoded once
+    assert lm.usage.decode_tokens == samples[0].token_count - 1
+    s = samples[0]
+    assert s.text == lm.tokenizer.decode(gen, skip_special_tokens=True)
+    assert s.token_count == len(gen)
+    assert s.cumulative_logprob == pytest.approx(logprob, abs=1e-3)
+    assert s.finish_reason == ("eos" if gen[-1] in lm.eos_ids else "length")
+
+
+def test_stop_string_spanning_tokens_truncates_right_after_it(lm):
+    prompt = short_prompt(lm)
+    gen, _ = hf_greedy(lm, prompt, 16)
+    pieces = [lm.tokenizer.decode(gen[:i], skip_special_tokens=True) for i in range(len(gen) + 1)]
+    # a stop string made of the last char of token 5's text and the first of token 6's
+    a, b = pieces[5], pieces[6]
+    assert len(b) > len(a) > 0
+    stop = a[-1] + b[len(a)]
+    expected = b[: b.find(stop) + len(stop)]
+    [[s]] = lm.generate([prompt], 1, stop=["never-matches", stop], temperature=0, max_new_tokens=16)
+    assert s.finish_reason == "stop"
+    assert s.text == expected and s.text.endswith(stop)
+    assert s.token_count == next(i for i, p in enumerate(pieces) if stop in p)
+
+
+def test_eos_ends_a_sample_without_adding_text(lm):
+    prompt = short_prompt(lm)
+    gen, _ = hf_greedy(lm, prompt, 4)
+    lm.eos_ids = {gen[2]}  # pretend the third greedy token is the end of turn
+    [[s]] = lm.generate([prompt], 1, stop=[], temperature=0, max_new_tokens=16)
+    assert s.finish_reason == "eos" and s.token_count == 3
+    assert s.text == lm.tokenizer.decode(gen[:2], skip_special_tokens=True)
+
+
+def test_seeded_sampling_is_reproducible_and_samples_differ(lm, head_model_dir):
+    prompt = short_prompt(lm)
+    a = lm.generate([prompt], 4, stop=[], temperature=1.0, top_p=0.9, max_new_tokens=6, seed=7)
+    b = LocalLM(head_model_dir, dtype="fp32").generate([prompt], 4, stop=[], temperature=1.0, top_p=0.9,
+                                                       max_new_tokens=6, seed=7)
+    c = lm.generate([prompt], 4, stop=[], temperature=1.0, top_p=0.9, max_new_tokens=6, seed=8)
+    assert same(a, b)  # also across a warm and a cold prefix cache
+    assert not same(a, c)
+    assert len({s.text for s in a[0]}) == 4
+    assert all(s.finish_reason == "length" and s.token_count == 6 for s in a[0])
+
+
+def test_left_padded_batch_of_two_prompts_equals_separate_calls(head_model_dir):
+    batched = LocalLM(head_model_dir, dtype="fp32")
+    p1, p2 = short_prompt(batched), render_prompt(QUESTION, batched.tokenizer)
+    assert len(batched.encode(p1)) != len(batched.encode(p2))
+    for kw in (dict(temperature=0), dict(temperature=1.0, seed=3)):
+        together = batched.generate([p1, p2, p1], 2, stop=list(STOP), max_new_tokens=10, **kw)
+        alone1 = LocalLM(head_model_dir, dtype="fp32").generate([p1], 2, stop=list(STOP), max_new_tokens=10, **kw)
+        alone2 = LocalLM(head_model_dir, dtype="fp32").generate([p2], 2, stop=list(STOP), max_new_tokens=10, **kw)
+        assert same(together, [alone1[0], alone2[0], alone1[0]])
+
+
+def test_bad_arguments_are_clear_errors(lm):
+    with pytest.raises(ValueError, match="n must be"):
+        lm.generate(["x"], 0, stop=[], temperature=1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        lm.generate(["x"], 1, stop=[], temperature=1.0, top_p=0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        lm.generate([""], 1, stop=[], temperature=1.0)
+    with pytest.raises(ValueError, match="empty state"):
+        lm.score([""])
+    assert lm.generate([], 2, stop=[], temperature=1.0) == [] and lm.score([]) == []
+
+
+def test_concurrent_callers_get_the_same_answers_as_serial_ones(lm, head_model_dir):
+    states = [short_prompt(lm, f"What is {i} + {i}?") for i in range(4)]
+    serial = LocalLM(head_model_dir, dtype="fp32").score(states)
+    results = [None] * 4
+
+    def work(i):
+        results[i] = lm.score([states[i]])[0]
+        lm.generate([states[i]], 2, stop=[], temperature=1.0, max_new_tokens=3, seed=i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == pytest.approx(serial, abs=1e-5)
+
+
+def test_small_cache_budget_still_gives_right_values(head_model_dir):
+    small = LocalLM(head_model_dir, dtype="fp32", max_cached_tokens=40)
+    states = [short_prompt(small, f"What is {i} times 7?") for i in range(3)]
+    values = small.score(states)
+    assert small.cache.tokens <= 40
+    assert values == pytest.approx([full_value(small, s) for s in states], abs=1e-5)
+
+
+# ---- Policy / Value adapters and the naive baseline ---------------------------------------------
+def test_local_policy_and_value_share_one_lm(lm):
+    policy, value = LocalPolicy(lm), LocalValue(lm)
+    prompt = policy.render_prompt(QUESTION)
+    assert prompt == render_prompt(QUESTION, lm.tokenizer) and "<|im_start|>assistant" in prompt
+    [[s]] = policy.generate([prompt], 1, stop=STOP, temperature=0, max_new_tokens=5)
+    assert isinstance(s, Sample)
+    [v] = value.score([prompt + s.text])
+    assert -1 <= v <= 1 and policy.usage is value.usage is lm.usage
+
+
+def test_naive_baseline_agrees_with_local_and_computes_more(head_model_dir):
+    lm = LocalLM(head_model_dir, dtype="fp32")
+    naive_p, naive_v = NaivePolicy(lm.model, lm.tokenizer), NaiveValue(lm)
+    prompt = render_prompt(QUESTION, lm.tokenizer)
+    fast = lm.generate([prompt], 3, stop=list(STOP), temperature=0, max_new_tokens=8)
+    slow = naive_p.generate([prompt], 3, stop=list(STOP), temperature=0, max_new_tokens=8)
+    assert [s.text for s in fast[0]] == [s.text for s in slow[0]]
+    assert [s.finish_reason for s in fast[0]] == [s.finish_reason for s in slow[0]]
+    assert slow[0][0].cumulative_logprob == pytest.approx(fast[0][0].cumulative_logprob, abs=1e-3)
+    plen = len(lm.encode(prompt))
+    assert naive_p.usage.prefill_tokens == 3 * plen
+    assert naive_p.usage.decode_tokens == 3 * (slow[0][0].token_count - 1)
+    assert lm.usage.computed < naive_p.usage.computed
+    states = [prompt + s.text for s in fast[0][:1]] + [prompt + "Add them.</step>\n"]
+    assert naive_v.score(states) == pytest.approx(lm.score(states), abs=1e-5)
+    assert naive_v.usage.prefill_tokens == sum(len(lm.encode(s)) for s in states)
+
+
+# ---- the real model --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_embedded_smollm2_writes_a_step():
+    from alphamath.model import embedded_checkpoint
+
+    path = embedded_checkpoint()
+    assert embedded_checkpoint() == path  # materialised once
+    lm = LocalLM(path)
+    prompt = LocalPolicy(lm).render_prompt("What is 15 + 27?")
+    samples = lm.generate([prompt], 2, stop=list(STOP), temperature=0.7, max_new_tokens=48, seed=0)[0]
+    assert lm.usage.prefill_tokens == len(lm.encode(prompt))
+    for s in samples:
+        assert s.token_count > 0 and s.cumulative_logprob < 0 and s.text.strip()
+        assert s.finish_reason in ("stop", "eos", "length")
+        if s.finish_reason == "stop":
+            assert s.text.endswith(STOP)
+    [v] = lm.score([prompt + samples[0].text])
+    assert v == 0.0  # the embedded checkpoint has no trained head: a fresh head is neutral
+
+
+def test_rows_finishing_at_different_steps_keep_exact_kv_and_logprobs(lm):
+    """Early finishers leave the batch (their columns are compacted away); every sample must still
+    match an uncached teacher-forced forward, and its stored KV/values must be the uncached ones."""
+    prompts = [short_prompt(lm), render_prompt(QUESTION, lm.tokenizer)]
+    lm.eos_ids = set(range(0, len(lm.tokenizer), 3))  # ~1/3 of the vocabulary ends a sample
+    captured = []
+    decode = lm._decode
+    lm._decode = lambda rows, samples, *a: (captured.extend((rows[s.prompt].tokens, s) for s in samples),
+                                           decode(rows, samples, *a))[1]
+    out = lm.generate(prompts, 4, stop=[], temperature=1.0, max_new_tokens=8, seed=5)
+    lengths = {s.token_count for ss in out for s in ss}
+    assert len(lengths) > 2  # rows really finished at different steps
+    for prompt_ids, s in captured:
+        ids = prompt_ids + s.tokens
+        with torch.no_grad():
+            ref = lm.model(torch.tensor([ids]))
+        logp = torch.log_softmax(ref.logits[0, len(prompt_ids) - 1:-1].float(), -1)
+        want = float(logp[torch.arange(len(s.tokens)), torch.tensor(s.tokens)].sum())
+        assert s.logprob == pytest.approx(want, abs=1e-4)
+        fed = ids[:-1]
+        m, kv, values = lm.cache.match(fed)
+        assert m == len(fed)
+        torch.testing.assert_close(values, ref.values[0, :-1], atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            _, cache = lm.model.hidden(torch.tensor([fed]), use_cache=True)
+        torch.testing.assert_close(kv[0][0], cache.layers[0].keys[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kv[-1][1], cache.layers[-1].values[0], atol=1e-5, rtol=1e-4)

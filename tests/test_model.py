@@ -1,0 +1,128 @@
+"""ValueHeadModel: one trunk pass for logits and values, checkpoints with and without a head, dtypes."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alphamath.model import (VALUE_HEAD_FILE, ValueHeadModel, cpu_has_fast_bf16, default_dtype)
+
+
+@pytest.fixture()
+def model(tiny_model_dir):
+    return ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32")
+
+
+def _ids(model, text="<step>First find 3 * 12.</step>"):
+    return torch.tensor([model.tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def test_forward_logits_match_plain_lm_and_values_come_from_the_same_pass(model, tiny_model_dir):
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = _ids(model)
+    torch.nn.init.normal_(model.value_head.weight, std=0.05)
+    with torch.no_grad():
+        out = model(ids)
+        ref = plain(ids).logits
+    assert out.logits.shape == ref.shape
+    torch.testing.assert_close(out.logits, ref)
+    assert out.values.shape == ids.shape and out.values.dtype == torch.float32
+    assert out.values.abs().max() < 1 and out.values.std() > 0  # tanh range, per-position values
+    with torch.no_grad():
+        h, _ = model.hidden(ids)
+    torch.testing.assert_close(out.values, torch.tanh(model.value_head(h)).squeeze(-1))
+
+
+def test_forward_returns_cache_and_incremental_pass_matches_full(model):
+    ids = _ids(model)
+    with torch.no_grad():
+        full = model(ids)
+        first = model(ids[:, :-3], use_cache=True)
+        rest = model(ids[:, -3:], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(rest.logits, full.logits[:, -3:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rest.values, full.values[:, -3:], atol=1e-5, rtol=1e-4)
+
+
+def test_logits_positions_keeps_one_position_per_row(model):
+    ids = _ids(model)
+    with torch.no_grad():
+        full = model(ids)
+        one = model(ids, logits_positions=torch.tensor([4]))
+    assert one.logits.shape == (1, 1, full.logits.shape[-1])
+    torch.testing.assert_close(one.logits[:, 0], full.logits[:, 4])
+
+
+def test_fresh_head_is_zero_so_untrained_values_are_neutral(model):
+    with torch.no_grad():
+        out = model(_ids(model))
+    assert torch.equal(out.values, torch.zeros_like(out.values))
+
+
+def test_save_load_round_trip_keeps_head_lm_and_tokenizer(model, tmp_path):
+    torch.nn.init.normal_(model.value_head.weight, std=0.3)
+    torch.nn.init.constant_(model.value_head.bias, 0.1)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / VALUE_HEAD_FILE).is_file()
+    loaded = ValueHeadModel.from_pretrained(tmp_path / "ckpt", dtype="fp32")
+    torch.testing.assert_close(loaded.value_head.weight, model.value_head.weight)
+    torch.testing.assert_close(loaded.value_head.bias, model.value_head.bias)
+    ids = _ids(model)
+    with torch.no_grad():
+        a, b = model(ids), loaded(ids)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.values, b.values)
+    assert loaded.tokenizer.chat_template == model.tokenizer.chat_template
+
+
+def test_checkpoint_without_head_gets_fresh_head(tiny_model_dir, tmp_path):
+    assert not (tiny_model_dir / VALUE_HEAD_FILE).exists()
+    m = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32")
+    assert m.value_head.weight.shape == (1, m.config.hidden_size)
+    assert float(m.value_head.weight.detach().abs().sum()) == 0.0
+
+
+def test_head_of_wrong_size_is_a_clear_error(tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    d = tmp_path / "bad-head"
+    shutil.copytree(tiny_model_dir, d)
+    save_file({"weight": torch.zeros(1, 7), "bias": torch.zeros(1)}, str(d / VALUE_HEAD_FILE))
+    with pytest.raises(ValueError, match="does not fit hidden size"):
+        ValueHeadModel.from_pretrained(d, dtype="fp32")
+
+
+@pytest.mark.parametrize("content", [None, "config_only"])
+def test_bad_dir_is_a_clear_error(tmp_path, content):
+    if content == "config_only":
+        (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"model dir {tmp_path} has no config.json/weights"):
+        ValueHeadModel.from_pretrained(tmp_path)
+
+
+def test_load_in_bf16(tiny_model_dir):
+    m = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="bf16")
+    assert m.dtype == torch.bfloat16 and m.value_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = m(_ids(m))
+    assert out.values.dtype == torch.float32  # values are reported in fp32 whatever the trunk dtype
+
+
+def test_default_dtype_precedence(monkeypatch):
+    monkeypatch.delenv("ALPHAMATH_DTYPE", raising=False)
+    auto = default_dtype()
+    assert auto == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    assert default_dtype(device="cuda") == torch.bfloat16
+    monkeypatch.setenv("ALPHAMATH_DTYPE", "fp16")
+    assert default_dtype() == torch.float16
+    assert default_dtype("fp32") == torch.float32  # explicit argument beats the environment
+    assert default_dtype(torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        default_dtype("int8")
+
+
+def test_cpu_flags_parsing():
+    assert cpu_has_fast_bf16("processor: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    assert cpu_has_fast_bf16("flags : fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_fast_bf16("flags : fpu sse avx2 avx512f\n")

@@ -1,0 +1,123 @@
+"""AlphaMath's joint objective: policy SFT on correct paths + value regression on all paths.
+
+    L = CE(policy tokens of correct paths) + alpha * mean_i (V(s_i) - Q(s_i))^2
+
+The value head is read at the last token of each state s_i = prompt + steps[0..i] (the same token
+`LocalLM.score(render_state(...))` reads at inference), and regressed onto the step's MCTS Q.
+The LM loss covers only what the policy writes: the prompt is excluded, and so is what the engine
+appends after a code cell (the <output> block and the closing </step>), which the model never
+generates and must not learn to hallucinate.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from alphamath.steps import CODE_CLOSE, OUTPUT_OPEN, STEP_OPEN
+
+IGNORE = -100
+
+
+class JointLoss(NamedTuple):
+    loss: torch.Tensor        # lm + alpha * value: what to backpropagate
+    lm_loss: torch.Tensor     # mean token cross-entropy over labelled tokens (0 if none)
+    value_loss: torch.Tensor  # mean squared error over step ends (0 if none)
+
+
+def joint_loss(model_out_logits: torch.Tensor, values: torch.Tensor, batch: dict, alpha: float = 0.1) -> JointLoss:
+    """logits [B, T, V] and values [B, T] from one ValueHeadModel pass over batch["input_ids"].
+
+    batch["labels"] [B, T] holds token ids where the LM is trained (IGNORE elsewhere), aligned with
+    input_ids (logits at t predict labels at t+1); batch["value_targets"] / ["value_mask"] [B, T]
+    hold Q targets at step-end positions. A batch of only wrong paths has lm_loss 0, not NaN.
+    """
+    labels = batch["labels"].to(model_out_logits.device)
+    shift_logits = model_out_logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    if (shift_labels != IGNORE).any():
+        lm = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                             ignore_index=IGNORE)
+    else:
+        lm = shift_logits.sum() * 0.0  # keeps the graph (and DDP) happy without contributing
+    mask = batch["value_mask"].to(values.device, torch.float32)
+    targets = batch["value_targets"].to(values.device, torch.float32)
+    sq = (values.float() - targets) ** 2 * mask
+    value = sq.sum() / mask.sum().clamp(min=1.0)
+    return JointLoss(lm + alpha * value, lm, value)
+
+
+def _field(example: Any, *names: str):
+    for name in names:
+        if isinstance(example, dict) and name in example:
+            return example[name]
+        if hasattr(example, name):
+            return getattr(example, name)
+    raise KeyError(f"example has none of the fields {names}")
+
+
+def _spans(prompt: str, steps: Sequence[str]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Character ends of each state and the spans the engine (not the policy) wrote."""
+    ends, engine, pos = [], [], len(prompt)
+    for i, step in enumerate(steps):
+        start = pos + (len(STEP_OPEN) if i else 0)
+        pos = start + len(step)
+        ends.append(pos)
+        cut = step.rfind(CODE_CLOSE)
+        if cut >= 0 and OUTPUT_OPEN in step[cut:]:
+            engine.append((start + cut + len(CODE_CLOSE), pos))
+    return ends, engine
+
+
+def collate(examples: Sequence[Any], tokenizer, max_len: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels, value_targets, value_mask.
+
+    Examples are dicts {"prompt", "steps", "q_values", "correct"} (or objects such as
+    trainer_svc.examples.Example with `values`). The full text is tokenized once, as inference
+    tokenizes a state; each state's value position is the last token ending at or before the
+    state's last character. Sequences are cut at max_len tokens (what falls beyond is dropped).
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for ex in examples:
+        prompt, steps = _field(ex, "prompt"), list(_field(ex, "steps"))
+        q = [float(v) for v in _field(ex, "q_values", "values")]
+        correct = bool(_field(ex, "correct"))
+        if not steps or len(steps) != len(q):
+            raise ValueError(f"need one Q value per step, got {len(steps)} steps and {len(q)} values")
+        text = prompt + STEP_OPEN.join(steps)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"][:max_len], enc["offset_mapping"][:max_len]
+        ends, engine = _spans(prompt, steps)
+        labels = [IGNORE] * len(ids)
+        if correct:
+            for t, (a, _) in enumerate(offsets):
+                if a >= len(prompt) and not any(s <= a < e for s, e in engine):
+                    labels[t] = ids[t]
+        vt, vm = [0.0] * len(ids), [0.0] * len(ids)
+        for end, target in zip(ends, q):
+            last = max((t for t, (_, b) in enumerate(offsets) if b <= end), default=None)
+            if last is not None and offsets[last][1] > len(prompt) and enc["offset_mapping"][len(ids) - 1][1] >= end:
+                vt[last], vm[last] = target, 1.0
+        rows.append((ids, labels, vt, vm))
+    T = max(len(r[0]) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), T), pad, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), T, dtype=torch.long),
+        "labels": torch.full((len(rows), T), IGNORE, dtype=torch.long),
+        "value_targets": torch.zeros(len(rows), T),
+        "value_mask": torch.zeros(len(rows), T),
+    }
+    for i, (ids, labels, vt, vm) in enumerate(rows):
+        n = len(ids)
+        out["input_ids"][i, :n] = torch.tensor(ids, dtype=torch.long)
+        out["attention_mask"][i, :n] = 1
+        out["labels"][i, :n] = torch.tensor(labels, dtype=torch.long)
+        out["value_targets"][i, :n] = torch.tensor(vt)
+        out["value_mask"][i, :n] = torch.tensor(vm)
+    return out
