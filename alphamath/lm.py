@@ -385,7 +385,10 @@ class LocalLM:
                 sorted_p, order = torch.sort(probs, dim=-1, descending=True)
                 drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p  # never drops the top token
                 probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-            toks = [int(torch.multinomial(probs[b], 1, generator=r.generator)) for b, r in enumerate(rows)]
+            # Exponential-race sampling: argmax(p / E), E ~ Exp(1), draws from p like multinomial
+            # but is several times cheaper per row on CPU.
+            toks = [int(torch.argmax(probs[b] / torch.empty_like(probs[b]).exponential_(generator=r.generator)))
+                    for b, r in enumerate(rows)]
         picked = logprobs[torch.arange(len(toks)), torch.tensor(toks)].tolist()
         return toks, picked
 

@@ -1,0 +1,226 @@
+"""Kafka producers and consumers of alphamath's events (protobuf payloads, kafka-python clients).
+
+- TreePublisher: search_svc publishes every finished GenerateTrees tree on `alphamath.trees.v1`,
+  keyed by question id, with acks=all and retries; `publish` returns only once the broker has
+  acknowledged the record, so a tree is never reported done before it is durable.
+- CheckpointPublisher: the promotion gate announces a promoted checkpoint on
+  `alphamath.checkpoints.v1`.
+- CheckpointListener: a background consumer in policy_svc / value_svc that hands each promoted
+  checkpoint to a callback (which reloads the model, see alphamath.slot.ModelSlot). On start it
+  replays the latest promotion, so a service that (re)starts after a promotion still switches.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Mapping
+
+from alphamath.broker import CHECKPOINTS_TOPIC, TREES_TOPIC, bootstrap_from_env
+from alphamath.convert import checkpoint_event, tree_to_event
+from alphamath.pb import events_pb2
+from alphamath.tree import Tree
+
+log = logging.getLogger(__name__)
+
+# Short group timeouts: kafka-python waits about session_timeout/2 for a join, and a crashed
+# member's partitions move to a survivor after session_timeout.
+CONSUMER_DEFAULTS = dict(session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_interval_ms=300_000,
+                         request_timeout_ms=30_500)
+
+
+def reliable_producer(bootstrap: str | None = None, **overrides):
+    """A producer that only counts a record as sent once every in-sync replica has it."""
+    from kafka import KafkaProducer
+
+    cfg = dict(bootstrap_servers=bootstrap or bootstrap_from_env(), acks="all", retries=10,
+               retry_backoff_ms=200, max_in_flight_requests_per_connection=1,  # keep per-key order on retry
+               linger_ms=0, request_timeout_ms=15_000, client_id="alphamath")
+    cfg.update(overrides)
+    return KafkaProducer(**cfg)
+
+
+class _Publisher:
+    def __init__(self, bootstrap: str | None, topic: str, timeout_s: float, producer=None):
+        self.topic, self.timeout_s = topic, timeout_s
+        self._producer = producer or reliable_producer(bootstrap)
+        self._own = producer is None
+
+    def _send(self, key: str, value: bytes, headers: list[tuple[str, bytes]] | None = None):
+        """Send and wait for the broker's acknowledgement (raises KafkaError when it never comes)."""
+        future = self._producer.send(self.topic, key=key.encode(), value=value, headers=headers or [])
+        return future.get(timeout=self.timeout_s)
+
+    def close(self) -> None:
+        if self._own:
+            self._producer.close(timeout=self.timeout_s)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TreePublisher(_Publisher):
+    """Finished trees -> alphamath.trees.v1 (TreeEvent, key = question id)."""
+
+    def __init__(self, bootstrap: str | None = None, topic: str = TREES_TOPIC, timeout_s: float = 30.0,
+                 producer=None):
+        super().__init__(bootstrap, topic, timeout_s, producer)
+
+    def publish(self, tree: Tree, checkpoint: str, search_config: Mapping | None = None,
+                event_id: str | None = None) -> events_pb2.TreeEvent:
+        """Publish one finished tree and block until acknowledged; returns the event sent."""
+        if not tree.question_id:
+            raise ValueError("a published tree needs a question_id (it is the record key)")
+        ev = tree_to_event(tree, checkpoint=checkpoint, search_config=search_config, event_id=event_id)
+        md = self._send(tree.question_id, ev.SerializeToString(),
+                        [("schema_version", str(ev.schema_version).encode())])
+        log.debug("tree %s published to %s[%d]@%d", tree.question_id, md.topic, md.partition, md.offset)
+        return ev
+
+
+class CheckpointPublisher(_Publisher):
+    """Promoted checkpoints -> alphamath.checkpoints.v1 (CheckpointEvent, key = checkpoint id)."""
+
+    def __init__(self, bootstrap: str | None = None, topic: str = CHECKPOINTS_TOPIC, timeout_s: float = 30.0,
+                 producer=None):
+        super().__init__(bootstrap, topic, timeout_s, producer)
+
+    def publish(self, checkpoint_id: str, path: str, round: int, parent: str | None = None,
+                metrics: Mapping[str, float] | None = None) -> events_pb2.CheckpointEvent:
+        ev = checkpoint_event(checkpoint_id, str(path), round, parent=parent, metrics=metrics)
+        self._send(checkpoint_id, ev.SerializeToString())
+        return ev
+
+
+class CheckpointListener:
+    """Calls `on_checkpoint(CheckpointEvent)` for every promotion, from a daemon thread.
+
+    Every service replica must use its own `group_id` (e.g. "policy-<pod name>"): in one group the
+    single checkpoint partition would go to one member only. With `replay_latest` the listener
+    starts at the last promotion already on the topic, so a (re)started service catches up with the
+    checkpoint in force; the callback should ignore a checkpoint it already serves. Exceptions in
+    the callback are logged and the event is skipped (a bad checkpoint must not kill the service).
+    """
+
+    def __init__(self, bootstrap: str | None, group_id: str,
+                 on_checkpoint: Callable[[events_pb2.CheckpointEvent], None],
+                 topic: str = CHECKPOINTS_TOPIC, replay_latest: bool = True, poll_ms: int = 500,
+                 consumer_config: Mapping | None = None):
+        self.bootstrap = bootstrap or bootstrap_from_env()
+        self.group_id, self.topic, self.on_checkpoint = group_id, topic, on_checkpoint
+        self.replay_latest, self.poll_ms = replay_latest, poll_ms
+        self.consumer_config = {**CONSUMER_DEFAULTS, **(consumer_config or {})}
+        self.received = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending_seek: set = set()
+
+    def start(self, wait_s: float | None = 30.0) -> "CheckpointListener":
+        """Start consuming; with wait_s, block until partitions are assigned (events after this are seen)."""
+        self._thread = threading.Thread(target=self._run, name=f"checkpoint-listener-{self.group_id}",
+                                        daemon=True)
+        self._thread.start()
+        if wait_s is not None and not self._ready.wait(wait_s):
+            raise TimeoutError(f"checkpoint listener did not join group {self.group_id} within {wait_s}s"
+                               + (f": {self.last_error}" if self.last_error else ""))
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _consumer(self):
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+
+        pending = self._pending_seek
+
+        class _OnAssign(ConsumerRebalanceListener):
+            # Runs on kafka-python's IO thread, where blocking consumer calls are not allowed:
+            # only note the partitions; the poll loop positions them.
+            def on_partitions_revoked(self, revoked):
+                pending.difference_update(revoked)
+
+            def on_partitions_assigned(self, assigned):
+                pending.update(assigned)
+
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group_id,
+                                 enable_auto_commit=False, auto_offset_reset="latest",
+                                 client_id=f"alphamath-{self.group_id}", **self.consumer_config)
+        consumer.subscribe([self.topic], listener=_OnAssign())
+        return consumer
+
+    def _position(self, consumer) -> set:
+        """Seek newly assigned partitions to the latest promotion (or the oldest unseen one)."""
+        assigned = set(self._pending_seek)
+        self._pending_seek.clear()
+        if self.replay_latest and assigned:
+            ends = consumer.end_offsets(list(assigned))
+            for tp in assigned:
+                start = max(ends[tp] - 1, 0)
+                committed = consumer.committed(tp)
+                if committed is not None:
+                    start = min(start, committed)  # never skip a promotion this group has not seen
+                consumer.seek(tp, start)
+        self._ready.set()
+        return assigned
+
+    def _run(self) -> None:
+        from kafka.errors import KafkaError
+
+        backoff = 0.5
+        while not self._stop.is_set():
+            consumer = None
+            try:
+                consumer = self._consumer()
+                while not self._stop.is_set():
+                    batches = consumer.poll(timeout_ms=self.poll_ms)
+                    if self._pending_seek:
+                        repositioned = self._position(consumer)
+                        # records fetched before the seek are read again from the new position
+                        batches = {tp: r for tp, r in batches.items() if tp not in repositioned}
+                    for records in batches.values():
+                        for rec in records:
+                            self._handle(rec)
+                    if batches:
+                        consumer.commit()
+                backoff = 0.5
+            except KafkaError as e:  # broker gone: keep serving the current model, retry
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("checkpoint listener %s: %s; retrying in %.1fs", self.group_id, e, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                if consumer is not None:
+                    try:
+                        consumer.close(autocommit=False)
+                    except Exception:  # noqa: BLE001 - closing a dead connection
+                        pass
+
+    def _handle(self, rec) -> None:
+        try:
+            ev = events_pb2.CheckpointEvent.FromString(rec.value)
+        except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and others
+            log.error("undecodable checkpoint event at %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, e)
+            return
+        if not ev.checkpoint_id or not ev.path:
+            log.error("checkpoint event at offset %d has no id/path; ignored", rec.offset)
+            return
+        self.received += 1
+        t0 = time.perf_counter()
+        try:
+            self.on_checkpoint(ev)
+        except Exception as e:  # noqa: BLE001 - keep serving the old checkpoint
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.exception("switching to checkpoint %s failed; keeping the current one", ev.checkpoint_id)
+            return
+        log.info("checkpoint %s handled in %.2fs", ev.checkpoint_id, time.perf_counter() - t0)

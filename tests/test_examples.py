@@ -1,0 +1,82 @@
+"""Training-example extraction from finished trees (the paper's rules)."""
+from __future__ import annotations
+
+import pytest
+
+from alphamath.steps import Step
+from alphamath.tree import Tree
+from tests.pipeline import _backup, answer_step, make_tree
+from trainer_svc.examples import Example, extract_examples, tree_hash
+
+
+def test_paths_are_labelled_and_carry_each_steps_q():
+    t = make_tree(answers=("4", "5"))
+    exs = extract_examples(t)
+    assert [e.correct for e in exs] == [True, False]
+    right, wrong = exs
+    # The shared code step was visited twice (+1 and -1): Q = 0; the leaves carry their rewards.
+    assert right.values == (0.0, 1.0) and wrong.values == (0.0, -1.0)
+    assert right.steps[0].startswith("Add them.<code>\nprint(2+2)\n</code>\n<output>\n4\n</output>")
+    assert right.text == t.state(2)  # exactly the state the value head scored during search
+    assert right.step_end_chars() == [len(t.state(1)), len(t.state(2))]
+
+
+def test_unfinished_leaves_and_failed_terminals():
+    t = make_tree(answers=("4",))
+    open_leaf = t.add_child(0, Step("Think.", "text"), prior=0.1)  # never expanded: no label
+    _backup(t, open_leaf.id, 0.2)
+    bad = t.add_child(0, Step("garbage", "malformed"), prior=0.1)
+    bad.terminal_reason = "malformed"
+    _backup(t, bad.id, -1.0)
+    exs = extract_examples(t)
+    assert sorted((e.steps[-1][:7], e.correct) for e in exs) == [("So the ", True), ("garbage", False)]
+
+
+def test_all_code_failed_paths_are_dropped_but_partial_failures_kept():
+    t = make_tree(answers=("4",), code_error_path=True)
+    assert [e.correct for e in extract_examples(t)] == [True]
+    # one failed code step followed by a working one: kept
+    fail = t.add_child(0, Step("Try.", "code", code="x", output="NameError", code_error=True), 0.2)
+    ok = t.add_child(fail.id, Step("Fix.", "code", code="print(4)", output="4"), 0.2)
+    leaf = t.add_child(ok.id, answer_step("4"), 0.2)
+    leaf.terminal_reason, leaf.correct = "answer", True
+    _backup(t, leaf.id, 1.0)
+    assert [e.correct for e in extract_examples(t)] == [True, True]
+
+
+def test_at_most_four_correct_and_four_wrong_duplicates_removed_and_reproducible():
+    t = make_tree(answers=tuple(["4"] * 3 + ["1", "2", "3", "5", "6", "7"]))
+    # three identical correct leaves under the same parent are one path
+    for extra in ("8", "9"):
+        s = t.add_child(0, Step(f"Guess {extra}.", "text"), 0.1)
+        for a in ("4", "4b"):
+            leaf = t.add_child(s.id, answer_step(a), 0.1)
+            leaf.terminal_reason, leaf.correct = "answer", a == "4"
+            _backup(t, leaf.id, 1.0 if leaf.correct else -1.0)
+    exs = extract_examples(t)
+    correct = [e for e in exs if e.correct]
+    wrong = [e for e in exs if not e.correct]
+    assert len(correct) == 3  # "4" under the code step (deduplicated) + one under each guess
+    assert len(wrong) == 4    # 6 + 2 = 8 distinct wrong paths, capped
+    assert len({e.key for e in exs}) == len(exs)
+    assert [e.key for e in extract_examples(t)] == [e.key for e in exs]  # same sample every time
+    assert extract_examples(t, max_correct=1, max_wrong=0) and len(extract_examples(t, 1, 0)) == 1
+
+
+def test_no_ground_truth_no_examples_and_round_trip():
+    t = make_tree()
+    t.ground_truth = None
+    assert extract_examples(t) == []
+    ex = extract_examples(make_tree())[0]
+    assert Example.from_dict(ex.to_dict()) == ex
+    with pytest.raises(ValueError, match="value targets"):
+        Example("q", "p", ("a",), (), True)
+
+
+def test_tree_hash_ignores_meta_but_not_content():
+    a, b = make_tree(), make_tree()
+    b.meta["seconds"] = 12.5
+    assert tree_hash(a) == tree_hash(b)
+    b.nodes[1].W += 1
+    assert tree_hash(a) != tree_hash(b)
+    assert isinstance(Tree.from_json(a.to_json()), Tree)

@@ -1,0 +1,89 @@
+"""Joint training on the tiny random Llama: the loss goes down, checkpoints load, crashes resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alphamath.model import VALUE_HEAD_FILE, ValueHeadModel
+from tests.pipeline import make_tree
+from trainer_svc.examples import Example, extract_examples
+from trainer_svc.train import TrainConfig, lr_factor, plan, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def examples(n_trees=3) -> list[Example]:
+    out = []
+    for i in range(n_trees):
+        out += extract_examples(make_tree(f"q{i}", answers=("4", str(i + 5)), code_error_path=False))
+    return out
+
+
+def test_schedule_and_plan():
+    assert [round(lr_factor(s, 2, 10), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    cfg = TrainConfig(epochs=2, batch_size=2, grad_accum=2)
+    steps = plan(5, cfg)
+    assert len(steps) == 4  # 3 micro-batches per epoch -> 2 optimizer steps per epoch
+    assert sorted(i for s in steps[:2] for mb in s for i in mb) == list(range(5))
+    assert steps == plan(5, cfg) and steps != plan(5, TrainConfig(epochs=2, batch_size=2, grad_accum=2, seed=1))
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0).validate()
+
+
+def test_training_lowers_the_joint_loss_and_saves_a_loadable_checkpoint(tiny_model_dir, tmp_path):
+    exs = examples()
+    cfg = TrainConfig(epochs=5, learning_rate=3e-3, batch_size=6, warmup_ratio=0.0, value_loss_weight=1.0,
+                      dtype="fp32")
+    seen = []
+    res = train(tiny_model_dir, exs, tmp_path / "ckpt", cfg, on_progress=seen.append)
+    assert res.steps == 5 and [p.step for p in seen] == list(range(1, 6))
+    assert seen[-1].loss < seen[0].loss * 0.8 and seen[-1].value_loss < seen[0].value_loss
+    model = ValueHeadModel.from_pretrained(tmp_path / "ckpt", dtype="fp32")
+    assert (tmp_path / "ckpt" / VALUE_HEAD_FILE).is_file() and model.tokenizer is not None
+    assert model.value_head.weight.abs().sum() > 0  # the zero-initialised head learned something
+    assert not (tmp_path / "ckpt.state").exists()
+    again = train(tiny_model_dir, exs, tmp_path / "ckpt", cfg)  # finished: idempotent no-op
+    assert again.steps == 5 and again.seconds == 0.0
+    with pytest.raises(ValueError, match="no training examples"):
+        train(tiny_model_dir, [], tmp_path / "x", cfg)
+
+
+def test_bf16_autocast_trains(tiny_model_dir, tmp_path):
+    res = train(tiny_model_dir, examples(1), tmp_path / "bf16",
+                TrainConfig(epochs=1, batch_size=2, dtype="bf16"))
+    assert res.steps == 1 and res.loss is not None and torch.isfinite(torch.tensor(res.loss))
+    assert load_file(str(tmp_path / "bf16" / VALUE_HEAD_FILE))["weight"].dtype == torch.float32
+
+
+def test_killed_training_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    exs = examples()
+    data = tmp_path / "examples.jsonl"
+    data.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in exs))
+    args = ["--epochs", "2", "--batch-size", "2", "--learning-rate", "1e-3", "--save-every", "2", "--dtype", "fp32"]
+    cmd = [sys.executable, "-m", "trainer_svc.train", "--base", str(tiny_model_dir), "--examples", str(data)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ALPHAMATH_FAULT_KILL_AT": "after_state_save:2"}
+    killed = subprocess.run(cmd + ["--out", str(tmp_path / "resumed")] + args, env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "resumed.state").is_dir() and not (tmp_path / "resumed").exists()
+    env.pop("ALPHAMATH_FAULT_KILL_AT")
+    resumed = subprocess.run(cmd + ["--out", str(tmp_path / "resumed")] + args, env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 4" in resumed.stdout
+    cfg = TrainConfig(epochs=2, batch_size=2, learning_rate=1e-3, save_every=2, dtype="fp32")
+    train(tiny_model_dir, exs, tmp_path / "straight", cfg)
+    a = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_file(str(tmp_path / "resumed" / VALUE_HEAD_FILE))["weight"],
+                               load_file(str(tmp_path / "straight" / VALUE_HEAD_FILE))["weight"], rtol=0, atol=1e-6)

@@ -1,0 +1,51 @@
+"""`python -m trainer_svc`: TrainerService (gRPC) + tree ingestion from Kafka + training jobs.
+
+    python -m trainer_svc --kafka-bootstrap 127.0.0.1:9092 --db-url sqlite:///trainer.db
+Every flag can be set as ALPHAMATH_TRAINER_<FLAG> or ALPHAMATH_<FLAG> (see --help).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from alphamath.service import parse_config, run_until_signal, service_parser, setup_logging
+
+log = logging.getLogger("trainer_svc")
+
+
+def build_parser():
+    from trainer_svc.round import checkpoint_root
+    p = service_parser("trainer", __doc__.splitlines()[0])
+    p.add_argument("--kafka-bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
+    p.add_argument("--db-url", default=None, help="SQLAlchemy URL (default: SQLite in the cache dir)")
+    p.add_argument("--db-schema", default=None, help="PostgreSQL schema")
+    p.add_argument("--checkpoint-dir", default=str(checkpoint_root()), help="where trained checkpoints go")
+    p.add_argument("--no-ingest", dest="ingest", action="store_false", help="do not consume trees")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    return p
+
+
+def main(argv=None) -> int:
+    from trainer_svc.server import TrainerServer
+    from trainer_svc.store import Store
+    from trainer_svc.train import TrainConfig
+
+    args = parse_config(build_parser(), argv)
+    setup_logging("trainer", args.log_level)
+    store = Store(args.db_url, args.db_schema)
+    server = TrainerServer(store, args.checkpoint_dir, port=args.port, host=args.host,
+                           metrics_port=args.metrics_port, bootstrap=args.kafka_bootstrap, ingest=args.ingest,
+                           defaults=TrainConfig(epochs=args.epochs, learning_rate=args.learning_rate,
+                                                batch_size=args.batch_size, grad_accum=args.grad_accum))
+    log.info("trainer service ready", extra={"port": server.port, "metrics_port": server.metrics_port,
+                                             "db": store.url.split("@")[-1], "ingest": args.ingest})
+    run_until_signal(server.stop, log)
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Tree ingestion: alphamath.trees.v1 -> database, exactly once in effect.
+
+The consumer group `alphamath-trainer` reads TreeEvents with auto-commit off. For each batch:
+  1. every record is decoded and stored in its own DB transaction (idempotent, see Store);
+     a record that cannot be decoded goes to alphamath.trees.dlq.v1 (acks=all, with the reason
+     in a header) and is recorded in the DB;
+  2. only then are the batch's offsets committed.
+A trainer killed anywhere in between re-reads at most the uncommitted records on restart, and the
+store recognises those it already has: nothing is lost, nothing is stored twice.
+
+Crash points for the kill tests (trainer_svc.faults): before_db_commit, after_db_commit,
+after_offset_commit.
+
+    python -m trainer_svc.ingest [--bootstrap HOST:PORT] [--idle-exit SECONDS] [--max-trees N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from alphamath.broker import DLQ_TOPIC, TREES_TOPIC, bootstrap_from_env
+from alphamath.convert import tree_from_event
+from alphamath.events import CONSUMER_DEFAULTS, reliable_producer
+from alphamath.pb import events_pb2
+from trainer_svc.faults import fault_point
+from trainer_svc.store import Store
+
+log = logging.getLogger(__name__)
+GROUP_ID = "alphamath-trainer"
+class Undecodable(ValueError):
+    """A record that can never become a tree: it goes to the dead-letter topic."""
+
+
+def decode(value: bytes | None):
+    """TreeEvent bytes -> (Tree, event); Undecodable with the reason otherwise."""
+    if not value:
+        raise Undecodable("empty record value")
+    try:
+        ev = events_pb2.TreeEvent.FromString(value)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise Undecodable(f"not a TreeEvent: {type(e).__name__}: {e}") from e
+    try:
+        tree = tree_from_event(ev)
+    except (ValueError, TypeError) as e:
+        raise Undecodable(f"invalid TreeEvent: {e}") from e
+    if not tree.question_id:
+        raise Undecodable("TreeEvent has no question_id")
+    return tree, ev
+
+
+@dataclass
+class IngestStats:
+    records: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    examples: int = 0
+
+    def add(self, other: "IngestStats") -> None:
+        self.records += other.records
+        self.inserted += other.inserted
+        self.duplicates += other.duplicates
+        self.dead_letters += other.dead_letters
+        self.examples += other.examples
+
+
+class Ingestor:
+    def __init__(self, store: Store, bootstrap: str | None = None, group_id: str = GROUP_ID,
+                 topic: str = TREES_TOPIC, dlq_topic: str = DLQ_TOPIC, consumer_config: dict | None = None,
+                 max_poll_records: int = 50):
+        from kafka import KafkaConsumer
+
+        self.store, self.topic, self.dlq_topic = store, topic, dlq_topic
+        self.bootstrap = bootstrap or bootstrap_from_env()
+        cfg = {**CONSUMER_DEFAULTS, **(consumer_config or {})}
+        self.consumer = KafkaConsumer(topic, bootstrap_servers=self.bootstrap, group_id=group_id,
+                                      enable_auto_commit=False, auto_offset_reset="earliest",
+                                      max_poll_records=max_poll_records, client_id="alphamath-trainer", **cfg)
+        self._dlq = None
+        self.total = IngestStats()
+        self._stop = threading.Event()
+
+    def _dead_letter(self, rec, reason: str) -> None:
+        if self._dlq is None:
+            self._dlq = reliable_producer(self.bootstrap)
+        headers = [("reason", reason.encode()), ("source_topic", rec.topic.encode()),
+                   ("source_partition", str(rec.partition).encode()), ("source_offset", str(rec.offset).encode())]
+        self._dlq.send(self.dlq_topic, key=rec.key, value=rec.value or b"", headers=headers).get(timeout=30)
+        key = rec.key.decode(errors="replace") if rec.key else None
+        self.store.record_dead_letter(rec.topic, rec.partition, rec.offset, key, reason)
+        log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason)
+
+    def _handle(self, rec, stats: IngestStats) -> None:
+        stats.records += 1
+        try:
+            tree, ev = decode(rec.value)
+        except Undecodable as e:
+            self._dead_letter(rec, str(e))
+            stats.dead_letters += 1
+            return
+        try:
+            search_config = json.loads(ev.search_config_json) if ev.search_config_json else {}
+        except ValueError:
+            search_config = {"unparsed": ev.search_config_json}
+        fault_point("before_db_commit")
+        res = self.store.ingest_tree(tree, ev.checkpoint, ev.event_id, search_config,
+                                     source=f"{rec.topic}[{rec.partition}]@{rec.offset}")
+        fault_point("after_db_commit")
+        if res.inserted:
+            stats.inserted += 1
+            stats.examples += res.examples
+        else:
+            stats.duplicates += 1
+
+    def poll_once(self, timeout_ms: int = 1000) -> IngestStats:
+        """One batch: store every record, then commit the batch's offsets."""
+        from kafka import OffsetAndMetadata
+
+        stats = IngestStats()
+        batches = self.consumer.poll(timeout_ms=timeout_ms)
+        if not batches:
+            return stats
+        offsets = {}
+        for tp, records in batches.items():
+            for rec in records:
+                self._handle(rec, stats)  # DB errors propagate: the offset stays uncommitted
+                offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
+        self.consumer.commit(offsets)
+        self.total.add(stats)
+        log.info("ingested %d records: %d new trees (%d examples), %d duplicates, %d dead letters",
+                 stats.records, stats.inserted, stats.examples, stats.duplicates, stats.dead_letters)
+        fault_point("after_offset_commit")
+        return stats
+
+    def run(self, idle_exit_s: float | None = None, max_trees: int | None = None,
+            poll_ms: int = 1000) -> IngestStats:
+        """Consume until stop(), until `idle_exit_s` pass with nothing new after the first record
+        (or after joining), or until `max_trees` records have been handled."""
+        last, assigned = time.monotonic(), False
+        while not self._stop.is_set():
+            s = self.poll_once(poll_ms)
+            if s.records or (not assigned and self.consumer.assignment()):
+                assigned = assigned or bool(self.consumer.assignment())
+                last = time.monotonic()  # idle time counts from the join, not from start-up
+            if max_trees is not None and self.total.records >= max_trees:
+                break
+            if idle_exit_s is not None and self.consumer.assignment() and time.monotonic() - last > idle_exit_s:
+                break
+        return self.total
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+        if self._dlq is not None:
+            self._dlq.close(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer_svc.ingest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bootstrap", default=None)
+    p.add_argument("--db-url", default=None)
+    p.add_argument("--db-schema", default=None)
+    p.add_argument("--group", default=GROUP_ID)
+    p.add_argument("--topic", default=TREES_TOPIC)
+    p.add_argument("--dlq-topic", default=DLQ_TOPIC)
+    p.add_argument("--session-timeout-ms", type=int, default=CONSUMER_DEFAULTS["session_timeout_ms"])
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    p.add_argument("--max-trees", type=int, default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = Store(a.db_url, a.db_schema)
+    ing = Ingestor(store, a.bootstrap, a.group, topic=a.topic, dlq_topic=a.dlq_topic,
+                   consumer_config={"session_timeout_ms": a.session_timeout_ms,
+                                    "heartbeat_interval_ms": max(100, a.session_timeout_ms // 6)})
+    signal.signal(signal.SIGTERM, lambda *_: ing.stop())
+    try:
+        total = ing.run(idle_exit_s=a.idle_exit, max_trees=a.max_trees)
+    finally:
+        ing.close()
+        store.close()
+    print(f"records={total.records} inserted={total.inserted} duplicates={total.duplicates} "
+          f"dead_letters={total.dead_letters} examples={total.examples}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

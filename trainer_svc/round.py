@@ -1,0 +1,300 @@
+"""One self-training round, end to end through the event pipeline (`make round`).
+
+  1. GenerateTrees: MCTS with ground truth on K training problems with the current checkpoint;
+     every finished tree is published to alphamath.trees.v1 (acks=all) as search_svc does.
+  2. Ingest: the trainer's consumer group stores the trees and their examples (idempotent).
+  3. Train: joint policy/value training on this round's examples -> a candidate checkpoint.
+  4. Evaluate and gate: greedy/SBS/value accuracy of current vs candidate on a fixed eval set.
+  5. Promote: record, publish the CheckpointEvent; services reload (here an in-process ModelSlot
+     listening on the topic proves the event arrives; policy_svc/value_svc do the same).
+Prints the accuracy table before and after.
+
+    python -m trainer_svc.round --k 8 --iterations 10 --epochs 1 [--eval-k 8] [--model DIR]
+
+`run_round(RoundConfig(...))` is the programmatic entry point (the learning benchmark calls it
+repeatedly; each call continues from the latest promoted checkpoint in the database).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from alphamath.broker import CHECKPOINTS_TOPIC, TREES_TOPIC, DLQ_TOPIC
+from trainer_svc.promote import EvalConfig, eval_fingerprint, evaluate, gate, publish_promotion
+from trainer_svc.train import TrainConfig
+
+log = logging.getLogger(__name__)
+DEFAULT_DATA = Path(os.environ.get("ALPHAMATH_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+EMBEDDED_ID = "embedded"
+
+
+def checkpoint_root() -> Path:
+    return Path(os.environ.get("ALPHAMATH_CHECKPOINT_DIR")
+                or Path(os.environ.get("ALPHAMATH_CACHE") or Path.home() / ".cache" / "alphamath") / "checkpoints")
+
+
+@dataclass
+class RoundConfig:
+    k: int = 8                               # training problems searched (GenerateTrees)
+    offset: int = 0                          # first training problem (rounds may use fresh ones)
+    train_data: str = str(DEFAULT_DATA / "gsm8k" / "train.jsonl")
+    eval_data: str = str(DEFAULT_DATA / "gsm8k" / "dev.jsonl")
+    eval_k: int = 8                          # fixed evaluation set: the first eval_k problems
+    iterations: int = 10                     # MCTS simulations per training problem
+    n_children: int = 4
+    max_new_tokens: int = 192
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    threshold: float = 0.0                   # promotion tolerance per gated metric
+    model_dir: str | None = None             # base when the DB has no promoted checkpoint (default: embedded)
+    checkpoint_dir: str | None = None        # where candidates are written
+    bootstrap: str | None = None             # Kafka; None starts a local tansu broker for the round
+    db_url: str | None = None
+    db_schema: str | None = None
+    topics: dict = field(default_factory=lambda: {"trees": TREES_TOPIC, "checkpoints": CHECKPOINTS_TOPIC,
+                                                  "dlq": DLQ_TOPIC})
+    dtype: str | None = None
+    seed: int = 0
+    reload_timeout_s: float = 120.0
+
+
+@dataclass
+class RoundReport:
+    round: int
+    base: str
+    candidate: str | None
+    promoted: bool
+    before: dict
+    after: dict
+    reasons: list[str]
+    trees: int
+    examples: int
+    correct_trees: int
+    reloaded: bool
+    seconds: dict
+
+    def table(self) -> str:
+        keys = [k for k in ("greedy_acc", "sbs_acc", "value_acc") if k in self.before or k in self.after]
+        lines = [f"{'metric':<12} {'before':>8} {'after':>8}   ({self.base} -> {self.candidate})"]
+        for k in keys:
+            b, a = self.before.get(k), self.after.get(k)
+            lines.append(f"{k:<12} {b if b is None else format(b, '8.1%'):>8} "
+                         f"{a if a is None else format(a, '8.1%'):>8}")
+        verdict = "PROMOTED" if self.promoted else "kept the current checkpoint"
+        lines.append(f"round {self.round}: {self.trees} trees ({self.correct_trees} with a correct path), "
+                     f"{self.examples} examples; {verdict}")
+        lines += [f"  {r}" for r in self.reasons]
+        lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def _default_engine(model_dir: str, dtype: str | None):
+    from alphamath.runtime import load_engine
+    return load_engine(model_dir, dtype=dtype)
+
+
+def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str | None], object] | None = None,
+              say: Callable[[str], None] = print) -> RoundReport:
+    from alphamath.data import load_problems
+    from alphamath.events import CheckpointListener, TreePublisher
+    from alphamath.slot import ModelSlot
+    from search_svc.config import SearchConfig
+    from search_svc.engine import solve
+    from trainer_svc.ingest import Ingestor
+    from trainer_svc.store import Store
+    from trainer_svc.train import train
+
+    cfg = cfg or RoundConfig()
+    make_engine = engine_factory or _default_engine
+    secs: dict[str, float] = {}
+
+    def eval_progress(method: str, i: int, n: int) -> None:
+        say(f"  eval {method} {i}/{n}")
+    broker = None
+    if cfg.bootstrap is None:
+        from alphamath.broker import start_broker
+        broker = start_broker(topics={cfg.topics["trees"]: 2, cfg.topics["checkpoints"]: 1, cfg.topics["dlq"]: 1})
+        say(f"started a local tansu broker on {broker.bootstrap}")
+    else:
+        from alphamath.broker import create_topics
+        create_topics(cfg.bootstrap, {cfg.topics["trees"]: 2, cfg.topics["checkpoints"]: 1, cfg.topics["dlq"]: 1})
+    bootstrap = cfg.bootstrap or broker.bootstrap
+    store = Store(cfg.db_url, cfg.db_schema)
+    listener = None
+    try:
+        # ---- the checkpoint in force ------------------------------------------------------------
+        current = store.current_checkpoint()
+        if current is None:
+            from alphamath.model import embedded_checkpoint
+            base_path = cfg.model_dir or str(embedded_checkpoint())
+            current = store.add_checkpoint(EMBEDDED_ID, base_path, round=0, promoted=True)
+        rnd = current.round + 1
+        train_problems = load_problems(cfg.train_data, cfg.offset + cfg.k)[cfg.offset:]
+        eval_problems = load_problems(cfg.eval_data, cfg.eval_k)
+        say(f"round {rnd}: base {current.id} ({current.path}); {len(train_problems)} training problems, "
+            f"{len(eval_problems)} eval problems")
+        t = time.perf_counter()
+        engine = make_engine(current.path, cfg.dtype)
+        secs["load"] = time.perf_counter() - t
+
+        # services: a slot following the checkpoints topic, as policy_svc/value_svc do
+        slot = ModelSlot(current.path, current.id, lm=getattr(engine, "lm", engine),
+                         loader=lambda p: getattr(make_engine(p, cfg.dtype), "lm", None))
+        listener = CheckpointListener(bootstrap, f"round-{uuid.uuid4().hex[:8]}", slot.on_checkpoint,
+                                      topic=cfg.topics["checkpoints"]).start()
+
+        # ---- before: the current checkpoint on the eval set (cached per eval set) ----------------
+        fp = eval_fingerprint(eval_problems, cfg.eval)
+        before = dict(current.metrics or {})
+        if before.get("eval_set") != fp:
+            t = time.perf_counter()
+            say(f"evaluating {current.id} on {len(eval_problems)} problems ({', '.join(cfg.eval.methods)})")
+            before = {**evaluate(engine, eval_problems, cfg.eval, progress=eval_progress), "eval_set": fp}
+            store.set_metrics(current.id, before)
+            secs["eval_before"] = time.perf_counter() - t
+
+        # ---- 1. GenerateTrees -> Kafka ------------------------------------------------------------
+        scfg = SearchConfig(iterations=cfg.iterations, n_children=cfg.n_children,
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + rnd).validate()
+        t, correct_trees = time.perf_counter(), 0
+        with TreePublisher(bootstrap, topic=cfg.topics["trees"]) as pub:
+            for i, p in enumerate(train_problems):
+                tree = solve(p.question, "mcts", engine.policy, engine.value, engine.sandbox, scfg,
+                             ground_truth=p.answer, question_id=p.id)
+                tree.meta["checkpoint"] = current.id
+                pub.publish(tree, current.id, scfg.to_dict())
+                correct_trees += any(n.correct for n in tree.nodes)
+                say(f"  tree {i + 1}/{len(train_problems)} {p.id}: {len(tree.nodes) - 1} steps, "
+                    f"answer {tree.meta.get('answer')!r} ({'correct' if tree.meta.get('correct') else 'wrong'})")
+        secs["generate"] = time.perf_counter() - t
+
+        # ---- 2. ingest -----------------------------------------------------------------------------
+        t = time.perf_counter()
+        with Ingestor(store, bootstrap, topic=cfg.topics["trees"], dlq_topic=cfg.topics["dlq"]) as ing:
+            have = lambda: store.counts(current.id)["trees"]  # noqa: E731
+            deadline = time.monotonic() + 120
+            while have() < len(train_problems) and time.monotonic() < deadline:
+                ing.poll_once(500)
+        counts = store.counts(current.id)
+        secs["ingest"] = time.perf_counter() - t
+        say(f"ingested: {counts['trees']} trees, {counts['examples']} examples "
+            f"({counts['correct_examples']} correct paths) for checkpoint {current.id}")
+
+        # ---- 3. train ------------------------------------------------------------------------------
+        examples = store.examples(current.id)
+        if not examples:
+            raise RuntimeError("the trees yielded no training examples; try more problems or iterations")
+        cand_id = f"round-{rnd}-{uuid.uuid4().hex[:6]}"
+        out_dir = Path(cfg.checkpoint_dir or checkpoint_root()) / cand_id
+        job = store.create_job(current.id, rnd, asdict(cfg.train))
+        store.update_job(job.id, state="running", examples=len(examples))
+        t = time.perf_counter()
+
+        def progress(p):
+            store.update_job(job.id, step=p.step, total_steps=p.total_steps, loss=p.loss,
+                             policy_loss=p.lm_loss, value_loss=p.value_loss)
+            say(f"  train step {p.step}/{p.total_steps}: loss {p.loss:.4f} (lm {p.lm_loss:.4f}, "
+                f"value {p.value_loss:.4f})")
+        try:
+            res = train(current.path, examples, out_dir, cfg.train, on_progress=progress)
+        except Exception as e:
+            store.update_job(job.id, state="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        store.update_job(job.id, state="succeeded", output_checkpoint=cand_id)
+        secs["train"] = time.perf_counter() - t
+        store.add_checkpoint(cand_id, str(out_dir), rnd, parent=current.id, trees=counts["trees"],
+                             examples=len(examples))
+
+        # ---- 4. evaluate and gate ------------------------------------------------------------------
+        t = time.perf_counter()
+        cand_engine = make_engine(str(out_dir), cfg.dtype)
+        say(f"evaluating {cand_id} on {len(eval_problems)} problems")
+        after = {**evaluate(cand_engine, eval_problems, cfg.eval, progress=eval_progress), "eval_set": fp}
+        store.set_metrics(cand_id, after)
+        secs["eval_after"] = time.perf_counter() - t
+        decision = gate(after, before, cfg.threshold)
+
+        # ---- 5. promote and reload -----------------------------------------------------------------
+        reloaded = False
+        if decision.promote:
+            publish_promotion(store, cand_id, bootstrap, topic=cfg.topics["checkpoints"])
+            t = time.perf_counter()
+            deadline = time.monotonic() + cfg.reload_timeout_s
+            while slot.checkpoint != cand_id and time.monotonic() < deadline:
+                time.sleep(0.1)
+            reloaded = slot.checkpoint == cand_id
+            secs["reload"] = time.perf_counter() - t
+            say(f"services reloaded: serving {slot.checkpoint}" if reloaded
+                else f"WARNING: the listener did not switch to {cand_id} within {cfg.reload_timeout_s}s")
+        report = RoundReport(rnd, current.id, cand_id, decision.promote, before, after, decision.reasons,
+                             counts["trees"], len(examples), correct_trees, reloaded, secs)
+        say(report.table())
+        return report
+    finally:
+        if listener is not None:
+            listener.stop()
+        store.close()
+        if broker is not None:
+            broker.stop()
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer_svc.round", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = RoundConfig()
+    p.add_argument("--k", type=int, default=d.k, help="training problems searched")
+    p.add_argument("--offset", type=int, default=d.offset)
+    p.add_argument("--iterations", type=int, default=d.iterations, help="MCTS simulations per problem")
+    p.add_argument("--n-children", type=int, default=d.n_children)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per step, search and eval")
+    p.add_argument("--epochs", type=int, default=d.train.epochs)
+    p.add_argument("--lr", type=float, default=d.train.learning_rate)
+    p.add_argument("--batch-size", type=int, default=d.train.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.train.grad_accum)
+    p.add_argument("--eval-k", type=int, default=d.eval_k)
+    p.add_argument("--train-data", default=d.train_data)
+    p.add_argument("--eval-data", default=d.eval_data)
+    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--model", default=None, help="base checkpoint when none is promoted yet (default: embedded)")
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--bootstrap", default=os.environ.get("ALPHAMATH_KAFKA_BOOTSTRAP"),
+                   help="Kafka bootstrap (default: 127.0.0.1:9092 if a broker listens there, "
+                        "else a tansu broker started for this round)")
+    p.add_argument("--db-url", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # its event-loop timing warnings are noise here
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the broker this round started
+    if a.bootstrap is None:
+        from alphamath.broker import DEFAULT_BOOTSTRAP, port_open
+        host, port = DEFAULT_BOOTSTRAP.split(":")
+        if port_open(host, int(port)):  # the local stack (`make run`) is up: its services must get the event
+            a.bootstrap = DEFAULT_BOOTSTRAP
+    cfg = RoundConfig(k=a.k, offset=a.offset, iterations=a.iterations, n_children=a.n_children,
+                      max_new_tokens=a.max_new_tokens, eval_k=a.eval_k, train_data=a.train_data,
+                      eval_data=a.eval_data, threshold=a.threshold, model_dir=a.model,
+                      checkpoint_dir=a.checkpoint_dir, bootstrap=a.bootstrap, db_url=a.db_url, dtype=a.dtype,
+                      seed=a.seed,
+                      eval=EvalConfig(search={**EvalConfig().search, "max_new_tokens": a.max_new_tokens}),
+                      train=TrainConfig(epochs=a.epochs, learning_rate=a.lr, batch_size=a.batch_size,
+                                        grad_accum=a.grad_accum, seed=a.seed))
+    try:
+        run_round(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,274 @@
+"""Joint policy/value training of one round (AlphaMath's self-training step).
+
+Loss: trainer_svc.loss.joint_loss (LM cross-entropy on correct paths + alpha * MSE of the value
+head against each step's Q). AdamW, linear warm-up then cosine decay, gradient accumulation,
+gradient clipping. Master weights stay fp32; where the compute dtype is bf16 (CPUs with native
+bf16, see alphamath.model.default_dtype, or ALPHAMATH_DTYPE=bf16) the forward runs under
+torch.autocast(bf16).
+
+Resumable: every `save_every` optimizer steps the model, optimizer, scheduler and step are saved
+atomically to `<output_dir>.state/`; a run started again with the same output dir, examples and
+config continues from there and ends with the same weights as an uninterrupted run. The finished
+checkpoint (HF dir + value_head.safetensors) appears at `output_dir` in one rename.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from trainer_svc.examples import Example
+from trainer_svc.faults import fault_point
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+DONE_FILE = "training.json"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    learning_rate: float = 2e-5
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    value_loss_weight: float = 0.1  # alpha
+    max_grad_norm: float = 1.0
+    max_len: int = 1024             # tokens per example
+    max_examples: int | None = None
+    seed: int = 0
+    save_every: int = 50            # optimizer steps between resumable states
+    dtype: str | None = None        # compute dtype for autocast; None: alphamath.model.default_dtype()
+
+    def validate(self) -> "TrainConfig":
+        checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.learning_rate > 0, "learning_rate must be > 0"),
+                  (self.batch_size >= 1, "batch_size must be >= 1"), (self.grad_accum >= 1, "grad_accum must be >= 1"),
+                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+                  (self.value_loss_weight >= 0, "value_loss_weight must be >= 0"),
+                  (self.max_len >= 8, "max_len must be >= 8"), (self.save_every >= 1, "save_every must be >= 1"),
+                  (self.max_examples is None or self.max_examples >= 1, "max_examples must be >= 1")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    loss: float
+    lm_loss: float
+    value_loss: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    examples: int
+    loss: float | None
+    lm_loss: float | None
+    value_loss: float | None
+    seconds: float
+    resumed_from: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def plan(n_examples: int, cfg: TrainConfig) -> list[list[list[int]]]:
+    """Optimizer steps -> micro-batches -> example indices, reproducible from cfg.seed."""
+    steps = []
+    for epoch in range(cfg.epochs):
+        order = list(range(n_examples))
+        random.Random(cfg.seed * 1009 + epoch).shuffle(order)
+        micro = [order[i:i + cfg.batch_size] for i in range(0, n_examples, cfg.batch_size)]
+        steps += [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+    return steps
+
+
+def fingerprint(base_dir: Path, examples: Sequence[Example], cfg: TrainConfig) -> str:
+    """What a saved state must match to be resumed (same base, data and hyper-parameters)."""
+    h = hashlib.sha256(str(Path(base_dir).resolve()).encode())
+    h.update(json.dumps({k: v for k, v in asdict(cfg).items() if k != "save_every"}, sort_keys=True).encode())
+    for e in examples:
+        h.update(e.key.encode() + (b"1" if e.correct else b"0") + json.dumps(e.values).encode())
+    return h.hexdigest()
+
+
+def _autocast(dtype: torch.dtype):
+    if dtype == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _save_state(state_dir: Path, model, optimizer, scheduler, step: int, fp: str, history: list) -> None:
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "fingerprint": fp, "history": history}, tmp / STATE_FILE)
+    old = state_dir.with_name(state_dir.name + ".old")
+    if state_dir.exists():
+        os.replace(state_dir, old)
+    os.replace(tmp, state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | Path,
+          cfg: TrainConfig | None = None, on_progress: Callable[[Progress], None] | None = None) -> TrainResult:
+    """Train `base_dir` on `examples`; write the checkpoint to `output_dir` (resuming if interrupted)."""
+    from alphamath.model import ValueHeadModel, default_dtype
+    from trainer_svc.loss import collate, joint_loss
+
+    cfg = (cfg or TrainConfig()).validate()
+    base_dir, output_dir = Path(base_dir), Path(output_dir)
+    examples = list(examples)[: cfg.max_examples] if cfg.max_examples else list(examples)
+    if not examples:
+        raise ValueError("no training examples (did the trees contain finished paths with ground truth?)")
+    done_file = output_dir / DONE_FILE
+    if done_file.is_file():
+        info = json.loads(done_file.read_text())
+        log.info("%s is already trained (%d steps); nothing to do", output_dir, info["steps"])
+        return TrainResult(output_dir, info["steps"], info["examples"], info.get("loss"), info.get("lm_loss"),
+                           info.get("value_loss"), 0.0, info["steps"], info.get("history", []))
+    state_dir = output_dir.with_name(output_dir.name + ".state")
+    fp = fingerprint(base_dir, examples, cfg)
+    compute_dtype = default_dtype(cfg.dtype)
+    torch.manual_seed(cfg.seed)
+
+    start_step, history, load_from = 0, [], base_dir
+    saved = state_dir / STATE_FILE
+    state = torch.load(saved, weights_only=False) if saved.is_file() else None
+    if state is not None and state["fingerprint"] != fp:
+        log.warning("ignoring saved state in %s: it belongs to other data/config", state_dir)
+        state = None
+    if state is not None:
+        load_from, start_step, history = state_dir, state["step"], state["history"]
+    model = ValueHeadModel.from_pretrained(load_from, dtype=torch.float32)  # fp32 master weights
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{base_dir} has no tokenizer")
+    model.train()
+    steps = plan(len(examples), cfg)
+    total = len(steps)
+    warmup = int(round(cfg.warmup_ratio * total))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        log.info("resuming %s at step %d/%d", output_dir, start_step, total)
+
+    t0 = time.perf_counter()
+    last: Progress | None = None
+    for step in range(start_step, total):
+        micro = steps[step]
+        sums = torch.zeros(3)
+        optimizer.zero_grad(set_to_none=True)
+        for idx in micro:
+            batch = collate([examples[i] for i in idx], tokenizer, cfg.max_len)
+            if not batch["value_mask"].any():
+                log.warning("step %d: no step end within max_len=%d tokens in this batch; raise max_len",
+                            step + 1, cfg.max_len)
+            with _autocast(compute_dtype):
+                out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+                jl = joint_loss(out.logits, out.values, batch, alpha=cfg.value_loss_weight)
+            (jl.loss / len(micro)).backward()
+            sums += torch.tensor([jl.loss.item(), jl.lm_loss.item(), jl.value_loss.item()]) / len(micro)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        last = Progress(step + 1, total, *(float(x) for x in sums), lr, time.perf_counter() - t0)
+        history.append({"step": last.step, "loss": last.loss, "lm_loss": last.lm_loss,
+                        "value_loss": last.value_loss, "lr": lr})
+        log.info("step %d/%d loss %.4f (lm %.4f, value %.4f) lr %.2e", last.step, total, last.loss,
+                 last.lm_loss, last.value_loss, lr)
+        if on_progress:
+            on_progress(last)
+        if last.step % cfg.save_every == 0 and last.step < total:
+            _save_state(state_dir, model, optimizer, scheduler, last.step, fp, history)
+            fault_point("after_state_save")
+
+    model.eval()
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, tokenizer)
+    final = history[-1] if history else {}
+    info = {"steps": total, "examples": len(examples), "base": str(base_dir), "config": asdict(cfg),
+            "loss": final.get("loss"), "lm_loss": final.get("lm_loss"), "value_loss": final.get("value_loss"),
+            "history": history}
+    (tmp / DONE_FILE).write_text(json.dumps(info, indent=1))
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return TrainResult(output_dir, total, len(examples), final.get("loss"), final.get("lm_loss"),
+                       final.get("value_loss"), time.perf_counter() - t0, start_step, history)
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Examples from a JSON-lines file (one Example.to_dict() per line)."""
+    out = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(Example.from_dict(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{i}: not a training example: {e}") from e
+    return out
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m trainer_svc.train",
+                                description="Train one checkpoint on examples (resumes an interrupted run).")
+    p.add_argument("--base", required=True, help="HF checkpoint dir to start from")
+    p.add_argument("--examples", required=True, help="JSON-lines file of examples")
+    p.add_argument("--out", required=True, help="output checkpoint dir")
+    for name, typ in (("epochs", int), ("learning_rate", float), ("batch_size", int), ("grad_accum", int),
+                      ("warmup_ratio", float), ("value_loss_weight", float), ("max_len", int),
+                      ("max_examples", int), ("seed", int), ("save_every", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+    p.add_argument("--dtype", default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in vars(a).items() if k not in ("base", "examples", "out") and v is not None}
+    try:
+        res = train(a.base, load_examples(a.examples), a.out, TrainConfig(**overrides))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"trained {res.output_dir}: {res.steps} steps on {res.examples} examples, loss {res.loss:.4f} "
+          f"(resumed from step {res.resumed_from}) in {res.seconds:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
