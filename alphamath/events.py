@@ -6,7 +6,7 @@
 - CheckpointPublisher: the promotion gate announces a promoted checkpoint on
   `alphamath.checkpoints.v1`.
 - CheckpointListener: a background consumer in policy_svc / value_svc that hands each promoted
-  checkpoint to a callback (which reloads the model, see alphamath.slot.ModelSlot). On start it
+  checkpoint to a callback (which reloads the model, see follow_checkpoints). On start it
   replays the latest promotion, so a service that (re)starts after a promotion still switches.
 """
 from __future__ import annotations
@@ -224,3 +224,19 @@ class CheckpointListener:
             log.exception("switching to checkpoint %s failed; keeping the current one", ev.checkpoint_id)
             return
         log.info("checkpoint %s handled in %.2fs", ev.checkpoint_id, time.perf_counter() - t0)
+
+
+def follow_checkpoints(bootstrap: str, service: str, current: Callable[[], str],
+                       reload: Callable[[str, str], None], **listener_kw) -> CheckpointListener:
+    """Roll a running service forward: on every promotion of a checkpoint other than `current()`,
+    call `reload(path, checkpoint_id)`, which loads the new model fully and then swaps it in
+    (requests in flight finish on the old one). Each replica gets its own consumer group."""
+    import os
+    import socket
+
+    def on_checkpoint(ev: events_pb2.CheckpointEvent) -> None:
+        if ev.checkpoint_id != current():
+            reload(ev.path, ev.checkpoint_id)
+
+    group = f"{service}-{socket.gethostname()}-{os.getpid()}"
+    return CheckpointListener(bootstrap, group, on_checkpoint, **listener_kw).start(wait_s=None)

@@ -28,6 +28,8 @@ def build_parser():
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="batching window")
     p.add_argument("--max-batch-size", type=int, default=64, help="sequences per batch")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--kafka-bootstrap", default="",
+                   help="follow promoted checkpoints on this Kafka cluster (local backend; empty: off)")
     return p
 
 
@@ -59,6 +61,22 @@ def load(args):
                         path=str(path), backend="local", dtype=str(lm.model.dtype).replace("torch.", ""), lm=lm)
 
 
+def follow(args, server, **listener_kw):
+    """Reload the model when the trainer promotes a checkpoint (issue 4's rollout)."""
+    import argparse
+
+    from alphamath.events import follow_checkpoints
+
+    if not args.kafka_bootstrap or getattr(args, "backend", "local") != "local":
+        return None
+
+    def reload(path: str, checkpoint: str) -> None:
+        server.servicer.swap(load(argparse.Namespace(**{**vars(args), "model_dir": path, "checkpoint": checkpoint})))
+
+    return follow_checkpoints(args.kafka_bootstrap, "policy", lambda: server.servicer.loaded.checkpoint, reload,
+                              **listener_kw)
+
+
 def main(argv=None) -> int:
     args = parse_config(build_parser(), argv)
     setup_logging("policy", args.log_level)
@@ -72,7 +90,8 @@ def main(argv=None) -> int:
     log.info("policy_svc serving", extra={"grpc_port": server.port, "metrics_port": server.metrics_port,
                                           "http_port": server.http_port, "backend": loaded.backend,
                                           "checkpoint": loaded.checkpoint})
-    run_until_signal(server.stop, log)
+    listener = follow(args, server)
+    run_until_signal(lambda: (listener and listener.stop(), server.stop()), log)
     return 0
 
 

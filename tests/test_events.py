@@ -10,7 +10,6 @@ from kafka import KafkaConsumer
 from alphamath.convert import tree_from_event
 from alphamath.events import CheckpointListener, CheckpointPublisher, TreePublisher
 from alphamath.pb import events_pb2
-from alphamath.slot import ModelSlot
 from tests.pipeline import FAST_GROUP, broker, make_tree, topics  # noqa: F401 - fixtures
 
 
@@ -40,73 +39,67 @@ def test_tree_published_with_key_and_acknowledged(broker, topics):
         pub.publish(tree, checkpoint="c")
 
 
-class RecordingLoader:
-    """Stands in for LocalLM loading (the slot's neighbour): records loads, can fail or be slow."""
-
-    def __init__(self, delay=0.0, fail=()):
-        self.loaded, self.delay, self.fail = [], delay, set(fail)
-
-    def __call__(self, path):
-        time.sleep(self.delay)
-        if path in self.fail:
-            raise FileNotFoundError(path)
-        self.loaded.append(path)
-        return f"lm<{path}>"
+def _wait(cond, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return cond()
 
 
-def test_checkpoint_event_reaches_policy_and_value_listeners(broker, topics):
-    slots = {name: ModelSlot("/base", "embedded", loader=RecordingLoader()) for name in ("policy", "value")}
-    listeners = [CheckpointListener(broker.bootstrap, f"{name}-test-{topics.trees}", slot.on_checkpoint,
-                                    topic=topics.checkpoints, consumer_config=FAST_GROUP).start()
-                 for name, slot in slots.items()]
+def _serve(kind, model_dir, bootstrap, topic):
+    """The real policy or value server on the tiny model, wired to follow checkpoints exactly as
+    `python -m policy_svc|value_svc --kafka-bootstrap ...` is."""
+    import importlib
+
+    main = importlib.import_module(f"{kind}_svc.__main__")
+    args = main.build_parser().parse_args(["--model-dir", str(model_dir), "--port", "0", "--checkpoint", "embedded",
+                                           "--kafka-bootstrap", bootstrap])
+    server_cls = getattr(importlib.import_module(f"{kind}_svc.server"), f"{kind.capitalize()}Server")
+    kw = {"http_port": -1} if kind == "policy" else {}
+    server = server_cls(main.load(args), host="127.0.0.1", port=0, **kw)
+    listener = main.follow(args, server, topic=topic, consumer_config=FAST_GROUP)
+    return server, listener
+
+
+def test_checkpoint_event_reaches_policy_and_value_services(broker, topics, tiny_model_dir, tmp_path):
+    import shutil
+
+    import grpc
+
+    from alphamath.pb import policy_pb2, policy_pb2_grpc, value_pb2, value_pb2_grpc
+
+    promoted = tmp_path / "round-1"
+    shutil.copytree(tiny_model_dir, promoted)
+    running = [_serve(kind, tiny_model_dir, broker.bootstrap, topics.checkpoints) for kind in ("policy", "value")]
     try:
+        assert _wait(lambda: all(lis.ready for _, lis in running))
         with CheckpointPublisher(broker.bootstrap, topic=topics.checkpoints) as pub:
-            pub.publish("r1", "/ckpt/r1", round=1, parent="embedded", metrics={"greedy_acc": 0.5})
-        deadline = time.monotonic() + 15
-        while any(s.checkpoint != "r1" for s in slots.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for s in slots.values():
-            assert (s.checkpoint, s.current().path, s.lm) == ("r1", "/ckpt/r1", "lm</ckpt/r1>")
+            pub.publish("r1", str(promoted), round=1, parent="embedded", metrics={"greedy_acc": 0.5})
+        assert _wait(lambda: all(srv.servicer.loaded.checkpoint == "r1" for srv, _ in running), 60)
+        stubs = ((policy_pb2_grpc.PolicyServiceStub, policy_pb2.InfoRequest()),
+                 (value_pb2_grpc.ValueServiceStub, value_pb2.ValueInfoRequest()))
+        for (srv, _), (stub_cls, request) in zip(running, stubs):
+            with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                assert stub_cls(ch).Info(request, timeout=10).checkpoint == "r1"
+        # a checkpoint that cannot be loaded leaves the current one serving
+        with CheckpointPublisher(broker.bootstrap, topic=topics.checkpoints) as pub:
+            pub.publish("r2", str(tmp_path / "missing"), round=2, parent="r1")
+        assert _wait(lambda: all(lis.last_error for _, lis in running), 30)
+        assert all(srv.servicer.loaded.checkpoint == "r1" for srv, _ in running)
     finally:
-        for lis in listeners:
+        for srv, lis in running:
             lis.stop()
+            srv.stop(0)
 
 
 def test_restarted_listener_catches_up_with_latest_promotion(broker, topics):
     with CheckpointPublisher(broker.bootstrap, topic=topics.checkpoints) as pub:
         pub.publish("r1", "/ckpt/r1", round=1)
         pub.publish("r2", "/ckpt/r2", round=2, parent="r1")
-    loader = RecordingLoader(fail={"/ckpt/bad"})
-    slot = ModelSlot("/base", "embedded", loader=loader)
-    lis = CheckpointListener(broker.bootstrap, f"late-{topics.trees}", slot.on_checkpoint,
+    seen = []
+    lis = CheckpointListener(broker.bootstrap, f"late-{topics.trees}", lambda ev: seen.append(ev.checkpoint_id),
                              topic=topics.checkpoints, consumer_config=FAST_GROUP).start()
     try:
-        deadline = time.monotonic() + 15
-        while slot.checkpoint != "r2" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert slot.checkpoint == "r2"
-        assert loader.loaded == ["/base", "/ckpt/r2"]  # only the promotion in force was loaded
-        # a checkpoint that fails to load leaves the current one serving
-        with CheckpointPublisher(broker.bootstrap, topic=topics.checkpoints) as pub:
-            pub.publish("r3", "/ckpt/bad", round=3)
-        deadline = time.monotonic() + 15
-        while lis.last_error is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "FileNotFoundError" in lis.last_error and slot.checkpoint == "r2"
+        assert _wait(lambda: seen == ["r2"])  # only the promotion in force is replayed
     finally:
         lis.stop()
-
-
-def test_swap_loads_fully_before_switching_and_in_flight_requests_keep_their_model():
-    loader = RecordingLoader()
-    slot = ModelSlot("/base", "embedded", loader=loader)
-    in_flight = slot.current()
-    loader.delay = 0.3
-    t = threading.Thread(target=slot.swap, args=("/ckpt/r1", "r1"))
-    t.start()
-    time.sleep(0.1)
-    assert slot.checkpoint == "embedded"  # still loading: requests keep getting the old model
-    t.join()
-    assert (slot.checkpoint, slot.lm) == ("r1", "lm</ckpt/r1>")
-    assert (in_flight.checkpoint, in_flight.lm) == ("embedded", "lm</base>")
-    assert slot.swap("/ckpt/r1", "r1") is False and slot.swaps == 1

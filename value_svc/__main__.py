@@ -21,6 +21,8 @@ def build_parser():
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="batching window")
     p.add_argument("--max-batch-size", type=int, default=128, help="states per batch")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--kafka-bootstrap", default="",
+                   help="follow promoted checkpoints on this Kafka cluster (local backend; empty: off)")
     return p
 
 
@@ -36,6 +38,22 @@ def load(args):
                        dtype=str(lm.model.dtype).replace("torch.", ""))
 
 
+def follow(args, server, **listener_kw):
+    """Reload the model when the trainer promotes a checkpoint (issue 4's rollout)."""
+    import argparse
+
+    from alphamath.events import follow_checkpoints
+
+    if not args.kafka_bootstrap or getattr(args, "backend", "local") != "local":
+        return None
+
+    def reload(path: str, checkpoint: str) -> None:
+        server.servicer.swap(load(argparse.Namespace(**{**vars(args), "model_dir": path, "checkpoint": checkpoint})))
+
+    return follow_checkpoints(args.kafka_bootstrap, "value", lambda: server.servicer.loaded.checkpoint, reload,
+                              **listener_kw)
+
+
 def main(argv=None) -> int:
     args = parse_config(build_parser(), argv)
     setup_logging("value", args.log_level)
@@ -47,7 +65,8 @@ def main(argv=None) -> int:
                          window_s=args.batch_window_ms / 1000, max_queue=args.max_queue)
     log.info("value_svc serving", extra={"grpc_port": server.port, "metrics_port": server.metrics_port,
                                          "checkpoint": loaded.checkpoint})
-    run_until_signal(server.stop, log)
+    listener = follow(args, server)
+    run_until_signal(lambda: (listener and listener.stop(), server.stop()), log)
     return 0
 
 
