@@ -1,0 +1,2 @@
+"""alphamath tests."""
+import alphamath  # noqa: F401 - sets the OpenMP wait policy before torch loads
