@@ -47,9 +47,10 @@ class Policy(Protocol):
         temperature: float,
         top_p: float = 1.0,
         max_new_tokens: int = 256,
-        seed: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
     ) -> list[list[Sample]]:
-        """n samples per prompt; temperature 0 means greedy (then n samples are identical)."""
+        """n samples per prompt; temperature 0 means greedy (then n samples are identical).
+        `seed` is one for all prompts or one per prompt (so batched requests keep their own)."""
         ...
 
 

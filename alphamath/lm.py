@@ -178,9 +178,10 @@ class _Row:
 class _Decoding:
     """One sample being decoded."""
 
-    prompt: int
-    seed_key: int
+    prompt: int  # row of the prompt's prefix
+    seed_key: int  # sample index k
     generator: torch.Generator | None
+    job: int = 0  # which (prompt, seed) request it answers
     tokens: list[int] = field(default_factory=list)
     logprob: float = 0.0
     text: str = ""
@@ -327,8 +328,9 @@ class LocalLM:
     # -- policy -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], n: int, *, stop: Sequence[str] = (), temperature: float = 1.0,
-                 top_p: float = 1.0, max_new_tokens: int = 256, seed: int | None = None) -> list[list[Sample]]:
-        """n samples per prompt, decoded together in one batch.
+                 top_p: float = 1.0, max_new_tokens: int = 256,
+                 seed: int | Sequence[int | None] | None = None) -> list[list[Sample]]:
+        """n samples per prompt, decoded together in one batch (`seed`: one for all, or one per prompt).
 
         `cumulative_logprob` sums log p(token) under the model's own distribution (softmax of the raw
         logits: temperature 1, no top-p), so a step's prior does not depend on sampling settings.
@@ -346,6 +348,13 @@ class LocalLM:
         stop = [s for s in stop if s]
         with self.lock:
             self._count("generate")
+            greedy = temperature == 0
+            # One seed per prompt lets requests of concurrent searches share one batch.
+            seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+            if len(seeds) != len(prompts):
+                raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+            drawn = secrets.randbits(63)
+            seeds = [0 if greedy else (drawn if s is None else int(s)) for s in seeds]
             unique = list(dict.fromkeys(prompts))
             rows = []
             for p in unique:
@@ -356,22 +365,22 @@ class LocalLM:
             self._extend(rows)
             for r in rows:
                 self.cache.insert(r.tokens, r.kv, r.values)
-            if seed is None:
-                seed = secrets.randbits(63)
-            greedy = temperature == 0
+            jobs = list(dict.fromkeys(zip(prompts, seeds)))  # distinct (prompt, seed) pairs
+            row_of = {p: i for i, p in enumerate(unique)}
             samples = []
-            for i, p in enumerate(unique):
+            for j, (p, sd) in enumerate(jobs):
                 for k in range(1 if greedy else n):
                     gen = None
                     if not greedy:
-                        gen = torch.Generator(device=self.device).manual_seed(_sample_seed(seed, k, p))
-                    samples.append(_Decoding(i, k, gen))
+                        gen = torch.Generator(device=self.device).manual_seed(_sample_seed(sd, k, p))
+                    samples.append(_Decoding(row_of[p], k, gen, job=j))
             self._decode(rows, samples, stop, temperature, top_p, max_new_tokens)
-            by_prompt: dict[str, list[Sample]] = {p: [] for p in unique}
+            by_job: list[list[Sample]] = [[] for _ in jobs]
             for s in samples:
                 out = Sample(s.text, len(s.tokens), s.logprob, s.finish)
-                by_prompt[unique[s.prompt]].extend(replace(out) for _ in range(n if greedy else 1))
-            return [[replace(x) for x in by_prompt[p]] for p in prompts]
+                by_job[s.job].extend(replace(out) for _ in range(n if greedy else 1))
+            index = {job: j for j, job in enumerate(jobs)}
+            return [[replace(x) for x in by_job[index[(p, sd)]]] for p, sd in zip(prompts, seeds)]
 
     @staticmethod
     def _pick(logits: torch.Tensor, rows: list[_Decoding], temperature: float, top_p: float) -> tuple[list[int], list[float]]:

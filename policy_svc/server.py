@@ -123,15 +123,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     # ------------------------------------------------------------ generation
 
-    def _run_batch(self, key, payloads: list[list[str]]) -> list[list[list[Sample]]]:
-        n, stop, temperature, top_p, max_new_tokens, seed = key
-        prompts = [p for batch in payloads for p in batch]
+    def _run_batch(self, key, payloads: list[tuple[list[str], int | None]]) -> list[list[list[Sample]]]:
+        """Requests that differ only in seed share one batch: each prompt keeps its own seed."""
+        n, stop, temperature, top_p, max_new_tokens = key
+        prompts = [p for batch, _ in payloads for p in batch]
+        seeds = [seed for batch, seed in payloads for _ in batch]
         out = self._loaded.policy.generate(prompts, n, stop=list(stop), temperature=temperature, top_p=top_p,
-                                           max_new_tokens=max_new_tokens, seed=seed)
+                                           max_new_tokens=max_new_tokens,
+                                           seed=seeds[0] if len(set(seeds)) == 1 else seeds)
         if len(out) != len(prompts):
             raise RuntimeError(f"backend returned {len(out)} results for {len(prompts)} prompts")
         results, i = [], 0
-        for batch in payloads:
+        for batch, _ in payloads:
             results.append(out[i:i + len(batch)])
             i += len(batch)
         return results
@@ -143,8 +146,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         validate_generate(self.limits, prompts, n, stop, temperature, top_p, max_new_tokens)
         if temperature == 0:
             seed = None  # greedy ignores the seed: let all greedy requests share batches
-        key = (n, tuple(stop), float(temperature), float(top_p), int(max_new_tokens), seed)
-        fut = self.batcher.submit(key, list(prompts), size=len(prompts) * (1 if temperature == 0 else n))
+        key = (n, tuple(stop), float(temperature), float(top_p), int(max_new_tokens))
+        fut = self.batcher.submit(key, (list(prompts), seed), size=len(prompts) * (1 if temperature == 0 else n))
         if on_cancel is not None:
             on_cancel(fut.cancel)
         try:

@@ -59,12 +59,14 @@ class TGIPolicy:
         return self._retry(lambda: _get_json(requests, f"{self.url}/info", self.client.timeout))
 
     def generate(self, prompts: Sequence[str], n: int, *, stop: Sequence[str], temperature: float,
-                 top_p: float = 1.0, max_new_tokens: int = 256, seed: int | None = None) -> list[list[Sample]]:
+                 top_p: float = 1.0, max_new_tokens: int = 256,
+                 seed: int | Sequence[int | None] | None = None) -> list[list[Sample]]:
         greedy = temperature == 0
-        if seed is None and not greedy:
-            seed = random.getrandbits(62)
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+        drawn = random.getrandbits(62)
         jobs = []
-        for p in prompts:
+        for p, seed in zip(prompts, seeds):
+            seed = drawn if seed is None else seed
             # Greedy samples are identical: one request per prompt, copied n times.
             for k in range(1 if greedy else n):
                 jobs.append(self.pool.submit(self._one, p, stop, temperature, top_p, max_new_tokens,

@@ -201,6 +201,16 @@ def test_left_padded_batch_of_two_prompts_equals_separate_calls(head_model_dir):
         assert same(together, [alone1[0], alone2[0], alone1[0]])
 
 
+def test_per_prompt_seeds_in_one_batch_equal_separate_calls(lm, head_model_dir):
+    prompt = short_prompt(lm)
+    kw = dict(stop=[], temperature=1.0, max_new_tokens=6)
+    together = lm.generate([prompt, prompt], 3, seed=[7, 8], **kw)
+    alone = [LocalLM(head_model_dir, dtype="fp32").generate([prompt], 3, seed=s, **kw)[0] for s in (7, 8)]
+    assert same(together, alone) and not same([together[0]], [together[1]])
+    with pytest.raises(ValueError, match="seeds for"):
+        lm.generate([prompt], 2, seed=[1, 2], **kw)
+
+
 def test_bad_arguments_are_clear_errors(lm):
     with pytest.raises(ValueError, match="n must be"):
         lm.generate(["x"], 0, stop=[], temperature=1.0)
