@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +156,8 @@ class ValueHeadModel(nn.Module):
         if not (directory / "config.json").is_file() or not has_weights:
             raise FileNotFoundError(f"model dir {directory} has no config.json/weights")
         torch_dtype = default_dtype(dtype, device)
-        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).to(device)
+        with _LOAD_LOCK:  # transformers' meta-device init is not thread-safe (concurrent reloads)
+            lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).to(device)
         lm.eval()
         tokenizer = None
         if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
@@ -172,6 +174,9 @@ class ValueHeadModel(nn.Module):
         model = cls(lm, tokenizer, head)
         model.eval()
         return model
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 # ---- the embedded SmolLM2-135M-Instruct ----------------------------------------------------------

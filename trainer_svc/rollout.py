@@ -339,7 +339,10 @@ def roll_out(
     validate_checkpoint_id(checkpoint)
     current: dict[str, dict] = {}
     for name in cfg.deployments:
-        dep = _as_dict(api.read_namespaced_deployment(name=name, namespace=cfg.namespace), api)
+        try:
+            dep = _as_dict(api.read_namespaced_deployment(name=name, namespace=cfg.namespace), api)
+        except Exception as exc:  # missing, forbidden (RBAC), API server down: nothing patched yet
+            raise RolloutError(f"cannot read deployment {cfg.namespace}/{name}: {exc}") from exc
         check_target(dep)
         current[name] = dep
 
