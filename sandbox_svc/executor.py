@@ -354,14 +354,20 @@ class BwrapBackend(_Backend):
             *self.argv_tail,
         ]
         self.as_root = os.geteuid() == 0
+        self.setpriv = shutil.which("setpriv")
+        if self.as_root and not self.setpriv:
+            raise SandboxUnavailable("setpriv (util-linux) not found: needed to drop root before bwrap")
 
     def launch(self) -> _Box:
-        kw = {}
+        argv = self.argv
         if self.as_root:
             # Drop to nobody before bwrap so the sandbox has no host privileges at all and
-            # RLIMIT_NPROC counts (root is exempt from it).
-            kw = {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []}
-        proc = self._popen(self.argv, cwd="/", **kw)
+            # RLIMIT_NPROC counts (root is exempt from it). setpriv does it after exec: Popen's own
+            # user=/group= would fork without vfork and run the parent's atfork handlers (gRPC's
+            # break the child in a process that serves gRPC).
+            argv = [self.setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--",
+                    *argv]
+        proc = self._popen(argv, cwd="/")
         return _Box(f"bw-{uuid.uuid4().hex[:12]}", proc, None, bytearray())
 
     def destroy(self, box: _Box) -> None:
