@@ -14,8 +14,10 @@ class Engine:
     model_dir: Path
 
 
-def load_engine(model_dir: str | None = None, dtype: str | None = None) -> Engine:
-    """Load `model_dir` (default: the embedded SmolLM2 checkpoint, materialised on first use)."""
+def load_engine(model_dir: str | None = None, dtype: str | None = None, device: str = "cpu",
+                sandbox=None) -> Engine:
+    """Load `model_dir` (default: the embedded SmolLM2 checkpoint, materialised on first use) on
+    `device`; the sandbox defaults to an Executor with the ALPHAMATH_SANDBOX_* limits."""
     from alphamath.lm import LocalLM
     from alphamath.model import embedded_checkpoint
     from policy_svc.local import LocalPolicy
@@ -23,5 +25,5 @@ def load_engine(model_dir: str | None = None, dtype: str | None = None) -> Engin
     from value_svc.local import LocalValue
 
     path = Path(model_dir) if model_dir else embedded_checkpoint()
-    lm = LocalLM(path, dtype=dtype)
-    return Engine(LocalPolicy(lm), LocalValue(lm), Executor(), lm, path)
+    lm = LocalLM(path, dtype=dtype, device=device)
+    return Engine(LocalPolicy(lm), LocalValue(lm), sandbox or Executor.from_env(), lm, path)

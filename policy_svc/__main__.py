@@ -21,6 +21,7 @@ def build_parser():
     p.add_argument("--model-dir", default="", help="HF model directory (default: the embedded SmolLM2 checkpoint)")
     p.add_argument("--checkpoint", default="", help="checkpoint id reported in Info/metrics (default: dir name)")
     p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bf16 where the CPU is fast at it)")
+    p.add_argument("--device", default="cpu", help="torch device of the local model: cpu | cuda | cuda:N")
     p.add_argument("--tgi-url", default="http://127.0.0.1:8080", help="TGI server (backend tgi)")
     p.add_argument("--tokenizer-dir", default="", help="tokenizer for the chat template (backend tgi)")
     p.add_argument("--http-port", type=int, default=TGI_HTTP_PORT,
@@ -56,7 +57,7 @@ def load(args):
     from policy_svc.local import LocalPolicy
 
     path = Path(args.model_dir) if args.model_dir else embedded_checkpoint()
-    lm = LocalLM(path, dtype=args.dtype or None)
+    lm = LocalLM(path, dtype=args.dtype or None, device=args.device)
     return LoadedPolicy(LocalPolicy(lm), model_id=path.name, checkpoint=args.checkpoint or path.name,
                         path=str(path), backend="local", dtype=str(lm.model.dtype).replace("torch.", ""), lm=lm)
 

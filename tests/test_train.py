@@ -87,3 +87,44 @@ def test_killed_training_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     torch.testing.assert_close(load_file(str(tmp_path / "resumed" / VALUE_HEAD_FILE))["weight"],
                                load_file(str(tmp_path / "straight" / VALUE_HEAD_FILE))["weight"], rtol=0, atol=1e-6)
+
+
+def test_job_mode_trains_the_next_round_from_the_database(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`python -m trainer_svc.train` with no arguments, configured as the Kubernetes Job is."""
+    from trainer_svc.store import Store
+    from trainer_svc.train import _main
+
+    url = f"sqlite:///{tmp_path / 'trainer.db'}"
+    for k, v in {"ALPHAMATH_DB_URL": url, "ALPHAMATH_CHECKPOINT_DIR": str(tmp_path / "ckpts"),
+                 "ALPHAMATH_MODEL_DIR": str(tiny_model_dir), "ALPHAMATH_DEVICE": "cpu", "ALPHAMATH_DTYPE": "fp32",
+                 "ALPHAMATH_TRAINER_BATCH_SIZE": "8", "ALPHAMATH_TRAINER_MAX_LEN": "256"}.items():
+        monkeypatch.setenv(k, v)
+    assert _main([]) == 2  # no trees ingested yet: a clear error, no candidate
+    assert "no training examples for checkpoint 'embedded'" in capsys.readouterr().err
+    store = Store(url)
+    try:
+        assert [c.id for c in store.checkpoints()] == ["embedded"] and store.latest_job().state == "failed"
+        for i in range(2):  # trees built by the round-0 checkpoint, as the ingestor stores them
+            store.ingest_tree(make_tree(f"q{i}", answers=("4", str(i + 5))), "embedded")
+        n_examples = store.counts("embedded")["examples"]
+
+        assert _main([]) == 0
+        assert "trained candidate round-1-" in capsys.readouterr().out
+        (cand,) = [c for c in store.checkpoints() if c.id != "embedded"]
+        assert (cand.round, cand.parent, cand.trees, cand.examples, cand.promoted) == (1, "embedded", 2, n_examples,
+                                                                                      False)
+        assert Path(cand.path) == tmp_path / "ckpts" / cand.id and (Path(cand.path) / VALUE_HEAD_FILE).is_file()
+        assert store.current_checkpoint().id == "embedded"  # recorded, not promoted: that is the gate's job
+        assert store.checkpoint("embedded").path == str(tiny_model_dir)
+        job = store.latest_job()
+        assert (job.state, job.output_checkpoint, job.round, job.examples) == ("succeeded", cand.id, 1, n_examples)
+        assert job.step == job.total_steps == 1 and job.loss is not None
+
+        # a restarted Job pod trains the same candidate: it finds it finished (or resumes its state)
+        assert _main([]) == 0
+        assert "resumed from step 1" in capsys.readouterr().out
+        assert sorted(c.id for c in store.checkpoints()) == sorted(["embedded", cand.id])
+    finally:
+        store.close()
+    assert _main(["--base", str(tiny_model_dir)]) == 2  # offline mode needs all three paths
+    assert "go together" in capsys.readouterr().err

@@ -5,9 +5,22 @@ Both are evaluated on the same fixed evaluation set with ground truth:
   sbs_acc     accuracy of step-level beam search (policy guided by the value head)
   value_acc   how often the value head's sign on a finished solution (> 0: "correct") agrees with
               the ground truth, over every answer node the evaluation searches produced
-The candidate is promoted when each gated metric is >= current - threshold. Promotion records it
-in the database, publishes a CheckpointEvent (policy_svc / value_svc switch to it) and, in
-Kubernetes (ALPHAMATH_ROLLOUT_DEPLOYMENTS set), rolls the TGI/value deployments.
+The candidate is promoted when each gated metric is >= current - threshold.
+
+Promotion, in this order (publish_promotion):
+  1. in Kubernetes (ALPHAMATH_ROLLOUT_DEPLOYMENTS set), roll the checkpoint-serving Deployments
+     (TGI/policy, value_svc) to it and wait; a failed rollout is rolled back and stops here, so
+     the candidate is neither marked nor announced while the fleet serves the old model;
+  2. publish the CheckpointEvent (local policy_svc / value_svc switch to it);
+  3. mark it promoted in the database (it becomes the base of the next round).
+Each step is idempotent, so a promotion interrupted between them is finished by the next run
+(the evaluations are cached per evaluation set, the rollout of a served checkpoint is a no-op).
+
+    python -m trainer_svc.promote [--eval-data FILE --eval-k K --threshold T --device cuda]
+
+is the promotion CronJob: it judges the newest candidate trained from the current checkpoint that
+has no verdict yet, and exits 0 when there is none, when it is rejected and when it is promoted;
+1 when the rollout failed (the candidate stays unpromoted; the next run retries it).
 """
 from __future__ import annotations
 
@@ -19,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from search_svc.config import SearchConfig
+from alphamath.runtime import load_engine
 
 log = logging.getLogger(__name__)
 GATED = ("greedy_acc", "sbs_acc")
@@ -94,21 +108,178 @@ def gate(candidate: dict, current: dict, threshold: float = 0.0, metrics: Sequen
 
 
 def publish_promotion(store, checkpoint_id: str, bootstrap: str | None, topic: str | None = None,
-                      rollout: bool = True) -> None:
-    """Mark promoted, announce on the checkpoints topic, and roll Kubernetes deployments if configured."""
-    from alphamath.events import CheckpointPublisher
+                      rollout: bool = True, *, publisher=None, roll_out: Callable | None = None) -> list | None:
+    """Roll out (in Kubernetes), then announce on the checkpoints topic, then mark promoted.
 
+    `roll_out(checkpoint, reason=...)` defaults to trainer_svc.rollout.roll_out_from_env: it
+    returns None outside Kubernetes and raises RolloutError when the rollout fails, in which case
+    nothing is published or marked. `publisher` (anything with CheckpointPublisher.publish)
+    replaces the Kafka publisher. Returns the rollout results (None: nothing to roll)."""
     row = store.checkpoint(checkpoint_id)
     if row is None:
         raise KeyError(f"unknown checkpoint {checkpoint_id!r}")
-    store.promote(checkpoint_id)
-    numeric = {k: float(v) for k, v in (row.metrics or {}).items() if isinstance(v, (int, float))}
-    kw = {"topic": topic} if topic else {}
-    with CheckpointPublisher(bootstrap, **kw) as pub:
-        pub.publish(checkpoint_id, row.path, row.round, parent=row.parent, metrics=numeric)
+    results = None
     if rollout:
-        from trainer_svc.rollout import roll_out_from_env
-
-        results = roll_out_from_env(checkpoint_id, reason=f"promoted round {row.round}")
+        if roll_out is None:
+            from trainer_svc.rollout import roll_out_from_env as roll_out
+        results = roll_out(checkpoint_id, reason=f"promoted round {row.round}")
         if results is not None:
             log.info("rolled out %s to %d deployments", checkpoint_id, len(results))
+    numeric = {k: float(v) for k, v in (row.metrics or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if publisher is None:
+        from alphamath.events import CheckpointPublisher
+
+        with CheckpointPublisher(bootstrap, **({"topic": topic} if topic else {})) as pub:
+            pub.publish(checkpoint_id, row.path, row.round, parent=row.parent, metrics=numeric)
+    else:
+        publisher.publish(checkpoint_id, row.path, row.round, parent=row.parent, metrics=numeric)
+    store.promote(checkpoint_id)
+    return results
+
+
+# ---- the promotion job ------------------------------------------------------------------------
+VERDICT = "gate"  # metrics key of a judged candidate: "rejected" (a promoted one is marked promoted)
+
+
+@dataclass
+class Promotion:
+    outcome: str                  # "none" (nothing to judge) | "rejected" | "promoted"
+    current: str | None
+    candidate: str | None = None
+    decision: Decision | None = None
+    rolled_out: list | None = None
+
+
+def next_candidate(store, current, candidate: str | None = None):
+    """The candidate to judge: `candidate` if named, else the newest unpromoted checkpoint trained
+    from `current` with no verdict yet (candidates of an older base are stale: skipped)."""
+    if candidate is not None:
+        row = store.checkpoint(candidate)
+        if row is None:
+            raise ValueError(f"unknown candidate checkpoint {candidate!r}")
+        if row.promoted:
+            raise ValueError(f"checkpoint {candidate!r} is already promoted")
+        return row
+    pending = [c for c in store.checkpoints() if not c.promoted and c.parent == current.id
+               and (c.metrics or {}).get(VERDICT) is None]
+    return pending[-1] if pending else None
+
+
+def _metrics(store, row, fp: str, engine_factory, problems, cfg: EvalConfig, say) -> dict:
+    """`row`'s metrics on the evaluation set `fp`, evaluated once and cached in the database."""
+    cached = dict(row.metrics or {})
+    if cached.get("eval_set") == fp and all(m in cached for m in GATED):
+        return cached
+    say(f"evaluating {row.id} on {len(problems)} problems ({', '.join(cfg.methods)})")
+    metrics = {**evaluate(engine_factory(row.path), problems, cfg,
+                          progress=lambda m, i, n: log.info("eval %s %s %d/%d", row.id, m, i, n)), "eval_set": fp}
+    store.set_metrics(row.id, metrics)
+    return {**cached, **metrics}
+
+
+def promote_next(store, problems: Sequence, cfg: EvalConfig | None = None, *, threshold: float = 0.0,
+                 engine_factory: Callable[[str], object], bootstrap: str | None = None, topic: str | None = None,
+                 candidate: str | None = None, publisher=None, roll_out: Callable | None = None,
+                 say: Callable[[str], None] = log.info) -> Promotion:
+    """Judge the next candidate against the current checkpoint on `problems` and promote it if the
+    gate passes (publish_promotion). Raises RolloutError (from roll_out) with the candidate left
+    unpromoted and without a verdict, so the next run retries it."""
+    cfg = cfg or EvalConfig()
+    current = store.current_checkpoint()
+    if current is None:
+        raise ValueError("no promoted checkpoint in the database yet: run a training round first")
+    cand = next_candidate(store, current, candidate)
+    if cand is None:
+        say(f"nothing to promote: no unjudged candidate trained from {current.id}")
+        return Promotion("none", current.id)
+    if not problems:
+        raise ValueError("the evaluation set is empty")
+    fp = eval_fingerprint(problems, cfg)
+    before = _metrics(store, current, fp, engine_factory, problems, cfg, say)
+    after = _metrics(store, cand, fp, engine_factory, problems, cfg, say)
+    decision = gate(after, before, threshold)
+    for r in decision.reasons:
+        say(f"  {r}")
+    if not decision.promote:
+        store.set_metrics(cand.id, {VERDICT: "rejected"})
+        say(f"{cand.id} rejected: {current.id} stays in force")
+        return Promotion("rejected", current.id, cand.id, decision)
+    results = publish_promotion(store, cand.id, bootstrap, topic, publisher=publisher, roll_out=roll_out)
+    say(f"promoted {cand.id} (round {cand.round}, parent {current.id})"
+        + ("" if results is None else f"; rolled out to {', '.join(r.deployment for r in results)}"))
+    return Promotion("promoted", current.id, cand.id, decision, results)
+
+
+def build_parser():
+    import argparse
+
+    from trainer_svc.round import RoundConfig
+
+    d = RoundConfig()
+    p = argparse.ArgumentParser(prog="python -m trainer_svc.promote", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(_service="promote")
+    p.add_argument("--candidate", default=None, help="judge this checkpoint id (default: the newest unjudged one)")
+    p.add_argument("--eval-data", default=d.eval_data, help="fixed evaluation set: JSON lines {id, question, answer}")
+    p.add_argument("--eval-k", type=int, default=d.eval_k, help="evaluate on the first K problems")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="tolerance per gated metric")
+    p.add_argument("--methods", default=",".join(EvalConfig().methods), help="evaluation methods (comma list)")
+    p.add_argument("--max-new-tokens", type=int, default=EvalConfig().search["max_new_tokens"], help="per step")
+    p.add_argument("--db-url", default=None, help="SQLAlchemy URL of the trainer database")
+    p.add_argument("--db-schema", default=None, help="PostgreSQL schema")
+    p.add_argument("--kafka-bootstrap", default="127.0.0.1:9092",
+                   help="where the CheckpointEvent goes")
+    p.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16 on CUDA or where the CPU is fast)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu | cuda | cuda:N")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    from alphamath.data import load_problems
+    from alphamath.service import parse_config
+    from trainer_svc.rollout import RolloutError
+    from trainer_svc.store import Store
+
+    a = parse_config(build_parser(), argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        if a.eval_k < 1:
+            raise ValueError(f"--eval-k must be >= 1, got {a.eval_k}")
+        cfg = EvalConfig(methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
+                         search={**EvalConfig().search, "max_new_tokens": a.max_new_tokens})
+        cfg.search_config()
+        problems = load_problems(a.eval_data, a.eval_k)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    store = Store(a.db_url, a.db_schema)
+    sandbox = None
+
+    def engine_factory(path: str):
+        nonlocal sandbox
+        engine = load_engine(path, a.dtype, a.device, sandbox)
+        sandbox = engine.sandbox  # one sandbox (pool) for both evaluations
+        return engine
+    try:
+        res = promote_next(store, problems, cfg, threshold=a.threshold, engine_factory=engine_factory,
+                           bootstrap=a.kafka_bootstrap, candidate=a.candidate, say=print)
+    except RolloutError as e:
+        print(f"error: rollout failed, the candidate stays unpromoted and unannounced: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, KeyError, RuntimeError) as e:  # RuntimeError: e.g. no sandbox can start
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if sandbox is not None and hasattr(sandbox, "close"):
+            sandbox.close()
+        store.close()
+    print(f"outcome: {res.outcome}" + (f" ({res.candidate})" if res.candidate else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

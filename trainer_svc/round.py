@@ -22,7 +22,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -109,7 +109,7 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
     from search_svc.engine import solve
     from trainer_svc.ingest import Ingestor
     from trainer_svc.store import Store
-    from trainer_svc.train import train
+    from trainer_svc.train import base_checkpoint, train_next_round
 
     cfg = cfg or RoundConfig()
     make_engine = engine_factory or _default_engine
@@ -130,11 +130,7 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
     listener = None
     try:
         # ---- the checkpoint in force ------------------------------------------------------------
-        current = store.current_checkpoint()
-        if current is None:
-            from alphamath.model import embedded_checkpoint
-            base_path = cfg.model_dir or str(embedded_checkpoint())
-            current = store.add_checkpoint(EMBEDDED_ID, base_path, round=0, promoted=True)
+        current = base_checkpoint(store, cfg.model_dir)
         rnd = current.round + 1
         train_problems = load_problems(cfg.train_data, cfg.offset + cfg.k)[cfg.offset:]
         eval_problems = load_problems(cfg.eval_data, cfg.eval_k)
@@ -188,29 +184,15 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
             f"({counts['correct_examples']} correct paths) for checkpoint {current.id}")
 
         # ---- 3. train ------------------------------------------------------------------------------
-        examples = store.examples(current.id)
-        if not examples:
-            raise RuntimeError("the trees yielded no training examples; try more problems or iterations")
-        cand_id = f"round-{rnd}-{uuid.uuid4().hex[:6]}"
-        out_dir = Path(cfg.checkpoint_dir or checkpoint_root()) / cand_id
-        job = store.create_job(current.id, rnd, asdict(cfg.train))
-        store.update_job(job.id, state="running", examples=len(examples))
         t = time.perf_counter()
 
         def progress(p):
-            store.update_job(job.id, step=p.step, total_steps=p.total_steps, loss=p.loss,
-                             policy_loss=p.lm_loss, value_loss=p.value_loss)
             say(f"  train step {p.step}/{p.total_steps}: loss {p.loss:.4f} (lm {p.lm_loss:.4f}, "
                 f"value {p.value_loss:.4f})")
-        try:
-            res = train(current.path, examples, out_dir, cfg.train, on_progress=progress)
-        except Exception as e:
-            store.update_job(job.id, state="failed", error=f"{type(e).__name__}: {e}")
-            raise
-        store.update_job(job.id, state="succeeded", output_checkpoint=cand_id)
+        cand = train_next_round(store, cfg.checkpoint_dir or checkpoint_root(), cfg.train, base=current, rnd=rnd,
+                                on_progress=progress)
+        cand_id, out_dir, n_examples = cand.id, cand.path, cand.examples
         secs["train"] = time.perf_counter() - t
-        store.add_checkpoint(cand_id, str(out_dir), rnd, parent=current.id, trees=counts["trees"],
-                             examples=len(examples))
 
         # ---- 4. evaluate and gate ------------------------------------------------------------------
         t = time.perf_counter()
@@ -234,7 +216,7 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
             say(f"services reloaded: serving {slot.checkpoint}" if reloaded
                 else f"WARNING: the listener did not switch to {cand_id} within {cfg.reload_timeout_s}s")
         report = RoundReport(rnd, current.id, cand_id, decision.promote, before, after, decision.reasons,
-                             counts["trees"], len(examples), correct_trees, reloaded, secs)
+                             counts["trees"], n_examples, correct_trees, reloaded, secs)
         say(report.table())
         return report
     finally:

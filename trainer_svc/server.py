@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from alphamath.pb import trainer_pb2, trainer_pb2_grpc
 from trainer_svc.store import CheckpointRow, JobRow, Store
-from trainer_svc.train import TrainConfig, train
+from trainer_svc.train import TrainConfig, train_next_round
 
 log = logging.getLogger(__name__)
 _STATES = {"pending": trainer_pb2.JOB_STATE_PENDING, "running": trainer_pb2.JOB_STATE_RUNNING,
@@ -110,20 +109,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def _run_job(self, job_id: str, base: CheckpointRow, rnd: int, cfg: TrainConfig) -> None:
         try:
-            examples = self.store.examples(base.id)
-            self.store.update_job(job_id, state="running", examples=len(examples))
-            cand = f"round-{rnd}-{uuid.uuid4().hex[:6]}"
-            out = self.checkpoint_dir / cand
-            train(base.path, examples, out, cfg, on_progress=lambda p: self.store.update_job(
-                job_id, step=p.step, total_steps=p.total_steps, loss=p.loss, policy_loss=p.lm_loss,
-                value_loss=p.value_loss))
-            trees = self.store.counts(base.id)["trees"]
-            self.store.add_checkpoint(cand, str(out), rnd, parent=base.id, trees=trees, examples=len(examples))
-            self.store.update_job(job_id, state="succeeded", output_checkpoint=cand)
-            log.info("training job %s produced %s", job_id, cand)
-        except Exception as e:  # noqa: BLE001 - reported through Status
+            cand = train_next_round(self.store, self.checkpoint_dir, cfg, base=base, rnd=rnd, job_id=job_id)
+            log.info("training job %s produced %s", job_id, cand.id)
+        except Exception:  # noqa: BLE001 - train_next_round marked the job failed; Status reports it
             log.exception("training job %s failed", job_id)
-            self.store.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}")
 
     def wait(self, timeout_s: float | None = None) -> None:
         if self._job_thread is not None:

@@ -10,6 +10,14 @@ Resumable: every `save_every` optimizer steps the model, optimizer, scheduler an
 atomically to `<output_dir>.state/`; a run started again with the same output dir, examples and
 config continues from there and ends with the same weights as an uninterrupted run. The finished
 checkpoint (HF dir + value_head.safetensors) appears at `output_dir` in one rename.
+
+`train_next_round` is one round's training as the trainer runs it (the Kubernetes training Job,
+TrainerService.StartTraining, `make round`): the checkpoint in force is trained on the examples of
+the trees it built, and the result is recorded in the database as an unpromoted candidate (the
+promotion gate, trainer_svc.promote, decides whether it replaces the current one).
+
+    python -m trainer_svc.train                      # the Job: ALPHAMATH_DB_URL, ALPHAMATH_CHECKPOINT_DIR
+    python -m trainer_svc.train --base DIR --examples FILE.jsonl --out DIR    # offline, no database
 """
 from __future__ import annotations
 
@@ -23,12 +31,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from trainer_svc.examples import Example
 from trainer_svc.faults import fault_point
+
+if TYPE_CHECKING:
+    from trainer_svc.store import CheckpointRow, Store
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -116,10 +127,10 @@ def fingerprint(base_dir: Path, examples: Sequence[Example], cfg: TrainConfig) -
     return h.hexdigest()
 
 
-def _autocast(dtype: torch.dtype):
+def _autocast(dtype: torch.dtype, device: torch.device):
     if dtype == torch.bfloat16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
 
 
 def _save_state(state_dir: Path, model, optimizer, scheduler, step: int, fp: str, history: list) -> None:
@@ -136,8 +147,10 @@ def _save_state(state_dir: Path, model, optimizer, scheduler, step: int, fp: str
 
 
 def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | Path,
-          cfg: TrainConfig | None = None, on_progress: Callable[[Progress], None] | None = None) -> TrainResult:
-    """Train `base_dir` on `examples`; write the checkpoint to `output_dir` (resuming if interrupted)."""
+          cfg: TrainConfig | None = None, on_progress: Callable[[Progress], None] | None = None,
+          device: str | torch.device = "cpu") -> TrainResult:
+    """Train `base_dir` on `examples` on `device`; write the checkpoint to `output_dir` (resuming if
+    interrupted; a saved state resumes on any device)."""
     from alphamath.model import ValueHeadModel, default_dtype
     from trainer_svc.loss import collate, joint_loss
 
@@ -154,18 +167,19 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
                            info.get("value_loss"), 0.0, info["steps"], info.get("history", []))
     state_dir = output_dir.with_name(output_dir.name + ".state")
     fp = fingerprint(base_dir, examples, cfg)
-    compute_dtype = default_dtype(cfg.dtype)
+    device = torch.device(device)
+    compute_dtype = default_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
 
     start_step, history, load_from = 0, [], base_dir
     saved = state_dir / STATE_FILE
-    state = torch.load(saved, weights_only=False) if saved.is_file() else None
+    state = torch.load(saved, weights_only=False, map_location="cpu") if saved.is_file() else None
     if state is not None and state["fingerprint"] != fp:
         log.warning("ignoring saved state in %s: it belongs to other data/config", state_dir)
         state = None
     if state is not None:
         load_from, start_step, history = state_dir, state["step"], state["history"]
-    model = ValueHeadModel.from_pretrained(load_from, dtype=torch.float32)  # fp32 master weights
+    model = ValueHeadModel.from_pretrained(load_from, dtype=torch.float32, device=device)  # fp32 master weights
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError(f"{base_dir} has no tokenizer")
@@ -190,11 +204,11 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
         sums = torch.zeros(3)
         optimizer.zero_grad(set_to_none=True)
         for idx in micro:
-            batch = collate([examples[i] for i in idx], tokenizer, cfg.max_len)
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer, cfg.max_len).items()}
             if not batch["value_mask"].any():
                 log.warning("step %d: no step end within max_len=%d tokens in this batch; raise max_len",
                             step + 1, cfg.max_len)
-            with _autocast(compute_dtype):
+            with _autocast(compute_dtype, device):
                 out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
                 jl = joint_loss(out.logits, out.values, batch, alpha=cfg.value_loss_weight)
             (jl.loss / len(micro)).backward()
@@ -243,29 +257,154 @@ def load_examples(path: str | Path) -> list[Example]:
     return out
 
 
-def _main(argv: list[str] | None = None) -> int:
+@dataclass
+class Candidate:
+    """A checkpoint trained by `train_next_round`, recorded in the database but not promoted."""
+    id: str
+    path: Path
+    round: int
+    base: str
+    job_id: str
+    trees: int
+    examples: int          # of the trees `base` built (result.examples: those trained on, after max_examples)
+    result: TrainResult
+
+
+def base_checkpoint(store: "Store", model_dir: str | Path | None = None) -> "CheckpointRow":
+    """The checkpoint in force: the latest promoted one; before round 1 the embedded model,
+    registered (at `model_dir`, default: the embedded SmolLM2 materialised in the cache) as the
+    promoted round-0 checkpoint `embedded`, the id the serving pods and the trees it built carry."""
+    current = store.current_checkpoint()
+    if current is None:
+        from trainer_svc.round import EMBEDDED_ID
+
+        if model_dir is None:
+            from alphamath.model import embedded_checkpoint
+            model_dir = embedded_checkpoint()
+        current = store.add_checkpoint(EMBEDDED_ID, str(model_dir), round=0, promoted=True)
+    return current
+
+
+def candidate_id(base_id: str, rnd: int, base_dir: str | Path, examples: Sequence[Example], cfg: TrainConfig) -> str:
+    """`round-<n>-<hash>`, a function of base, data and config: a training Job that is restarted
+    (pod evicted, backoffLimit retry) lands in the same directory and resumes from its saved state."""
+    h = hashlib.sha256(f"{base_id}\x00{rnd}\x00".encode() + fingerprint(base_dir, examples, cfg).encode())
+    return f"round-{rnd}-{h.hexdigest()[:8]}"
+
+
+def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfig | None = None, *,
+                     base: "CheckpointRow | None" = None, rnd: int | None = None, job_id: str | None = None,
+                     device: str | torch.device = "cpu",
+                     on_progress: Callable[[Progress], None] | None = None) -> Candidate:
+    """Train `base` (default: the checkpoint in force) on the examples of the trees it built, into
+    `checkpoint_dir/<candidate id>`, tracking a training job (`job_id`, or a new one) in the store,
+    and record the candidate (parent, round, trees, examples) unpromoted.
+
+    Raises ValueError when there is nothing to train on (the job is marked failed either way)."""
+    cfg = (cfg or TrainConfig()).validate()
+    base = base or base_checkpoint(store)
+    rnd = base.round + 1 if rnd is None else rnd
+    job_id = job_id or store.create_job(base.id, rnd, asdict(cfg)).id
+    try:
+        examples = store.examples(base.id)
+        if not examples:
+            raise ValueError(f"no training examples for checkpoint {base.id!r}: no finished trees it built "
+                             "have been ingested yet (run GenerateTrees, let the trainer ingest them)")
+        cand = candidate_id(base.id, rnd, base.path, examples, cfg)
+        out = Path(checkpoint_dir) / cand
+        store.update_job(job_id, state="running", examples=len(examples))
+        log.info("round %d: training %s (%s) on %d examples into %s", rnd, base.id, base.path, len(examples), out)
+
+        def progress(p: Progress) -> None:
+            store.update_job(job_id, step=p.step, total_steps=p.total_steps, loss=p.loss, policy_loss=p.lm_loss,
+                             value_loss=p.value_loss)
+            if on_progress:
+                on_progress(p)
+        res = train(base.path, examples, out, cfg, on_progress=progress, device=device)
+        trees = store.counts(base.id)["trees"]
+        store.add_checkpoint(cand, str(out), rnd, parent=base.id, trees=trees, examples=len(examples))
+    except Exception as e:
+        store.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    store.update_job(job_id, state="succeeded", output_checkpoint=cand, step=res.steps, total_steps=res.steps)
+    log.info("round %d: candidate %s recorded (parent %s, %d trees, %d examples)", rnd, cand, base.id, trees,
+             len(examples))
+    return Candidate(cand, out, rnd, base.id, job_id, trees, len(examples), res)
+
+
+_HYPER = (("epochs", int), ("learning_rate", float), ("batch_size", int), ("grad_accum", int),
+          ("warmup_ratio", float), ("value_loss_weight", float), ("max_len", int), ("max_examples", int),
+          ("seed", int), ("save_every", int))
+
+
+def build_parser():
     import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m trainer_svc.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train one round's candidate checkpoint (resumes an interrupted run).\n\n"
+                    "With no --base/--examples/--out (the Kubernetes training Job): train the checkpoint in\n"
+                    "force on the trees it built, from the database, into --checkpoint-dir/<candidate id>,\n"
+                    "and record the candidate unpromoted. Every flag can be set as ALPHAMATH_TRAINER_<FLAG>\n"
+                    "or ALPHAMATH_<FLAG>.")
+    p.set_defaults(_service="trainer")
+    p.add_argument("--base", default=None, help="offline mode: HF checkpoint dir to start from")
+    p.add_argument("--examples", default=None, help="offline mode: JSON-lines file of examples")
+    p.add_argument("--out", default=None, help="offline mode: output checkpoint dir")
+    p.add_argument("--db-url", default=None, help="SQLAlchemy URL of the trainer database")
+    p.add_argument("--db-schema", default=None, help="PostgreSQL schema")
+    p.add_argument("--checkpoint-dir", default=None, help="where candidates are written (default: the cache)")
+    p.add_argument("--model-dir", default=None,
+                   help="round-0 base when no checkpoint is promoted yet (default: the embedded model)")
+    for name, typ in _HYPER:
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+    p.add_argument("--dtype", default=None, help="compute dtype: bf16 | fp32 (default: bf16 where fast)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu | cuda | cuda:N")
+    return p
+
+
+def _main(argv: list[str] | None = None) -> int:
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m trainer_svc.train",
-                                description="Train one checkpoint on examples (resumes an interrupted run).")
-    p.add_argument("--base", required=True, help="HF checkpoint dir to start from")
-    p.add_argument("--examples", required=True, help="JSON-lines file of examples")
-    p.add_argument("--out", required=True, help="output checkpoint dir")
-    for name, typ in (("epochs", int), ("learning_rate", float), ("batch_size", int), ("grad_accum", int),
-                      ("warmup_ratio", float), ("value_loss_weight", float), ("max_len", int),
-                      ("max_examples", int), ("seed", int), ("save_every", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
-    p.add_argument("--dtype", default=None)
-    a = p.parse_args(argv)
+    from alphamath.service import parse_config
+
+    a = parse_config(build_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in vars(a).items() if k not in ("base", "examples", "out") and v is not None}
+    offline = [a.base, a.examples, a.out]
+    if any(offline) and not all(offline):
+        print("error: --base, --examples and --out go together (or give none of them to train from the "
+              "database)", file=sys.stderr)
+        return 2
     try:
-        res = train(a.base, load_examples(a.examples), a.out, TrainConfig(**overrides))
-    except (ValueError, FileNotFoundError) as e:
+        cfg = TrainConfig(**{k: getattr(a, k) for k, _ in _HYPER if getattr(a, k) is not None},
+                          dtype=a.dtype or None).validate()
+        torch.device(a.device)
+    except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"trained {res.output_dir}: {res.steps} steps on {res.examples} examples, loss {res.loss:.4f} "
+    if all(offline):
+        try:
+            res = train(a.base, load_examples(a.examples), a.out, cfg, device=a.device)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        name = str(res.output_dir)
+    else:
+        from trainer_svc.round import checkpoint_root
+        from trainer_svc.store import Store
+
+        store = Store(a.db_url, a.db_schema)
+        try:
+            cand = train_next_round(store, a.checkpoint_dir or checkpoint_root(), cfg,
+                                    base=base_checkpoint(store, a.model_dir), device=a.device)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            store.close()
+        res, name = cand.result, f"candidate {cand.id} (round {cand.round}, parent {cand.base}) at {cand.path}"
+    loss = "n/a" if res.loss is None else f"{res.loss:.4f}"
+    print(f"trained {name}: {res.steps} steps on {res.examples} examples, loss {loss} "
           f"(resumed from step {res.resumed_from}) in {res.seconds:.1f}s", flush=True)
     return 0
 

@@ -18,6 +18,7 @@ def build_parser():
     p.add_argument("--model-dir", default="", help="HF model directory with value head (default: embedded)")
     p.add_argument("--checkpoint", default="", help="checkpoint id reported in Info/metrics (default: dir name)")
     p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bf16 where the CPU is fast at it)")
+    p.add_argument("--device", default="cpu", help="torch device of the local model: cpu | cuda | cuda:N")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="batching window")
     p.add_argument("--max-batch-size", type=int, default=128, help="states per batch")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
@@ -33,7 +34,7 @@ def load(args):
     from value_svc.server import LoadedValue
 
     path = Path(args.model_dir) if args.model_dir else embedded_checkpoint()
-    lm = LocalLM(path, dtype=args.dtype or None)
+    lm = LocalLM(path, dtype=args.dtype or None, device=args.device)
     return LoadedValue(LocalValue(lm), model_id=path.name, checkpoint=args.checkpoint or path.name, path=str(path),
                        dtype=str(lm.model.dtype).replace("torch.", ""))
 

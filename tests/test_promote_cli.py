@@ -1,0 +1,169 @@
+"""The promotion job (`python -m trainer_svc.promote`): which candidate it judges, and the order of
+rollout, announcement and promotion. Real store (SQLite), the real rollout code against the fake
+AppsV1Api of test_rollout, a recording publisher; evaluations come from the store's cache (the
+model-level evaluation is covered by test_round)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alphamath.data import load_problems
+from tests.test_rollout import FakeAppsApi, deployment
+from trainer_svc import rollout as ro
+from trainer_svc.promote import VERDICT, EvalConfig, eval_fingerprint, main, promote_next
+from trainer_svc.store import Store
+
+PROBLEMS = [("a1", "Tom has 3 apples and buys 2 more. How many apples does he have?", "5"),
+            ("a2", "A box holds 4 pens. How many pens are in 2 boxes?", "8")]
+TARGETS = ("alphamath-policy", "alphamath-value")
+
+
+class RecordingPublisher:
+    """Stands in for CheckpointPublisher; notes whether the store already said "promoted"."""
+
+    def __init__(self, store: Store, log: list):
+        self.store, self.log, self.events = store, log, []
+
+    def publish(self, checkpoint_id, path, round, parent=None, metrics=None):
+        self.events.append({"id": checkpoint_id, "path": path, "round": round, "parent": parent,
+                            "metrics": dict(metrics or {})})
+        self.log.append(("publish", checkpoint_id, self.store.checkpoint(checkpoint_id).promoted))
+
+
+def no_engine(path):
+    raise AssertionError(f"evaluation should have come from the cache, not by loading {path}")
+
+
+@pytest.fixture
+def problems(tmp_path):
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, q, a in PROBLEMS))
+    return data, load_problems(data)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'trainer.db'}")
+    yield s
+    s.close()
+
+
+def seed(store: Store, problems, candidate_acc=(0.5, 0.5), cfg: EvalConfig | None = None) -> str:
+    """The promoted `embedded` checkpoint and a round-1 candidate, both already evaluated."""
+    fp = eval_fingerprint(problems, cfg or EvalConfig())
+    store.add_checkpoint("embedded", "/checkpoints/embedded", 0, promoted=True,
+                         metrics={"greedy_acc": 0.5, "sbs_acc": 0.5, "value_acc": 0.4, "eval_set": fp})
+    store.add_checkpoint("round-1-abc", "/checkpoints/round-1-abc", 1, parent="embedded", trees=3, examples=7,
+                         metrics={"greedy_acc": candidate_acc[0], "sbs_acc": candidate_acc[1], "value_acc": 0.6,
+                                  "eval_set": fp})
+    return "round-1-abc"
+
+
+def k8s_rollout(api, log):
+    env = {"ALPHAMATH_ROLLOUT_DEPLOYMENTS": ",".join(TARGETS), "ALPHAMATH_ROLLOUT_NAMESPACE": "alphamath",
+           "ALPHAMATH_ROLLOUT_POLL_S": "0.001"}
+
+    def roll_out(checkpoint, reason=None):
+        log.append(("rollout", checkpoint, None))
+        return ro.roll_out_from_env(checkpoint, reason=reason, env=env, api=api)
+    return roll_out
+
+
+def test_failed_rollout_neither_promotes_nor_announces_and_the_next_run_retries(store, problems):
+    _, probs = problems
+    cand = seed(store, probs)
+    log: list = []
+    pub = RecordingPublisher(store, log)
+    api = FakeAppsApi([deployment(n, checkpoint="embedded") for n in TARGETS], deadline={"alphamath-policy"})
+    with pytest.raises(ro.RolloutError, match="progress deadline exceeded"):
+        promote_next(store, probs, engine_factory=no_engine, publisher=pub, roll_out=k8s_rollout(api, log))
+    assert log == [("rollout", cand, None)] and pub.events == []
+    assert not store.checkpoint(cand).promoted and store.current_checkpoint().id == "embedded"
+    assert VERDICT not in store.checkpoint(cand).metrics  # no verdict: the next run judges it again
+    assert all(ro.current_checkpoint(d) == "embedded" for d in api.store.values())  # rolled back
+
+    api.deadline.clear()  # the cluster recovered: the next CronJob run finishes the promotion
+    for d in api.store.values():
+        d["status"].pop("conditions", None)
+    res = promote_next(store, probs, engine_factory=no_engine, publisher=pub, roll_out=k8s_rollout(api, log))
+    assert (res.outcome, res.candidate, res.current) == ("promoted", cand, "embedded")
+    assert [r.deployment for r in res.rolled_out] == list(TARGETS)
+    assert all(ro.current_checkpoint(d) == cand for d in api.store.values())
+    # rolled out first, then announced (not yet marked), then marked promoted
+    assert log[1:] == [("rollout", cand, None), ("publish", cand, False)]
+    assert store.checkpoint(cand).promoted and store.current_checkpoint().id == cand
+    (ev,) = pub.events
+    assert (ev["path"], ev["round"], ev["parent"]) == ("/checkpoints/round-1-abc", 1, "embedded")
+    assert ev["metrics"]["greedy_acc"] == 0.5 and "eval_set" not in ev["metrics"]
+    # nothing left to judge
+    assert promote_next(store, probs, engine_factory=no_engine, publisher=pub).outcome == "none"
+
+
+def test_outside_kubernetes_promotes_and_announces(store, problems, monkeypatch):
+    monkeypatch.delenv("ALPHAMATH_ROLLOUT_DEPLOYMENTS", raising=False)
+    _, probs = problems
+    cand = seed(store, probs)
+    log: list = []
+    pub = RecordingPublisher(store, log)
+    res = promote_next(store, probs, engine_factory=no_engine, publisher=pub)  # real roll_out_from_env: None
+    assert res.outcome == "promoted" and res.rolled_out is None
+    assert [e["id"] for e in pub.events] == [cand] and store.current_checkpoint().id == cand
+
+
+def test_rejected_candidate_is_not_rolled_out_and_gets_a_verdict(store, problems):
+    _, probs = problems
+    cand = seed(store, probs, candidate_acc=(0.5, 0.0))
+    log: list = []
+    pub = RecordingPublisher(store, log)
+    res = promote_next(store, probs, threshold=0.1, engine_factory=no_engine, publisher=pub,
+                       roll_out=lambda c, reason=None: log.append(("rollout", c, None)))
+    assert res.outcome == "rejected" and not res.decision.promote and "worse" in res.decision.reasons[1]
+    assert log == [] and pub.events == []
+    assert store.checkpoint(cand).metrics[VERDICT] == "rejected" and store.current_checkpoint().id == "embedded"
+    assert promote_next(store, probs, engine_factory=no_engine, publisher=pub).outcome == "none"
+
+
+def test_candidate_choice(store, problems):
+    _, probs = problems
+    seed(store, probs)
+    # a newer candidate of the same base is judged first; one trained from another base is stale
+    store.add_checkpoint("round-1-def", "/checkpoints/round-1-def", 1, parent="embedded")
+    store.add_checkpoint("round-2-old", "/checkpoints/round-2-old", 2, parent="round-0-other")
+    from trainer_svc.promote import next_candidate
+
+    cur = store.current_checkpoint()
+    assert next_candidate(store, cur).id == "round-1-def"
+    assert next_candidate(store, cur, "round-1-abc").id == "round-1-abc"
+    with pytest.raises(ValueError, match="already promoted"):
+        next_candidate(store, cur, "embedded")
+    with pytest.raises(ValueError, match="unknown candidate"):
+        next_candidate(store, cur, "nope")
+    empty = Store(store.url + ".empty")
+    try:
+        with pytest.raises(ValueError, match="no promoted checkpoint"):
+            promote_next(empty, probs, engine_factory=no_engine)
+    finally:
+        empty.close()
+
+
+def test_cli_failed_rollout_exits_nonzero_and_leaves_the_candidate(store, problems, monkeypatch, capsys):
+    data, probs = problems
+    cand = seed(store, probs)  # cached with the CLI's default EvalConfig
+    api = FakeAppsApi([deployment(n, checkpoint="embedded") for n in TARGETS], deadline={"alphamath-value"})
+    monkeypatch.setattr(ro, "apps_api", lambda: api)
+    for k, v in {"ALPHAMATH_ROLLOUT_DEPLOYMENTS": ",".join(TARGETS), "ALPHAMATH_ROLLOUT_NAMESPACE": "alphamath",
+                 "ALPHAMATH_ROLLOUT_POLL_S": "0.001", "ALPHAMATH_DB_URL": store.url,
+                 "ALPHAMATH_EVAL_DATA": str(data), "ALPHAMATH_EVAL_K": "2",
+                 "ALPHAMATH_KAFKA_BOOTSTRAP": "127.0.0.1:1"}.items():  # never reached: nothing is published
+        monkeypatch.setenv(k, v)
+    assert main([]) == 1
+    err = capsys.readouterr().err
+    assert "rollout failed, the candidate stays unpromoted" in err and "alphamath-value" in err
+    assert not store.checkpoint(cand).promoted and store.current_checkpoint().id == "embedded"
+    assert all(ro.current_checkpoint(d) == "embedded" for d in api.store.values())
+
+    store.set_metrics(cand, {VERDICT: "rejected"})
+    assert main([]) == 0 and "nothing to promote" in capsys.readouterr().out
+    assert main(["--eval-data", str(data.with_name("missing.jsonl"))]) == 2
+    assert main(["--eval-k", "0"]) == 2
