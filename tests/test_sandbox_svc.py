@@ -107,6 +107,10 @@ def test_full_queue_is_resource_exhausted_and_expired_wait_is_deadline_exceeded(
             with pytest.raises(grpc.RpcError) as e:
                 stub.Execute(req, timeout=0.3)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            deadline = time.monotonic() + 10  # the server drops the expired waiter on its own clock
+            while srv.servicer.gate.waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert srv.servicer.gate.waiting == 0
             queued = stub.Execute.future(req, timeout=30)
             while srv.servicer.gate.waiting == 0:
                 time.sleep(0.01)
