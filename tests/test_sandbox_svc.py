@@ -50,7 +50,8 @@ def test_model_errors_come_back_as_error_not_status(stub):
 def test_limits_are_clamped_to_the_server_maxima(stub):
     start = time.monotonic()
     r = execute(stub, ["while True: pass"], timeout_s=1000.0)  # asks for more than the server's 3 s
-    assert r.timed_out and time.monotonic() - start < 10
+    # the server's 3 s limit applied, not the 1000 s asked for (wall time includes sandbox start/kill)
+    assert r.timed_out and "exceeded 3 s" in r.error and time.monotonic() - start < 60
     r = execute(stub, ["print('y' * 100)"], max_output_chars=10)
     assert r.stdout.startswith("y" * 10) and "truncated" in r.stdout and "y" * 11 not in r.stdout
     r = execute(stub, ["print('z' * 1000)"], max_output_chars=10_000)  # capped at the server's 200
