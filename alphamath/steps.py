@@ -90,7 +90,7 @@ class Step:
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
-_ANSWER_IS = re.compile(r"(?:final answer|the answer) is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.\s*)?(?:</step>)?\s*$", re.I)
+_ANSWER_IS = re.compile(r"(?:final answer|the answer) is[:\s]*", re.I)
 
 
 def boxed_content(text: str) -> str | None:
@@ -117,9 +117,12 @@ def find_answer(text: str) -> str | None:
     tags = _ANSWER_TAG.findall(text)
     if tags and tags[-1].strip():
         return tags[-1].strip()
-    m = _ANSWER_IS.search(text.strip())
-    if m and m.group(1).strip():
-        return m.group(1).strip().rstrip(".")
+    said = [m.end() for m in _ANSWER_IS.finditer(text)]
+    if said:  # the last "the answer is X", X up to the end of its sentence or line
+        tail = text[said[-1]:].split("\n")[0]
+        tail = re.split(r"\.(?:\s|$)|</step>", tail)[0].strip().strip("$").strip()
+        if tail:
+            return tail
     return None
 
 

@@ -16,6 +16,8 @@ def s(text, finish="stop"):
     ("So the total is \\boxed{\\frac{1}{2}}.</step>", "stop", "answer", {"answer": "\\frac{1}{2}"}),
     ("The answer is <answer>42</answer>", "eos", "answer", {"answer": "42"}),
     ("Therefore, the answer is 17.", "eos", "answer", {"answer": "17"}),
+    ("The answer is 7. The answer is 7", "eos", "answer", {"answer": "7"}),
+    ("So the final answer is $3.5$.</step>", "stop", "answer", {"answer": "3.5"}),
     ("I think we should", "eos", "malformed", {}),
     ("blah " * 50, "length", "malformed", {}),
     ("", "eos", "malformed", {}),
