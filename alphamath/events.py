@@ -226,17 +226,22 @@ class CheckpointListener:
         log.info("checkpoint %s handled in %.2fs", ev.checkpoint_id, time.perf_counter() - t0)
 
 
-def follow_checkpoints(bootstrap: str, service: str, current: Callable[[], str],
-                       reload: Callable[[str, str], None], **listener_kw) -> CheckpointListener:
-    """Roll a running service forward: on every promotion of a checkpoint other than `current()`,
-    call `reload(path, checkpoint_id)`, which loads the new model fully and then swaps it in
-    (requests in flight finish on the old one). Each replica gets its own consumer group."""
+def follow_checkpoints(args, server, load: Callable, service: str, **listener_kw) -> CheckpointListener | None:
+    """Roll a running policy/value server forward (`--kafka-bootstrap`): on every promotion of a
+    checkpoint other than the one served, `load` the new model fully from the event's path and
+    swap it into `server.servicer` (requests in flight finish on the old model). Each replica
+    joins its own consumer group. Returns None when following is off (no bootstrap, or TGI)."""
+    import argparse
     import os
     import socket
 
+    if not args.kafka_bootstrap or getattr(args, "backend", "local") != "local":
+        return None
+
     def on_checkpoint(ev: events_pb2.CheckpointEvent) -> None:
-        if ev.checkpoint_id != current():
-            reload(ev.path, ev.checkpoint_id)
+        if ev.checkpoint_id != server.servicer.loaded.checkpoint:
+            fresh = argparse.Namespace(**{**vars(args), "model_dir": ev.path, "checkpoint": ev.checkpoint_id})
+            server.servicer.swap(load(fresh))
 
     group = f"{service}-{socket.gethostname()}-{os.getpid()}"
-    return CheckpointListener(bootstrap, group, on_checkpoint, **listener_kw).start(wait_s=None)
+    return CheckpointListener(args.kafka_bootstrap, group, on_checkpoint, **listener_kw).start(wait_s=None)

@@ -62,22 +62,6 @@ def load(args):
                         path=str(path), backend="local", dtype=str(lm.model.dtype).replace("torch.", ""), lm=lm)
 
 
-def follow(args, server, **listener_kw):
-    """Reload the model when the trainer promotes a checkpoint (issue 4's rollout)."""
-    import argparse
-
-    from alphamath.events import follow_checkpoints
-
-    if not args.kafka_bootstrap or getattr(args, "backend", "local") != "local":
-        return None
-
-    def reload(path: str, checkpoint: str) -> None:
-        server.servicer.swap(load(argparse.Namespace(**{**vars(args), "model_dir": path, "checkpoint": checkpoint})))
-
-    return follow_checkpoints(args.kafka_bootstrap, "policy", lambda: server.servicer.loaded.checkpoint, reload,
-                              **listener_kw)
-
-
 def main(argv=None) -> int:
     args = parse_config(build_parser(), argv)
     setup_logging("policy", args.log_level)
@@ -91,7 +75,9 @@ def main(argv=None) -> int:
     log.info("policy_svc serving", extra={"grpc_port": server.port, "metrics_port": server.metrics_port,
                                           "http_port": server.http_port, "backend": loaded.backend,
                                           "checkpoint": loaded.checkpoint})
-    listener = follow(args, server)
+    from alphamath.events import follow_checkpoints
+
+    listener = follow_checkpoints(args, server, load, "policy")
     run_until_signal(lambda: (listener and listener.stop(), server.stop()), log)
     return 0
 

@@ -117,7 +117,7 @@ def main(argv):
         os.dup2(real_stdout if last else devnull, 1)
         try:
             code = compile(source, "<cell %d>" % index, "exec")
-            exec(code, namespace)
+            exec(code, namespace)  # inside the gVisor sandbox: this is where model code runs
         except SystemExit:
             cell_error = None
         except BaseException as exc:  # report, never propagate: the host wants the last line

@@ -57,7 +57,9 @@ def _serve(kind, model_dir, bootstrap, topic):
     server_cls = getattr(importlib.import_module(f"{kind}_svc.server"), f"{kind.capitalize()}Server")
     kw = {"http_port": -1} if kind == "policy" else {}
     server = server_cls(main.load(args), host="127.0.0.1", port=0, **kw)
-    listener = main.follow(args, server, topic=topic, consumer_config=FAST_GROUP)
+    from alphamath.events import follow_checkpoints
+
+    listener = follow_checkpoints(args, server, main.load, kind, topic=topic, consumer_config=FAST_GROUP)
     return server, listener
 
 
