@@ -325,18 +325,21 @@ def test_sandbox_isolation(rendered, overlay):
         assert set(v) <= {"name", "emptyDir"}, f"sandbox mounts more than scratch space: {v}"
 
     labels = dep["spec"]["template"]["metadata"]["labels"]
-    search_labels = by_kind(docs, "Deployment")["alphamath-search"]["spec"]["template"]["metadata"]["labels"]
     policies = [p for p in by_kind(docs, "NetworkPolicy").values()
                 if _selects(p["spec"]["podSelector"], labels)]
     assert len(policies) == 1
     (np,) = policies
     assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     assert np["spec"].get("egress", []) == [], "sandbox must have no egress at all"
+    # Ingress: exactly the sandbox's two clients, search_svc and the promotion job (which
+    # evaluates candidates in-process), on the gRPC port; no other pod the manifests create.
     (rule,) = np["spec"]["ingress"]
-    (peer,) = rule["from"]
-    assert set(peer) == {"podSelector"}, "only pods in the namespace, no ipBlock/namespaceSelector"
-    assert _selects(peer["podSelector"], search_labels)
-    assert not _selects(peer["podSelector"], labels)
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, "only pods in the namespace, no ipBlock/namespaceSelector"
+        assert not _selects(peer["podSelector"], labels)
+    admitted = {f"{w['kind']}/{w['metadata']['name']}" for w, tpl, _ in pod_templates(docs)
+                if any(_selects(p["podSelector"], tpl["metadata"].get("labels", {})) for p in rule["from"])}
+    assert admitted == {"Deployment/alphamath-search", "CronJob/alphamath-promote"}
     assert rule["ports"] == [{"protocol": "TCP", "port": PORTS["sandbox"][0]}]
 
 
@@ -530,6 +533,23 @@ def test_training_and_promotion_jobs(rendered, overlay):
     # The rollout code accepts this configuration as the job will see it.
     cfg = rollout.RolloutConfig.from_env({k: v.get("value", "alphamath") for k, v in env.items()})
     assert cfg.deployments == tuple(targets)
+    # Its code cells run on the sandbox Service (its own pod cannot start gVisor or bwrap), which
+    # admits it (test_sandbox_isolation); no NetworkPolicy stops its egress there.
+    from alphamath.service import parse_config
+    from trainer_svc.promote import build_parser
+
+    args = parse_config(build_parser(), [], {k: v["value"] for k, v in env.items() if "value" in v})
+    host, port = args.sandbox_addr.split(":")
+    assert (host, int(port)) == ("alphamath-sandbox", PORTS["sandbox"][0])
+    svc_ports = {p["port"] for p in by_kind(docs, "Service")[host]["spec"]["ports"]}
+    assert int(port) in svc_ports
+    promote_labels = promote["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    for np in by_kind(docs, "NetworkPolicy").values():
+        if _selects(np["spec"]["podSelector"], promote_labels) and "Egress" in np["spec"]["policyTypes"]:
+            sandbox_labels = by_kind(docs, "Deployment")["alphamath-sandbox"]["spec"]["template"]["metadata"]["labels"]
+            assert any(("to" not in r or any(_selects(p.get("podSelector", {}), sandbox_labels) for p in r["to"]))
+                       and ("ports" not in r or any(p.get("port") == int(port) for p in r["ports"]))
+                       for r in np["spec"].get("egress", [])), f"{np['metadata']['name']} blocks the sandbox"
 
     # Least privilege: get + patch on exactly the rolled Deployments, bound to the job's SA only.
     sa = pod["serviceAccountName"]

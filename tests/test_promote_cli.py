@@ -1,14 +1,24 @@
 """The promotion job (`python -m trainer_svc.promote`): which candidate it judges, and the order of
 rollout, announcement and promotion. Real store (SQLite), the real rollout code against the fake
 AppsV1Api of test_rollout, a recording publisher; evaluations come from the store's cache (the
-model-level evaluation is covered by test_round)."""
+model-level evaluation is covered by test_round), except where the test is about the sandbox the
+evaluation's code cells run in (a real SandboxServer on loopback, scripted policy, no model)."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from alphamath.data import load_problems
+from alphamath.interfaces import ExecResult
+from alphamath.runtime import Engine
+from alphamath.steps import STEP_OPEN
+from sandbox_svc.executor import Limits
+from sandbox_svc.server import SandboxServer
+from search_svc.clients import RemoteSandbox
+from tests.fakes import ConstValue, sample
 from tests.test_rollout import FakeAppsApi, deployment
 from trainer_svc import rollout as ro
 from trainer_svc.promote import VERDICT, EvalConfig, eval_fingerprint, main, promote_next
@@ -167,3 +177,117 @@ def test_cli_failed_rollout_exits_nonzero_and_leaves_the_candidate(store, proble
     assert main([]) == 0 and "nothing to promote" in capsys.readouterr().out
     assert main(["--eval-data", str(data.with_name("missing.jsonl"))]) == 2
     assert main(["--eval-k", "0"]) == 2
+
+
+# ---- --sandbox-addr: code cells on the sandbox service ----------------------------------------------
+class RecordingExecutor:
+    """The sandbox server's executor: records the cells it is asked to run and answers a fixed
+    table (no code is executed in the test process)."""
+
+    limits = Limits(timeout_s=5.0)
+    OUTPUTS = {"print(3 + 2)": "5\n"}
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def execute(self, cells):
+        self.calls.append(list(cells))
+        return ExecResult(stdout=self.OUTPUTS.get(cells[-1], ""), duration_s=0.001)
+
+
+class CodeThenAnswerPolicy:
+    """Writes one code step, then answers with what the code printed: the answer is right only if
+    the sandbox's output reached the state. With `uses_code=False` it answers 4 at once (a worse
+    candidate, so the gate rejects it and nothing is published)."""
+
+    CODE = "Add the apples.\n<code>\nprint(3 + 2)\n</code>"
+
+    def __init__(self, uses_code: bool = True):
+        self.uses_code = uses_code
+
+    def render_prompt(self, question):
+        return f"Q: {question}\n{STEP_OPEN}"
+
+    def generate(self, prompts, n, *, stop, temperature, top_p=1.0, max_new_tokens=256, seed=None):
+        out = []
+        for p in prompts:
+            outputs = re.findall(r"<output>\n?(.*?)\n?</output>", p, re.S)
+            if not self.uses_code:
+                text = "So the answer is \\boxed{4}.</step>"
+            elif not outputs:
+                text = self.CODE
+            else:
+                text = f"So the answer is \\boxed{{{outputs[-1].strip()}}}.</step>"
+            out.append([sample(text, prior=0.9)] * n)
+        return out
+
+
+def test_cli_sandbox_addr_runs_code_cells_on_the_sandbox_service(store, problems, monkeypatch, capsys):
+    import trainer_svc.promote as promote
+
+    data, _ = problems
+    store.add_checkpoint("embedded", "/checkpoints/embedded", 0, promoted=True)  # not yet evaluated
+    store.add_checkpoint("round-1-abc", "/checkpoints/round-1-abc", 1, parent="embedded")
+    executor = RecordingExecutor()
+    server = SandboxServer(executor, port=0, max_concurrency=2)
+    loaded: list[tuple[str, object]] = []
+
+    def load_engine(path, dtype, device, sandbox):
+        """Stands in for alphamath.runtime.load_engine: no model; the sandbox is what main passes."""
+        assert sandbox is not None, "main must pass the remote sandbox, not fall back to a local executor"
+        loaded.append((path, sandbox))
+        policy = CodeThenAnswerPolicy(uses_code=path.endswith("embedded"))
+        return Engine(policy, ConstValue(0.1), sandbox, None, Path(path))
+
+    monkeypatch.setattr(promote, "load_engine", load_engine)
+    monkeypatch.delenv("ALPHAMATH_ROLLOUT_DEPLOYMENTS", raising=False)
+    for k, v in {"ALPHAMATH_DB_URL": store.url, "ALPHAMATH_EVAL_DATA": str(data), "ALPHAMATH_EVAL_K": "1",
+                 "ALPHAMATH_KAFKA_BOOTSTRAP": "127.0.0.1:1",  # never reached: the candidate is rejected
+                 "ALPHAMATH_SANDBOX_ADDR": f"127.0.0.1:{server.port}"}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        assert main([]) == 0
+    finally:
+        server.stop(0)
+    assert "outcome: rejected (round-1-abc)" in capsys.readouterr().out
+    # Both evaluations got the one remote sandbox, connected to the address from the environment.
+    assert [p for p, _ in loaded] == ["/checkpoints/embedded", "/checkpoints/round-1-abc"]
+    (sandbox,) = {id(s): s for _, s in loaded}.values()
+    assert isinstance(sandbox, RemoteSandbox) and sandbox.ep.addr == f"127.0.0.1:{server.port}"
+    # The current checkpoint's code cell ran on the server (greedy once, SBS per beam), and its
+    # output came back into the states: the answers built from it are right.
+    assert executor.calls and all(c == ["print(3 + 2)"] for c in executor.calls)
+    assert sandbox.scope.calls["sandbox"] == len(executor.calls)
+    current, cand = store.checkpoint("embedded").metrics, store.checkpoint("round-1-abc").metrics
+    assert current["greedy_acc"] == 1.0 and current["sbs_acc"] == 1.0
+    assert cand["greedy_acc"] == 0.0 and cand[VERDICT] == "rejected"
+
+
+
+def test_cli_sandbox_choice(store, problems, monkeypatch, capsys):
+    """No address: load_engine gets no sandbox (it builds the local Executor, as before); the flag
+    wins over the environment; a malformed address is a usage error before anything loads."""
+    import trainer_svc.promote as promote
+
+    data, _ = problems
+    store.add_checkpoint("embedded", "/checkpoints/embedded", 0, promoted=True)  # needs an evaluation
+    store.add_checkpoint("round-1-abc", "/checkpoints/round-1-abc", 1, parent="embedded")
+    given = []
+
+    def load_engine(path, dtype, device, sandbox):
+        given.append(sandbox)
+        raise RuntimeError("stop after choosing the sandbox")
+
+    monkeypatch.setattr(promote, "load_engine", load_engine)
+    for k, v in {"ALPHAMATH_DB_URL": store.url, "ALPHAMATH_EVAL_DATA": str(data), "ALPHAMATH_EVAL_K": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("ALPHAMATH_SANDBOX_ADDR", raising=False)
+    monkeypatch.delenv("ALPHAMATH_PROMOTE_SANDBOX_ADDR", raising=False)
+    assert main([]) == 2 and given == [None]
+    monkeypatch.setenv("ALPHAMATH_SANDBOX_ADDR", "alphamath-sandbox:50054")
+    assert main(["--sandbox-addr", "127.0.0.1:1"]) == 2
+    assert isinstance(given[-1], RemoteSandbox) and given[-1].ep.addr == "127.0.0.1:1"
+    assert main([]) == 2 and given[-1].ep.addr == "alphamath-sandbox:50054"
+    assert "stop after choosing the sandbox" in capsys.readouterr().err
+    assert main(["--sandbox-addr", "alphamath-sandbox"]) == 2 and len(given) == 3
+    assert "--sandbox-addr must be HOST:PORT" in capsys.readouterr().err

@@ -17,10 +17,15 @@ Each step is idempotent, so a promotion interrupted between them is finished by 
 (the evaluations are cached per evaluation set, the rollout of a served checkpoint is a no-op).
 
     python -m trainer_svc.promote [--eval-data FILE --eval-k K --threshold T --device cuda]
+                                  [--sandbox-addr HOST:PORT]
 
 is the promotion CronJob: it judges the newest candidate trained from the current checkpoint that
 has no verdict yet, and exits 0 when there is none, when it is rejected and when it is promoted;
 1 when the rollout failed (the candidate stays unpromoted; the next run retries it).
+
+Code cells of the evaluation searches run on the sandbox service when --sandbox-addr (env
+ALPHAMATH_SANDBOX_ADDR) is set, as in Kubernetes, where the promotion pod (no capabilities,
+seccomp RuntimeDefault) can start neither gVisor nor bwrap; otherwise in a local Executor.
 """
 from __future__ import annotations
 
@@ -211,6 +216,27 @@ def promote_next(store, problems: Sequence, cfg: EvalConfig | None = None, *, th
     return Promotion("promoted", current.id, cand.id, decision, results)
 
 
+# Evaluation runs for up to hours with no request deadline: a sandbox pod being replaced (rollout,
+# HPA scale-down) must be waited out, not fail the whole promotion run.
+SANDBOX_RETRY = {"call_timeout_s": 60.0, "retry_budget_s": 120.0}
+
+
+def connect_sandbox(addr: str):
+    """(sandbox, channel): the Sandbox protocol over the sandbox service at `addr`, the gRPC client
+    search_svc uses, under one long-lived CallScope (no deadline). Retry limits: SANDBOX_RETRY,
+    overridden by ALPHAMATH_DEP_RETRY_BUDGET_S / ALPHAMATH_DEP_CALL_TIMEOUT_S. The caller closes
+    the channel."""
+    import grpc
+
+    from search_svc.clients import CHANNEL_OPTIONS, CallScope, RemoteSandbox, RetryPolicy, _Endpoint
+
+    if not addr or ":" not in addr:
+        raise ValueError(f"--sandbox-addr must be HOST:PORT, got {addr!r}")
+    channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    ep = _Endpoint("sandbox", addr, channel, RetryPolicy.from_env(**SANDBOX_RETRY))
+    return RemoteSandbox(ep, CallScope()), channel
+
+
 def build_parser():
     import argparse
 
@@ -232,6 +258,8 @@ def build_parser():
                    help="where the CheckpointEvent goes")
     p.add_argument("--dtype", default=None, help="bf16 | fp32 (default: bf16 on CUDA or where the CPU is fast)")
     p.add_argument("--device", default="cpu", help="torch device: cpu | cuda | cuda:N")
+    p.add_argument("--sandbox-addr", default=None,
+                   help="HOST:PORT of the sandbox service that runs the code cells (default: a local executor)")
     return p
 
 
@@ -256,13 +284,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    channel = sandbox = None
+    if a.sandbox_addr:
+        try:
+            sandbox, channel = connect_sandbox(a.sandbox_addr)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     store = Store(a.db_url, a.db_schema)
-    sandbox = None
 
     def engine_factory(path: str):
         nonlocal sandbox
         engine = load_engine(path, a.dtype, a.device, sandbox)
-        sandbox = engine.sandbox  # one sandbox (pool) for both evaluations
+        sandbox = engine.sandbox  # one sandbox (pool or remote) for both evaluations
         return engine
     try:
         res = promote_next(store, problems, cfg, threshold=a.threshold, engine_factory=engine_factory,
@@ -276,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if sandbox is not None and hasattr(sandbox, "close"):
             sandbox.close()
+        if channel is not None:
+            channel.close()
         store.close()
     print(f"outcome: {res.outcome}" + (f" ({res.candidate})" if res.candidate else ""), flush=True)
     return 0
