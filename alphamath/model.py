@@ -155,25 +155,26 @@ class ValueHeadModel(nn.Module):
         has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))
         if not (directory / "config.json").is_file() or not has_weights:
             raise FileNotFoundError(f"model dir {directory} has no config.json/weights")
-        torch_dtype = default_dtype(dtype, device)
-        with _LOAD_LOCK:  # transformers' meta-device init is not thread-safe (concurrent reloads)
+        with _LOAD_LOCK:  # transformers builds modules on the meta device process-wide while loading:
+            # a module made meanwhile in another thread (a concurrent reload) would get no data
+            torch_dtype = default_dtype(dtype, device)
             lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).to(device)
-        lm.eval()
-        tokenizer = None
-        if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-        head = None
-        head_path = directory / VALUE_HEAD_FILE
-        if head_path.is_file():
-            state = load_file(str(head_path))
-            head = nn.Linear(lm.config.hidden_size, 1)
-            try:
-                head.load_state_dict(state)
-            except RuntimeError as e:
-                raise ValueError(f"{head_path} does not fit hidden size {lm.config.hidden_size}: {e}") from e
-        model = cls(lm, tokenizer, head)
-        model.eval()
-        return model
+            lm.eval()
+            tokenizer = None
+            if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+            head = None
+            head_path = directory / VALUE_HEAD_FILE
+            if head_path.is_file():
+                state = load_file(str(head_path))
+                head = nn.Linear(lm.config.hidden_size, 1)
+                try:
+                    head.load_state_dict(state)
+                except RuntimeError as e:
+                    raise ValueError(f"{head_path} does not fit hidden size {lm.config.hidden_size}: {e}") from e
+            model = cls(lm, tokenizer, head)
+            model.eval()
+            return model
 
 
 _LOAD_LOCK = threading.Lock()
