@@ -75,6 +75,7 @@ class LocalStack:
         self.ports = ports or Ports.standard()
         self.model_dir = Path(model_dir) if model_dir else None
         self.host, self.extra_env, self.services = host, dict(env or {}), services
+        self._procs: dict[str, subprocess.Popen] = {}  # the processes this instance started
 
     # -- files ------------------------------------------------------------------------------
     def pidfile(self, service: str) -> Path:
@@ -89,12 +90,19 @@ class LocalStack:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _alive(self, service: str, pid: int) -> bool:
+        """A process this instance started is judged by its Popen handle; others by /proc."""
+        proc = self._procs.get(service)
+        if proc is not None and proc.pid == pid:
+            return proc.poll() is None
+        return _pid_alive_as(pid, MODULES[service])
+
     def running(self) -> dict[str, int]:
         """Services whose pid file names a live process of that service."""
         out = {}
         for s in SERVICES:
             pid = self._read_pid(s)
-            if pid is not None and _pid_alive_as(pid, MODULES[s]):
+            if pid is not None and self._alive(s, pid):
                 out[s] = pid
         return out
 
@@ -135,6 +143,7 @@ class LocalStack:
                                         start_new_session=True)
             finally:
                 log.close()
+            self._procs[service] = proc
             self.pidfile(service).write_text(json.dumps({"pid": proc.pid, "module": MODULES[service],
                                                          "port": self.ports.grpc[service]}))
             print(f"{service:8s} started (pid {proc.pid}, {self.ports.addr(service, self.host)}, "
@@ -151,7 +160,7 @@ class LocalStack:
         while pending:
             for service in list(pending):
                 pid = self._read_pid(service)
-                if pid is None or not _pid_alive_as(pid, MODULES[service]):
+                if pid is None or not self._alive(service, pid):
                     raise StackError(f"{service} exited during start-up; last lines of {self.logfile(service)}:\n"
                                      + self.log_tail(service))
                 status = health({service: self.ports.addr(service, self.host)}, timeout_s=1.0)[service]
@@ -178,16 +187,16 @@ class LocalStack:
             pid = self._read_pid(service)
             if pid is None:
                 continue
-            if _pid_alive_as(pid, MODULES[service]):
+            if self._alive(service, pid):
                 os.kill(pid, signal.SIGTERM)
                 targets[service] = pid
             else:
                 self.pidfile(service).unlink(missing_ok=True)  # stale: the process is gone already
         deadline = time.monotonic() + timeout_s
         for service, pid in targets.items():
-            while _pid_alive_as(pid, MODULES[service]) and time.monotonic() < deadline:
+            while self._alive(service, pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _pid_alive_as(pid, MODULES[service]):
+            if self._alive(service, pid):
                 print(f"{service:8s} did not exit in {timeout_s:.0f} s; killing it", file=sys.stderr)
                 try:
                     os.killpg(pid, signal.SIGKILL)  # its own session: the service and its children
