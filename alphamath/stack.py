@@ -52,6 +52,20 @@ class Ports:
         return f"{host}:{self.grpc[service]}"
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (for tests and benchmarks that start their own stack)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _pid_alive_as(pid: int, module: str) -> bool:
     """True if `pid` is running `python -m module` (not a recycled pid of something else)."""
     try:

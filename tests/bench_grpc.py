@@ -16,7 +16,6 @@ concurrency 1, and throughput at 16 is at least 3x that at 1 (cross-request batc
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import time
@@ -28,17 +27,6 @@ DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
 METHOD = "sbs"
 PARAMS = dict(beam_b1=1, beam_b2=3, max_new_tokens=64, max_depth=4)
 PROBLEMS = {1: 4, 4: 8, 16: 16}  # problems solved at each concurrency
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class InProcess:
@@ -86,7 +74,7 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
     callable `report(name, value)` or a dict (figures are stored under their names)."""
     from alphamath.data import load_problems
     from alphamath.model import embedded_checkpoint
-    from alphamath.stack import SERVICES, LocalStack, Ports
+    from alphamath.stack import SERVICES, LocalStack, Ports, free_ports
 
     counts = {c: max(1, round(n * scale)) for c, n in PROBLEMS.items()}
     problems = load_problems(DATA, max(counts.values()))
@@ -94,7 +82,7 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
     out: dict[str, float] = {}
 
     inproc = InProcess(model_dir)
-    p = _free_ports(2 * len(SERVICES) + 1)
+    p = free_ports(2 * len(SERVICES) + 1)
     ports = Ports(dict(zip(SERVICES, p[:4])), dict(zip(SERVICES, p[4:8])), http=p[8])
     with tempfile.TemporaryDirectory(prefix="alphamath-bench-") as var:
         stack = LocalStack(var, ports=ports, model_dir=model_dir,

@@ -14,6 +14,7 @@ import pytest
 from alphamath.broker import create_topics, start_broker
 from alphamath.steps import Step
 from alphamath.tree import Tree
+from search_svc.mcts import backup
 
 PG_URL = os.environ.get("ALPHAMATH_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 # Fast group membership in tests: joins take ~session/2 and a killed member is evicted after it.
@@ -75,19 +76,13 @@ def make_tree(qid: str = "q1", truth: str = "4", answers=("4", "5"), code_error_
     for a in answers:
         leaf = t.add_child(code.id, answer_step(a), prior=0.4, token_count=5)
         leaf.terminal_reason, leaf.correct = "answer", a == truth
-        _backup(t, leaf.id, 1.0 if leaf.correct else -1.0)
+        backup(t, leaf.id, 1.0 if leaf.correct else -1.0)
     if code_error_path:
         bad = t.add_child(0, Step("Try.", "code", code="1/0", output="ZeroDivisionError", code_error=True), 0.3)
         leaf = t.add_child(bad.id, answer_step("5"), prior=0.2)
         leaf.terminal_reason, leaf.correct = "answer", False
-        _backup(t, leaf.id, -1.0)
+        backup(t, leaf.id, -1.0)
     t.meta.update(method="mcts", config={"iterations": 4})
     return t
 
 
-def _backup(t: Tree, node_id: int, v: float) -> None:
-    while node_id is not None:
-        n = t.nodes[node_id]
-        n.N += 1
-        n.W += v
-        node_id = n.parent

@@ -5,7 +5,8 @@ import pytest
 
 from alphamath.steps import Step
 from alphamath.tree import Tree
-from tests.pipeline import _backup, answer_step, make_tree
+from search_svc.mcts import backup
+from tests.pipeline import answer_step, make_tree
 from trainer_svc.examples import Example, extract_examples, tree_hash
 
 
@@ -24,10 +25,10 @@ def test_paths_are_labelled_and_carry_each_steps_q():
 def test_unfinished_leaves_and_failed_terminals():
     t = make_tree(answers=("4",))
     open_leaf = t.add_child(0, Step("Think.", "text"), prior=0.1)  # never expanded: no label
-    _backup(t, open_leaf.id, 0.2)
+    backup(t, open_leaf.id, 0.2)
     bad = t.add_child(0, Step("garbage", "malformed"), prior=0.1)
     bad.terminal_reason = "malformed"
-    _backup(t, bad.id, -1.0)
+    backup(t, bad.id, -1.0)
     exs = extract_examples(t)
     assert sorted((e.steps[-1][:7], e.correct) for e in exs) == [("So the ", True), ("garbage", False)]
 
@@ -40,7 +41,7 @@ def test_all_code_failed_paths_are_dropped_but_partial_failures_kept():
     ok = t.add_child(fail.id, Step("Fix.", "code", code="print(4)", output="4"), 0.2)
     leaf = t.add_child(ok.id, answer_step("4"), 0.2)
     leaf.terminal_reason, leaf.correct = "answer", True
-    _backup(t, leaf.id, 1.0)
+    backup(t, leaf.id, 1.0)
     assert [e.correct for e in extract_examples(t)] == [True, True]
 
 
@@ -52,7 +53,7 @@ def test_at_most_four_correct_and_four_wrong_duplicates_removed_and_reproducible
         for a in ("4", "4b"):
             leaf = t.add_child(s.id, answer_step(a), 0.1)
             leaf.terminal_reason, leaf.correct = "answer", a == "4"
-            _backup(t, leaf.id, 1.0 if leaf.correct else -1.0)
+            backup(t, leaf.id, 1.0 if leaf.correct else -1.0)
     exs = extract_examples(t)
     correct = [e for e in exs if e.correct]
     wrong = [e for e in exs if not e.correct]

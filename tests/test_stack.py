@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,24 +13,13 @@ import grpc
 import pytest
 
 from alphamath import client
-from alphamath.stack import SERVICES, LocalStack, Ports, _pid_alive_as
+from alphamath.stack import SERVICES, LocalStack, Ports, _pid_alive_as, free_ports
 
 # The tiny random model writes no well-formed steps, so keep paths short and searches small.
 PARAMS = {"greedy": dict(max_new_tokens=24, max_depth=3),
           "sbs": dict(beam_b1=2, beam_b2=2, max_new_tokens=24, max_depth=3),
           "mcts": dict(iterations=3, n_children=2, max_new_tokens=24, max_depth=3),
           "majority": dict(majority_k=2, max_new_tokens=24, max_depth=3)}
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="module")
