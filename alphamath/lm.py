@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from alphamath.interfaces import Sample, Usage
 from alphamath.model import ValueHeadModel
@@ -52,6 +53,47 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
 def _slice_kv(kv: KV, start: int, stop: int | None = None, copy: bool = False) -> KV:
     out = [(k[:, start:stop], v[:, start:stop]) for k, v in kv]
     return [(k.clone(), v.clone()) for k, v in out] if copy else out
+
+
+class _RoomyLayer(DynamicLayer):
+    """A cache layer with room for `room` more tokens, written in place.
+
+    transformers' DynamicLayer `torch.cat`s the whole cache on every decoded token; on CPU that
+    re-allocation was ~45% of decode time. Here `keys`/`values` are views of preallocated buffers.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        B, H, L, D = keys.shape
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._k = keys.new_empty(B, H, L + room, D)
+        self._v = values.new_empty(B, H, L + room, D)
+        self._k[:, :, :L], self._v[:, :, :L] = keys, values
+        self._set(L)
+
+    def _set(self, n: int) -> None:
+        self.n = n
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        n, m = self.n, key_states.shape[-2]
+        if n + m > self._k.shape[2]:  # out of room: double it (never on the decode path)
+            grow = max(n + m, 2 * self._k.shape[2]) - self._k.shape[2]
+            pad = self._k.new_zeros(*self._k.shape[:2], grow, self._k.shape[3])
+            self._k, self._v = torch.cat([self._k, pad], 2), torch.cat([self._v, pad], 2)
+        self._k[:, :, n:n + m], self._v[:, :, n:n + m] = key_states, value_states
+        self._set(n + m)
+        return self.keys, self.values
+
+    def select(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Keep batch `rows` and KV columns `cols` (a bool mask over the filled columns), keeping the room."""
+        n = int(cols.sum())
+        room = self._k.shape[2] - self.n
+        keep_k, keep_v = self.keys[rows][:, :, cols], self.values[rows][:, :, cols]
+        self._k = keep_k.new_empty(*keep_k.shape[:2], n + room, keep_k.shape[3])
+        self._v = torch.empty_like(self._k)
+        self._k[:, :, :n], self._v[:, :, :n] = keep_k, keep_v
+        self._set(n)
 
 
 class PrefixCache:
@@ -385,28 +427,32 @@ class LocalLM:
     @staticmethod
     def _pick(logits: torch.Tensor, rows: list[_Decoding], temperature: float, top_p: float) -> tuple[list[int], list[float]]:
         """Next token of each row (greedy, or sampled with the row's own generator) and its raw log-prob."""
-        logprobs = torch.log_softmax(logits, dim=-1)
         if temperature == 0:
-            toks = torch.argmax(logits, dim=-1).tolist()
+            toks = torch.argmax(logits, dim=-1)
         else:
             probs = torch.softmax(logits / temperature, dim=-1)
             if top_p < 1.0:
                 sorted_p, order = torch.sort(probs, dim=-1, descending=True)
                 drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p  # never drops the top token
                 probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-            # Exponential-race sampling: argmax(p / E), E ~ Exp(1), draws from p like multinomial
-            # but is several times cheaper per row on CPU.
-            toks = [int(torch.argmax(probs[b] / torch.empty_like(probs[b]).exponential_(generator=r.generator)))
-                    for b, r in enumerate(rows)]
-        picked = logprobs[torch.arange(len(toks)), torch.tensor(toks)].tolist()
-        return toks, picked
+            # Inverse-CDF sampling: one uniform per row from the row's own generator (so a sample does
+            # not depend on its batch-mates), then one batched search of the cumulative distribution.
+            cdf = torch.cumsum(probs, dim=-1)
+            u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
+            toks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+            toks = toks.clamp_(max=logits.shape[-1] - 1)
+        picked = logits.gather(1, toks.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        return toks.tolist(), picked.tolist()
 
-    def _finished(self, s: _Decoding, tok: int, stop: Sequence[str], max_new_tokens: int) -> bool:
+    def _finished(self, s: _Decoding, tok: int, stop: Sequence[str], max_new_tokens: int, window: int) -> bool:
+        """Has sample `s` just ended? Only the last `window` tokens are decoded to look for a stop string
+        (re-decoding the whole text every token was quadratic); the full text is decoded once, at the end."""
         if tok in self.eos_ids:
             s.text = self.tokenizer.decode(s.tokens[:-1], skip_special_tokens=True)
             s.finish = "eos"
             return True
-        if not stop and len(s.tokens) < max_new_tokens:
+        tail = self.tokenizer.decode(s.tokens[-window:], skip_special_tokens=True) if stop else ""
+        if len(s.tokens) < max_new_tokens and not any(st in tail for st in stop):
             return False
         s.text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
         hits = [(i, st) for st in stop if (i := s.text.find(st)) >= 0]
@@ -421,16 +467,18 @@ class LocalLM:
     def _decode(self, rows: list[_Row], samples: list[_Decoding], stop, temperature, top_p, max_new_tokens) -> None:
         """Token-by-token decoding of all samples in one batch; finished rows leave the batch.
 
-        Each row's KV starts as its prompt's (left-padded to the longest prompt). When a sample
-        finishes, the KV of everything fed through the model (prompt + all tokens but the last) is
-        stored in the prefix cache, so scoring the child state only computes what follows.
+        Each row's KV starts as its prompt's (left-padded to the longest prompt) in buffers with room
+        for max_new_tokens more, so a step writes one column instead of copying the cache. When a
+        sample finishes, the KV of everything fed through the model (prompt + all tokens but the last)
+        is stored in the prefix cache, so scoring the child state only computes what follows.
         """
         dev = self.device
         lens = [len(r.tokens) for r in rows]
         L = max(lens)
         B = len(samples)
+        room = max_new_tokens
         owner = torch.tensor([s.prompt for s in samples], device=dev)
-        keys_layers = []
+        layers = []
         for layer in range(len(rows[0].kv)):
             k0 = rows[0].kv[layer][0]
             keys = k0.new_zeros(len(rows), k0.shape[0], L, k0.shape[2])
@@ -438,15 +486,17 @@ class LocalLM:
             for i, r in enumerate(rows):
                 keys[i, :, L - lens[i]:] = r.kv[layer][0]
                 vals[i, :, L - lens[i]:] = r.kv[layer][1]
-            keys_layers.append((keys[owner], vals[owner]))
-        mask = torch.zeros(B, L, dtype=torch.long, device=dev)
-        head_values = torch.zeros(B, L, device=dev)
-        for b, s in enumerate(samples):
-            mask[b, L - lens[s.prompt]:] = 1
-            head_values[b, L - lens[s.prompt]:] = rows[s.prompt].values
+            layers.append(_RoomyLayer(keys[owner], vals[owner], room))
         cache = DynamicCache()
-        for layer, (k, v) in enumerate(keys_layers):
-            cache.update(k, v, layer)
+        cache.layers = layers
+        # mask and value-head outputs per KV column, with the same room
+        mask = torch.zeros(B, L + room, dtype=torch.long, device=dev)
+        head_values = torch.zeros(B, L + room, device=dev)
+        for b, s in enumerate(samples):
+            mask[b, L - lens[s.prompt]:L] = 1
+            head_values[b, L - lens[s.prompt]:L] = rows[s.prompt].values
+        width = L  # filled columns
+        window = max((len(self.encode(st)) for st in stop), default=0) + 4
         logits = torch.stack([rows[s.prompt].last_logits for s in samples])
         active = list(range(B))  # index into samples for each batch row
         while True:
@@ -456,11 +506,11 @@ class LocalLM:
                 s = samples[si]
                 s.tokens.append(tok)
                 s.logprob += lp
-                if self._finished(s, tok, stop, max_new_tokens):
+                if self._finished(s, tok, stop, max_new_tokens, window):
                     fed = rows[s.prompt].tokens + s.tokens[:-1]
-                    cols = mask[b].bool()
-                    kv = [(k[b][:, cols], v[b][:, cols]) for k, v in _cache_layers(cache)]
-                    self.cache.insert(fed, kv, head_values[b][cols])
+                    cols = mask[b, :width].bool()
+                    kv = [(layer.keys[b][:, cols], layer.values[b][:, cols]) for layer in layers]
+                    self.cache.insert(fed, kv, head_values[b, :width][cols])
                 else:
                     keep.append(b)
                     next_tokens.append(tok)
@@ -468,18 +518,21 @@ class LocalLM:
                 return
             if len(keep) < len(active):
                 idx = torch.tensor(keep, device=dev)
-                mask, head_values = mask[idx], head_values[idx]
-                cols = mask.bool().any(0)  # drop columns that only finished rows used
-                mask, head_values = mask[:, cols], head_values[:, cols]
-                for layer in _cache_layers(cache, raw=True):
-                    layer.keys = layer.keys[idx][:, :, cols]
-                    layer.values = layer.values[idx][:, :, cols]
+                cols = mask[idx, :width].bool().any(0)  # drop columns that only finished rows used
+                for layer in layers:
+                    layer.select(idx, cols)
+                mask = torch.cat([mask[idx, :width][:, cols], mask.new_zeros(len(keep), room)], 1)
+                head_values = torch.cat([head_values[idx, :width][:, cols], head_values.new_zeros(len(keep), room)], 1)
+                width = int(cols.sum())
                 active = [active[b] for b in keep]
             pos = torch.tensor([[lens[samples[si].prompt] + len(samples[si].tokens) - 1] for si in active], device=dev)
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            mask[:, width] = 1
             ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
-            h, cache = self.model.hidden(ids, attention_mask=mask, past_key_values=cache, position_ids=pos, use_cache=True)
-            head_values = torch.cat([head_values, self.model.values_from_hidden(h)], dim=1)
+            h, cache = self.model.hidden(ids, attention_mask=mask[:, :width + 1], past_key_values=cache,
+                                         position_ids=pos, use_cache=True)
+            head_values[:, width] = self.model.values_from_hidden(h)[:, 0]
+            width += 1
+            room -= 1
             logits = self.model.lm_head(h[:, -1]).float()
             self.usage.decode_tokens += len(active)
 

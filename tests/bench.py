@@ -62,12 +62,16 @@ class Recorder:
 
 def naive_replay(model, tokenizer, calls) -> tuple[float, int]:
     """Seconds and tokens computed by the naive baseline for the same calls: every sample is its own
-    generate (prefill the whole prompt, then one cached forward per generated token, as HF generate
-    does) and every state a full forward. Returns (seconds, tokens computed)."""
+    generate (prefill the whole prompt, then one cached forward per generated token, each followed by
+    the LM head and a log-softmax over the vocabulary, as HF generate with logprobs does) and every
+    state a full forward read by the value head. Returns (seconds, tokens computed)."""
     import torch
 
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def next_token_logprobs(h):
+        return torch.log_softmax(model.lm_head(h[:, -1]).float(), dim=-1)
 
     computed, t0 = 0, time.perf_counter()
     with torch.inference_mode():
@@ -75,15 +79,17 @@ def naive_replay(model, tokenizer, calls) -> tuple[float, int]:
             for i, text in enumerate(texts):
                 prompt = ids(text)
                 if kind == "score":
-                    model.hidden(torch.tensor([prompt]))
+                    model.values_from_hidden(model.hidden(torch.tensor([prompt]))[0][:, -1])
                     computed += len(prompt)
                     continue
                 for sample in out[i]:
                     h, cache = model.hidden(torch.tensor([prompt]), use_cache=True)
+                    next_token_logprobs(h)
                     gen = (ids(sample.text) + [tokenizer.eos_token_id] * sample.token_count)[: sample.token_count]
                     for pos, tok in enumerate(gen[:-1]):
                         h, cache = model.hidden(torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
                                                 position_ids=torch.tensor([[len(prompt) + pos]]))
+                        next_token_logprobs(h)
                     computed += len(prompt) + max(len(gen) - 1, 0)
     return time.perf_counter() - t0, computed
 

@@ -324,3 +324,27 @@ def test_rows_finishing_at_different_steps_keep_exact_kv_and_logprobs(lm):
             _, cache = lm.model.hidden(torch.tensor([fed]), use_cache=True)
         torch.testing.assert_close(kv[0][0], cache.layers[0].keys[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(kv[-1][1], cache.layers[-1].values[0], atol=1e-5, rtol=1e-4)
+
+
+def test_sampler_draws_from_the_tempered_top_p_distribution():
+    """_pick's inverse-CDF sampler: frequencies match softmax(logits / T), top-p never picks a dropped
+    token, each row depends only on its own generator, and the logprob is the raw model's."""
+    from alphamath.lm import _Decoding
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2, 1)
+    def rows(seed):
+        return [_Decoding(0, k, torch.Generator().manual_seed(seed * 10 + k)) for k in range(2)]
+    draws = [LocalLM._pick(logits, rows(i), 1.0, 1.0)[0] for i in range(3000)]
+    freq = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=4).float() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
+    hot = torch.softmax(logits[0] / 0.5, -1)
+    draws = [LocalLM._pick(logits, rows(i), 0.5, 1.0)[0][0] for i in range(3000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    torch.testing.assert_close(freq, hot, atol=0.03, rtol=0)
+    picked = {LocalLM._pick(logits, rows(i), 1.0, 0.7)[0][0] for i in range(500)}
+    assert picked == {0, 1}  # 0.5 + 0.3 reaches top_p = 0.7: tokens 2 and 3 are dropped
+    a, lp = LocalLM._pick(logits, rows(7), 1.0, 1.0)
+    b, _ = LocalLM._pick(logits[:1], rows(7)[:1], 1.0, 1.0)
+    assert a[0] == b[0]  # row 0 does not depend on row 1
+    assert lp[0] == pytest.approx(float(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])[a[0]])), abs=1e-5)
+    assert LocalLM._pick(logits, rows(1), 0, 1.0)[0] == [0, 0]
