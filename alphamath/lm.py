@@ -465,76 +465,84 @@ class LocalLM:
         return s.finish is not None
 
     def _decode(self, rows: list[_Row], samples: list[_Decoding], stop, temperature, top_p, max_new_tokens) -> None:
-        """Token-by-token decoding of all samples in one batch; finished rows leave the batch.
+        """Token-by-token decoding of all samples in one batch.
 
-        Each row's KV starts as its prompt's (left-padded to the longest prompt) in buffers with room
+        Each sample's KV starts as its prompt's (left-padded to the longest prompt) in buffers with room
         for max_new_tokens more, so a step writes one column instead of copying the cache. When a
         sample finishes, the KV of everything fed through the model (prompt + all tokens but the last)
-        is stored in the prefix cache, so scoring the child state only computes what follows.
+        is stored in the prefix cache, so scoring the child state only computes what follows. A finished
+        row stays in the batch, ignored, until a quarter of the rows are finished: dropping rows copies
+        the whole cache, which costs more than carrying a few idle rows.
         """
         dev = self.device
         lens = [len(r.tokens) for r in rows]
-        L = max(lens)
-        B = len(samples)
-        room = max_new_tokens
-        owner = torch.tensor([s.prompt for s in samples], device=dev)
+        L, B, room = max(lens), len(samples), max_new_tokens
         layers = []
         for layer in range(len(rows[0].kv)):
             k0 = rows[0].kv[layer][0]
-            keys = k0.new_zeros(len(rows), k0.shape[0], L, k0.shape[2])
+            keys = k0.new_zeros(B, k0.shape[0], L, k0.shape[2])
             vals = torch.zeros_like(keys)
-            for i, r in enumerate(rows):
-                keys[i, :, L - lens[i]:] = r.kv[layer][0]
-                vals[i, :, L - lens[i]:] = r.kv[layer][1]
-            layers.append(_RoomyLayer(keys[owner], vals[owner], room))
+            for b, smp in enumerate(samples):
+                n = lens[smp.prompt]
+                keys[b, :, L - n:], vals[b, :, L - n:] = rows[smp.prompt].kv[layer]
+            layers.append(_RoomyLayer(keys, vals, room))
         cache = DynamicCache()
         cache.layers = layers
-        # mask and value-head outputs per KV column, with the same room
+        # per batch row: attention mask and value-head output of every KV column, with the same room
         mask = torch.zeros(B, L + room, dtype=torch.long, device=dev)
         head_values = torch.zeros(B, L + room, device=dev)
-        for b, s in enumerate(samples):
-            mask[b, L - lens[s.prompt]:L] = 1
-            head_values[b, L - lens[s.prompt]:L] = rows[s.prompt].values
+        for b, smp in enumerate(samples):
+            mask[b, L - lens[smp.prompt]:L] = 1
+            head_values[b, L - lens[smp.prompt]:L] = rows[smp.prompt].values
+        pos = torch.tensor([[lens[smp.prompt]] for smp in samples], device=dev)  # of the next fed token
         width = L  # filled columns
+        # With no padding (all samples of one prompt: every MCTS expansion) no mask is passed, so
+        # attention takes its unmasked path (no 4-D mask built).
+        padded = not bool(mask[:, :width].all())
         window = max((len(self.encode(st)) for st in stop), default=0) + 4
-        logits = torch.stack([rows[s.prompt].last_logits for s in samples])
-        active = list(range(B))  # index into samples for each batch row
+        logits = torch.stack([rows[smp.prompt].last_logits for smp in samples])
+        batch = list(range(B))  # batch row -> index into samples
+        alive = [True] * B
         while True:
-            next_tokens, keep = [], []
-            toks, lps = self._pick(logits, [samples[si] for si in active], temperature, top_p)
-            for b, (si, tok, lp) in enumerate(zip(active, toks, lps)):
-                s = samples[si]
-                s.tokens.append(tok)
-                s.logprob += lp
-                if self._finished(s, tok, stop, max_new_tokens, window):
-                    fed = rows[s.prompt].tokens + s.tokens[:-1]
+            live = [b for b in range(len(batch)) if alive[b]]  # rows of `logits`, in order
+            toks, lps = self._pick(logits, [samples[batch[b]] for b in live], temperature, top_p)
+            next_tokens = [0] * len(batch)  # finished rows are fed a dummy token
+            for b, tok, lp in zip(live, toks, lps):
+                smp = samples[batch[b]]
+                smp.tokens.append(tok)
+                smp.logprob += lp
+                if self._finished(smp, tok, stop, max_new_tokens, window):
+                    alive[b] = False
+                    fed = rows[smp.prompt].tokens + smp.tokens[:-1]
                     cols = mask[b, :width].bool()
                     kv = [(layer.keys[b][:, cols], layer.values[b][:, cols]) for layer in layers]
                     self.cache.insert(fed, kv, head_values[b, :width][cols])
                 else:
-                    keep.append(b)
-                    next_tokens.append(tok)
-            if not keep:
+                    next_tokens[b] = tok
+            n_alive = sum(alive)
+            if not n_alive:
                 return
-            if len(keep) < len(active):
+            if 4 * (len(batch) - n_alive) >= len(batch):  # compact: keep the live rows only
+                keep = [b for b in range(len(batch)) if alive[b]]
                 idx = torch.tensor(keep, device=dev)
                 cols = mask[idx, :width].bool().any(0)  # drop columns that only finished rows used
                 for layer in layers:
                     layer.select(idx, cols)
                 mask = torch.cat([mask[idx, :width][:, cols], mask.new_zeros(len(keep), room)], 1)
                 head_values = torch.cat([head_values[idx, :width][:, cols], head_values.new_zeros(len(keep), room)], 1)
-                width = int(cols.sum())
-                active = [active[b] for b in keep]
-            pos = torch.tensor([[lens[samples[si].prompt] + len(samples[si].tokens) - 1] for si in active], device=dev)
+                pos, width = pos[idx], int(cols.sum())
+                padded = not bool(mask[:, :width].all())
+                batch, alive, next_tokens = [batch[b] for b in keep], [True] * len(keep), [next_tokens[b] for b in keep]
             mask[:, width] = 1
             ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
-            h, cache = self.model.hidden(ids, attention_mask=mask[:, :width + 1], past_key_values=cache,
-                                         position_ids=pos, use_cache=True)
+            h, cache = self.model.hidden(ids, attention_mask=mask[:, :width + 1] if padded else None,
+                                         past_key_values=cache, position_ids=pos, use_cache=True)
             head_values[:, width] = self.model.values_from_hidden(h)[:, 0]
-            width += 1
-            room -= 1
-            logits = self.model.lm_head(h[:, -1]).float()
-            self.usage.decode_tokens += len(active)
+            width, room, pos = width + 1, room - 1, pos + 1
+            live_idx = [b for b in range(len(batch)) if alive[b]]
+            h_live = h[:, -1] if len(live_idx) == len(batch) else h[torch.tensor(live_idx, device=dev), -1]
+            logits = self.model.lm_head(h_live).float()
+            self.usage.decode_tokens += len(batch)
 
 
 def _cache_layers(cache: DynamicCache, raw: bool = False):

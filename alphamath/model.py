@@ -34,6 +34,42 @@ def _parse_dtype(value: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+GROUPED_SDPA = "alphamath_grouped_sdpa"
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Masked scaled-dot-product attention for grouped-query attention, without repeating K/V.
+
+    transformers' SDPA path copies every cached key and value `groups` times per layer whenever a mask
+    is passed (left-padded batches of many prompts): for 48 rows of SmolLM2 (9 query / 3 KV heads)
+    that copy dominated a decode step. Query heads h = g * groups + r share KV head g, so the queries
+    are folded into each KV head's query axis instead: q [B, H, S, D] -> [B, H/groups, groups * S, D],
+    the mask [B, 1, S, L] tiled to [B, 1, groups * S, L]; exact, and only queries move.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups == 1 or attention_mask is None:  # unmasked SDPA already shares KV heads (enable_gqa)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    B, H, S, D = query.shape
+    q = query.reshape(B, H // groups, groups * S, D)
+    mask = attention_mask[:, :, :, : key.shape[-2]]
+    if mask.shape[2] > 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.reshape(B, H, S, D).transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
+    AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+
+
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """True if the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16); otherwise bf16 is emulated and slow."""
     if cpuinfo is None:
@@ -158,7 +194,9 @@ class ValueHeadModel(nn.Module):
         with _LOAD_LOCK:  # transformers builds modules on the meta device process-wide while loading:
             # a module made meanwhile in another thread (a concurrent reload) would get no data
             torch_dtype = default_dtype(dtype, device)
-            lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).to(device)
+            _register_attention()
+            lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype,
+                                                      attn_implementation=GROUPED_SDPA).to(device)
             lm.eval()
             tokenizer = None
             if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():

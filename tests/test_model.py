@@ -126,3 +126,32 @@ def test_cpu_flags_parsing():
     assert cpu_has_fast_bf16("processor: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
     assert cpu_has_fast_bf16("flags : fpu amx_bf16 amx_tile\n")
     assert not cpu_has_fast_bf16("flags : fpu sse avx2 avx512f\n")
+
+
+def test_grouped_attention_equals_transformers_sdpa_on_padded_batches(model, tiny_model_dir):
+    """The masked grouped-query attention (queries folded per KV head, no K/V repeat) gives the same
+    logits and gradients as transformers' own SDPA path, for a left-padded prefill and a cached decode step."""
+    from alphamath.model import GROUPED_SDPA
+
+    assert model.lm.config._attn_implementation == GROUPED_SDPA
+    assert model.lm.config.num_attention_heads > model.lm.config.num_key_value_heads  # really grouped
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    a, b = _ids(model)[0].tolist(), _ids(model, "What is 2 + 3?")[0].tolist()
+    width = max(len(a), len(b))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in (a, b)])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in (a, b)])
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model.lm(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    ref = plain(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    valid = mask.bool()
+    torch.testing.assert_close(out.logits[valid], ref.logits[valid], atol=1e-5, rtol=1e-4)
+    out.logits[valid].sum().backward()
+    ref.logits[valid].sum().backward()
+    torch.testing.assert_close(model.lm.model.layers[0].self_attn.q_proj.weight.grad,
+                               plain.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-4, rtol=1e-3)
+    step = torch.tensor([[5], [7]])
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        o2 = model.lm(step, attention_mask=mask2, past_key_values=out.past_key_values, position_ids=pos[:, -1:] + 1)
+        r2 = plain(step, attention_mask=mask2, past_key_values=ref.past_key_values, position_ids=pos[:, -1:] + 1)
+    torch.testing.assert_close(o2.logits, r2.logits, atol=1e-5, rtol=1e-4)
