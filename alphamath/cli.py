@@ -104,29 +104,38 @@ def cmd_generate(a):
 
 
 def cmd_eval(a):
+    """Accuracy per method. With --json-out the report is rewritten after every question (with each
+    question's answer, correctness and time), so a long run that is stopped keeps what it measured."""
     from alphamath.data import load_problems
     from search_svc.engine import solve
     problems = load_problems(a.data, a.limit)
     methods = _methods(a.method)
     cfg = _config(a)
     eng = _engine(a)
-    rows = []
+    report = []
     for m in methods:
-        correct, t0 = 0, time.perf_counter()
+        row = dict(method=m, correct=0, n=len(problems), done=0, seconds_per_question=0.0, questions=[])
+        report.append(row)
         with _progress(len(problems), m) as bar:
             for p in problems:
+                t0 = time.perf_counter()
                 tree = solve(p.question, m, eng.policy, eng.value, eng.sandbox, cfg, ground_truth=p.answer,
                              question_id=p.id)
-                correct += bool(tree.meta.get("correct"))
+                secs = time.perf_counter() - t0
+                ok = bool(tree.meta.get("correct"))
+                row["questions"].append(dict(id=p.id, answer=tree.meta.get("answer"), ground_truth=p.answer,
+                                             correct=ok, seconds=round(secs, 2)))
+                row["correct"] += ok
+                row["done"] += 1
+                row["seconds_per_question"] = sum(q["seconds"] for q in row["questions"]) / row["done"]
                 bar.update(1)
-        secs = (time.perf_counter() - t0) / len(problems)
-        rows.append((m, correct, len(problems), secs))
+                bar.set_postfix(correct=f"{row['correct']}/{row['done']}")
+                if a.json_out:
+                    Path(a.json_out).write_text(json.dumps(report, indent=2))
     print(f"\n{'method':<10} {'correct':>8} {'accuracy':>9} {'s/question':>11}")
-    for m, c, n, s in rows:
-        print(f"{m:<10} {c:>4}/{n:<3} {c / n:>9.1%} {s:>11.2f}")
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps([dict(method=m, correct=c, n=n, seconds_per_question=s)
-                                                for m, c, n, s in rows], indent=2))
+    for r in report:
+        c, n = r["correct"], r["n"]
+        print(f"{r['method']:<10} {c:>4}/{n:<3} {c / n:>9.1%} {r['seconds_per_question']:>11.2f}")
 
 
 def cmd_show_tree(a):

@@ -1,4 +1,4 @@
-"""Bad input to the CLI: a clear message and a non-zero exit, never a traceback."""
+"""The CLI: bad input gives a clear message and a non-zero exit, never a traceback; eval reports."""
 import json
 import subprocess
 import sys
@@ -60,3 +60,22 @@ def test_show_tree_text_and_html(tmp_path, capsys):
     assert main(["show-tree", str(f), "--id", "nope"]) == 2
     assert "q1" in tree_text(t) or "What is" in tree_text(t)
     assert tree_html(t).startswith("<!doctype html>")
+
+
+def test_eval_writes_each_question_as_it_is_done(tiny_model_dir, tmp_path, capsys):
+    """eval on the tiny model: the JSON report holds every question's answer, correctness and time,
+    and is rewritten after each question (a stopped run keeps what it measured)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(dict(id=f"q{i}", question=f"What is {i} + 1?", answer=str(i + 1))) + "\n"
+                            for i in range(2)))
+    out = tmp_path / "report.json"
+    assert main(["eval", "--data", str(data), "--method", "greedy,majority", "--k", "2", "--max-new-tokens", "8",
+                 "--model", str(tiny_model_dir), "--dtype", "fp32", "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report] == ["greedy", "majority"]
+    for r in report:
+        assert r["n"] == r["done"] == 2 and [q["id"] for q in r["questions"]] == ["q0", "q1"]
+        assert r["correct"] == sum(q["correct"] for q in r["questions"])
+        assert {q["ground_truth"] for q in r["questions"]} == {"1", "2"}
+        assert r["seconds_per_question"] > 0
+    assert "greedy" in capsys.readouterr().out
