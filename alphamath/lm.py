@@ -30,6 +30,7 @@ from alphamath.model import ValueHeadModel
 KV = list  # per layer: (keys [heads, tokens, head_dim], values [heads, tokens, head_dim])
 DEFAULT_MAX_CACHED_TOKENS = 32768  # ~0.75 GB of bf16 KV for SmolLM2-135M (30 layers x 3 kv heads x 64)
 DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x (past + new) per prefill forward, bounds activation memory
+DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once (bounds the KV of the running batch)
 
 
 # ---- radix tree of KV states -------------------------------------------------------------------
@@ -216,18 +217,165 @@ class _Row:
     last_logits: torch.Tensor | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Decoding:
     """One sample being decoded."""
 
-    prompt: int  # row of the prompt's prefix
+    prompt: "_Row | None"  # the prompt's row: tokens, KV, values, last logits
     seed_key: int  # sample index k
     generator: torch.Generator | None
-    job: int = 0  # which (prompt, seed) request it answers
+    request: "_Request | None" = None
+    pair: int = 0  # which (prompt, seed) pair of its request it answers
     tokens: list[int] = field(default_factory=list)
     logprob: float = 0.0
     text: str = ""
     finish: str | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    """One generate() call, waiting for the decode loop to finish its samples."""
+
+    key: tuple  # (stop, temperature, top_p, max_new_tokens): rows decode together only when equal
+    texts: list[str]  # distinct prompts
+    prompts: list[list[int]]  # the same, as tokens
+    pairs: list[tuple[int, int]]  # distinct (prompt index, seed) pairs
+    n: int
+    samples: list[_Decoding] = field(default_factory=list)
+    left: int = 0
+    waited: int = 0  # decode steps spent waiting to join a running batch
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def rows(self) -> int:
+        return len(self.pairs) * (1 if self.key[1] == 0 else self.n)
+
+
+class _Batch:
+    """The running decode batch: the samples of every admitted request with one sampling key.
+
+    Along the KV axis every row is right-aligned at `width` (left padding is masked out) in buffers
+    with room for more columns, so a step writes one column in place. When a sample finishes, the KV
+    of everything fed through the model (prompt + all tokens but the last) goes to the prefix cache,
+    so scoring the child state only computes what follows. A finished row stays, ignored, until a
+    quarter of the rows are finished: dropping rows copies the whole cache, which costs more than
+    carrying a few idle rows.
+    """
+
+    def __init__(self, key: tuple, window: int):
+        self.key, self.window = key, window
+        self.samples: list[_Decoding] = []
+        self.alive: list[bool] = []
+        self.layers: list[_RoomyLayer] = []
+        self.mask = self.head_values = self.pos = self.logits = None
+        self.width = 0
+        self.padded = False
+
+    @property
+    def size(self) -> int:
+        return len(self.samples)
+
+    def add(self, new: list[_Decoding], room: int, dev) -> None:
+        """Append samples: their prompts' KV right-aligned at the width (widened on the left if needed)."""
+        W = max(self.width, max(len(smp.prompt.tokens) for smp in new))
+        shift = W - self.width
+        R, first = len(new), not self.samples
+        for layer in range(len(new[0].prompt.kv)):
+            k0 = new[0].prompt.kv[layer][0]
+            keys = k0.new_zeros(R, k0.shape[0], W, k0.shape[2])
+            vals = torch.zeros_like(keys)
+            for b, smp in enumerate(new):
+                n = len(smp.prompt.tokens)
+                keys[b, :, W - n:], vals[b, :, W - n:] = smp.prompt.kv[layer]
+            if not first:
+                old = self.layers[layer]
+                keys = torch.cat([torch.nn.functional.pad(old.keys, (0, 0, shift, 0)), keys])
+                vals = torch.cat([torch.nn.functional.pad(old.values, (0, 0, shift, 0)), vals])
+                self.layers[layer] = _RoomyLayer(keys, vals, room)
+            else:
+                self.layers.append(_RoomyLayer(keys, vals, room))
+        mask = torch.zeros(R, W, dtype=torch.long, device=dev)
+        head_values = torch.zeros(R, W, device=dev)
+        for b, smp in enumerate(new):
+            n = len(smp.prompt.tokens)
+            mask[b, W - n:] = 1
+            head_values[b, W - n:] = smp.prompt.values
+        pos = torch.tensor([[len(smp.prompt.tokens)] for smp in new], device=dev)  # of the next fed token
+        logits = torch.stack([smp.prompt.last_logits for smp in new])
+        if not first:
+            mask = torch.cat([torch.nn.functional.pad(self.mask[:, :self.width], (shift, 0)), mask])
+            head_values = torch.cat([torch.nn.functional.pad(self.head_values[:, :self.width], (shift, 0)), head_values])
+            pos, logits = torch.cat([self.pos, pos]), torch.cat([self.logits, logits])
+        self.mask = torch.cat([mask, mask.new_zeros(mask.shape[0], room)], 1)
+        self.head_values = torch.cat([head_values, head_values.new_zeros(mask.shape[0], room)], 1)
+        self.pos, self.logits, self.width = pos, logits, W
+        self.samples += new
+        self.alive += [True] * R
+        # With no padding (all samples of one prompt: every MCTS expansion) no mask is passed, so
+        # attention takes its unmasked path (no 4-D mask built).
+        self.padded = not bool(self.mask[:, :W].all())
+
+    def step(self, lm: "LocalLM") -> bool:
+        """Sample one token for every live row, retire finished samples, feed the rest. False when empty."""
+        stop, temperature, top_p, max_new_tokens = self.key
+        live = [b for b in range(self.size) if self.alive[b]]  # rows of `logits`, in order
+        toks, lps = lm._pick(self.logits, [self.samples[b] for b in live], temperature, top_p)
+        next_tokens = [0] * self.size  # finished rows are fed a dummy token
+        for b, tok, lp in zip(live, toks, lps):
+            smp = self.samples[b]
+            smp.tokens.append(tok)
+            smp.logprob += lp
+            if lm._finished(smp, tok, stop, max_new_tokens, self.window):
+                self.alive[b] = False
+                cols = self.mask[b, :self.width].bool()
+                kv = [(layer.keys[b][:, cols], layer.values[b][:, cols]) for layer in self.layers]
+                lm.cache.insert(smp.prompt.tokens + smp.tokens[:-1], kv, self.head_values[b, :self.width][cols])
+                req = smp.request
+                req.left -= 1
+                if req.left == 0:
+                    req.done.set()
+            else:
+                next_tokens[b] = tok
+        n_alive = sum(self.alive)
+        if not n_alive:
+            return False
+        if 4 * (self.size - n_alive) >= self.size:
+            keep = [b for b in range(self.size) if self.alive[b]]
+            self._select(keep)
+            next_tokens = [next_tokens[b] for b in keep]
+        dev = self.mask.device
+        self.mask[:, self.width] = 1
+        ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
+        h, _ = lm.model.hidden(ids, attention_mask=self.mask[:, :self.width + 1] if self.padded else None,
+                               past_key_values=self._cache(), position_ids=self.pos, use_cache=True)
+        self.head_values[:, self.width] = lm.model.values_from_hidden(h)[:, 0]
+        self.width, self.pos = self.width + 1, self.pos + 1
+        live = [b for b in range(self.size) if self.alive[b]]
+        h_live = h[:, -1] if len(live) == self.size else h[torch.tensor(live, device=dev), -1]
+        self.logits = lm.model.lm_head(h_live).float()
+        lm.usage.decode_tokens += self.size
+        return True
+
+    def _cache(self) -> DynamicCache:
+        cache = DynamicCache()
+        cache.layers = self.layers
+        return cache
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep rows `keep` only, and the KV columns they use."""
+        idx = torch.tensor(keep, device=self.mask.device)
+        cols = self.mask[idx, :self.width].bool().any(0)
+        room = self.mask.shape[1] - self.width
+        for layer in self.layers:
+            layer.select(idx, cols)
+        self.mask = torch.cat([self.mask[idx, :self.width][:, cols], self.mask.new_zeros(len(keep), room)], 1)
+        self.head_values = torch.cat([self.head_values[idx, :self.width][:, cols],
+                                      self.head_values.new_zeros(len(keep), room)], 1)
+        self.pos, self.width = self.pos[idx], int(cols.sum())
+        self.samples = [self.samples[b] for b in keep]
+        self.alive = [True] * len(keep)
+        self.padded = not bool(self.mask[:, :self.width].all())
 
 
 def _sample_seed(seed: int, k: int, prompt: str) -> int:
@@ -241,7 +389,7 @@ class LocalLM:
 
     def __init__(self, model: ValueHeadModel | str | os.PathLike, tokenizer=None, *, dtype=None,
                  device: str | torch.device = "cpu", max_cached_tokens: int | None = None,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS):
         if not isinstance(model, ValueHeadModel):
             model = ValueHeadModel.from_pretrained(model, dtype=dtype, device=device)
         self.model = model.eval()
@@ -254,8 +402,12 @@ class LocalLM:
         self.max_batch_tokens = max_batch_tokens
         self.usage = Usage()
         self.reused_tokens = 0  # tokens served from the prefix cache instead of being recomputed
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # the model, the prefix cache and the tokenizer
         self.eos_ids = self._eos_ids()
+        self.max_batch_rows = max_batch_rows
+        self._queue: list[_Request] = []  # generate() calls waiting to join the decode batch
+        self._cv = threading.Condition()
+        self._worker_alive = False
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -368,12 +520,14 @@ class LocalLM:
             return [float(rows[s].values[-1]) for s in states]
 
     # -- policy -----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str], n: int, *, stop: Sequence[str] = (), temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int = 256,
                  seed: int | Sequence[int | None] | None = None) -> list[list[Sample]]:
-        """n samples per prompt, decoded together in one batch (`seed`: one for all, or one per prompt).
+        """n samples per prompt (`seed`: one for all, or one per prompt), decoded in the shared batch.
 
+        Calls from several threads are decoded together: a call joins the batch that is running
+        (continuous batching), so concurrent searches share every forward pass. Each sample's
+        randomness comes from its own seed, so results do not depend on batch-mates.
         `cumulative_logprob` sums log p(token) under the model's own distribution (softmax of the raw
         logits: temperature 1, no top-p), so a step's prior does not depend on sampling settings.
         Texts end right after the first stop string matched; EOS counts as a token but adds no text.
@@ -387,42 +541,107 @@ class LocalLM:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompts:
             return []
-        stop = [s for s in stop if s]
-        with self.lock:
+        greedy = temperature == 0
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        drawn = secrets.randbits(63)
+        seeds = [0 if greedy else (drawn if s is None else int(s)) for s in seeds]
+        unique = list(dict.fromkeys(prompts))
+        with self.lock:  # fast tokenizers must not be used from two threads at once
             self._count("generate")
-            greedy = temperature == 0
-            # One seed per prompt lets requests of concurrent searches share one batch.
-            seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
-            if len(seeds) != len(prompts):
-                raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-            drawn = secrets.randbits(63)
-            seeds = [0 if greedy else (drawn if s is None else int(s)) for s in seeds]
-            unique = list(dict.fromkeys(prompts))
-            rows = []
-            for p in unique:
-                tokens = self.encode(p)
-                if not tokens:
-                    raise ValueError("cannot generate from an empty prompt")
-                rows.append(self._lookup(tokens, need_logits=True))
+            encoded = [self.encode(p) for p in unique]
+        if not all(encoded):
+            raise ValueError("cannot generate from an empty prompt")
+        index = {p: i for i, p in enumerate(unique)}
+        pairs = list(dict.fromkeys((index[p], sd) for p, sd in zip(prompts, seeds)))
+        req = _Request((tuple(s for s in stop if s), float(temperature), float(top_p), int(max_new_tokens)),
+                       unique, encoded, pairs, n)
+        with self._cv:
+            self._queue.append(req)
+            if not self._worker_alive:
+                self._worker_alive = True
+                threading.Thread(target=self._work, name="lm-decode", daemon=True).start()
+            self._cv.notify_all()
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        by_pair: list[list[Sample]] = [[] for _ in pairs]
+        for smp in req.samples:
+            out = Sample(smp.text, len(smp.tokens), smp.logprob, smp.finish)
+            by_pair[smp.pair].extend(replace(out) for _ in range(n if greedy else 1))
+        pair_of = {pr: j for j, pr in enumerate(pairs)}
+        return [[replace(x) for x in by_pair[pair_of[(index[p], sd)]]] for p, sd in zip(prompts, seeds)]
+
+    def _work(self) -> None:
+        """The decode loop: admits waiting requests at step boundaries, runs one step at a time, and
+        exits when nothing is left (a later call starts it again), so an idle LocalLM holds no thread."""
+        batch: _Batch | None = None
+        while True:
+            with self._cv:
+                if batch is None and not self._queue:
+                    self._worker_alive = False
+                    return
+                admit = self._admissible(batch)
+            try:
+                with self.lock, torch.inference_mode():
+                    if admit:
+                        batch = self._admit(batch, admit)
+                    if not batch.step(self):
+                        batch = None
+            except BaseException as e:  # noqa: BLE001 - the error belongs to the callers
+                for req in {smp.request for smp in (batch.samples if batch else [])} | set(admit):
+                    if not req.done.is_set():
+                        req.error = e
+                        req.done.set()
+                batch = None
+
+    def _admissible(self, batch: "_Batch | None") -> list[_Request]:
+        """Requests to start now (called under _cv). A running batch admits requests with its key when
+        they add a quarter of its rows or have waited 8 steps: each admission copies the batch's KV."""
+        if not self._queue:
+            return []
+        key = batch.key if batch is not None else self._queue[0].key
+        same = [r for r in self._queue if r.key == key]
+        if not same:
+            return []
+        if batch is not None:
+            for r in same:
+                r.waited += 1
+            rows = sum(r.rows for r in same)
+            if 4 * rows < batch.size and max(r.waited for r in same) < 8:
+                return []
+        admit, rows = [], batch.size if batch is not None else 0
+        for r in same:  # an empty batch takes its first request whatever its size
+            if rows + r.rows > self.max_batch_rows and (admit or batch is not None):
+                break
+            admit.append(r)
+            rows += r.rows
+        for r in admit:
+            self._queue.remove(r)
+        return admit
+
+    def _admit(self, batch: "_Batch | None", reqs: list[_Request]) -> "_Batch":
+        """Prefill the requests' prompts (only what the prefix cache lacks) and add their samples."""
+        stop, temperature, _, max_new_tokens = reqs[0].key
+        new = []
+        for req in reqs:
+            rows = [self._lookup(t, need_logits=True) for t in req.prompts]
             self._extend(rows)
             for r in rows:
                 self.cache.insert(r.tokens, r.kv, r.values)
-            jobs = list(dict.fromkeys(zip(prompts, seeds)))  # distinct (prompt, seed) pairs
-            row_of = {p: i for i, p in enumerate(unique)}
-            samples = []
-            for j, (p, sd) in enumerate(jobs):
-                for k in range(1 if greedy else n):
+            for j, (pi, sd) in enumerate(req.pairs):
+                for k in range(1 if temperature == 0 else req.n):
                     gen = None
-                    if not greedy:
-                        gen = torch.Generator(device=self.device).manual_seed(_sample_seed(sd, k, p))
-                    samples.append(_Decoding(row_of[p], k, gen, job=j))
-            self._decode(rows, samples, stop, temperature, top_p, max_new_tokens)
-            by_job: list[list[Sample]] = [[] for _ in jobs]
-            for s in samples:
-                out = Sample(s.text, len(s.tokens), s.logprob, s.finish)
-                by_job[s.job].extend(replace(out) for _ in range(n if greedy else 1))
-            index = {job: j for j, job in enumerate(jobs)}
-            return [[replace(x) for x in by_job[index[(p, sd)]]] for p, sd in zip(prompts, seeds)]
+                    if temperature > 0:
+                        gen = torch.Generator(device=self.device).manual_seed(_sample_seed(sd, k, req.texts[pi]))
+                    req.samples.append(_Decoding(rows[pi], k, gen, req, j))
+            req.left = len(req.samples)
+            new.extend(req.samples)
+        if batch is None:
+            batch = _Batch(reqs[0].key, max((len(self.encode(st)) for st in stop), default=0) + 4)
+        batch.add(new, max_new_tokens, self.device)
+        return batch
 
     @staticmethod
     def _pick(logits: torch.Tensor, rows: list[_Decoding], temperature: float, top_p: float) -> tuple[list[int], list[float]]:
@@ -463,86 +682,6 @@ class LocalLM:
         elif len(s.tokens) >= max_new_tokens:
             s.finish = "length"
         return s.finish is not None
-
-    def _decode(self, rows: list[_Row], samples: list[_Decoding], stop, temperature, top_p, max_new_tokens) -> None:
-        """Token-by-token decoding of all samples in one batch.
-
-        Each sample's KV starts as its prompt's (left-padded to the longest prompt) in buffers with room
-        for max_new_tokens more, so a step writes one column instead of copying the cache. When a
-        sample finishes, the KV of everything fed through the model (prompt + all tokens but the last)
-        is stored in the prefix cache, so scoring the child state only computes what follows. A finished
-        row stays in the batch, ignored, until a quarter of the rows are finished: dropping rows copies
-        the whole cache, which costs more than carrying a few idle rows.
-        """
-        dev = self.device
-        lens = [len(r.tokens) for r in rows]
-        L, B, room = max(lens), len(samples), max_new_tokens
-        layers = []
-        for layer in range(len(rows[0].kv)):
-            k0 = rows[0].kv[layer][0]
-            keys = k0.new_zeros(B, k0.shape[0], L, k0.shape[2])
-            vals = torch.zeros_like(keys)
-            for b, smp in enumerate(samples):
-                n = lens[smp.prompt]
-                keys[b, :, L - n:], vals[b, :, L - n:] = rows[smp.prompt].kv[layer]
-            layers.append(_RoomyLayer(keys, vals, room))
-        cache = DynamicCache()
-        cache.layers = layers
-        # per batch row: attention mask and value-head output of every KV column, with the same room
-        mask = torch.zeros(B, L + room, dtype=torch.long, device=dev)
-        head_values = torch.zeros(B, L + room, device=dev)
-        for b, smp in enumerate(samples):
-            mask[b, L - lens[smp.prompt]:L] = 1
-            head_values[b, L - lens[smp.prompt]:L] = rows[smp.prompt].values
-        pos = torch.tensor([[lens[smp.prompt]] for smp in samples], device=dev)  # of the next fed token
-        width = L  # filled columns
-        # With no padding (all samples of one prompt: every MCTS expansion) no mask is passed, so
-        # attention takes its unmasked path (no 4-D mask built).
-        padded = not bool(mask[:, :width].all())
-        window = max((len(self.encode(st)) for st in stop), default=0) + 4
-        logits = torch.stack([rows[smp.prompt].last_logits for smp in samples])
-        batch = list(range(B))  # batch row -> index into samples
-        alive = [True] * B
-        while True:
-            live = [b for b in range(len(batch)) if alive[b]]  # rows of `logits`, in order
-            toks, lps = self._pick(logits, [samples[batch[b]] for b in live], temperature, top_p)
-            next_tokens = [0] * len(batch)  # finished rows are fed a dummy token
-            for b, tok, lp in zip(live, toks, lps):
-                smp = samples[batch[b]]
-                smp.tokens.append(tok)
-                smp.logprob += lp
-                if self._finished(smp, tok, stop, max_new_tokens, window):
-                    alive[b] = False
-                    fed = rows[smp.prompt].tokens + smp.tokens[:-1]
-                    cols = mask[b, :width].bool()
-                    kv = [(layer.keys[b][:, cols], layer.values[b][:, cols]) for layer in layers]
-                    self.cache.insert(fed, kv, head_values[b, :width][cols])
-                else:
-                    next_tokens[b] = tok
-            n_alive = sum(alive)
-            if not n_alive:
-                return
-            if 4 * (len(batch) - n_alive) >= len(batch):  # compact: keep the live rows only
-                keep = [b for b in range(len(batch)) if alive[b]]
-                idx = torch.tensor(keep, device=dev)
-                cols = mask[idx, :width].bool().any(0)  # drop columns that only finished rows used
-                for layer in layers:
-                    layer.select(idx, cols)
-                mask = torch.cat([mask[idx, :width][:, cols], mask.new_zeros(len(keep), room)], 1)
-                head_values = torch.cat([head_values[idx, :width][:, cols], head_values.new_zeros(len(keep), room)], 1)
-                pos, width = pos[idx], int(cols.sum())
-                padded = not bool(mask[:, :width].all())
-                batch, alive, next_tokens = [batch[b] for b in keep], [True] * len(keep), [next_tokens[b] for b in keep]
-            mask[:, width] = 1
-            ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
-            h, cache = self.model.hidden(ids, attention_mask=mask[:, :width + 1] if padded else None,
-                                         past_key_values=cache, position_ids=pos, use_cache=True)
-            head_values[:, width] = self.model.values_from_hidden(h)[:, 0]
-            width, room, pos = width + 1, room - 1, pos + 1
-            live_idx = [b for b in range(len(batch)) if alive[b]]
-            h_live = h[:, -1] if len(live_idx) == len(batch) else h[torch.tensor(live_idx, device=dev), -1]
-            logits = self.model.lm_head(h_live).float()
-            self.usage.decode_tokens += len(batch)
 
 
 def _cache_layers(cache: DynamicCache, raw: bool = False):

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     server = PolicyServer(loaded, host=args.host, port=args.port, metrics_port=args.metrics_port,
                           http_port=args.http_port if args.backend == "local" else -1, max_workers=args.max_workers,
                           max_batch_size=args.max_batch_size, window_s=args.batch_window_ms / 1000,
-                          max_queue=args.max_queue, workers=1 if args.backend == "local" else 8)
+                          max_queue=args.max_queue, workers=8)  # LocalLM merges concurrent calls into its running batch
     log.info("policy_svc serving", extra={"grpc_port": server.port, "metrics_port": server.metrics_port,
                                           "http_port": server.http_port, "backend": loaded.backend,
                                           "checkpoint": loaded.checkpoint})

@@ -62,7 +62,8 @@ class Batcher:
         self._closed = False
         self.batches = 0  # number of batches run (for tests and logs)
         self._lock = threading.Lock()
-        # One worker for a local model (it runs one batch at a time); more for remote backends.
+        # Several workers keep several batches in flight: TGI and LocalLM both merge concurrent calls
+        # into the batch they are decoding (continuous batching).
         self._workers = [threading.Thread(target=self._run, name=f"{name}-worker-{i}", daemon=True)
                          for i in range(max(1, workers))]
         for w in self._workers:

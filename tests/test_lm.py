@@ -303,12 +303,18 @@ def test_rows_finishing_at_different_steps_keep_exact_kv_and_logprobs(lm):
     prompts = [short_prompt(lm), render_prompt(QUESTION, lm.tokenizer)]
     lm.eos_ids = set(range(0, len(lm.tokenizer), 3))  # ~1/3 of the vocabulary ends a sample
     captured = []
-    decode = lm._decode
-    lm._decode = lambda rows, samples, *a: (captured.extend((rows[s.prompt].tokens, s) for s in samples),
-                                           decode(rows, samples, *a))[1]
+    admit = lm._admit
+
+    def spy(batch, reqs):
+        out = admit(batch, reqs)
+        captured.extend((smp.prompt.tokens, smp) for r in reqs for smp in r.samples)
+        return out
+
+    lm._admit = spy
     out = lm.generate(prompts, 4, stop=[], temperature=1.0, max_new_tokens=8, seed=5)
     lengths = {s.token_count for ss in out for s in ss}
     assert len(lengths) > 2  # rows really finished at different steps
+    assert len(captured) == 8
     for prompt_ids, s in captured:
         ids = prompt_ids + s.tokens
         with torch.no_grad():
@@ -348,3 +354,44 @@ def test_sampler_draws_from_the_tempered_top_p_distribution():
     assert a[0] == b[0]  # row 0 does not depend on row 1
     assert lp[0] == pytest.approx(float(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])[a[0]])), abs=1e-5)
     assert LocalLM._pick(logits, rows(1), 0, 1.0)[0] == [0, 0]
+
+
+def test_a_call_joins_the_running_batch_with_exact_kv_and_logprobs(lm):
+    """Continuous batching: a generate() arriving while another decodes joins that batch at a step
+    boundary, widening it on the left for its longer prompt. Every sample of both calls must match an
+    uncached teacher-forced forward of its own prompt and tokens, and the KV stored for it must too."""
+    prompts = [short_prompt(lm), render_prompt(QUESTION, lm.tokenizer)]
+    assert len(lm.encode(prompts[1])) > len(lm.encode(prompts[0]))
+    args = dict(stop=[], temperature=1.0, max_new_tokens=40)
+    lm.eos_ids = set()  # run every sample to max_new_tokens, so the first call is still decoding
+    started, joined, captured = threading.Event(), [], []
+    admit = lm._admit
+
+    def spy(batch, reqs):
+        joined.append(batch is not None)
+        out = admit(batch, reqs)
+        captured.extend(smp for r in reqs for smp in r.samples)
+        started.set()
+        return out
+
+    lm._admit = spy
+    got = {}
+    first = threading.Thread(target=lambda: got.update(a=lm.generate([prompts[0]], 3, seed=1, **args)))
+    first.start()
+    started.wait(10)
+    got["b"] = lm.generate([prompts[1]], 3, seed=2, **args)
+    first.join()
+    assert joined == [False, True]  # the second call was admitted into the running batch
+    assert all(s.finish_reason == "length" and s.token_count == 40 for ss in got["a"] + got["b"] for s in ss)
+    assert sorted(s.cumulative_logprob for ss in got["a"] + got["b"] for s in ss) == \
+        sorted(smp.logprob for smp in captured)
+    for smp in captured:
+        ids = smp.prompt.tokens + smp.tokens
+        with torch.no_grad():
+            ref = lm.model(torch.tensor([ids]))
+        logp = torch.log_softmax(ref.logits[0, len(smp.prompt.tokens) - 1:-1].float(), -1)
+        want = float(logp[torch.arange(len(smp.tokens)), torch.tensor(smp.tokens)].sum())
+        assert smp.logprob == pytest.approx(want, abs=1e-3)
+        m, kv, values = lm.cache.match(ids[:-1])
+        assert m == len(ids) - 1
+        torch.testing.assert_close(values, ref.values[0, :-1], atol=1e-5, rtol=1e-4)
