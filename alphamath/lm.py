@@ -598,12 +598,13 @@ class LocalLM:
 
     def _admissible(self, batch: "_Batch | None") -> list[_Request]:
         """Requests to start now (called under _cv). A running batch admits requests with its key when
-        they add a quarter of its rows or have waited 8 steps: each admission copies the batch's KV."""
+        they add a quarter of its rows or have waited 8 steps (each admission copies the batch's KV),
+        and none once a request with another key waits: the batch then drains, so that one starts."""
         if not self._queue:
             return []
         key = batch.key if batch is not None else self._queue[0].key
         same = [r for r in self._queue if r.key == key]
-        if not same:
+        if not same or (batch is not None and len(same) < len(self._queue)):
             return []
         if batch is not None:
             for r in same:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -395,3 +396,37 @@ def test_a_call_joins_the_running_batch_with_exact_kv_and_logprobs(lm):
         m, kv, values = lm.cache.match(ids[:-1])
         assert m == len(ids) - 1
         torch.testing.assert_close(values, ref.values[0, :-1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_waiting_call_with_other_settings_is_not_starved(lm):
+    """While a call with other sampling settings waits, the running batch admits no more calls of its
+    own kind: it drains, and the waiting call starts next."""
+    prompt = short_prompt(lm)
+    lm.eos_ids = set()
+    started, order = threading.Event(), []
+    admit = lm._admit
+
+    def spy(batch, reqs):
+        order.extend((batch is not None, r.key[1]) for r in reqs)
+        out = admit(batch, reqs)
+        started.set()
+        return out
+
+    lm._admit = spy
+    first = threading.Thread(target=lambda: lm.generate([prompt], 2, temperature=1.0, max_new_tokens=60, seed=1))
+    first.start()
+    started.wait(10)
+    # while the first call decodes, queue a greedy call, then another sampled one
+    greedy = threading.Thread(target=lambda: lm.generate([prompt], 1, temperature=0, max_new_tokens=5))
+    sampled = threading.Thread(target=lambda: lm.generate([prompt + " 1"], 2, temperature=1.0,
+                                                          max_new_tokens=60, seed=2))
+    greedy.start()
+    while not lm._queue:
+        time.sleep(0.001)
+    sampled.start()
+    for t in (first, greedy, sampled):
+        t.join(60)
+    assert order[0] == (False, 1.0)
+    assert (False, 0.0) in order  # the greedy call started a batch of its own ...
+    assert order.index((False, 0.0)) < [k for _, k in order].index(1.0, 1)  # ... before the second sampled call
+    assert (True, 1.0) not in order  # which did not join the first call's batch
