@@ -413,7 +413,7 @@ def test_a_waiting_call_with_other_settings_is_not_starved(lm):
         return out
 
     lm._admit = spy
-    first = threading.Thread(target=lambda: lm.generate([prompt], 2, temperature=1.0, max_new_tokens=60, seed=1))
+    first = threading.Thread(target=lambda: lm.generate([prompt], 2, temperature=1.0, max_new_tokens=300, seed=1))
     first.start()
     started.wait(10)
     # while the first call decodes, queue a greedy call, then another sampled one
@@ -421,7 +421,8 @@ def test_a_waiting_call_with_other_settings_is_not_starved(lm):
     sampled = threading.Thread(target=lambda: lm.generate([prompt + " 1"], 2, temperature=1.0,
                                                           max_new_tokens=60, seed=2))
     greedy.start()
-    while not lm._queue:
+    deadline = time.monotonic() + 10
+    while not lm._queue and time.monotonic() < deadline:
         time.sleep(0.001)
     sampled.start()
     for t in (first, greedy, sampled):
