@@ -7,7 +7,7 @@ Measures, with the embedded checkpoint and small step-level beam search settings
     same warm pool as the sandbox service) solving problems one after another;
   * the local stack (policy, value, sandbox, search as processes on loopback) at 1, 4 and 16
     concurrent Solve calls.
-Every configuration solves the first problems of gsm8k dev with the same seeds. At concurrency 1
+Every configuration solves the same first problems of gsm8k dev with the same seeds. At concurrency 1
 the two paths alternate problem by problem, so that load from other processes on the machine
 affects both alike (the answers are compared; bf16 numerics of a shared vs. separate policy/value
 model can differ, so a mismatch is reported, not an error). Targets (issue 3): the gRPC path costs at most 10% over in-process at
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
 METHOD = "sbs"
 PARAMS = dict(beam_b1=1, beam_b2=3, max_new_tokens=64, max_depth=4)
-PROBLEMS = {1: 4, 4: 8, 16: 16}  # problems solved at each concurrency
+PROBLEMS = {1: 16, 4: 16, 16: 16}  # problems solved at each concurrency: the same ones, so ratios compare like with like
 
 
 class InProcess:
