@@ -78,10 +78,8 @@ class _RoomyLayer(DynamicLayer):
 
     def update(self, key_states, value_states, cache_kwargs=None):
         n, m = self.n, key_states.shape[-2]
-        if n + m > self._k.shape[2]:  # out of room: double it (never on the decode path)
-            grow = max(n + m, 2 * self._k.shape[2]) - self._k.shape[2]
-            pad = self._k.new_zeros(*self._k.shape[:2], grow, self._k.shape[3])
-            self._k, self._v = torch.cat([self._k, pad], 2), torch.cat([self._v, pad], 2)
+        if n + m > self._k.shape[2]:  # every admission leaves max_new_tokens of room: a bug if reached
+            raise RuntimeError(f"KV buffer out of room: {n} + {m} > {self._k.shape[2]}")
         self._k[:, :, n:n + m], self._v[:, :, n:n + m] = key_states, value_states
         self._set(n + m)
         return self.keys, self.values
@@ -248,8 +246,13 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
+    def per_pair(self) -> int:
+        """Samples decoded per pair: greedy decodes one and copies it n times."""
+        return 1 if self.key[1] == 0 else self.n
+
+    @property
     def rows(self) -> int:
-        return len(self.pairs) * (1 if self.key[1] == 0 else self.n)
+        return len(self.pairs) * self.per_pair
 
 
 class _Batch:
@@ -267,7 +270,9 @@ class _Batch:
         self.key, self.window = key, window
         self.samples: list[_Decoding] = []
         self.alive: list[bool] = []
-        self.layers: list[_RoomyLayer] = []
+        self.layers: list[_RoomyLayer] = []  # replaced in place, so `cache` always sees the current ones
+        self.cache = DynamicCache()
+        self.cache.layers = self.layers
         self.mask = self.head_values = self.pos = self.logits = None
         self.width = 0
         self.padded = False
@@ -307,8 +312,7 @@ class _Batch:
             mask = torch.cat([torch.nn.functional.pad(self.mask[:, :self.width], (shift, 0)), mask])
             head_values = torch.cat([torch.nn.functional.pad(self.head_values[:, :self.width], (shift, 0)), head_values])
             pos, logits = torch.cat([self.pos, pos]), torch.cat([self.logits, logits])
-        self.mask = torch.cat([mask, mask.new_zeros(mask.shape[0], room)], 1)
-        self.head_values = torch.cat([head_values, head_values.new_zeros(mask.shape[0], room)], 1)
+        self.mask, self.head_values = _with_room(mask, room), _with_room(head_values, room)
         self.pos, self.logits, self.width = pos, logits, W
         self.samples += new
         self.alive += [True] * R
@@ -348,7 +352,7 @@ class _Batch:
         self.mask[:, self.width] = 1
         ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
         h, _ = lm.model.hidden(ids, attention_mask=self.mask[:, :self.width + 1] if self.padded else None,
-                               past_key_values=self._cache(), position_ids=self.pos, use_cache=True)
+                               past_key_values=self.cache, position_ids=self.pos, use_cache=True)
         self.head_values[:, self.width] = lm.model.values_from_hidden(h)[:, 0]
         self.width, self.pos = self.width + 1, self.pos + 1
         live = [b for b in range(self.size) if self.alive[b]]
@@ -357,11 +361,6 @@ class _Batch:
         lm.usage.decode_tokens += self.size
         return True
 
-    def _cache(self) -> DynamicCache:
-        cache = DynamicCache()
-        cache.layers = self.layers
-        return cache
-
     def _select(self, keep: list[int]) -> None:
         """Keep rows `keep` only, and the KV columns they use."""
         idx = torch.tensor(keep, device=self.mask.device)
@@ -369,13 +368,17 @@ class _Batch:
         room = self.mask.shape[1] - self.width
         for layer in self.layers:
             layer.select(idx, cols)
-        self.mask = torch.cat([self.mask[idx, :self.width][:, cols], self.mask.new_zeros(len(keep), room)], 1)
-        self.head_values = torch.cat([self.head_values[idx, :self.width][:, cols],
-                                      self.head_values.new_zeros(len(keep), room)], 1)
+        self.mask = _with_room(self.mask[idx, :self.width][:, cols], room)
+        self.head_values = _with_room(self.head_values[idx, :self.width][:, cols], room)
         self.pos, self.width = self.pos[idx], int(cols.sum())
         self.samples = [self.samples[b] for b in keep]
         self.alive = [True] * len(keep)
         self.padded = not bool(self.mask[:, :self.width].all())
+
+
+def _with_room(x: torch.Tensor, room: int) -> torch.Tensor:
+    """x [rows, columns] followed by `room` zero columns."""
+    return torch.cat([x, x.new_zeros(x.shape[0], room)], 1)
 
 
 def _sample_seed(seed: int, k: int, prompt: str) -> int:
@@ -625,14 +628,19 @@ class LocalLM:
     def _admit(self, batch: "_Batch | None", reqs: list[_Request]) -> "_Batch":
         """Prefill the requests' prompts (only what the prefix cache lacks) and add their samples."""
         stop, temperature, _, max_new_tokens = reqs[0].key
-        new = []
+        distinct: dict[tuple, _Row] = {}  # a prompt two requests share is computed once
         for req in reqs:
-            rows = [self._lookup(t, need_logits=True) for t in req.prompts]
-            self._extend(rows)
-            for r in rows:
-                self.cache.insert(r.tokens, r.kv, r.values)
+            for t in req.prompts:
+                if tuple(t) not in distinct:
+                    distinct[tuple(t)] = self._lookup(t, need_logits=True)
+        self._extend(list(distinct.values()))  # one prefill for all admitted requests
+        for r in distinct.values():
+            self.cache.insert(r.tokens, r.kv, r.values)
+        rows_of = [[distinct[tuple(t)] for t in req.prompts] for req in reqs]
+        new = []
+        for req, rows in zip(reqs, rows_of):
             for j, (pi, sd) in enumerate(req.pairs):
-                for k in range(1 if temperature == 0 else req.n):
+                for k in range(req.per_pair):
                     gen = None
                     if temperature > 0:
                         gen = torch.Generator(device=self.device).manual_seed(_sample_seed(sd, k, req.texts[pi]))
@@ -685,12 +693,12 @@ class LocalLM:
         return s.finish is not None
 
 
-def _cache_layers(cache: DynamicCache, raw: bool = False):
+def _cache_layers(cache: DynamicCache):
     """Per-layer (keys, values) of a DynamicCache ([batch, heads, tokens, head_dim]); transformers>=4.56 API."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise RuntimeError("this transformers version's DynamicCache has no .layers; need transformers>=4.56")
-    return layers if raw else [(layer.keys, layer.values) for layer in layers]
+    return [(layer.keys, layer.values) for layer in layers]
 
 
 def load_local_lm(model_dir: str | Path | None = None, dtype=None, device="cpu") -> LocalLM:
