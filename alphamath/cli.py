@@ -71,11 +71,61 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True)
 
 
+def _solve_each(eng, problems, method: str, cfg, concurrency: int, done_one) -> None:
+    """Solve every problem with ground truth and call `done_one(problem, tree, seconds)` as each
+    finishes (always on one thread at a time). With concurrency > 1 the searches run on worker
+    threads, so their generate() calls share decode batches, while this thread runs the decode loop
+    (`LocalLM.serve`). The first error stops new searches and is raised once running ones end."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from search_svc.engine import solve
+
+    def run(p):
+        t0 = time.perf_counter()
+        tree = solve(p.question, method, eng.policy, eng.value, eng.sandbox, cfg, ground_truth=p.answer,
+                     question_id=p.id)
+        return tree, time.perf_counter() - t0
+
+    if concurrency <= 1:
+        for p in problems:
+            done_one(p, *run(p))
+        return
+    lock, all_done, errors, left = threading.Lock(), threading.Event(), [], [len(problems)]
+
+    def task(p):
+        try:
+            if errors:
+                return
+            tree, secs = run(p)
+            with lock:
+                done_one(p, tree, secs)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            errors.append(e)
+            all_done.set()
+        finally:
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    all_done.set()
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="search") as pool:
+        for p in problems:
+            pool.submit(task, p)
+        try:
+            if problems:
+                eng.lm.serve(all_done.is_set)
+        except BaseException as e:  # Ctrl-C: start no more searches; running ones finish and are kept
+            errors.append(e)
+            raise
+    if errors:
+        raise errors[0]
+
+
 def cmd_generate(a):
     """MCTS with ground truth; each tree is appended as soon as it is done, and a rerun skips
     questions already in --out, so an interrupted run loses nothing."""
     from alphamath.data import load_problems
-    from search_svc.engine import solve
     problems = load_problems(a.data, a.limit)
     cfg = _config(a)
     out = Path(a.out)
@@ -90,15 +140,16 @@ def cmd_generate(a):
     eng = _engine(a)
     correct = 0
     with out.open("a", encoding="utf-8") as f, _progress(len(todo), "generate") as bar:
-        for p in todo:
-            tree = solve(p.question, "mcts", eng.policy, eng.value, eng.sandbox, cfg,
-                         ground_truth=p.answer, question_id=p.id)
+        def write(p, tree, secs):
+            nonlocal correct
             tree.meta["checkpoint"] = str(eng.model_dir)
             f.write(tree.to_json() + "\n")
             f.flush()
             correct += any(n.correct for n in tree.nodes)
             bar.update(1)
             bar.set_postfix(with_correct_path=f"{correct}/{bar.n}")
+
+        _solve_each(eng, todo, "mcts", cfg, a.concurrency, write)
     print(f"wrote {len(todo)} trees to {out} ({len(done)} already there); "
           f"{correct}/{len(todo)} have a correct path")
 
@@ -107,31 +158,32 @@ def cmd_eval(a):
     """Accuracy per method. With --json-out the report is rewritten after every question (with each
     question's answer, correctness and time), so a long run that is stopped keeps what it measured."""
     from alphamath.data import load_problems
-    from search_svc.engine import solve
     problems = load_problems(a.data, a.limit)
     methods = _methods(a.method)
     cfg = _config(a)
     eng = _engine(a)
     report = []
     for m in methods:
-        row = dict(method=m, correct=0, n=len(problems), done=0, seconds_per_question=0.0, questions=[])
+        # seconds_per_question is wall time over questions done: with --concurrency it is throughput,
+        # while each question's own "seconds" is its latency
+        row = dict(method=m, concurrency=a.concurrency, correct=0, n=len(problems), done=0,
+                   seconds_per_question=0.0, questions=[])
         report.append(row)
+        t0 = time.perf_counter()
         with _progress(len(problems), m) as bar:
-            for p in problems:
-                t0 = time.perf_counter()
-                tree = solve(p.question, m, eng.policy, eng.value, eng.sandbox, cfg, ground_truth=p.answer,
-                             question_id=p.id)
-                secs = time.perf_counter() - t0
+            def record(p, tree, secs):
                 ok = bool(tree.meta.get("correct"))
                 row["questions"].append(dict(id=p.id, answer=tree.meta.get("answer"), ground_truth=p.answer,
                                              correct=ok, seconds=round(secs, 2)))
                 row["correct"] += ok
                 row["done"] += 1
-                row["seconds_per_question"] = sum(q["seconds"] for q in row["questions"]) / row["done"]
+                row["seconds_per_question"] = (time.perf_counter() - t0) / row["done"]
                 bar.update(1)
                 bar.set_postfix(correct=f"{row['correct']}/{row['done']}")
                 if a.json_out:
                     Path(a.json_out).write_text(json.dumps(report, indent=2))
+
+            _solve_each(eng, problems, m, cfg, a.concurrency, record)
     print(f"\n{'method':<10} {'correct':>8} {'accuracy':>9} {'s/question':>11}")
     for r in report:
         c, n = r["correct"], r["n"]
@@ -198,6 +250,21 @@ def _search_args(p: argparse.ArgumentParser, method_default: str | None = "mcts"
     p.add_argument("--seed", type=int, default=d.seed)
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return v
+
+
+def _concurrency_arg(p: argparse.ArgumentParser):
+    p.add_argument("--concurrency", type=_positive, default=1,
+                   help="questions searched at once; their model calls share decode batches")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="alphamath", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -213,12 +280,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--out", required=True)
     _search_args(p, None)
+    _concurrency_arg(p)
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("eval", help="accuracy table of methods on a data file")
     p.add_argument("--data", required=True)
     p.add_argument("--limit", type=int)
     p.add_argument("--json-out")
     _search_args(p, "greedy")
+    _concurrency_arg(p)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("show-tree", help="render a tree as text (and HTML)")
     p.add_argument("trees")

@@ -33,6 +33,38 @@ DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x (past + new) per prefill forward, bou
 DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once (bounds the KV of the running batch)
 
 
+class _FairLock:
+    """A re-entrant lock granted in arrival order. The decode loop takes the model lock again right
+    after every step; with a plain lock the thread releasing it usually wins the race, so a score()
+    or a tokenizer call from another thread could wait for the whole batch to drain."""
+
+    def __init__(self):
+        self._cv = threading.Condition(threading.Lock())
+        self._next = self._serving = 0
+        self._owner: int | None = None
+        self._depth = 0
+
+    def __enter__(self):
+        me = threading.get_ident()
+        with self._cv:
+            if self._owner == me:
+                self._depth += 1
+                return self
+            ticket, self._next = self._next, self._next + 1
+            while self._serving != ticket:
+                self._cv.wait()
+            self._owner, self._depth = me, 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._cv:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._serving += 1
+                self._cv.notify_all()
+
+
 # ---- radix tree of KV states -------------------------------------------------------------------
 class _Node:
     __slots__ = ("tokens", "kv", "values", "children", "parent", "last_used")
@@ -405,12 +437,13 @@ class LocalLM:
         self.max_batch_tokens = max_batch_tokens
         self.usage = Usage()
         self.reused_tokens = 0  # tokens served from the prefix cache instead of being recomputed
-        self.lock = threading.RLock()  # the model, the prefix cache and the tokenizer
+        self.lock = _FairLock()  # the model, the prefix cache and the tokenizer
         self.eos_ids = self._eos_ids()
         self.max_batch_rows = max_batch_rows
         self._queue: list[_Request] = []  # generate() calls waiting to join the decode batch
         self._cv = threading.Condition()
-        self._worker_alive = False
+        self._batch: _Batch | None = None  # the running decode batch, stepped by the leading caller
+        self._leading = False  # whether a caller thread is running the decode loop
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -562,11 +595,8 @@ class LocalLM:
                        unique, encoded, pairs, n)
         with self._cv:
             self._queue.append(req)
-            if not self._worker_alive:
-                self._worker_alive = True
-                threading.Thread(target=self._work, name="lm-decode", daemon=True).start()
             self._cv.notify_all()
-        req.done.wait()
+        self._wait_or_lead(req)
         if req.error is not None:
             raise req.error
         by_pair: list[list[Sample]] = [[] for _ in pairs]
@@ -576,28 +606,72 @@ class LocalLM:
         pair_of = {pr: j for j, pr in enumerate(pairs)}
         return [[replace(x) for x in by_pair[pair_of[(index[p], sd)]]] for p, sd in zip(prompts, seeds)]
 
-    def _work(self) -> None:
-        """The decode loop: admits waiting requests at step boundaries, runs one step at a time, and
-        exits when nothing is left (a later call starts it again), so an idle LocalLM holds no thread."""
-        batch: _Batch | None = None
+    def _wait_or_lead(self, req: _Request) -> None:
+        """Wait for `req`, running the decode loop whenever no other thread is running it.
+
+        The loop runs on a calling thread, not a thread of its own: a second thread doing torch work
+        gets its own OpenMP pool, and with more OpenMP threads than cores libgomp cuts spinning to a
+        few hundred turns, which made every decode step ~1.6x slower. A caller leads until its own
+        request is done, then hands the batch to a waiting caller, so nothing is left running when
+        nobody waits (a reloaded model holds no thread)."""
         while True:
             with self._cv:
-                if batch is None and not self._queue:
-                    self._worker_alive = False
+                while not req.done.is_set() and self._leading:
+                    self._cv.wait()
+                if req.done.is_set():
                     return
-                admit = self._admissible(batch)
+                self._leading = True
+            try:
+                self._lead(req.done.is_set, req)
+            finally:
+                with self._cv:
+                    self._leading = False
+                    self._cv.notify_all()
+
+    def serve(self, until) -> None:
+        """Run the decode loop on this thread, for generate() calls made on other threads, until
+        `until()` is true. A program that searches (or serves RPCs) on worker threads calls this on
+        its main thread, so every decode step runs on one thread and one OpenMP pool (see
+        `_wait_or_lead`); on return, waiting callers lead again."""
+        with self._cv:
+            while self._leading:
+                self._cv.wait()
+            self._leading = True
+        try:
+            while not until():
+                with self._cv:
+                    if self._batch is None and not self._queue:
+                        self._cv.wait(0.05)
+                        continue
+                self._lead(lambda: self._batch is None and not self._queue, None)
+        finally:
+            with self._cv:
+                self._leading = False
+                self._cv.notify_all()
+
+    def _lead(self, done, mine: _Request | None) -> None:
+        """The decode loop: admits waiting requests at step boundaries and runs one step at a time
+        until `done()`; the batch stays in `self._batch` for the next leader."""
+        while not done():
+            with self._cv:
+                admit = self._admissible(self._batch)
             try:
                 with self.lock, torch.inference_mode():
                     if admit:
-                        batch = self._admit(batch, admit)
-                    if not batch.step(self):
-                        batch = None
+                        self._batch = self._admit(self._batch, admit)
+                    if not self._batch.step(self):
+                        self._batch = None
             except BaseException as e:  # noqa: BLE001 - the error belongs to the callers
-                for req in {smp.request for smp in (batch.samples if batch else [])} | set(admit):
+                batch, self._batch = self._batch, None
+                failed = {smp.request for smp in (batch.samples if batch else [])} | set(admit)
+                for req in failed | ({mine} if mine is not None else set()):
                     if not req.done.is_set():
                         req.error = e
                         req.done.set()
-                batch = None
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+            with self._cv:
+                self._cv.notify_all()  # wake callers whose requests this step finished
 
     def _admissible(self, batch: "_Batch | None") -> list[_Request]:
         """Requests to start now (called under _cv). A running batch admits requests with its key when

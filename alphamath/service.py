@@ -337,8 +337,10 @@ class GrpcServer:
         self.server.wait_for_termination()
 
 
-def run_until_signal(stop: Callable[[], None], log: logging.Logger | None = None) -> None:
-    """Block until SIGINT/SIGTERM, then call `stop` once (graceful shutdown for Kubernetes)."""
+def run_until_signal(stop: Callable[[], None], log: logging.Logger | None = None,
+                     work: Callable[[threading.Event], None] | None = None) -> None:
+    """Block until SIGINT/SIGTERM, then call `stop` once (graceful shutdown for Kubernetes).
+    `work(done)`, if given, runs on the main thread meanwhile and must return once `done` is set."""
     done = threading.Event()
 
     def handler(signum, _frame):
@@ -347,8 +349,12 @@ def run_until_signal(stop: Callable[[], None], log: logging.Logger | None = None
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    done.wait()
-    stop()
+    try:
+        if work is not None:
+            work(done)
+        done.wait()
+    finally:
+        stop()
 
 
 def abort_invalid(context, message: str):

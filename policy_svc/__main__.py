@@ -78,7 +78,17 @@ def main(argv=None) -> int:
     from alphamath.events import follow_checkpoints
 
     listener = follow_checkpoints(args, server, load, "policy")
-    run_until_signal(lambda: (listener and listener.stop(), server.stop()), log)
+
+    def decode(done):
+        """The main thread runs the local model's decode loop (one OpenMP pool; `LocalLM.serve`),
+        moving to the new model when a checkpoint is swapped in."""
+        while not done.is_set():
+            lm = server.servicer.loaded.lm
+            if lm is None:
+                return
+            lm.serve(lambda: done.is_set() or server.servicer.loaded.lm is not lm)
+
+    run_until_signal(lambda: (listener and listener.stop(), server.stop()), log, work=decode)
     return 0
 
 

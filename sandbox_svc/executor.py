@@ -38,6 +38,10 @@ from alphamath.interfaces import ExecResult
 
 log = logging.getLogger(__name__)
 
+# Heavy trusted packages the runner imports (when a cell names them) before the wall clock and the
+# CPU limit of the model's code start: importing sympy takes 1-8 s under gVisor ptrace, by host.
+LAZY_IMPORTS = ("numpy", "sympy")
+
 RUNNER_SOURCE = (Path(__file__).with_name("runner.py")).read_text()
 SANDBOX_UID = 65534
 DEFAULT_PYTHON = "/usr/bin/python3"
@@ -112,6 +116,7 @@ class _Backend:
                 "pids": limits.pids,
                 "file_bytes": limits.tmpfs_bytes,
                 "preload": list(preload),
+                "lazy": list(LAZY_IMPORTS),
             }
         )
         self.argv_tail = [python, "-I", "-B", "-c", RUNNER_SOURCE, self.runner_args]
@@ -633,9 +638,12 @@ class Executor:
                 box.proc.stdin.close()
             except BrokenPipeError:
                 pass
-            out, reason = _read_until(
-                box, time.monotonic() + lim.timeout_s, want_ready=False, stdout_cap=lim.output_hard_cap
-            )
+            # Second handshake: the runner has imported the trusted packages the cells name.
+            out, reason = _read_until(box, time.monotonic() + lim.startup_timeout_s, want_ready=True, stdout_cap=0)
+            if reason == "ready":
+                out, reason = _read_until(
+                    box, time.monotonic() + lim.timeout_s, want_ready=False, stdout_cap=lim.output_hard_cap
+                )
             box.finished = reason == "eof"
         finally:
             backend.destroy(box)

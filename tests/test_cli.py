@@ -26,6 +26,12 @@ def test_bad_input_exits_2_with_message(argv, msg, capsys):
     assert msg in capsys.readouterr().err
 
 
+def test_bad_concurrency_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--data", "d.jsonl", "--concurrency", "0"])
+    assert e.value.code == 2 and "--concurrency: must be >= 1" in capsys.readouterr().err
+
+
 def test_malformed_data_file_names_the_line(tmp_path, capsys):
     f = tmp_path / "d.jsonl"
     f.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n{"id": "b", "question": \n')
@@ -79,3 +85,27 @@ def test_eval_writes_each_question_as_it_is_done(tiny_model_dir, tmp_path, capsy
         assert {q["ground_truth"] for q in r["questions"]} == {"1", "2"}
         assert r["seconds_per_question"] > 0
     assert "greedy" in capsys.readouterr().out
+
+
+def test_concurrent_eval_and_generate_keep_every_question(tiny_model_dir, tmp_path):
+    """--concurrency 3: searches run on worker threads and share decode batches while the main
+    thread decodes; every question is reported (eval) and every tree written once (generate), with
+    the answers a one-at-a-time run gives (each sample's randomness comes from its own seed)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(dict(id=f"q{i}", question=f"What is {i} + 1?", answer=str(i + 1))) + "\n"
+                            for i in range(4)))
+    common = ["--data", str(data), "--max-new-tokens", "8", "--model", str(tiny_model_dir), "--dtype", "fp32"]
+    reports = {}
+    for c in ("1", "3"):
+        out = tmp_path / f"report{c}.json"
+        assert main(["eval", *common, "--method", "sbs", "--b1", "2", "--b2", "2", "--concurrency", c,
+                     "--json-out", str(out)]) == 0
+        reports[c] = json.loads(out.read_text())[0]
+    assert reports["3"]["concurrency"] == 3 and reports["3"]["done"] == 4
+    answers = {c: {q["id"]: q["answer"] for q in r["questions"]} for c, r in reports.items()}
+    assert answers["3"] == answers["1"] and sorted(answers["3"]) == ["q0", "q1", "q2", "q3"]
+    trees = tmp_path / "trees.jsonl"
+    assert main(["generate", *common, "--iterations", "3", "--n-children", "2", "--concurrency", "3",
+                 "--out", str(trees)]) == 0
+    ids = [json.loads(line)["question_id"] for line in trees.read_text().splitlines()]
+    assert sorted(ids) == ["q0", "q1", "q2", "q3"]

@@ -301,3 +301,11 @@ def test_no_backend_is_a_clear_error():
         Executor(python="/nonexistent/python3", **LIMITS)
     after = {p for p in os.listdir(tmp) if p.startswith("alphamath-runsc-")}
     assert after <= before  # a failed backend removes its bundle/state directory
+
+
+def test_importing_sympy_is_not_charged_to_the_code():
+    """sympy takes 1-8 s to import under gVisor ptrace (by host); a 1 s limit must still cover the cell."""
+    with Executor(backend="runsc", **{**LIMITS, "cpu_s": 1.0, "timeout_s": 1.0}) as ex:
+        r = ex.execute(["import sympy\nprint(sympy.Rational(1, 3) + sympy.Rational(1, 6))"])
+        assert (r.stdout, r.error, r.timed_out) == ("1/2\n", None, False)
+        assert ex.execute(["while True: pass"]).timed_out  # the limit still holds for the code itself
