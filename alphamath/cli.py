@@ -71,8 +71,9 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True)
 
 
-def _solve_each(eng, problems, method: str, cfg, concurrency: int, done_one) -> None:
-    """Solve every problem with ground truth and call `done_one(problem, tree, seconds)` as each
+def _solve_each(eng, problems, method: str, cfg, concurrency: int, done_one, rewards: bool = False) -> None:
+    """Solve every problem (the ground truth is a reward to the search only with `rewards`: data
+    generation; otherwise it grades the answer) and call `done_one(problem, tree, seconds)` as each
     finishes (always on one thread at a time). With concurrency > 1 the searches run on worker
     threads, so their generate() calls share decode batches, while this thread runs the decode loop
     (`LocalLM.serve`). The first error stops new searches and is raised once running ones end."""
@@ -84,7 +85,7 @@ def _solve_each(eng, problems, method: str, cfg, concurrency: int, done_one) -> 
     def run(p):
         t0 = time.perf_counter()
         tree = solve(p.question, method, eng.policy, eng.value, eng.sandbox, cfg, ground_truth=p.answer,
-                     question_id=p.id)
+                     question_id=p.id, rewards=rewards)
         return tree, time.perf_counter() - t0
 
     if concurrency <= 1:
@@ -149,7 +150,7 @@ def cmd_generate(a):
             bar.update(1)
             bar.set_postfix(with_correct_path=f"{correct}/{bar.n}")
 
-        _solve_each(eng, todo, "mcts", cfg, a.concurrency, write)
+        _solve_each(eng, todo, "mcts", cfg, a.concurrency, write, rewards=True)
     print(f"wrote {len(todo)} trees to {out} ({len(done)} already there); "
           f"{correct}/{len(todo)} have a correct path")
 

@@ -8,7 +8,7 @@ from alphamath.interfaces import Policy, Sandbox, Value
 from alphamath.tree import Tree
 from search_svc.beam import greedy, majority, sbs
 from search_svc.config import METHODS, SearchConfig
-from search_svc.mcts import mcts
+from search_svc.mcts import finish, mcts
 
 MAX_QUESTION_CHARS = 4000
 
@@ -30,8 +30,13 @@ def default_checker():
 def solve(question: str, method: str, policy: Policy, value: Value, sandbox: Sandbox,
           cfg: SearchConfig | None = None, ground_truth: str | None = None,
           question_id: str | None = None, on_progress: Callable[[int, Tree], None] | None = None,
-          check=None) -> Tree:
-    """Search for a solution; the answer, its value and correctness land in tree.meta."""
+          check=None, rewards: bool = False) -> Tree:
+    """Search for a solution; the answer, its value and correctness land in tree.meta.
+
+    `ground_truth` grades the chosen answer. Only with `rewards` (self-training data generation)
+    does the search itself see it: MCTS terminals then back up +1/-1 instead of the value head's
+    estimate. Evaluation and serving leave `rewards` off, or the accuracy would be the search's
+    access to the answer rather than the model's."""
     question = check_question(question)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -39,15 +44,19 @@ def solve(question: str, method: str, policy: Policy, value: Value, sandbox: San
     check = check or default_checker()
     tree = Tree(question=question, prompt=policy.render_prompt(question),
                 ground_truth=ground_truth, question_id=question_id)
-    tree.meta.update(method=method, config=cfg.to_dict())
+    tree.meta.update(method=method, config=cfg.to_dict(), rewards=bool(rewards and ground_truth is not None))
     start = time.perf_counter()
+    search_check = check if rewards else None  # without rewards the search cannot grade anything
     if method == "mcts":
-        mcts(tree, policy, value, sandbox, cfg, check, on_progress)
+        mcts(tree, policy, value, sandbox, cfg, search_check, on_progress)
     elif method == "sbs":
-        sbs(tree, policy, value, sandbox, cfg, check, on_progress)
+        sbs(tree, policy, value, sandbox, cfg, search_check, on_progress)
     elif method == "greedy":
-        greedy(tree, policy, value, sandbox, cfg, check, on_progress)
+        greedy(tree, policy, value, sandbox, cfg, search_check, on_progress)
     else:
-        majority(tree, policy, value, sandbox, cfg, check, equiv=check, on_progress=on_progress)
+        majority(tree, policy, value, sandbox, cfg, search_check, equiv=check, on_progress=on_progress)
+    if not rewards:  # grade the chosen answer only now, after the search is over
+        chosen = tree.meta.get("answer_node")
+        finish(tree, tree.nodes[chosen] if chosen is not None else None, check)
     tree.meta["seconds"] = round(time.perf_counter() - start, 3)
     return tree

@@ -132,6 +132,7 @@ class Parsed:
     ground_truth: str | None
     question_id: str | None
     include_tree: bool
+    rewards: bool = False  # the search backs up ground-truth rewards (GenerateTrees), not just grades
 
 
 def _abort(context, code: grpc.StatusCode, msg: str):
@@ -237,7 +238,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         start = time.perf_counter()
         try:
             tree = solve(p.question, p.method, policy, value, sandbox, p.cfg, ground_truth=p.ground_truth,
-                         question_id=p.question_id, on_progress=progress, check=self.check)
+                         question_id=p.question_id, on_progress=progress, check=self.check, rewards=p.rewards)
         except ValueError as e:  # the request was validated already: this is a server-side fault
             raise RuntimeError(f"search failed: {e}") from e
         tree.meta["checkpoint"] = scope.checkpoint
@@ -367,7 +368,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 raise ValueError(f"questions[{i}]: {e}") from None
             if not q.ground_truth.strip():
                 raise ValueError(f"questions[{i}]: ground_truth is empty (GenerateTrees needs the final answer)")
-            out.append(Parsed(question, "mcts", cfg, q.ground_truth, q.id or f"q{i}", request.include_tree))
+            out.append(Parsed(question, "mcts", cfg, q.ground_truth, q.id or f"q{i}", request.include_tree, rewards=True))
         return out
 
 

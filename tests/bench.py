@@ -119,7 +119,8 @@ def engine_vs_naive(args) -> dict:
         rec = Recorder(LocalPolicy(lm), LocalValue(lm))
         before = lm.usage.computed
         t0 = time.perf_counter()
-        tree = solve(p.question, "mcts", rec, rec, sandbox, cfg, ground_truth=p.answer, question_id=p.id)
+        tree = solve(p.question, "mcts", rec, rec, sandbox, cfg, ground_truth=p.answer, question_id=p.id,
+                     rewards=True)
         wall = time.perf_counter() - t0
         naive_s, naive_computed = naive_replay(lm.model, lm.tokenizer, rec.calls)
         r = dict(id=p.id, nodes=len(tree.nodes) - 1, unique=unique_tokens(tree, lm.tokenizer),
@@ -144,7 +145,7 @@ def engine_vs_naive(args) -> dict:
     conc_nodes = []
     t0 = time.perf_counter()
     _solve_each(SimpleNamespace(policy=LocalPolicy(lm), value=LocalValue(lm), sandbox=sandbox, lm=lm), problems,
-                "mcts", cfg, len(problems), lambda p, tree, secs: conc_nodes.append(len(tree.nodes) - 1))
+                "mcts", cfg, len(problems), lambda p, tree, secs: conc_nodes.append(len(tree.nodes) - 1), rewards=True)
     conc_s = (time.perf_counter() - t0) / len(problems)
 
     out = {"problems": len(rows), "iterations": cfg.iterations, "rows": rows,

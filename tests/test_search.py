@@ -168,10 +168,26 @@ def test_greedy_and_majority():
     assert t.meta["votes"] == {"7": 3, "5": 1} and t.meta["answer"] == "7"
 
 
+def test_ground_truth_reaches_the_search_only_as_rewards_for_data_generation():
+    """Evaluation grades the chosen answer; only `rewards` lets terminals back up +1/-1, else an
+    MCTS accuracy would measure the search's access to the answer, not the model."""
+    value = ConstValue(0.0, by_text={"boxed{5}": 0.9, "boxed{7}": 0.1})  # the head prefers the wrong answer
+    runs = {}
+    for rewards in (False, True):
+        policy = ScriptedPolicy({(): [WRONG, RIGHT]})
+        runs[rewards] = solve("q", "mcts", policy, value, ScriptedSandbox(), SearchConfig(n_children=2, iterations=4),
+                              ground_truth="7", check=exact, rewards=rewards)
+    graded, generated = runs[False], runs[True]
+    assert [n.value for n in graded.nodes[1:]] == [0.9, 0.1]
+    assert (graded.meta["answer"], graded.meta["correct"], graded.meta["rewards"]) == ("5", False, False)
+    assert [n.value for n in generated.nodes[1:]] == [-1.0, 1.0]
+    assert (generated.meta["answer"], generated.meta["correct"], generated.meta["rewards"]) == ("7", True, True)
+
+
 def test_tree_json_round_trip_is_identical():
     policy = ScriptedPolicy({(): [A, WRONG], ("A",): [RIGHT, BROKEN]})
     t = solve("q", "mcts", policy, ConstValue(0.5), ScriptedSandbox(), SearchConfig(n_children=2),
-              ground_truth="7", check=exact)
+              ground_truth="7", check=exact, rewards=True)
     again = Tree.from_json(t.to_json())
     assert again.to_json() == t.to_json()
     assert [n.Q for n in again.nodes] == [n.Q for n in t.nodes]

@@ -163,7 +163,7 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         with TreePublisher(bootstrap, topic=cfg.topics["trees"]) as pub:
             for i, p in enumerate(train_problems):
                 tree = solve(p.question, "mcts", engine.policy, engine.value, engine.sandbox, scfg,
-                             ground_truth=p.answer, question_id=p.id)
+                             ground_truth=p.answer, question_id=p.id, rewards=True)
                 tree.meta["checkpoint"] = current.id
                 pub.publish(tree, current.id, scfg.to_dict())
                 correct_trees += any(n.correct for n in tree.nodes)
