@@ -272,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("model", help="materialise the embedded model and print its directory").set_defaults(fn=cmd_model)
     p = sub.add_parser("solve", help="solve one question")
     p.add_argument("question")
-    p.add_argument("--ground-truth")
+    p.add_argument("--ground-truth", help="grade the answer against this (the search never sees it)")
     p.add_argument("--json", action="store_true", help="print the whole tree as JSON")
     _search_args(p, "sbs")
     p.set_defaults(fn=cmd_solve)
