@@ -30,7 +30,11 @@ from alphamath.model import ValueHeadModel
 KV = list  # per layer: (keys [heads, tokens, head_dim], values [heads, tokens, head_dim])
 DEFAULT_MAX_CACHED_TOKENS = 32768  # ~0.75 GB of bf16 KV for SmolLM2-135M (30 layers x 3 kv heads x 64)
 DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x (past + new) per prefill forward, bounds activation memory
-DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once (bounds the KV of the running batch)
+DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once
+# KV of the running batch: rows x (width + room) slots, every row padded to the widest prompt. Joining
+# copies it once more, so the peak is about twice this. Without a bound, 16 concurrent MCTS searches
+# (80 rows of ~2k-token prompts, fp32) grew past 24 GB and were OOM-killed.
+DEFAULT_MAX_BATCH_KV_BYTES = 3 << 30
 
 
 class _FairLock:
@@ -424,7 +428,8 @@ class LocalLM:
 
     def __init__(self, model: ValueHeadModel | str | os.PathLike, tokenizer=None, *, dtype=None,
                  device: str | torch.device = "cpu", max_cached_tokens: int | None = None,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS):
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+                 max_batch_kv_bytes: int = DEFAULT_MAX_BATCH_KV_BYTES):
         if not isinstance(model, ValueHeadModel):
             model = ValueHeadModel.from_pretrained(model, dtype=dtype, device=device)
         self.model = model.eval()
@@ -440,6 +445,11 @@ class LocalLM:
         self.lock = _FairLock()  # the model, the prefix cache and the tokenizer
         self.eos_ids = self._eos_ids()
         self.max_batch_rows = max_batch_rows
+        self.max_batch_kv_bytes = max_batch_kv_bytes
+        cfg = self.model.lm.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._kv_bytes_per_slot = (2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+                                   * head_dim * torch.finfo(self.model.dtype).bits // 8)
         self._queue: list[_Request] = []  # generate() calls waiting to join the decode batch
         self._cv = threading.Condition()
         self._batch: _Batch | None = None  # the running decode batch, stepped by the leading caller
@@ -690,11 +700,14 @@ class LocalLM:
             if 4 * rows < batch.size and max(r.waited for r in same) < 8:
                 return []
         admit, rows = [], batch.size if batch is not None else 0
+        width = batch.width if batch is not None else 0
         for r in same:  # an empty batch takes its first request whatever its size
-            if rows + r.rows > self.max_batch_rows and (admit or batch is not None):
+            w = max([width] + [len(t) for t in r.prompts])
+            kv_bytes = (rows + r.rows) * (w + key[3]) * self._kv_bytes_per_slot
+            if (rows + r.rows > self.max_batch_rows or kv_bytes > self.max_batch_kv_bytes) and (admit or batch is not None):
                 break
             admit.append(r)
-            rows += r.rows
+            rows, width = rows + r.rows, w
         for r in admit:
             self._queue.remove(r)
         return admit
@@ -724,6 +737,8 @@ class LocalLM:
         if batch is None:
             batch = _Batch(reqs[0].key, max((len(self.encode(st)) for st in stop), default=0) + 4)
         batch.add(new, max_new_tokens, self.device)
+        for r in distinct.values():  # copied into the batch: do not hold a second copy per prompt
+            r.kv = r.past = r.values = r.past_values = None
         return batch
 
     @staticmethod

@@ -522,3 +522,36 @@ def test_serve_runs_other_threads_calls_on_the_serving_thread(lm, monkeypatch):
     assert threads == {threading.get_ident()}
     assert [[s.text for s in g[0]] for g in got] == [[s.text for s in w[0]] for w in want]
     assert not lm._leading and lm._batch is None
+
+
+def test_requests_join_the_batch_only_within_its_kv_budget(head_model_dir, monkeypatch):
+    """Rows are padded to the widest prompt, so the batch's KV is bounded in bytes, not just rows: a
+    request that would push it past the budget waits for the batch to shrink, and loses nothing."""
+    probe = LocalLM(head_model_dir, dtype="fp32")
+    prompts = [short_prompt(probe, f"What is {i} + 3?") for i in range(3)]
+    want = [probe.generate([p], 2, temperature=1.0, max_new_tokens=12, seed=i) for i, p in enumerate(prompts)]
+    width = max(len(probe.encode(p)) for p in prompts)
+    lm = LocalLM(head_model_dir, dtype="fp32", max_batch_kv_bytes=2 * (width + 12) * probe._kv_bytes_per_slot)
+    sizes, step = [], _Batch.step
+
+    def spy(batch, lm_):
+        sizes.append(batch.size)
+        return step(batch, lm_)
+
+    monkeypatch.setattr(_Batch, "step", spy)
+    got = [None] * 3
+
+    def call(i):
+        deadline = time.monotonic() + 10
+        while not lm._leading and time.monotonic() < deadline:
+            time.sleep(0.001)
+        got[i] = lm.generate([prompts[i]], 2, temperature=1.0, max_new_tokens=12, seed=i)
+
+    workers = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for w in workers:
+        w.start()
+    lm.serve(lambda: all(g is not None for g in got))
+    for w in workers:
+        w.join(10)
+    assert sizes and max(sizes) == 2  # one request (2 rows) at a time
+    assert [[s.text for s in g[0]] for g in got] == [[s.text for s in w[0]] for w in want]
