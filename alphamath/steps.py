@@ -118,9 +118,9 @@ def find_answer(text: str) -> str | None:
     if tags and tags[-1].strip():
         return tags[-1].strip()
     said = [m.end() for m in _ANSWER_IS.finditer(text)]
-    if said:  # the last "the answer is X", X up to the end of its sentence or line
+    if said:  # the last "the answer is X", X up to the end of its sentence or line, or a tag
         tail = text[said[-1]:].split("\n")[0]
-        tail = re.split(r"\.(?:\s|$)|</step>", tail)[0].strip().strip("$").strip()
+        tail = re.split(r"\.(?:\s|$)|\.?</?[A-Za-z]+>", tail)[0].strip().strip("$").strip()
         if tail:
             return tail
     return None
