@@ -492,6 +492,26 @@ def test_the_model_lock_is_granted_in_arrival_order():
     assert took
 
 
+def generate_from_workers_while_serving(lm, prompts):
+    """One generate() per prompt (seed = its index) from worker threads, started once this thread
+    runs `lm.serve`, which returns when all are answered."""
+    got = [None] * len(prompts)
+
+    def call(i):
+        deadline = time.monotonic() + 10
+        while not lm._leading and time.monotonic() < deadline:  # call once the main thread serves
+            time.sleep(0.001)
+        got[i] = lm.generate([prompts[i]], 2, temperature=1.0, max_new_tokens=12, seed=i)
+
+    workers = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for w in workers:
+        w.start()
+    lm.serve(lambda: all(g is not None for g in got))
+    for w in workers:
+        w.join(10)
+    return got
+
+
 def test_serve_runs_other_threads_calls_on_the_serving_thread(lm, monkeypatch):
     """`serve` on the main thread decodes for generate() calls made on worker threads (one OpenMP
     pool), with the same samples as when each call leads itself, and returns when told to."""
@@ -505,20 +525,7 @@ def test_serve_runs_other_threads_calls_on_the_serving_thread(lm, monkeypatch):
 
     monkeypatch.setattr(_Batch, "step", spy)
     lm.reset_cache()
-    got = [None] * 3
-
-    def call(i):
-        deadline = time.monotonic() + 10
-        while not lm._leading and time.monotonic() < deadline:  # call once the main thread serves
-            time.sleep(0.001)
-        got[i] = lm.generate([prompts[i]], 2, temperature=1.0, max_new_tokens=12, seed=i)
-
-    workers = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-    for w in workers:
-        w.start()
-    lm.serve(lambda: all(g is not None for g in got))
-    for w in workers:
-        w.join(10)
+    got = generate_from_workers_while_serving(lm, prompts)
     assert threads == {threading.get_ident()}
     assert [[s.text for s in g[0]] for g in got] == [[s.text for s in w[0]] for w in want]
     assert not lm._leading and lm._batch is None
@@ -539,19 +546,6 @@ def test_requests_join_the_batch_only_within_its_kv_budget(head_model_dir, monke
         return step(batch, lm_)
 
     monkeypatch.setattr(_Batch, "step", spy)
-    got = [None] * 3
-
-    def call(i):
-        deadline = time.monotonic() + 10
-        while not lm._leading and time.monotonic() < deadline:
-            time.sleep(0.001)
-        got[i] = lm.generate([prompts[i]], 2, temperature=1.0, max_new_tokens=12, seed=i)
-
-    workers = [threading.Thread(target=call, args=(i,)) for i in range(3)]
-    for w in workers:
-        w.start()
-    lm.serve(lambda: all(g is not None for g in got))
-    for w in workers:
-        w.join(10)
+    got = generate_from_workers_while_serving(lm, prompts)
     assert sizes and max(sizes) == 2  # one request (2 rows) at a time
     assert [[s.text for s in g[0]] for g in got] == [[s.text for s in w[0]] for w in want]
