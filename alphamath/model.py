@@ -44,19 +44,23 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     is passed (left-padded batches of many prompts): for 48 rows of SmolLM2 (9 query / 3 KV heads)
     that copy dominated a decode step. Query heads h = g * groups + r share KV head g, so the queries
     are folded into each KV head's query axis instead: q [B, H, S, D] -> [B, H/groups, groups * S, D],
-    the mask [B, 1, S, L] tiled to [B, 1, groups * S, L]; exact, and only queries move.
+    the mask [B, 1, S, L] tiled to [B, 1, groups * S, L]; exact, and only queries move. An unpadded
+    decode step (one query per row, no mask) is folded the same way: torch's CPU kernel with
+    `enable_gqa` took ~6x longer for it in bf16 (B=5, 1.5k keys: 7.7 ms vs 1.1 ms per layer).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if groups == 1 or attention_mask is None:  # unmasked SDPA already shares KV heads (enable_gqa)
+    B, H, S, D = query.shape
+    if groups == 1 or (attention_mask is None and S > 1):  # unmasked prefill: causal SDPA with enable_gqa
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    B, H, S, D = query.shape
     q = query.reshape(B, H // groups, groups * S, D)
-    mask = attention_mask[:, :, :, : key.shape[-2]]
-    if mask.shape[2] > 1:
-        mask = mask.repeat(1, 1, groups, 1)
+    mask = None  # one query per row (an unpadded decode step) sees every cached key
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.shape[2] > 1:
+            mask = mask.repeat(1, 1, groups, 1)
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout,
                                                            scale=scaling)
     return out.reshape(B, H, S, D).transpose(1, 2).contiguous(), None

@@ -155,3 +155,21 @@ def test_grouped_attention_equals_transformers_sdpa_on_padded_batches(model, tin
         o2 = model.lm(step, attention_mask=mask2, past_key_values=out.past_key_values, position_ids=pos[:, -1:] + 1)
         r2 = plain(step, attention_mask=mask2, past_key_values=ref.past_key_values, position_ids=pos[:, -1:] + 1)
     torch.testing.assert_close(o2.logits, r2.logits, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_attention_equals_transformers_sdpa_on_unpadded_decode_steps(model, tiny_model_dir):
+    """An unpadded decode step (one query per row, no mask: every MCTS expansion) takes the folded
+    path too; its logits equal transformers' SDPA with enable_gqa, at several cached lengths."""
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    ids = _ids(model).repeat(3, 1)  # three samples of one prompt
+    with torch.no_grad():
+        out = model.lm(ids, use_cache=True)
+        ref = plain(ids, use_cache=True)
+        torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-4)
+        cache, ref_cache = out.past_key_values, ref.past_key_values
+        for tok in ([5], [7], [11]):
+            step = torch.tensor([tok, [tok[0] + 1], [tok[0] + 2]])
+            o = model.lm(step, past_key_values=cache, use_cache=True)
+            r = plain(step, past_key_values=ref_cache, use_cache=True)
+            torch.testing.assert_close(o.logits, r.logits, atol=1e-5, rtol=1e-4)
+            cache, ref_cache = o.past_key_values, r.past_key_values
