@@ -368,9 +368,11 @@ class _Batch:
             smp.logprob += lp
             if lm._finished(smp, tok, stop, max_new_tokens, self.window):
                 self.alive[b] = False
-                cols = self.mask[b, :self.width].bool()
-                kv = [(layer.keys[b][:, cols], layer.values[b][:, cols]) for layer in self.layers]
-                lm.cache.insert(smp.prompt.tokens + smp.tokens[:-1], kv, self.head_values[b, :self.width][cols])
+                # A live row's KV is its last `fed` columns (left padding before them): views, not
+                # copies; insert() copies only what the prefix cache lacks.
+                fed, W = len(smp.prompt.tokens) + len(smp.tokens) - 1, self.width
+                kv = [(layer.keys[b][:, W - fed:W], layer.values[b][:, W - fed:W]) for layer in self.layers]
+                lm.cache.insert(smp.prompt.tokens + smp.tokens[:-1], kv, self.head_values[b, W - fed:W])
                 req = smp.request
                 req.left -= 1
                 if req.left == 0:
