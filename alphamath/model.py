@@ -46,7 +46,9 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     are folded into each KV head's query axis instead: q [B, H, S, D] -> [B, H/groups, groups * S, D],
     the mask [B, 1, S, L] tiled to [B, 1, groups * S, L]; exact, and only queries move. An unpadded
     decode step (one query per row, no mask) is folded the same way: torch's CPU kernel with
-    `enable_gqa` took ~6x longer for it in bf16 (B=5, 1.5k keys: 7.7 ms vs 1.1 ms per layer).
+    `enable_gqa` took ~6x longer for it in bf16 (B=5, 1.5k keys: 7.7 ms vs 1.1 ms per layer). Two plain
+    matmuls were faster on contiguous tensors but slower in the decode loop, whose cached K/V are
+    strided views of preallocated buffers (241 vs 166 ms per step for 40 padded rows).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
