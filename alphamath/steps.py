@@ -121,6 +121,7 @@ def find_answer(text: str) -> str | None:
     if said:  # the last "the answer is X", X up to the end of its sentence or line, or a tag
         tail = text[said[-1]:].split("\n")[0]
         tail = re.split(r"\.(?:\s|$)|\.?</?[A-Za-z]+>", tail)[0].strip().strip("$").strip()
+        tail = re.split(r"(?<![<>!=])=(?!=)", tail)[-1].strip()  # "is 30 + 2 = 32": the result, not the sum
         if tail:
             return tail
     return None

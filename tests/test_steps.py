@@ -47,6 +47,8 @@ def test_boxed_nested_braces():
     assert boxed_content("x \\boxed{\\frac{a}{b}} y \\boxed{\\sqrt{2}}") == "\\sqrt{2}"
     assert find_answer("no answer here") is None
     assert find_answer("<output>So the answer is 300.</output>") == "300"  # seen from SmolLM2
+    assert find_answer("So the answer is 30 + 2 = 32.") == "32"  # seen from SmolLM2
+    assert find_answer("The answer is x <= 5.") == "x <= 5"  # an inequality is not a sum
     assert find_answer("The answer is x < 5.</step>") == "x < 5"
 
 
