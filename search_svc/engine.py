@@ -55,8 +55,7 @@ def solve(question: str, method: str, policy: Policy, value: Value, sandbox: San
         greedy(tree, policy, value, sandbox, cfg, search_check, on_progress)
     else:
         majority(tree, policy, value, sandbox, cfg, search_check, equiv=check, on_progress=on_progress)
-    if not rewards:  # grade the chosen answer only now, after the search is over
-        chosen = tree.meta.get("answer_node")
-        finish(tree, tree.nodes[chosen] if chosen is not None else None, check)
+    chosen = tree.meta.get("answer_node")  # graded once the search is over (with rewards, already was)
+    finish(tree, tree.nodes[chosen] if chosen is not None else None, check)
     tree.meta["seconds"] = round(time.perf_counter() - start, 3)
     return tree

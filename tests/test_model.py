@@ -128,14 +128,19 @@ def test_cpu_flags_parsing():
     assert not cpu_has_fast_bf16("flags : fpu sse avx2 avx512f\n")
 
 
-def test_grouped_attention_equals_transformers_sdpa_on_padded_batches(model, tiny_model_dir):
+@pytest.fixture
+def plain(tiny_model_dir):
+    """The same checkpoint on transformers' own SDPA attention: the reference for grouped_sdpa."""
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def test_grouped_attention_equals_transformers_sdpa_on_padded_batches(model, plain):
     """The masked grouped-query attention (queries folded per KV head, no K/V repeat) gives the same
     logits and gradients as transformers' own SDPA path, for a left-padded prefill and a cached decode step."""
     from alphamath.model import GROUPED_SDPA
 
     assert model.lm.config._attn_implementation == GROUPED_SDPA
     assert model.lm.config.num_attention_heads > model.lm.config.num_key_value_heads  # really grouped
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     a, b = _ids(model)[0].tolist(), _ids(model, "What is 2 + 3?")[0].tolist()
     width = max(len(a), len(b))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in (a, b)])
@@ -157,10 +162,9 @@ def test_grouped_attention_equals_transformers_sdpa_on_padded_batches(model, tin
     torch.testing.assert_close(o2.logits, r2.logits, atol=1e-5, rtol=1e-4)
 
 
-def test_grouped_attention_equals_transformers_sdpa_on_unpadded_decode_steps(model, tiny_model_dir):
+def test_grouped_attention_equals_transformers_sdpa_on_unpadded_decode_steps(model, plain):
     """An unpadded decode step (one query per row, no mask: every MCTS expansion) takes the folded
     path too; its logits equal transformers' SDPA with enable_gqa, at several cached lengths."""
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     ids = _ids(model).repeat(3, 1)  # three samples of one prompt
     with torch.no_grad():
         out = model.lm(ids, use_cache=True)
