@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from alphamath.interfaces import Sample
+from alphamath.limits import (EVENT_ID_CHARS, GROUND_TRUTH_CHARS, MAX_TREE_NODES, QUESTION_CHARS, check_finite,
+                              check_id, check_text)
 from alphamath.pb import common_pb2, events_pb2, policy_pb2, search_pb2
 from alphamath.tree import SCHEMA_VERSION, Node, Tree
 
@@ -181,6 +183,58 @@ def tree_to_event(tree: Tree, *, checkpoint: str | None = None, search_config: M
     return ev
 
 
+def check_tree_structure(nodes: list[Node]) -> None:
+    """ValueError unless `nodes` form one tree rooted at node 0, every parent listed before its
+    children. Why: a parent cycle makes Tree.path loop forever and an orphan's examples would
+    have no question; both must be refused before the trainer stores or walks the tree.
+
+    Checked: ids equal positions; node 0 is the root (no parent, depth 0); every other node's
+    parent exists and comes earlier (which rules out cycles and self-parents); depth is the
+    parent's + 1; each node appears in exactly its parent's children list, once; visit and
+    token counts are non-negative and the floats finite."""
+    if not nodes:
+        raise ValueError("tree has no nodes (the root is required)")
+    n_nodes = len(nodes)
+    for i, n in enumerate(nodes):
+        if n.id != i:
+            raise ValueError(f"tree node at index {i} has id {n.id}")
+        if i == 0:
+            if n.parent is not None or n.depth != 0:
+                raise ValueError(f"node 0 must be the root (parent none, depth 0); it has parent {n.parent}, "
+                                 f"depth {n.depth}")
+        else:
+            if n.parent is None:
+                raise ValueError(f"node {i} has no parent (an orphan; only node 0 is the root)")
+            if not 0 <= n.parent < n_nodes:
+                raise ValueError(f"node {i} has parent {n.parent}, which does not exist")
+            if n.parent >= i:
+                raise ValueError(f"node {i} has parent {n.parent}, listed after it (a cycle or out of order)")
+            if n.depth != nodes[n.parent].depth + 1:
+                raise ValueError(f"node {i} has depth {n.depth}; its parent {n.parent} has depth "
+                                 f"{nodes[n.parent].depth}")
+        if n.N < 0 or n.token_count < 0:
+            raise ValueError(f"node {i} has a negative count (visits {n.N}, tokens {n.token_count})")
+        for name in ("W", "prior", "value"):
+            try:
+                check_finite(f"node {i} {name}", getattr(n, name))
+            except ValueError as e:
+                raise ValueError(str(e)) from None
+    seen_as_child = [False] * n_nodes
+    for i, n in enumerate(nodes):
+        for c in n.children:
+            if not 0 < c < n_nodes:
+                raise ValueError(f"node {i} lists child {c}, which does not exist")
+            if nodes[c].parent != i:
+                raise ValueError(f"node {i} lists child {c}, whose parent is {nodes[c].parent}")
+            if seen_as_child[c]:
+                raise ValueError(f"node {c} is listed as a child twice")
+            seen_as_child[c] = True
+    missing = [i for i in range(1, n_nodes) if not seen_as_child[i]]
+    if missing:
+        raise ValueError(f"node {missing[0]} is not in its parent's children list "
+                         f"({len(missing)} such node(s))")
+
+
 def tree_from_event(ev: events_pb2.TreeEvent) -> Tree:
     """Inverse of tree_to_event; ValueError for an unsupported schema or an inconsistent tree."""
     if ev.schema_version != SCHEMA_VERSION:
@@ -188,12 +242,16 @@ def tree_from_event(ev: events_pb2.TreeEvent) -> Tree:
                          f"(this build reads {SCHEMA_VERSION})")
     if not ev.nodes:
         raise ValueError("TreeEvent has no nodes (the root is required)")
+    if len(ev.nodes) > MAX_TREE_NODES:
+        raise ValueError(f"TreeEvent has {len(ev.nodes)} nodes; the limit is {MAX_TREE_NODES}")
     nodes = [node_from_pb(m) for m in ev.nodes]
-    for i, n in enumerate(nodes):
-        if n.id != i:
-            raise ValueError(f"tree node at index {i} has id {n.id}")
-        if any(c >= len(nodes) for c in n.children) or (n.parent is not None and n.parent >= len(nodes)):
-            raise ValueError(f"tree node {i} refers to a node that does not exist")
+    check_tree_structure(nodes)
+    if ev.HasField("question_id"):
+        check_id("question_id", ev.question_id)
+    check_id("checkpoint", ev.checkpoint, required=False)
+    check_id("event_id", ev.event_id, EVENT_ID_CHARS, required=False)
+    check_text("question", ev.question, QUESTION_CHARS)
+    check_text("ground_truth", ev.ground_truth if ev.HasField("ground_truth") else None, GROUND_TRUTH_CHARS)
     return Tree(question=ev.question, prompt=ev.prompt,
                 ground_truth=ev.ground_truth if ev.HasField("ground_truth") else None,
                 question_id=ev.question_id if ev.HasField("question_id") else None,

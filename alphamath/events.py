@@ -103,18 +103,31 @@ class CheckpointListener:
     starts at the last promotion already on the topic, so a (re)started service catches up with the
     checkpoint in force; the callback should ignore a checkpoint it already serves. Exceptions in
     the callback are logged and the event is skipped (a bad checkpoint must not kill the service).
+
+    Failures: an undecodable or incomplete event is logged with its offset, counted in `skipped`
+    and committed past (there is no dead-letter topic for checkpoints). Broker errors (KafkaError,
+    OSError) are retried with backoff (0.5 s doubling to 10 s) for as long as it takes: the
+    service keeps serving its current model meanwhile. Any other error is retried the same way
+    `max_failures` times in a row; then, or if the thread ends by any error, `failed` is set and
+    `on_fatal(reason)` is called (follow_checkpoints: NOT_SERVING and a non-zero exit).
     """
 
     def __init__(self, bootstrap: str | None, group_id: str,
                  on_checkpoint: Callable[[events_pb2.CheckpointEvent], None],
                  topic: str = CHECKPOINTS_TOPIC, replay_latest: bool = True, poll_ms: int = 500,
-                 consumer_config: Mapping | None = None):
+                 consumer_config: Mapping | None = None, on_fatal: Callable[[str], None] | None = None,
+                 max_failures: int = 5, max_backoff_s: float = 10.0):
         self.bootstrap = bootstrap or bootstrap_from_env()
         self.group_id, self.topic, self.on_checkpoint = group_id, topic, on_checkpoint
         self.replay_latest, self.poll_ms = replay_latest, poll_ms
         self.consumer_config = {**CONSUMER_DEFAULTS, **(consumer_config or {})}
         self.received = 0
+        self.skipped = 0
+        self.retries = 0
         self.last_error: str | None = None
+        self.on_fatal, self.max_failures, self.max_backoff_s = on_fatal, max_failures, max_backoff_s
+        self.failed = threading.Event()
+        self.failure: str | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,9 +188,19 @@ class CheckpointListener:
         return assigned
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - the thread must not end silently
+            self.failure = f"checkpoint listener {self.group_id} stopped: {type(e).__name__}: {e}"
+            log.critical("%s", self.failure, exc_info=True)
+            self.failed.set()
+            if self.on_fatal is not None:
+                self.on_fatal(self.failure)
+
+    def _loop(self) -> None:
         from kafka.errors import KafkaError
 
-        backoff = 0.5
+        backoff, unexpected = 0.5, 0
         while not self._stop.is_set():
             consumer = None
             try:
@@ -193,12 +216,23 @@ class CheckpointListener:
                             self._handle(rec)
                     if batches:
                         consumer.commit()
-                backoff = 0.5
-            except KafkaError as e:  # broker gone: keep serving the current model, retry
+                    backoff, unexpected = 0.5, 0
+            except (KafkaError, OSError) as e:  # broker gone: keep serving the current model, retry
                 self.last_error = f"{type(e).__name__}: {e}"
+                self.retries += 1
                 log.warning("checkpoint listener %s: %s; retrying in %.1fs", self.group_id, e, backoff)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            except Exception as e:  # noqa: BLE001 - unexpected: retried a few times, then fatal
+                self.last_error = f"{type(e).__name__}: {e}"
+                unexpected += 1
+                if unexpected >= self.max_failures:
+                    raise
+                self.retries += 1
+                log.exception("checkpoint listener %s: unexpected error (%d of %d); retrying in %.1fs",
+                              self.group_id, unexpected, self.max_failures, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
             finally:
                 if consumer is not None:
                     try:
@@ -210,10 +244,14 @@ class CheckpointListener:
         try:
             ev = events_pb2.CheckpointEvent.FromString(rec.value)
         except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and others
-            log.error("undecodable checkpoint event at %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, e)
+            self.skipped += 1
+            self.last_error = f"undecodable checkpoint event at {rec.topic}[{rec.partition}]@{rec.offset}: {e}"
+            log.error("%s; skipped", self.last_error)
             return
         if not ev.checkpoint_id or not ev.path:
-            log.error("checkpoint event at offset %d has no id/path; ignored", rec.offset)
+            self.skipped += 1
+            self.last_error = f"checkpoint event at {rec.topic}[{rec.partition}]@{rec.offset} has no id/path"
+            log.error("%s; skipped", self.last_error)
             return
         self.received += 1
         t0 = time.perf_counter()
@@ -226,11 +264,16 @@ class CheckpointListener:
         log.info("checkpoint %s handled in %.2fs", ev.checkpoint_id, time.perf_counter() - t0)
 
 
-def follow_checkpoints(args, server, load: Callable, service: str, **listener_kw) -> CheckpointListener | None:
+def follow_checkpoints(args, server, load: Callable, service: str, on_fatal: Callable[[str], None] | None = None,
+                       **listener_kw) -> CheckpointListener | None:
     """Roll a running policy/value server forward (`--kafka-bootstrap`): on every promotion of a
     checkpoint other than the one served, `load` the new model fully from the event's path and
     swap it into `server.servicer` (requests in flight finish on the old model). Each replica
-    joins its own consumer group. Returns None when following is off (no bootstrap, or TGI)."""
+    joins its own consumer group. Returns None when following is off (no bootstrap, or TGI).
+
+    If the listener dies, the server reports NOT_SERVING and `on_fatal` runs; by default that is
+    alphamath.service.fail_process, which makes the service exit non-zero (a replica that can no
+    longer follow promotions would serve a stale model forever)."""
     import argparse
     import os
     import socket
@@ -243,5 +286,14 @@ def follow_checkpoints(args, server, load: Callable, service: str, **listener_kw
             fresh = argparse.Namespace(**{**vars(args), "model_dir": ev.path, "checkpoint": ev.checkpoint_id})
             server.servicer.swap(load(fresh))
 
+    def fatal(reason: str) -> None:
+        server.grpc.set_serving(False)
+        if on_fatal is not None:
+            on_fatal(reason)
+        else:
+            from alphamath.service import fail_process
+            fail_process(reason)
+
     group = f"{service}-{socket.gethostname()}-{os.getpid()}"
-    return CheckpointListener(args.kafka_bootstrap, group, on_checkpoint, **listener_kw).start(wait_s=None)
+    return CheckpointListener(args.kafka_bootstrap, group, on_checkpoint, on_fatal=fatal,
+                              **listener_kw).start(wait_s=None)

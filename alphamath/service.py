@@ -337,10 +337,22 @@ class GrpcServer:
         self.server.wait_for_termination()
 
 
+_FATAL: list[str] = []
+
+
+def fail_process(reason: str) -> None:
+    """A background part of a service (e.g. its checkpoint listener) died: shut the process down
+    as on SIGTERM, but make `run_until_signal` exit with status 1 so Kubernetes restarts it."""
+    logging.getLogger(__name__).critical("fatal: %s; shutting down with status 1", reason)
+    _FATAL.append(reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_until_signal(stop: Callable[[], None], log: logging.Logger | None = None,
                      work: Callable[[threading.Event], None] | None = None) -> None:
     """Block until SIGINT/SIGTERM, then call `stop` once (graceful shutdown for Kubernetes).
-    `work(done)`, if given, runs on the main thread meanwhile and must return once `done` is set."""
+    `work(done)`, if given, runs on the main thread meanwhile and must return once `done` is set.
+    After a `fail_process` the shutdown ends in SystemExit(1)."""
     done = threading.Event()
 
     def handler(signum, _frame):
@@ -355,6 +367,8 @@ def run_until_signal(stop: Callable[[], None], log: logging.Logger | None = None
         done.wait()
     finally:
         stop()
+    if _FATAL:
+        raise SystemExit(1)
 
 
 def abort_invalid(context, message: str):

@@ -83,6 +83,8 @@ class Tree:
         """Nodes from the root's first step down to node_id (the root itself excluded)."""
         out = []
         while node_id is not None and node_id != 0:
+            if len(out) >= len(self.nodes):  # a parent cycle would otherwise loop forever
+                raise ValueError(f"node {out[0].id}'s parent chain has a cycle")
             out.append(self.nodes[node_id])
             node_id = self.nodes[node_id].parent
         return out[::-1]

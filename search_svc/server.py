@@ -30,6 +30,7 @@ from alphamath.service import (GRPC_PORTS, LATENCY_BUCKETS, GrpcServer, ServiceM
                                run_until_signal, service_parser, setup_logging)
 
 from alphamath.convert import method_from_pb, parameters_to_overrides
+from alphamath.limits import GROUND_TRUTH_CHARS, check_id, check_text
 from alphamath.pb import search_pb2, search_pb2_grpc
 from alphamath.tree import Tree
 from search_svc.clients import (CallScope, Dependencies, DependencyError, DependencyUnavailable,
@@ -86,6 +87,7 @@ class Admission:
         self._slots = threading.Semaphore(max_active)
         self._lock = threading.Lock()
         self.waiting = 0
+        self.running = 0  # searches holding a slot (tests wait on this instead of sleeping)
 
     @contextmanager
     def slot(self, scope: CallScope, bounded: bool = True):
@@ -105,11 +107,15 @@ class Admission:
                 with self._lock:
                     self.waiting -= 1
                     self.m.queued.dec()
+        with self._lock:
+            self.running += 1
         self.m.active.inc()
         try:
             yield
         finally:
             self.m.active.dec()
+            with self._lock:
+                self.running -= 1
             self._slots.release()
 
 
@@ -212,11 +218,14 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     # -- request handling ----------------------------------------------------------------------
     def _parse(self, req: search_pb2.SolveRequest) -> Parsed:
+        """Every field checked against what the trainer's store accepts (alphamath.limits): a bad
+        value is INVALID_ARGUMENT naming the field, before any search work."""
         question = check_question(req.question)
+        check_text("question", question)
         method = method_from_pb(req.method)
         cfg = config_from_parameters(req.parameters, self.config.defaults)
-        gt = req.ground_truth if req.HasField("ground_truth") else None
-        qid = req.question_id if req.HasField("question_id") else None
+        gt = check_text("ground_truth", req.ground_truth, GROUND_TRUTH_CHARS) if req.HasField("ground_truth") else None
+        qid = check_id("question_id", req.question_id) if req.HasField("question_id") else None
         return Parsed(question, method, cfg, gt, qid, req.include_tree)
 
     def _scope(self, context) -> CallScope:
@@ -360,15 +369,21 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if len(qs) > MAX_BATCH_QUESTIONS:
             raise ValueError(f"{len(qs)} questions; the limit per GenerateTrees call is {MAX_BATCH_QUESTIONS}")
         cfg = config_from_parameters(request.parameters, self.config.defaults)
-        out = []
+        out, seen = [], {}
         for i, q in enumerate(qs):
             try:
-                question = check_question(q.question)
+                question = check_text("question", check_question(q.question))
+                check_id("id", q.id, required=False)
+                check_text("ground_truth", q.ground_truth, GROUND_TRUTH_CHARS)
             except ValueError as e:
-                raise ValueError(f"questions[{i}]: {e}") from None
+                raise ValueError(f"questions[{i}].{e}") from None
             if not q.ground_truth.strip():
-                raise ValueError(f"questions[{i}]: ground_truth is empty (GenerateTrees needs the final answer)")
-            out.append(Parsed(question, "mcts", cfg, q.ground_truth, q.id or f"q{i}", request.include_tree, rewards=True))
+                raise ValueError(f"questions[{i}].ground_truth is empty (GenerateTrees needs the final answer)")
+            qid = q.id or f"q{i}"
+            if qid in seen:  # results are reported by id: two questions must not share one
+                raise ValueError(f"questions[{i}].id {qid!r} repeats questions[{seen[qid]}].id")
+            seen[qid] = i
+            out.append(Parsed(question, "mcts", cfg, q.ground_truth, qid, request.include_tree, rewards=True))
         return out
 
 

@@ -42,8 +42,18 @@ def main(argv=None) -> int:
                                                 batch_size=args.batch_size, grad_accum=args.grad_accum))
     log.info("trainer service ready", extra={"port": server.port, "metrics_port": server.metrics_port,
                                              "db": store.url.split("@")[-1], "ingest": args.ingest})
-    run_until_signal(server.stop, log)
+
+    def watch(done):
+        """The main thread waits for a signal or for the ingest thread's death (then exit 1)."""
+        while not done.wait(0.5):
+            if server.failed.is_set():
+                done.set()
+
+    run_until_signal(server.stop, log, work=watch)
     store.close()
+    if server.failed.is_set():
+        log.critical("exiting with status 1: %s", server.failure)
+        return 1
     return 0
 
 

@@ -8,6 +8,15 @@ The consumer group `alphamath-trainer` reads TreeEvents with auto-commit off. Fo
 A trainer killed anywhere in between re-reads at most the uncommitted records on restart, and the
 store recognises those it already has: nothing is lost, nothing is stored twice.
 
+Failures are sorted by what retrying can do (see `classify`):
+  - permanent (a record that is not a valid tree, a value the store refuses, a violated
+    constraint): dead-lettered with the reason, its offset committed, the next record goes on;
+  - transient (database or broker unreachable, a rebalance that voided the commit): the batch's
+    remaining records are read again after a backoff (0.5 s doubling to 10 s), for at most
+    `retry_budget_s` in a row;
+  - anything else, or transient errors beyond the budget: `run` raises IngestFailed. The trainer
+    service then reports NOT_SERVING and exits non-zero so that Kubernetes restarts it.
+
 Crash points for the kill tests (trainer_svc.faults): before_db_commit, after_db_commit,
 after_offset_commit.
 
@@ -37,6 +46,34 @@ class Undecodable(ValueError):
     """A record that can never become a tree: it goes to the dead-letter topic."""
 
 
+class IngestFailed(RuntimeError):
+    """Ingestion cannot go on in this process (an unexpected error, or a transient one that outlasted
+    the retry budget); the owner must fail loudly."""
+
+
+class _Retry(Exception):
+    """Internal: a transient error; the batch's unhandled records were sought back for a retry."""
+
+
+PERMANENT, TRANSIENT = "permanent", "transient"
+
+
+def classify(exc: BaseException) -> str | None:
+    """PERMANENT (dead-letter the record), TRANSIENT (retry later) or None (unexpected: fail)."""
+    from kafka.errors import KafkaError
+    from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+
+    if isinstance(exc, (DataError, IntegrityError)):
+        return PERMANENT
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return TRANSIENT
+    if isinstance(exc, (OperationalError, InterfaceError, KafkaError, ConnectionError, TimeoutError)):
+        return TRANSIENT
+    if isinstance(exc, (ValueError, TypeError)):  # Undecodable, InvalidRecord, a malformed tree
+        return PERMANENT
+    return None
+
+
 def decode(value: bytes | None):
     """TreeEvent bytes -> (Tree, event); Undecodable with the reason otherwise."""
     if not value:
@@ -61,6 +98,7 @@ class IngestStats:
     duplicates: int = 0
     dead_letters: int = 0
     examples: int = 0
+    retries: int = 0  # transient failures retried
 
     def add(self, other: "IngestStats") -> None:
         self.records += other.records
@@ -68,15 +106,18 @@ class IngestStats:
         self.duplicates += other.duplicates
         self.dead_letters += other.dead_letters
         self.examples += other.examples
+        self.retries += other.retries
 
 
 class Ingestor:
     def __init__(self, store: Store, bootstrap: str | None = None, group_id: str = GROUP_ID,
                  topic: str = TREES_TOPIC, dlq_topic: str = DLQ_TOPIC, consumer_config: dict | None = None,
-                 max_poll_records: int = 50):
+                 max_poll_records: int = 50, retry_budget_s: float = 300.0, max_backoff_s: float = 10.0):
         from kafka import KafkaConsumer
 
         self.store, self.topic, self.dlq_topic = store, topic, dlq_topic
+        self.retry_budget_s, self.max_backoff_s = retry_budget_s, max_backoff_s
+        self.last_error: str | None = None
         self.bootstrap = bootstrap or bootstrap_from_env()
         cfg = {**CONSUMER_DEFAULTS, **(consumer_config or {})}
         self.consumer = KafkaConsumer(topic, bootstrap_servers=self.bootstrap, group_id=group_id,
@@ -97,13 +138,19 @@ class Ingestor:
         log.warning("dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason)
 
     def _handle(self, rec, stats: IngestStats) -> None:
-        stats.records += 1
+        """Store one record or dead-letter it; a transient or unexpected error propagates."""
         try:
-            tree, ev = decode(rec.value)
-        except Undecodable as e:
-            self._dead_letter(rec, str(e))
+            self._store(rec, stats)
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if classify(e) != PERMANENT:
+                raise
+            reason = str(e) if isinstance(e, Undecodable) else f"{type(e).__name__}: {e}"
+            self._dead_letter(rec, reason)
             stats.dead_letters += 1
-            return
+        stats.records += 1
+
+    def _store(self, rec, stats: IngestStats) -> None:
+        tree, ev = decode(rec.value)
         try:
             search_config = json.loads(ev.search_config_json) if ev.search_config_json else {}
         except ValueError:
@@ -127,10 +174,24 @@ class Ingestor:
         if not batches:
             return stats
         offsets = {}
-        for tp, records in batches.items():
-            for rec in records:
-                self._handle(rec, stats)  # DB errors propagate: the offset stays uncommitted
-                offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
+        try:
+            for tp, records in batches.items():
+                for rec in records:
+                    self._handle(rec, stats)
+                    offsets[tp] = OffsetAndMetadata(rec.offset + 1, "", -1)
+        except Exception as e:  # noqa: BLE001 - transient: retry the rest; otherwise fatal
+            self.total.add(stats)
+            if classify(e) != TRANSIENT:
+                raise
+            # Keep what is stored, and read the unhandled records again after the backoff.
+            for tp, records in batches.items():
+                self.consumer.seek(tp, offsets[tp].offset if tp in offsets else records[0].offset)
+            if offsets:
+                try:
+                    self.consumer.commit(offsets)
+                except Exception as ce:  # noqa: BLE001 - the store recognises the re-read trees
+                    log.warning("committing the partial batch failed (%s); those trees will be read again", ce)
+            raise _Retry(f"{type(e).__name__}: {e}") from e
         self.consumer.commit(offsets)
         self.total.add(stats)
         log.info("ingested %d records: %d new trees (%d examples), %d duplicates, %d dead letters",
@@ -143,8 +204,26 @@ class Ingestor:
         """Consume until stop(), until `idle_exit_s` pass with nothing new after the first record
         (or after joining), or until `max_trees` records have been handled."""
         last, assigned = time.monotonic(), False
+        failing_since, backoff = None, 0.5
         while not self._stop.is_set():
-            s = self.poll_once(poll_ms)
+            try:
+                s = self.poll_once(poll_ms)
+            except Exception as e:  # noqa: BLE001 - transient errors are retried, the rest is fatal
+                if not isinstance(e, _Retry) and classify(e) != TRANSIENT:
+                    self.last_error = f"{type(e).__name__}: {e}"
+                    raise IngestFailed(f"ingestion stopped by an unexpected error: {self.last_error}") from e
+                now = time.monotonic()
+                failing_since = failing_since or now
+                self.last_error = str(e) if isinstance(e, _Retry) else f"{type(e).__name__}: {e}"
+                self.total.retries += 1
+                if now - failing_since > self.retry_budget_s:
+                    raise IngestFailed(f"ingestion kept failing for {now - failing_since:.0f} s "
+                                       f"(budget {self.retry_budget_s:.0f} s): {self.last_error}") from e
+                log.warning("ingestion: transient error (%s); retrying in %.1f s", self.last_error, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            failing_since, backoff = None, 0.5
             if s.records or (not assigned and self.consumer.assignment()):
                 assigned = assigned or bool(self.consumer.assignment())
                 last = time.monotonic()  # idle time counts from the join, not from start-up
@@ -181,20 +260,26 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--session-timeout-ms", type=int, default=CONSUMER_DEFAULTS["session_timeout_ms"])
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     p.add_argument("--max-trees", type=int, default=None)
+    p.add_argument("--retry-budget", type=float, default=300.0,
+                   help="seconds of consecutive transient errors (database/broker down) before giving up")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = Store(a.db_url, a.db_schema)
     ing = Ingestor(store, a.bootstrap, a.group, topic=a.topic, dlq_topic=a.dlq_topic,
                    consumer_config={"session_timeout_ms": a.session_timeout_ms,
-                                    "heartbeat_interval_ms": max(100, a.session_timeout_ms // 6)})
+                                    "heartbeat_interval_ms": max(100, a.session_timeout_ms // 6)},
+                   retry_budget_s=a.retry_budget)
     signal.signal(signal.SIGTERM, lambda *_: ing.stop())
     try:
         total = ing.run(idle_exit_s=a.idle_exit, max_trees=a.max_trees)
+    except IngestFailed as e:
+        log.critical("%s", e)
+        return 1
     finally:
         ing.close()
         store.close()
     print(f"records={total.records} inserted={total.inserted} duplicates={total.duplicates} "
-          f"dead_letters={total.dead_letters} examples={total.examples}", flush=True)
+          f"dead_letters={total.dead_letters} examples={total.examples} retries={total.retries}", flush=True)
     return 0
 
 

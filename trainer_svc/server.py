@@ -120,12 +120,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 
 class TrainerServer:
-    """gRPC server (health, reflection, metrics) + background ingestion."""
+    """gRPC server (health, reflection, metrics) + background ingestion.
+
+    If the ingest thread ends by an error (see trainer_svc.ingest: unexpected errors, or transient
+    ones beyond the retry budget), health turns NOT_SERVING, `failed` is set and `on_fatal(reason)`
+    is called: `python -m trainer_svc` then exits non-zero, so Kubernetes restarts the trainer
+    instead of leaving a server that looks healthy and ingests nothing."""
 
     def __init__(self, store: Store, checkpoint_dir: str | Path, *, port: int = 0, host: str = "127.0.0.1",
                  metrics_port: int = -1, bootstrap: str | None = None, ingest: bool = True,
-                 defaults: TrainConfig | None = None, ingest_kwargs: dict | None = None):
+                 defaults: TrainConfig | None = None, ingest_kwargs: dict | None = None,
+                 on_fatal=None):
         from alphamath.service import GrpcServer, ServiceMetrics
+
+        self.failed = threading.Event()
+        self.failure: str | None = None
+        self.on_fatal = on_fatal
 
         self.servicer = TrainerServicer(store, checkpoint_dir, defaults)
         self.metrics = ServiceMetrics("trainer")
@@ -139,8 +149,20 @@ class TrainerServer:
         if ingest:
             from trainer_svc.ingest import Ingestor
             self.ingestor = Ingestor(store, bootstrap, **(ingest_kwargs or {}))
-            self._ingest_thread = threading.Thread(target=self.ingestor.run, name="ingest", daemon=True)
+            self._ingest_thread = threading.Thread(target=self._ingest, name="ingest", daemon=True)
             self._ingest_thread.start()
+
+    def _ingest(self) -> None:
+        try:
+            self.ingestor.run()
+            return
+        except BaseException as e:  # noqa: BLE001 - any end of this thread but stop() is fatal
+            self.failure = f"the ingest thread died: {type(e).__name__}: {e}"
+        log.critical("%s; reporting NOT_SERVING", self.failure, exc_info=True)
+        self.grpc.set_serving(False)
+        self.failed.set()
+        if self.on_fatal is not None:
+            self.on_fatal(self.failure)
 
     def stop(self) -> None:
         self.grpc.stop()

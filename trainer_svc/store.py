@@ -21,9 +21,10 @@ from typing import Iterator
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, event, func, select, text)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from alphamath.limits import EVENT_ID_CHARS, GROUND_TRUTH_CHARS, ID_CHARS, QUESTION_CHARS, check_id, check_text
 from alphamath.tree import Tree
 from trainer_svc.examples import Example, extract_examples, tree_hash
 
@@ -41,17 +42,17 @@ class TreeRow(Base):
     __table_args__ = (UniqueConstraint("question_id", "checkpoint", "tree_hash", name="uq_tree_identity"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    question_id: Mapped[str] = mapped_column(String(200), index=True)
-    checkpoint: Mapped[str] = mapped_column(String(200), index=True)
+    question_id: Mapped[str] = mapped_column(String(ID_CHARS), index=True)
+    checkpoint: Mapped[str] = mapped_column(String(ID_CHARS), index=True)
     tree_hash: Mapped[str] = mapped_column(String(64))
-    event_id: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(EVENT_ID_CHARS))
     question: Mapped[str] = mapped_column(Text)
     ground_truth: Mapped[str | None] = mapped_column(Text, nullable=True)
     nodes: Mapped[int] = mapped_column(Integer)
     has_correct: Mapped[bool] = mapped_column(Boolean)
     search_config: Mapped[dict] = mapped_column(JSON)
     tree_json: Mapped[str] = mapped_column(Text)
-    source: Mapped[str | None] = mapped_column(String(200), nullable=True)  # topic[partition]@offset
+    source: Mapped[str | None] = mapped_column(String(ID_CHARS), nullable=True)  # topic[partition]@offset
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
@@ -61,8 +62,8 @@ class ExampleRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tree_id: Mapped[int] = mapped_column(ForeignKey("trees.id", ondelete="CASCADE"), index=True)
-    question_id: Mapped[str] = mapped_column(String(200), index=True)
-    checkpoint: Mapped[str] = mapped_column(String(200), index=True)
+    question_id: Mapped[str] = mapped_column(String(ID_CHARS), index=True)
+    checkpoint: Mapped[str] = mapped_column(String(ID_CHARS), index=True)
     path_hash: Mapped[str] = mapped_column(String(64))
     correct: Mapped[bool] = mapped_column(Boolean)
     payload: Mapped[dict] = mapped_column(JSON)  # Example.to_dict()
@@ -71,10 +72,10 @@ class ExampleRow(Base):
 class CheckpointRow(Base):
     __tablename__ = "checkpoints"
 
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    id: Mapped[str] = mapped_column(String(ID_CHARS), primary_key=True)
     path: Mapped[str] = mapped_column(Text)
     round: Mapped[int] = mapped_column(Integer)
-    parent: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    parent: Mapped[str | None] = mapped_column(String(ID_CHARS), nullable=True)
     trees: Mapped[int] = mapped_column(Integer, default=0)
     examples: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -89,8 +90,8 @@ class JobRow(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|succeeded|failed
     round: Mapped[int] = mapped_column(Integer, default=0)
-    base_checkpoint: Mapped[str] = mapped_column(String(200))
-    output_checkpoint: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    base_checkpoint: Mapped[str] = mapped_column(String(ID_CHARS))
+    output_checkpoint: Mapped[str | None] = mapped_column(String(ID_CHARS), nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -108,12 +109,17 @@ class DeadLetterRow(Base):
     __table_args__ = (UniqueConstraint("topic", "partition", "offset", name="uq_dead_letter_source"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    topic: Mapped[str] = mapped_column(String(200))
+    topic: Mapped[str] = mapped_column(String(ID_CHARS))
     partition: Mapped[int] = mapped_column(Integer)
     offset: Mapped[int] = mapped_column(Integer)
-    key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    key: Mapped[str | None] = mapped_column(String(ID_CHARS), nullable=True)
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class InvalidRecord(ValueError):
+    """A tree the database can never accept (a value too long, a NUL character, a violated
+    constraint): retrying cannot help, the ingestor dead-letters it."""
 
 
 @dataclass
@@ -181,9 +187,19 @@ class Store:
     # ---- trees and examples --------------------------------------------------------------------
     def ingest_tree(self, tree: Tree, checkpoint: str, event_id: str = "", search_config: dict | None = None,
                     source: str | None = None) -> IngestResult:
-        """Store a tree and its examples in one transaction; a tree already stored is a no-op."""
-        if not tree.question_id:
-            raise ValueError("tree has no question_id")
+        """Store a tree and its examples in one transaction; a tree already stored is a no-op.
+
+        InvalidRecord for a tree no database of ours accepts: the limits are checked here so that
+        SQLite (which ignores VARCHAR lengths) refuses what PostgreSQL would."""
+        try:
+            check_id("question_id", tree.question_id or "")
+            check_id("checkpoint", checkpoint, required=False)
+            check_id("event_id", event_id, EVENT_ID_CHARS, required=False)
+            check_text("question", tree.question, QUESTION_CHARS)
+            check_text("ground_truth", tree.ground_truth, GROUND_TRUTH_CHARS)
+        except ValueError as e:
+            raise InvalidRecord(str(e)) from None
+        source = source[:ID_CHARS] if source else source
         h = tree_hash(tree)
         ident = (TreeRow.question_id == tree.question_id, TreeRow.checkpoint == checkpoint, TreeRow.tree_hash == h)
         with self.session() as s:
@@ -203,15 +219,28 @@ class Store:
                 s.add_all([ExampleRow(tree_id=row.id, question_id=tree.question_id, checkpoint=checkpoint,
                                       path_hash=e.key, correct=e.correct, payload=e.to_dict()) for e in examples])
                 tree_id = row.id
-        except IntegrityError:  # another ingestor stored it between our check and insert
+        except IntegrityError as e:  # another ingestor stored it between our check and insert ...
             with self.session() as s:
-                return IngestResult(s.scalar(select(TreeRow.id).where(*ident)), False, 0)
+                found = s.scalar(select(TreeRow.id).where(*ident))
+            if found is None:  # ... or some other constraint failed: this tree can never be stored
+                raise InvalidRecord(f"constraint violated: {e.orig}") from e
+            return IngestResult(found, False, 0)
+        except DataError as e:  # a value the database refuses (length, encoding)
+            raise InvalidRecord(f"value refused by the database: {e.orig}") from e
         return IngestResult(tree_id, True, len(examples))
 
     def record_dead_letter(self, topic: str, partition: int, offset: int, key: str | None, reason: str) -> bool:
+        """Record a dead letter once (per topic/partition/offset). Values are cut and cleaned to
+        what the columns take: the record that was too long must not fail here as well."""
+        def clean(v: str | None, n: int | None) -> str | None:
+            if v is None:
+                return None
+            v = v.replace("\x00", "\\x00")
+            return v[:n] if n else v
         try:
             with self.session() as s:
-                s.add(DeadLetterRow(topic=topic, partition=partition, offset=offset, key=key, reason=reason[:4000]))
+                s.add(DeadLetterRow(topic=clean(topic, ID_CHARS), partition=partition, offset=offset,
+                                    key=clean(key, ID_CHARS), reason=clean(reason, 4000)))
             return True
         except IntegrityError:
             return False
