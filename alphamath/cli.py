@@ -191,6 +191,54 @@ def cmd_eval(a):
         print(f"{r['method']:<10} {c:>4}/{n:<3} {c / n:>9.1%} {r['seconds_per_question']:>11.2f}")
 
 
+def read_trees(path: str | Path) -> list:
+    """Trees from a JSON-lines file (one Tree.to_json() per line); errors name the line."""
+    from alphamath.tree import Tree
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"trees file {path} does not exist")
+    out = []
+    for i, line in enumerate(path.open(encoding="utf-8"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(Tree.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CliError(f"{path}:{i}: not a tree ({e})") from None
+    if not out:
+        raise CliError(f"{path}: no trees")
+    return out
+
+
+def cmd_value_report(a):
+    """Judge a value head on finished data-generation trees it was not trained on: ROC AUC at
+    answer nodes, MSE against each visited step's Q beside the best constant, calibration."""
+    from alphamath.metrics import plot_reliability, value_report
+    from search_svc.engine import default_checker
+    trees = read_trees(a.trees)
+    if not any(t.ground_truth is not None for t in trees):
+        raise CliError(f"{a.trees}: no tree has a ground truth; generate them with `alphamath generate`")
+    eng = _engine(a)
+    with _progress(len(trees), "value-report") as bar:
+        rep = value_report(trees, eng.value, check=default_checker(), progress=lambda i: bar.update(1))
+    d = {"model": str(eng.model_dir), "trees_file": str(a.trees), **rep.to_dict()}
+    if not a.per_tree:
+        d.pop("per_tree")
+    if a.plot:
+        plot_reliability(rep, a.plot, title=f"value head of {Path(str(eng.model_dir)).name}")
+    if a.json:
+        print(json.dumps(d, indent=2))
+        return
+    print(f"model: {eng.model_dir}")
+    print(rep.summary())
+    print(f"\n{'predicted value':<18} {'n':>5} {'P(correct) pred':>16} {'observed':>9}")
+    for b in rep.reliability:
+        if b["n"]:
+            print(f"[{b['lo']:+.1f}, {b['hi']:+.1f}){'':<6} {b['n']:>5} {b['predicted']:>16.3f} {b['observed']:>9.3f}")
+    if a.plot:
+        print(f"\nreliability diagram written to {a.plot}")
+
+
 def cmd_show_tree(a):
     from alphamath.render import tree_html, tree_text
     from alphamath.tree import Tree
@@ -295,6 +343,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--id")
     p.add_argument("--html", help="write a self-contained HTML page here")
     p.set_defaults(fn=cmd_show_tree)
+    p = sub.add_parser("value-report", help="AUC, MSE vs a constant and calibration of a value head on trees")
+    p.add_argument("--trees", required=True, help="JSON-lines trees from `alphamath generate` (ground truth known)")
+    p.add_argument("--model", help="HF checkpoint dir whose value head is judged (default: the embedded model)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--per-tree", action="store_true", help="with --json: each tree's predictions and targets")
+    p.add_argument("--plot", help="write the reliability diagram as a PNG here")
+    p.set_defaults(fn=cmd_value_report)
     p = sub.add_parser("demo", help="solve a few problems and print them")
     p.add_argument("--data", default="../shared/data/gsm8k/dev.jsonl")
     p.add_argument("--limit", type=int, default=3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,3 +43,15 @@ def load_problems(path: str | Path, limit: int | None = None) -> list[Problem]:
     if not out:
         raise DataError(f"{path}: no problems")
     return out
+
+
+def difficulty(p: Problem) -> tuple:
+    """A cheap proxy for how hard a word problem is: how far the count of numbers written in digits
+    is from two (fewer means numbers spelled out in words, more means more operations), then its
+    length. Used to take the easier GSM8K problems first for a small model."""
+    return (abs(len(re.findall(r"\d+(?:[.,]\d+)*", p.question)) - 2), len(p.question), p.id)
+
+
+def easiest(problems: list[Problem], k: int | None = None) -> list[Problem]:
+    """The k easiest problems by `difficulty`, in that order (all of them if k is None)."""
+    return sorted(problems, key=difficulty)[:k]

@@ -576,8 +576,10 @@ class LocalLM:
         Calls from several threads are decoded together: a call joins the batch that is running
         (continuous batching), so concurrent searches share every forward pass. Each sample's
         randomness comes from its own seed, so results do not depend on batch-mates.
-        `cumulative_logprob` sums log p(token) under the model's own distribution (softmax of the raw
-        logits: temperature 1, no top-p), so a step's prior does not depend on sampling settings.
+        `cumulative_logprob` sums log p(token) under the distribution the token was drawn from
+        (logits / temperature, renormalised over the top-p nucleus; the raw logits when greedy), as
+        TGI's `details` and the paper's vLLM engine report it: the MCTS prior is the same quantity
+        on every backend.
         Texts end right after the first stop string matched; EOS counts as a token but adds no text.
         Temperature 0 is greedy: one row is decoded and copied n times.
         """
@@ -745,9 +747,12 @@ class LocalLM:
 
     @staticmethod
     def _pick(logits: torch.Tensor, rows: list[_Decoding], temperature: float, top_p: float) -> tuple[list[int], list[float]]:
-        """Next token of each row (greedy, or sampled with the row's own generator) and its raw log-prob."""
+        """Next token of each row (greedy, or sampled with the row's own generator) and its log-prob
+        under the distribution it was drawn from (raw logits when greedy)."""
         if temperature == 0:
             toks = torch.argmax(logits, dim=-1)
+            picked = logits.gather(1, toks.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            return toks.tolist(), picked.tolist()
         else:
             probs = torch.softmax(logits / temperature, dim=-1)
             if top_p < 1.0:
@@ -760,7 +765,7 @@ class LocalLM:
             u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
             toks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
             toks = toks.clamp_(max=logits.shape[-1] - 1)
-        picked = logits.gather(1, toks.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        picked = torch.log(probs.gather(1, toks.unsqueeze(1)).squeeze(1) / probs.sum(dim=-1))
         return toks.tolist(), picked.tolist()
 
     def _finished(self, s: _Decoding, tok: int, stop: Sequence[str], max_new_tokens: int, window: int) -> bool:

@@ -71,9 +71,10 @@ class NaivePolicy:
         out = self.model.lm.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, top_k=0,
             stop_strings=stop or None, tokenizer=self.tokenizer, pad_token_id=min(self.eos_ids),
-            eos_token_id=sorted(self.eos_ids), output_logits=True, return_dict_in_generate=True, **kwargs)
+            eos_token_id=sorted(self.eos_ids), output_scores=True, return_dict_in_generate=True, **kwargs)
         new = out.sequences[0, ids.shape[1]:].tolist()
-        logprob = sum(float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, new))
+        # scores are the processed logits the token was drawn from (temperature, top-p), as LocalLM reports
+        logprob = sum(float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.scores, new))
         self.usage.prefill_tokens += ids.shape[1]
         self.usage.decode_tokens += len(new) - 1  # every generated token but the last is fed back
         text = self.tokenizer.decode(new, skip_special_tokens=True)

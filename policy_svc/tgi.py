@@ -129,12 +129,30 @@ def _get_json(requests, url: str, timeout: float) -> dict:
 
 # ==================================================================== token details
 
-def token_details(lm, prompt: str, sample: Sample, prefill: bool = False) -> tuple[list[dict], list[dict], int]:
+def sampling_logprobs(logits, temperature: float, top_p: float):
+    """log p of every token under the sampling distribution: softmax(logits / temperature),
+    renormalised over the top-p nucleus (tokens outside it get -inf), as TGI's warpers do."""
+    import torch
+
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_lp, order = torch.sort(logp, dim=-1, descending=True)
+        p = sorted_lp.exp()
+        drop = (torch.cumsum(p, dim=-1) - p) >= top_p  # never drops the top token
+        kept = sorted_lp.masked_fill(drop, float("-inf"))
+        logp = torch.full_like(logp, float("-inf")).scatter(-1, order, kept - torch.logsumexp(kept, -1, keepdim=True))
+    return logp
+
+
+def token_details(lm, prompt: str, sample: Sample, prefill: bool = False, temperature: float = 0.0,
+                  top_p: float = 1.0) -> tuple[list[dict], list[dict], int]:
     """Per-token (id, text, logprob, special) of a sample for TGI's `details`, its prefill, input length.
 
     The policy interface returns text and the summed logprob; the tokens are recovered by
     encoding the text (plus EOS when it ended there) and scored by one teacher-forced forward,
-    under the same distribution LocalLM reports (raw logits, temperature 1). Everything runs
+    under the distribution LocalLM reports and TGI returns: the one the tokens were sampled from
+    (logits / temperature over the top-p nucleus; raw logits when greedy; the prefill's tokens are
+    always scored under the raw logits). Everything runs
     under the LM's lock: fast tokenizers must not be used from two threads at once.
     """
     import torch
@@ -151,7 +169,11 @@ def token_details(lm, prompt: str, sample: Sample, prefill: bool = False) -> tup
         lp_of: dict[int, float | None] = {}
         if len(ids) > start + 1:
             h, _ = lm.model.hidden(torch.tensor([ids], device=lm.device))
-            logp = torch.log_softmax(lm.model.lm_head(h[0, start:-1]).float(), dim=-1)
+            logits = lm.model.lm_head(h[0, start:-1]).float()
+            logp = torch.log_softmax(logits, dim=-1)
+            n_gen = len(g_ids)
+            if temperature > 0 and n_gen:
+                logp[-n_gen:] = sampling_logprobs(logits[-n_gen:], temperature, top_p)
             target = torch.tensor(ids[start + 1:], device=lm.device).unsqueeze(1)
             picked = logp.gather(1, target).squeeze(1).tolist()
             lp_of = {i: _finite(v) for i, v in zip(range(start + 1, len(ids)), picked)}
@@ -256,7 +278,8 @@ class TGIHttpServer:
             tokens, prefill, input_length = [], [], 0
             if lm is not None:
                 tokens, prefill, input_length = token_details(lm, params["inputs"], s,
-                                                              params["decoder_input_details"])
+                                                              params["decoder_input_details"],
+                                                              params["temperature"], params["top_p"])
             text = (params["inputs"] + s.text) if params["return_full_text"] else s.text
             seed = params["seed"]
             seqs.append({"generated_text": text, "finish_reason": _FINISH_TO_TGI[s.finish_reason],

@@ -76,18 +76,23 @@ def run_code(tree: Tree, parent: int, steps, sandbox: Sandbox) -> None:
 
 def add_children(tree: Tree, node_ids: Sequence[int], samples: Sequence[Sequence[Sample]],
                  sandbox: Sandbox, cfg: SearchConfig, unique: bool = True) -> list[list[Node]]:
-    """Turn each node's samples into children: parse, run code, apply terminal rules."""
+    """Turn each node's samples into children: parse, run code, apply terminal rules (with
+    `unique`, a sample identical to an existing child or to an earlier sample is dropped)."""
     out = []
     for node_id, node_samples in zip(node_ids, samples):
         kept = dedupe(node_samples) if unique else list(node_samples)
         steps = [parse_step(s) for s in kept]
+        if unique and tree.nodes[node_id].children:  # fresh samples at an expanded node: new steps only
+            have = {(n.text.strip(), n.code) for n in map(tree.nodes.__getitem__, tree.nodes[node_id].children)}
+            pairs = [(s, st) for s, st in zip(kept, steps) if (st.text.strip(), st.code) not in have]
+            kept, steps = [p[0] for p in pairs], [p[1] for p in pairs]
         run_code(tree, node_id, steps, sandbox)
         children = []
         for s, step in zip(kept, steps):
             child = tree.add_child(node_id, step, prior(s), s.token_count)
             mark_terminal(tree, child, cfg)
             children.append(child)
-        if not children:
+        if not children and not tree.nodes[node_id].children:
             tree.nodes[node_id].terminal_reason = "no_children"
         out.append(children)
     return out

@@ -9,6 +9,12 @@ One simulation:
             truth; the value head's estimate without); the expanded leaf backs up the value
             head's estimate of its own state.
   backup    N += 1 and W += v from the evaluated node up to the root; Q = W / N.
+
+Unlike the paper's code, a data-generation search (ground truth as reward) whose tree is exhausted
+before its budget ends, with no correct path found, spends the rest of the budget on fresh samples
+(`resample`): the exhausted node with the best PUCT score gets n new, distinct next steps. A small
+policy exhausts its trees early (every child malformed or wrong), and those are exactly the
+questions where more looking finds the first correct path, so coverage grows with the budget.
 """
 from __future__ import annotations
 
@@ -78,6 +84,37 @@ def simulate(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: Se
     return True
 
 
+EXHAUSTED = ("children_terminal", "no_children")  # terminal by search, not by what the step says
+
+
+def resample(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
+             check: Checker | None, seed: int | None = None) -> bool:
+    """Fresh samples at the most promising exhausted node: argmax over nodes whose children all
+    ended of PUCT(parent, node) (the root: its Q). Its new distinct children join the tree (which
+    is then no longer exhausted along that path), terminals back up their rewards and the node
+    backs up its value, as in `simulate`. False when no node can be re-opened."""
+    def score(n: Node) -> float:
+        return n.Q if n.parent is None else puct(tree.nodes[n.parent], n, cfg.c_puct)
+    candidates = [n for n in tree.nodes if n.terminal_reason in EXHAUSTED]
+    if not candidates:
+        return False
+    node = max(candidates, key=lambda n: (score(n), -n.id))
+    node.terminal_reason = None
+    for anc in tree.path(node.id)[:-1] + [tree.root]:  # the path down to it is open again
+        if anc.terminal_reason == "children_terminal":
+            anc.terminal_reason = None
+    children = expand(tree, [node.id], cfg.n_children, policy, sandbox, cfg, seed=seed)[0]
+    if not children:
+        node.terminal_reason = "children_terminal"
+    terminals = [c for c in children if c.terminal]
+    for child, v in zip(terminals, evaluate(tree, terminals, value, check)):
+        backup(tree, child.id, v)
+    if node.value is None:
+        evaluate(tree, [node], value, check)
+    backup(tree, node.id, node.value)
+    return True
+
+
 def best_answer_node(tree: Tree, select_by: str = "q") -> Node | None:
     """Descend from the root choosing the child with the best Q (or value, or visits); if the
     descent ends without an answer, fall back to the best answer node anywhere in the tree."""
@@ -99,14 +136,21 @@ def mcts(question_tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cf
          check: Checker | None = None, on_progress: Progress | None = None) -> Tree:
     """Run cfg.iterations simulations (fewer if the tree is exhausted) and record the answer."""
     tree, rng = question_tree, random.Random(cfg.seed)
-    done = 0
+    done = resampled = 0
     for i in range(cfg.iterations):
-        if not simulate(tree, policy, value, sandbox, cfg, rng, check, seed=cfg.seed * 100_003 + i):
-            break
+        seed = cfg.seed * 100_003 + i
+        if not simulate(tree, policy, value, sandbox, cfg, rng, check, seed=seed):
+            # exhausted: with ground truth and no correct path yet, keep looking (see module doc)
+            if check is None or tree.ground_truth is None or any(n.correct for n in tree.nodes):
+                break
+            if not resample(tree, policy, value, sandbox, cfg, check, seed=seed):
+                break
+            resampled += 1
         done += 1
         if on_progress:
             on_progress(done, tree)
     tree.meta["iterations_done"] = done
+    tree.meta["resampled"] = resampled
     return finish(tree, best_answer_node(tree, cfg.select_by), check)
 
 

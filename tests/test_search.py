@@ -200,3 +200,46 @@ def test_bad_input(question, method, msg):
         solve(question, method, ScriptedPolicy({}), ConstValue(), ScriptedSandbox(), check=exact)
     with pytest.raises(ValueError, match="iterations"):
         SearchConfig(iterations=0).validate()
+
+
+class SeededPolicy(ScriptedPolicy):
+    """Like ScriptedPolicy, but each call at a path serves the next batch of its script: fresh
+    samples at an exhausted node can differ from the first ones, as real sampling does."""
+
+    def generate(self, prompts, n, *, stop, temperature, top_p=1.0, max_new_tokens=256, seed=None):
+        out = []
+        for p in prompts:
+            steps = tuple(s.split("</step>")[0].split("<code>")[0] for s in p.split("<step>")[1:-1])
+            self.calls.append((steps, n, temperature))
+            batches = self.script[steps]
+            out.append(batches.pop(0) if len(batches) > 1 else batches[0])
+        return out
+
+
+def test_exhausted_data_generation_tree_keeps_looking_until_a_correct_path():
+    """Root -> {wrong, broken} exhausts the tree at once; the budget then buys fresh samples at the
+    root (duplicates of existing children dropped) until the correct answer appears."""
+    policy = SeededPolicy({(): [[WRONG, BROKEN], [WRONG, BROKEN], [WRONG, RIGHT]]})
+    t = solve("q", "mcts", policy, ConstValue(0.0), ScriptedSandbox(), SearchConfig(n_children=2, iterations=10),
+              ground_truth="7", check=exact, rewards=True)
+    assert len(policy.calls) == 3 and t.meta["resampled"] == 2
+    assert [n.text for n in t.nodes[1:]] == ["So \\boxed{5}", "I am not sure", "Hence \\boxed{7}"]
+    assert t.meta["correct"] is True and t.nodes[3].correct is True and t.nodes[3].N == 1
+    # the root's visits: its own value once per expansion (3) plus each terminal's backup (3)
+    assert t.root.N == 6 and t.root.W == pytest.approx(-1 - 1 + 1)
+    assert t.meta["iterations_done"] == 3  # stopped once a correct path exists and the tree is exhausted
+
+
+def test_resampling_picks_the_exhausted_node_with_the_best_puct_and_inference_never_resamples():
+    steps = {n: sample(f"{n}</step>", prior=p) for n, p in (("a", 0.9), ("b", 0.2))}
+    policy = SeededPolicy({(): [[steps["a"], steps["b"]]], ("a",): [[WRONG], [WRONG], [RIGHT]],
+                           ("b",): [[BROKEN]]})
+    cfg = SearchConfig(n_children=2, iterations=12)
+    t = solve("q", "mcts", policy, ConstValue(0.0), ScriptedSandbox(), cfg, ground_truth="7", check=exact,
+              rewards=True)
+    a = t.nodes[1]
+    assert t.meta["correct"] is True and any(t.nodes[c].answer == "7" for c in a.children)
+    assert [c for c in policy.calls if c[0] == ("b",)] == [(("b",), 2, cfg.temperature)]  # never re-opened
+    policy = SeededPolicy({(): [[WRONG, BROKEN], [RIGHT]]})
+    t = solve("q", "mcts", policy, ConstValue(0.0), ScriptedSandbox(), cfg, ground_truth="7", check=exact)
+    assert len(policy.calls) == 1 and t.meta["resampled"] == 0  # without rewards: an exhausted tree ends

@@ -1,0 +1,223 @@
+"""How good is a value head, and is one model better than another? Metrics as the field reports them.
+
+A value head is a process reward model, so it is judged the way PRMs are:
+  discrimination  ROC AUC of the head's value at answer nodes against their correctness
+                  (0.5: no better than a coin; a constant head reads exactly 0.5)
+  regression      MSE of the head's value against each visited step's MCTS Q, beside the MSE of
+                  the best constant predictor on the same steps (the targets' variance): a ratio
+                  below 1 means the head knows something about *which* step is good, not just the
+                  base rate
+  calibration     a reliability diagram: predicted value bins against the observed share correct
+
+Accuracy differences between two models on the same problems are paired, so they are tested as
+paired outcomes (an exact sign test and a paired bootstrap), not as two independent proportions.
+
+`value_report` scores the states of finished data-generation trees with a head; it never takes a
+value stored in a tree for a prediction (in such a tree a terminal's value is its reward).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from alphamath.interfaces import Value
+from alphamath.tree import Tree
+
+# ---- pure metrics ----------------------------------------------------------------------------
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """P(score of a random positive > score of a random negative), ties counted half
+    (Mann-Whitney U / (n_pos * n_neg)). None when one class is empty: AUC is undefined there."""
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    # rank-sum with average ranks for ties: O(n log n)
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        avg = (i + j) / 2 + 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = avg
+        i = j + 1
+    rank_pos = sum(r for r, y in zip(ranks, labels) if y)
+    u = rank_pos - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
+
+
+def mse(pred: Sequence[float], target: Sequence[float]) -> float:
+    if len(pred) != len(target) or not pred:
+        raise ValueError(f"need equal, non-empty lengths, got {len(pred)} and {len(target)}")
+    return sum((p - t) ** 2 for p, t in zip(pred, target)) / len(pred)
+
+
+def constant_predictor(target: Sequence[float]) -> tuple[float, float]:
+    """The best constant under squared error (the mean) and its MSE (the targets' variance)."""
+    if not target:
+        raise ValueError("no targets")
+    c = sum(target) / len(target)
+    return c, sum((t - c) ** 2 for t in target) / len(target)
+
+
+def reliability(pred: Sequence[float], labels: Sequence[bool], bins: int = 10) -> list[dict]:
+    """Equal-width bins of predicted value over [-1, 1]; per bin the count, the mean predicted
+    probability of being correct ((v + 1) / 2) and the observed share correct."""
+    rows = [{"lo": -1 + 2 * b / bins, "hi": -1 + 2 * (b + 1) / bins, "n": 0, "sum_p": 0.0, "sum_y": 0}
+            for b in range(bins)]
+    for v, y in zip(pred, labels):
+        b = min(bins - 1, max(0, int((v + 1) / 2 * bins)))
+        rows[b]["n"] += 1
+        rows[b]["sum_p"] += (v + 1) / 2
+        rows[b]["sum_y"] += bool(y)
+    out = []
+    for r in rows:
+        n = r["n"]
+        out.append({"lo": round(r["lo"], 6), "hi": round(r["hi"], 6), "n": n,
+                    "predicted": r["sum_p"] / n if n else None, "observed": r["sum_y"] / n if n else None})
+    return out
+
+
+def expected_calibration_error(bins: Sequence[dict]) -> float | None:
+    total = sum(b["n"] for b in bins)
+    if not total:
+        return None
+    return sum(b["n"] * abs(b["predicted"] - b["observed"]) for b in bins if b["n"]) / total
+
+
+def sign_test(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Exact two-sided sign test on paired binary outcomes (McNemar's exact test): only problems
+    that one model solves and the other does not carry information."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    n = a_only + b_only
+    k = min(a_only, b_only)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": p}
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10_000,
+                     seed: int = 0, confidence: float = 0.95) -> dict:
+    """Mean of a - b over paired items with a percentile bootstrap interval (items resampled with
+    replacement), and the share of resamples where a - b < 0 (how often a looks worse by chance)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired samples need equal, non-empty lengths, got {len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n, rng = len(d), random.Random(seed)
+    means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    lo_i = int((1 - confidence) / 2 * resamples)
+    hi_i = min(resamples - 1, int((1 + confidence) / 2 * resamples))
+    return {"diff": sum(d) / n, "lo": means[lo_i], "hi": means[hi_i],
+            "p_below_zero": sum(m < 0 for m in means) / resamples}
+
+
+# ---- the value report of a head on finished trees ---------------------------------------------
+
+
+@dataclass
+class ValueReport:
+    trees: int
+    answers: int                 # answer nodes scored for AUC
+    answers_correct: int
+    auc: float | None
+    steps: int                   # visited non-root steps scored for MSE
+    mse: float | None
+    constant: float | None       # the best constant (mean Q)
+    constant_mse: float | None
+    mse_ratio: float | None      # mse / constant_mse (< 1: better than the base rate)
+    ece: float | None
+    reliability: list[dict] = field(default_factory=list)
+    per_tree: list[dict] = field(default_factory=list)   # for paired comparisons between heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        f = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
+        return (f"{self.trees} trees: AUC {f(self.auc)} on {self.answers} answers ({self.answers_correct} correct); "
+                f"MSE {f(self.mse)} vs constant {f(self.constant_mse)} (ratio {f(self.mse_ratio)}) "
+                f"on {self.steps} steps; ECE {f(self.ece)}")
+
+
+def scored_nodes(tree: Tree) -> tuple[list[int], list[int]]:
+    """Ids of the answer nodes whose correctness is known, and of the visited non-root steps.
+    The root (the question alone) is left out: training never supervises a value there."""
+    answers = [n.id for n in tree.nodes if n.terminal_reason == "answer" and n.correct is not None]
+    steps = [n.id for n in tree.nodes if n.id != 0 and n.N > 0]
+    return answers, steps
+
+
+def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int = 64,
+                 check: Callable[[str | None, str], bool] | None = None,
+                 progress: Callable[[int], None] | None = None) -> ValueReport:
+    """Score every answer node and every visited step of each tree with `value` (fresh states,
+    never the values stored in the tree) and measure AUC, MSE against Q and calibration."""
+    preds_a, labels_a, preds_s, targets_s, per_tree = [], [], [], [], []
+    n_trees = 0
+    for tree in trees:
+        n_trees += 1
+        if check is not None and tree.ground_truth is not None:  # grade answers the tree left ungraded
+            for n in tree.nodes:
+                if n.terminal_reason == "answer" and n.correct is None:
+                    n.correct = bool(check(n.answer, tree.ground_truth))
+        answers, steps = scored_nodes(tree)
+        ids = sorted(set(answers) | set(steps))
+        states = [tree.state(i) for i in ids]
+        got: dict[int, float] = {}
+        for s in range(0, len(states), batch):
+            for i, v in zip(ids[s:s + batch], value.score(states[s:s + batch])):
+                got[i] = float(v)
+        row = {"question_id": tree.question_id, "answers": [], "steps": []}
+        for i in answers:
+            preds_a.append(got[i])
+            labels_a.append(bool(tree.nodes[i].correct))
+            row["answers"].append([got[i], bool(tree.nodes[i].correct)])
+        for i in steps:
+            preds_s.append(got[i])
+            targets_s.append(tree.nodes[i].Q)
+            row["steps"].append([got[i], tree.nodes[i].Q])
+        per_tree.append(row)
+        if progress:
+            progress(n_trees)
+    auc = roc_auc(preds_a, labels_a) if preds_a else None
+    m = mse(preds_s, targets_s) if preds_s else None
+    c, cm = constant_predictor(targets_s) if targets_s else (None, None)
+    ratio = (m / cm if cm else (math.inf if m else 1.0)) if m is not None and cm is not None else None
+    rel = reliability(preds_a, labels_a, bins)
+    return ValueReport(trees=n_trees, answers=len(preds_a), answers_correct=sum(labels_a), auc=auc,
+                       steps=len(preds_s), mse=m, constant=c, constant_mse=cm, mse_ratio=ratio,
+                       ece=expected_calibration_error(rel), reliability=rel, per_tree=per_tree)
+
+
+def plot_reliability(report: ValueReport, path: str, title: str = "value head reliability") -> None:
+    """Reliability diagram (PNG): observed share correct against predicted probability per bin."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in report.reliability if b["n"]]
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    if bins:
+        ax.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], "o-", label="value head")
+        for b in bins:
+            ax.annotate(str(b["n"]), (b["predicted"], b["observed"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    auc = "n/a" if report.auc is None else f"{report.auc:.3f}"
+    ratio = "n/a" if report.mse_ratio is None else f"{report.mse_ratio:.3f}"
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(correct) = (value + 1) / 2",
+           ylabel="observed share correct", title=f"{title}\nAUC {auc}, MSE/constant {ratio}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

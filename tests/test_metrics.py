@@ -1,0 +1,91 @@
+"""Value-head and paired-comparison metrics on hand-built inputs with known answers."""
+import math
+
+import pytest
+
+from alphamath.metrics import (constant_predictor, expected_calibration_error, mse, paired_bootstrap,
+                               reliability, roc_auc, sign_test, value_report)
+from alphamath.steps import Step
+from alphamath.tree import Tree
+from search_svc.mcts import backup
+from tests.fakes import ConstValue
+
+
+def test_auc_perfect_reversed_constant_and_ties():
+    assert roc_auc([0.9, 0.8, -0.1, -0.5], [True, True, False, False]) == 1.0
+    assert roc_auc([-0.9, -0.8, 0.1, 0.5], [True, True, False, False]) == 0.0
+    assert roc_auc([0.0] * 5, [True, False, True, False, False]) == 0.5
+    # pairs (pos, neg): (0.5, 0.2) win, (0.5, 0.5) tie, (0.1, 0.2) loss, (0.1, 0.5) loss -> 1.5 / 4
+    assert roc_auc([0.5, 0.1, 0.2, 0.5], [True, True, False, False]) == pytest.approx(0.375)
+    assert roc_auc([0.3, 0.4], [True, True]) is None  # one class only: undefined
+    with pytest.raises(ValueError):
+        roc_auc([0.1], [True, False])
+
+
+def test_constant_predictor_is_the_mean_and_its_mse_the_variance():
+    c, m = constant_predictor([1.0, -1.0, -1.0, -1.0])
+    assert c == -0.5 and m == pytest.approx(0.75)
+    assert mse([c] * 4, [1.0, -1.0, -1.0, -1.0]) == pytest.approx(m)
+    assert mse([0.0] * 4, [1.0, -1.0, -1.0, -1.0]) == 1.0  # a zero head is no better than the mean
+
+
+def test_reliability_bins_and_ece():
+    bins = reliability([-0.9, -0.8, 0.9, 0.95], [False, True, True, True], bins=2)
+    assert [b["n"] for b in bins] == [2, 2]
+    assert bins[0]["predicted"] == pytest.approx((0.05 + 0.1) / 2) and bins[0]["observed"] == 0.5
+    assert bins[1]["predicted"] == pytest.approx((0.95 + 0.975) / 2) and bins[1]["observed"] == 1.0
+    ece = expected_calibration_error(bins)
+    assert ece == pytest.approx((2 * abs(0.075 - 0.5) + 2 * abs(0.9625 - 1.0)) / 4)
+    assert reliability([1.0], [True], bins=4)[-1]["n"] == 1  # value 1.0 falls in the last bin
+
+
+def test_sign_test_exact_p_values():
+    r = sign_test([False] * 6 + [True] * 4, [True] * 6 + [True] * 4)
+    assert (r["a_only"], r["b_only"]) == (0, 6) and r["p_value"] == pytest.approx(2 / 64)
+    assert sign_test([True, False], [True, False])["p_value"] == 1.0  # no discordant pair
+    r = sign_test([True, False, True], [False, True, False])  # 2 vs 1: p = 2 * (1 + 3) / 8 = 1
+    assert r["p_value"] == 1.0
+
+
+def test_paired_bootstrap_mean_and_interval():
+    a, b = [1, 1, 1, 0, 1, 1], [0, 1, 0, 0, 1, 0]
+    r = paired_bootstrap(a, b, resamples=2000, seed=1)
+    assert r["diff"] == pytest.approx(0.5)
+    assert 0 <= r["lo"] <= 0.5 <= r["hi"] <= 1 and r["p_below_zero"] == 0.0  # a never looks worse
+    same = paired_bootstrap([1, 0, 1], [1, 0, 1], resamples=100)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0
+
+
+def _tree() -> Tree:
+    """root -> a -> {right (correct), wrong}; root -> b (wrong answer). Backed up as search would."""
+    t = Tree(question="q", prompt="P<step>", ground_truth="7", question_id="q1")
+    a = t.add_child(0, Step("think", "text"), 0.5)
+    right = t.add_child(a.id, Step("so \\boxed{7}", "answer", answer="7"), 0.5)
+    wrong = t.add_child(a.id, Step("so \\boxed{5}", "answer", answer="5"), 0.5)
+    b = t.add_child(0, Step("thus \\boxed{4}", "answer", answer="4"), 0.5)
+    for n, ok in ((right, True), (wrong, False), (b, False)):
+        n.terminal_reason, n.correct, n.value = "answer", ok, 1.0 if ok else -1.0  # stored rewards
+        backup(t, n.id, 1.0 if ok else -1.0)
+    backup(t, a.id, 0.2)
+    return t
+
+
+def test_value_report_of_a_zero_head_reads_auc_half_and_ratio_at_least_one():
+    rep = value_report([_tree()], ConstValue(0.0))
+    assert (rep.trees, rep.answers, rep.answers_correct, rep.steps) == (1, 3, 1, 4)
+    assert rep.auc == 0.5
+    assert rep.mse_ratio >= 1.0
+    # targets: a (Q = (1 - 1 + 0.2) / 3), right 1, wrong -1, b -1
+    targets = [0.2 / 3, 1.0, -1.0, -1.0]
+    assert rep.mse == pytest.approx(sum(t * t for t in targets) / 4)
+    assert rep.constant_mse == pytest.approx(constant_predictor(targets)[1])
+
+
+def test_value_report_scores_states_and_never_reads_stored_rewards():
+    oracle = ConstValue(-0.5, by_text={"boxed{7}": 0.9})
+    rep = value_report([_tree()], oracle)
+    assert rep.auc == 1.0 and oracle.calls == 4  # every answer and visited step scored afresh
+    # a head that predicts each stored reward would have MSE 0 at the answers; this one does not
+    assert rep.mse > 0 and rep.mse_ratio < 1.0
+    assert [len(rep.per_tree[0]["answers"]), len(rep.per_tree[0]["steps"])] == [3, 4]
+    assert not math.isnan(rep.ece)
