@@ -14,6 +14,7 @@ log = logging.getLogger("trainer_svc")
 
 
 def build_parser():
+    from alphamath.broker import DLQ_TOPIC, TREES_TOPIC
     from trainer_svc.round import checkpoint_root
     p = service_parser("trainer", __doc__.splitlines()[0])
     p.add_argument("--kafka-bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
@@ -21,6 +22,11 @@ def build_parser():
     p.add_argument("--db-schema", default=None, help="PostgreSQL schema")
     p.add_argument("--checkpoint-dir", default=str(checkpoint_root()), help="where trained checkpoints go")
     p.add_argument("--no-ingest", dest="ingest", action="store_false", help="do not consume trees")
+    p.add_argument("--trees-topic", default=TREES_TOPIC, help="topic the trees are consumed from")
+    p.add_argument("--dlq-topic", default=DLQ_TOPIC, help="dead-letter topic for records that cannot be stored")
+    p.add_argument("--ingest-retry-budget", type=float, default=300.0,
+                   help="seconds of consecutive transient errors (database/broker down) before the trainer "
+                        "exits with status 1")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--batch-size", type=int, default=4)
@@ -38,6 +44,8 @@ def main(argv=None) -> int:
     store = Store(args.db_url, args.db_schema)
     server = TrainerServer(store, args.checkpoint_dir, port=args.port, host=args.host,
                            metrics_port=args.metrics_port, bootstrap=args.kafka_bootstrap, ingest=args.ingest,
+                           ingest_kwargs={"topic": args.trees_topic, "dlq_topic": args.dlq_topic,
+                                          "retry_budget_s": args.ingest_retry_budget},
                            defaults=TrainConfig(epochs=args.epochs, learning_rate=args.learning_rate,
                                                 batch_size=args.batch_size, grad_accum=args.grad_accum))
     log.info("trainer service ready", extra={"port": server.port, "metrics_port": server.metrics_port,
