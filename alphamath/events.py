@@ -30,10 +30,16 @@ CONSUMER_DEFAULTS = dict(session_timeout_ms=6000, heartbeat_interval_ms=1000, ma
 
 
 def reliable_producer(bootstrap: str | None = None, **overrides):
-    """A producer that only counts a record as sent once every in-sync replica has it."""
+    """A producer that only counts a record as sent once every in-sync replica has it.
+
+    Idempotence (kafka-python's default) is off: its producer id does not survive a restart of
+    the local broker (memory storage), after which every send failed with UnknownProducerIdError.
+    A retried send may then write a record twice; consumers dedupe (the trainer's store
+    recognises a tree it already holds), so nothing is stored twice."""
     from kafka import KafkaProducer
 
     cfg = dict(bootstrap_servers=bootstrap or bootstrap_from_env(), acks="all", retries=10,
+               enable_idempotence=False,
                retry_backoff_ms=200, max_in_flight_requests_per_connection=1,  # keep per-key order on retry
                linger_ms=0, request_timeout_ms=15_000, client_id="alphamath")
     cfg.update(overrides)
