@@ -25,12 +25,14 @@ class Sample:
 
 @dataclass
 class ExecResult:
-    """What running the code cells of one path printed; `error` is the last traceback line."""
+    """What running the code cells of one path printed; `error` is the last traceback line;
+    `backend` names the sandbox that ran it (e.g. "runsc", "pod"), so results say how they were made."""
 
     stdout: str
     error: str | None = None
     timed_out: bool = False
     duration_s: float = 0.0
+    backend: str | None = None
 
 
 class Policy(Protocol):
@@ -61,6 +63,8 @@ class Value(Protocol):
 
 
 class Sandbox(Protocol):
+    backend: str  # which sandbox backend runs the code; recorded in every tree's meta
+
     def execute(self, cells: Sequence[str]) -> ExecResult:
         """Run the code cells of one path in order; return what the last cell printed."""
         ...

@@ -31,7 +31,10 @@ from alphamath.service import GRPC_PORTS, METRICS_PORTS, TGI_HTTP_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("sandbox", "value", "policy", "search")  # start order: search last, after its dependencies
-MODULES = {name: f"{name}_svc" for name in SERVICES}
+# With a Kafka bootstrap the stack can also run the trainer (ingestion into its store); search then
+# publishes GenerateTrees trees and policy/value follow promoted checkpoints.
+ALL_SERVICES = (*SERVICES, "trainer")
+MODULES = {name: f"{name}_svc" for name in ALL_SERVICES}
 
 
 class StackError(RuntimeError):
@@ -46,7 +49,14 @@ class Ports:
 
     @classmethod
     def standard(cls) -> "Ports":
-        return cls({k: GRPC_PORTS[k] for k in SERVICES}, {k: METRICS_PORTS[k] for k in SERVICES})
+        return cls({k: GRPC_PORTS[k] for k in ALL_SERVICES}, {k: METRICS_PORTS[k] for k in ALL_SERVICES})
+
+    @classmethod
+    def free(cls) -> "Ports":
+        """Free loopback ports for every service (tests and benchmarks that start their own stack)."""
+        p = free_ports(2 * len(ALL_SERVICES) + 1)
+        n = len(ALL_SERVICES)
+        return cls(dict(zip(ALL_SERVICES, p[:n])), dict(zip(ALL_SERVICES, p[n:2 * n])), http=p[2 * n])
 
     def addr(self, service: str, host: str = "127.0.0.1") -> str:
         return f"{host}:{self.grpc[service]}"
@@ -84,7 +94,11 @@ class LocalStack:
 
     def __init__(self, var_dir: str | Path = ROOT / "var", *, ports: Ports | None = None,
                  model_dir: str | Path | None = None, host: str = "127.0.0.1",
-                 env: dict[str, str] | None = None, services: tuple[str, ...] = SERVICES):
+                 env: dict[str, str] | None = None, services: tuple[str, ...] = SERVICES,
+                 kafka_bootstrap: str | None = None, db_url: str | None = None, db_schema: str | None = None):
+        if "trainer" in services and not kafka_bootstrap:
+            raise ValueError("the trainer needs kafka_bootstrap (it ingests trees from Kafka)")
+        self.kafka_bootstrap, self.db_url, self.db_schema = kafka_bootstrap, db_url, db_schema
         self.var = Path(var_dir)
         self.ports = ports or Ports.standard()
         self.model_dir = Path(model_dir) if model_dir else None
@@ -114,7 +128,7 @@ class LocalStack:
     def running(self) -> dict[str, int]:
         """Services whose pid file names a live process of that service."""
         out = {}
-        for s in SERVICES:
+        for s in ALL_SERVICES:
             pid = self._read_pid(s)
             if pid is not None and self._alive(s, pid):
                 out[s] = pid
@@ -127,6 +141,14 @@ class LocalStack:
         if service == "search":
             cmd += ["--policy-addr", self.ports.addr("policy"), "--value-addr", self.ports.addr("value"),
                     "--sandbox-addr", self.ports.addr("sandbox")]
+        if self.kafka_bootstrap and service in ("search", "policy", "value", "trainer"):
+            cmd += ["--kafka-bootstrap", self.kafka_bootstrap]
+        if service == "trainer":
+            cmd += ["--checkpoint-dir", str(self.var / "checkpoints")]
+            if self.db_url:
+                cmd += ["--db-url", self.db_url]
+            if self.db_schema:
+                cmd += ["--db-schema", self.db_schema]
         return cmd
 
     def _env(self, service: str) -> dict[str, str]:
@@ -134,6 +156,8 @@ class LocalStack:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         if self.model_dir is not None:
             env["ALPHAMATH_MODEL_DIR"] = str(self.model_dir)
+        if service == "sandbox":  # a host: gVisor by name, so a missing runsc is an error, not a guess
+            env.setdefault("ALPHAMATH_SANDBOX_BACKEND", "runsc")
         if service == "policy":
             env.setdefault("ALPHAMATH_POLICY_BACKEND", "local")
             env["ALPHAMATH_POLICY_HTTP_PORT"] = str(self.ports.http)
@@ -192,12 +216,33 @@ class LocalStack:
         except OSError:
             return "(no log)"
 
+    def kill(self, service: str) -> int:
+        """SIGKILL one service (fault tests) and wait until it is gone; returns its pid."""
+        pid = self._read_pid(service)
+        if pid is None or not self._alive(service, pid):
+            raise StackError(f"{service} is not running")
+        os.kill(pid, signal.SIGKILL)
+        proc = self._procs.get(service)
+        if proc is not None and proc.pid == pid:
+            proc.wait(30)
+        else:
+            deadline = time.monotonic() + 30
+            while _pid_alive_as(pid, MODULES[service]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.pidfile(service).unlink(missing_ok=True)
+        return pid
+
+    def exit_code(self, service: str) -> int | None:
+        """The exit status of a service this instance started (None while it runs)."""
+        proc = self._procs.get(service)
+        return None if proc is None else proc.poll()
+
     # -- stop -------------------------------------------------------------------------------
     def stop(self, timeout_s: float = 15.0, services: tuple[str, ...] | None = None) -> list[str]:
         """SIGTERM the processes named in the pid files (search first), SIGKILL leftovers."""
         stopped = []
         targets = {}
-        for service in reversed(services or SERVICES):
+        for service in reversed(services or ALL_SERVICES):
             pid = self._read_pid(service)
             if pid is None:
                 continue

@@ -4,24 +4,35 @@
 sandboxed interpreter that replays the path's earlier cells (rebuilding state, output discarded)
 and returns what the last cell printed. Nothing is ever exec'd in this process.
 
-Backends (`Executor.backend`):
-  * "runsc": gVisor (`runsc run`, ptrace platform, no network) with a generated OCI bundle:
-    read-only root built from the host's /usr, size-limited tmpfs /tmp, uid/gid 65534, no
-    capabilities, noNewPrivileges, rlimits, cgroup memory/pids limits;
-  * "bwrap": bubblewrap, used (with a loud WARNING) only when runsc cannot start; the same
-    filesystem view, all namespaces unshared, run as uid 65534 with rlimits set by prlimit.
-If neither can start, construction fails: there is no in-process fallback.
+Backends (`Executor.backend`), by strength:
+  * "runsc" (gVisor is the kernel boundary): `runsc run` of a generated OCI bundle (ptrace
+    platform, no network): read-only root built from the host's /usr, size-limited tmpfs /tmp,
+    uid/gid 65534, no capabilities, noNewPrivileges, rlimits, cgroup memory/pids limits. For hosts.
+  * "pod" (gVisor is the kernel boundary): for a service that itself runs inside a gVisor pod
+    (RuntimeClass gvisor, no capabilities), where runsc cannot be started again. Each execution is
+    a fresh process with an empty environment, its own pipes only, a private scratch directory
+    removed afterwards, and the runner's rlimits and seccomp filter, as the pod's non-root uid.
+    It refuses to start outside gVisor or as root.
+  * "bwrap" (weaker: the host kernel is exposed to the model's code): bubblewrap namespaces, uid
+    65534, rlimits by prlimit. Used only when named AND `allow_weak=True`.
+`auto` chooses among the equally strong ones only (pod inside gVisor, else runsc); it never falls
+back to a weaker backend. In every backend the runner (runner.py) runs the model's code in a forked
+worker that cannot reach the result channel (see there).
 
 Latency: a sandbox is single-use (no state can leak between requests), but it can be booted
 ahead of time. With `pool_size > 0` a background thread keeps that many sandboxes booted, with
-numpy/sympy already imported, waiting for their one request on stdin.
+numpy/sympy already imported, waiting for their one request on stdin. Tearing a used sandbox down
+happens in the background (bounded by timeouts, counted by `on_teardown`): a slow teardown never
+delays or fails an execution.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import queue
+import secrets
 import selectors
 import shutil
 import signal
@@ -44,12 +55,19 @@ LAZY_IMPORTS = ("numpy", "sympy")
 
 RUNNER_SOURCE = (Path(__file__).with_name("runner.py")).read_text()
 SANDBOX_UID = 65534
+# Equally strong: gVisor is the kernel boundary. `auto` picks among these only, never a weak one.
+STRONG_BACKENDS = ("pod", "runsc")
+WEAK_BACKENDS = ("bwrap",)
+BACKENDS = STRONG_BACKENDS + WEAK_BACKENDS
 DEFAULT_PYTHON = "/usr/bin/python3"
 # Host-side pids/memory the gVisor sentry and gofer need on top of what the model's code gets
 # (the cgroup covers the whole sandbox, not only the guest's processes).
 RUNSC_PIDS_OVERHEAD = 128
 RUNSC_MEMORY_OVERHEAD = 384 << 20
 STATUS_CAP = 64 << 10
+# A teardown slower than this is counted as "slow"; each of its steps is bounded by TEARDOWN_STEP_S.
+TEARDOWN_SLOW_S = 2.0
+TEARDOWN_STEP_S = 10.0
 
 
 class SandboxUnavailable(RuntimeError):
@@ -85,6 +103,7 @@ class _Box:
     bundle: Path | None
     status: bytearray
     finished: bool = False
+    worker_pid: int | None = None
 
 
 def _ro_root_layout() -> tuple[list[tuple[str, str]], list[str]]:
@@ -103,8 +122,22 @@ def _ro_root_layout() -> tuple[list[tuple[str, str]], list[str]]:
     return links, binds
 
 
+def running_in_gvisor() -> bool:
+    """True inside a gVisor sandbox: its kernel log (readable there without privileges) says so."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(4096)
+        n = libc.klogctl(3, buf, len(buf))  # SYSLOG_ACTION_READ_ALL
+    except (OSError, AttributeError):
+        return False
+    return n > 0 and b"Starting gVisor" in buf.raw[:n]
+
+
 class _Backend:
     name = "?"
+    strength = "?"  # "gvisor" (the kernel boundary is gVisor) or "namespaces" (the host kernel)
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str]):
         self.limits = limits
@@ -117,6 +150,7 @@ class _Backend:
                 "file_bytes": limits.tmpfs_bytes,
                 "preload": list(preload),
                 "lazy": list(LAZY_IMPORTS),
+                "max_request_bytes": 4 * limits.max_code_bytes + 4096,
             }
         )
         self.argv_tail = [python, "-I", "-B", "-c", RUNNER_SOURCE, self.runner_args]
@@ -174,6 +208,7 @@ class RunscBackend(_Backend):
     """gVisor: each sandbox is `runsc run` of a fresh OCI bundle over a shared read-only rootfs."""
 
     name = "runsc"
+    strength = "gvisor"
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str], runsc: str = "runsc"):
         super().__init__(limits, python, preload)
@@ -282,14 +317,15 @@ class RunscBackend(_Backend):
         if box.proc.poll() is None:
             # Kill the sandbox itself (the sentry), not only the `runsc run` client.
             for args in (("kill", box.id, "KILL"), ("delete", "--force", box.id)):
-                subprocess.run(self._cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+                subprocess.run(self._cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=TEARDOWN_STEP_S)
         self._reap(box)
         if list(self.state.glob(f"*{box.id}*")):
             subprocess.run(
                 self._cmd("delete", "--force", box.id),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                timeout=30,
+                timeout=TEARDOWN_STEP_S,
             )
         if box.bundle:
             shutil.rmtree(box.bundle, ignore_errors=True)
@@ -312,6 +348,7 @@ class BwrapBackend(_Backend):
     """bubblewrap: unprivileged namespaces, run as uid 65534 on the host, rlimits via prlimit."""
 
     name = "bwrap"
+    strength = "namespaces"
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str], bwrap: str = "bwrap"):
         super().__init__(limits, python, preload)
@@ -384,10 +421,106 @@ class BwrapBackend(_Backend):
         self._reap(box)
 
 
+class PodBackend(_Backend):
+    """Inside a gVisor pod: one fresh runner process per execution, as the pod's non-root uid.
+
+    gVisor (the pod's RuntimeClass) is the kernel boundary. Within the pod the runner's worker
+    cannot create processes, signal/ptrace/prlimit anything but itself, open sockets or change
+    file modes (seccomp), and every process of ours is non-dumpable, so the model's code cannot
+    reach the service or another execution through /proc. Scratch directories have unguessable
+    names in a root it cannot list; anything left outside them is swept after each execution.
+    """
+
+    name = "pod"
+    strength = "gvisor"
+
+    def __init__(self, limits: Limits, python: str, preload: Sequence[str], scratch_dir: str | None = None):
+        super().__init__(limits, python, preload)
+        if os.geteuid() == 0:
+            raise SandboxUnavailable("the pod backend runs model code as the pod's own non-root uid; "
+                                     "refusing to run it as root")
+        if not running_in_gvisor():
+            raise SandboxUnavailable("the pod backend needs gVisor as its kernel boundary (RuntimeClass gvisor); "
+                                     "this process is not running under gVisor")
+        base = scratch_dir or os.environ.get("ALPHAMATH_SANDBOX_SCRATCH_DIR") or tempfile.gettempdir()
+        self.scratch = Path(tempfile.mkdtemp(prefix="alphamath-scratch-", dir=base))
+        os.chmod(self.scratch, 0o711)  # traversable, not listable: a box cannot find the others
+        self._live: set[str] = set()
+        self._lock = threading.Lock()
+        self.argv = list(self.argv_tail)
+
+    def launch(self) -> _Box:
+        name = secrets.token_hex(16)
+        box_dir = self.scratch / name
+        with self._lock:
+            self._live.add(name)
+            box_dir.mkdir(mode=0o700)
+        # env={}: nothing of the service's environment; the runner sets its own few knobs.
+        proc = self._popen(self.argv, cwd=str(box_dir), env={})
+        return _Box(name, proc, box_dir, bytearray())
+
+    def destroy(self, box: _Box) -> None:
+        # The worker cannot leave the runner's process group (setsid/setpgid are denied) nor create
+        # processes, so killing the group ends everything the execution started.
+        try:
+            os.killpg(box.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._reap(box, grace_s=0)
+        with self._lock:
+            self._live.discard(box.id)
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove every entry of the scratch root that is not a live box (caller holds the lock)."""
+        for entry in os.scandir(self.scratch):
+            if entry.name not in self._live:
+                _remove(Path(entry.path))
+
+    def close(self) -> None:
+        _remove(self.scratch)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or tree without following links (the model may have planted them).
+
+    A directory the model made unreadable (mkdir with mode 0) is opened up and removed again."""
+    for attempt in range(2):
+        try:
+            if path.is_symlink() or not path.is_dir():
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path)  # symlink-safe (fd-based) on Linux
+            return
+        except OSError as exc:
+            if attempt:
+                log.error("could not remove sandbox scratch %s: %s", path, exc)
+                return
+            _open_up(path)
+
+
+def _open_up(root: Path) -> None:
+    """chmod 0700 every directory of the tree, top-down, so that it can be listed and emptied."""
+    try:
+        if not root.is_symlink():
+            os.chmod(root, 0o700)
+    except OSError:
+        pass
+    for dirpath, dirnames, _ in os.walk(root, onerror=lambda e: None):
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            if not os.path.islink(child):
+                try:
+                    os.chmod(child, 0o700)
+                except OSError:
+                    pass
+
+
 def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
     """Read the box's stdout/stderr until `ready` (boot) or EOF (run), a deadline or a flood.
 
-    Returns (stdout bytes, reason) where reason is "ready", "eof", "timeout" or "flood".
+    Returns (stdout bytes, reason) where reason is "ready", "eof", "timeout", "flood" (stdout over
+    its cap) or "status_flood" (the status channel over STATUS_CAP: a misbehaving sandbox).
     """
     out = bytearray()
     sel = selectors.DefaultSelector()
@@ -417,10 +550,15 @@ def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
                     if len(out) > stdout_cap:
                         return bytes(out), "flood"
                 else:
-                    if len(box.status) < STATUS_CAP:
-                        box.status += chunk[: STATUS_CAP - len(box.status)]
+                    box.status += chunk
+                    if len(box.status) > STATUS_CAP:
+                        return bytes(out), "status_flood"
                     if want_ready and b"ready\n" in box.status:
-                        del box.status[: box.status.index(b"ready\n") + len(b"ready\n")]
+                        head, _, rest = bytes(box.status).partition(b"ready\n")
+                        for line in head.splitlines():
+                            if line.startswith(b"worker "):
+                                box.worker_pid = int(line.split()[1])
+                        box.status[:] = rest
                         return bytes(out), "ready"
         return bytes(out), "eof"
     finally:
@@ -441,14 +579,25 @@ class Executor:
         max_code_bytes: int = 64 << 10,
         tmpfs_mb: int = 16,
         backend: str = "auto",
+        allow_weak: bool = False,
         pool_size: int = 0,
         preload: Sequence[str] | None = None,
         python: str = DEFAULT_PYTHON,
         runsc_path: str = "runsc",
         bwrap_path: str = "bwrap",
+        scratch_dir: str | None = None,
+        on_teardown=None,
     ):
-        if backend not in ("auto", "runsc", "bwrap"):
-            raise ValueError(f"backend must be auto, runsc or bwrap, not {backend!r}")
+        """`on_teardown(backend, outcome, seconds)` is called after every background teardown,
+        outcome "ok", "slow" (over TEARDOWN_SLOW_S) or "failed"."""
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be auto, {', '.join(BACKENDS)}, not {backend!r}")
+        if backend in WEAK_BACKENDS and not allow_weak:
+            raise SandboxUnavailable(
+                f"backend {backend!r} is weaker than gVisor (the host kernel is exposed to the model's code); "
+                "it runs only when asked for explicitly: allow_weak=True, --allow-weak-backend or "
+                "ALPHAMATH_SANDBOX_ALLOW_WEAK_BACKEND=1"
+            )
         self.limits = Limits(
             memory_bytes=int(memory_mb) << 20,
             pids=int(pids),
@@ -468,12 +617,25 @@ class Executor:
             # Importing sympy dominates a cold sandbox (about 1 s under gVisor's ptrace platform):
             # worth paying ahead of time in pooled sandboxes, pointless on the request path.
             preload = ("numpy", "sympy") if pool_size > 0 else ()
-        self._tools = {"runsc": runsc_path, "bwrap": bwrap_path}
-        self._backend = self._select_backend(backend, python, tuple(preload))
+        self._tools = {"runsc": runsc_path, "bwrap": bwrap_path, "pod": scratch_dir}
+        self.on_teardown = on_teardown
+        self.teardowns = {"ok": 0, "slow": 0, "failed": 0}
+        self._teardown_queue: queue.Queue[_Box | None] = queue.Queue()
+        self._teardown_threads = [
+            threading.Thread(target=self._teardown_loop, name=f"sandbox-teardown-{i}", daemon=True) for i in range(2)
+        ]
+        for t in self._teardown_threads:
+            t.start()
+        self._closed = threading.Event()
+        try:
+            self._backend = self._select_backend(backend, python, tuple(preload))
+        except BaseException:
+            self._stop_teardown()
+            raise
         self.backend = self._backend.name
+        self.strength = self._backend.strength
         self.pool_size = int(pool_size)
         self._pool: queue.Queue[_Box] = queue.Queue()
-        self._closed = threading.Event()
         self._wake = threading.Event()
         self._refiller: threading.Thread | None = None
         if self.pool_size > 0:
@@ -485,6 +647,7 @@ class Executor:
         """Limits from ALPHAMATH_SANDBOX_* variables (as the sandbox service and k8s set them)."""
         spec = {
             "backend": ("BACKEND", str),
+            "allow_weak": ("ALLOW_WEAK_BACKEND", _flag),
             "pool_size": ("POOL_SIZE", int),
             "memory_mb": ("MEMORY_MB", int),
             "pids": ("PIDS", int),
@@ -495,6 +658,7 @@ class Executor:
             "tmpfs_mb": ("TMPFS_MB", int),
             "python": ("PYTHON", str),
             "runsc_path": ("RUNSC", str),
+            "scratch_dir": ("SCRATCH_DIR", str),
         }
         kwargs = {}
         for arg, (suffix, conv) in spec.items():
@@ -507,27 +671,30 @@ class Executor:
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    def info(self) -> dict:
+        """What runs the code: shown by the service's Info RPC, its metrics and every tree's meta."""
+        return {"backend": self.backend, "strength": self.strength, "production": self.backend in STRONG_BACKENDS,
+                "pool_size": self.pool_size}
+
     # -- backend selection ------------------------------------------------------------------
     def _select_backend(self, wanted: str, python: str, preload: tuple[str, ...]) -> _Backend:
         errors = []
-        for kind in ("runsc", "bwrap") if wanted == "auto" else (wanted,):
+        classes = {"runsc": RunscBackend, "pod": PodBackend, "bwrap": BwrapBackend}
+        for kind in STRONG_BACKENDS if wanted == "auto" else (wanted,):
             backend = None
             try:
-                cls = RunscBackend if kind == "runsc" else BwrapBackend
-                backend = cls(self.limits, python, preload, self._tools[kind])
+                backend = classes[kind](self.limits, python, preload, self._tools[kind])
                 self._probe(backend)
-                if kind == "bwrap" and wanted == "auto":
-                    log.warning(
-                        "WARNING: gVisor runsc cannot run here (%s); FALLING BACK to bubblewrap, a weaker "
-                        "sandbox (host kernel exposed to the model's code)",
-                        "; ".join(errors),
-                    )
+                log.info("sandbox backend %s (%s)%s", kind, backend.strength,
+                         " chosen by auto" if wanted == "auto" else "")
                 return backend
-            except Exception as exc:  # try the next backend, but keep every reason for the error
+            except Exception as exc:  # try the next equally strong backend, keep every reason
                 errors.append(f"{kind}: {exc}")
                 if backend is not None:
                     backend.close()
-        raise SandboxUnavailable("no sandbox backend can run code: " + "; ".join(errors))
+        hint = "" if wanted != "auto" else (
+            "; auto never falls back to a weaker backend: name one (--backend bwrap --allow-weak-backend) to accept that")
+        raise SandboxUnavailable(f"no sandbox backend can run code ({wanted}): " + "; ".join(errors) + hint)
 
     def _probe(self, backend: _Backend) -> None:
         box = self._boot(backend)
@@ -551,14 +718,14 @@ class Executor:
                 f"{self.limits.max_code_bytes}"
             )
         if not cells:
-            return ExecResult(stdout="", duration_s=time.monotonic() - started)
+            return ExecResult(stdout="", duration_s=time.monotonic() - started, backend=self.backend)
         if self._closed.is_set():
             raise RuntimeError("Executor is closed")
         box = self._take()
         return self._run(self._backend, box, cells, started)
 
     def close(self) -> None:
-        """Stop the pool, destroy idle sandboxes and remove bundles/state."""
+        """Stop the pool, destroy idle sandboxes, finish pending teardowns, remove bundles/state."""
         if self._closed.is_set():
             return
         self._closed.set()
@@ -567,10 +734,26 @@ class Executor:
             self._refiller.join(timeout=self.limits.startup_timeout_s + 5)
         while True:
             try:
-                self._backend.destroy(self._pool.get_nowait())
+                self._teardown_queue.put(self._pool.get_nowait())
             except queue.Empty:
                 break
+        self._stop_teardown()
         self._backend.close()
+
+    def drain(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every used sandbox has been torn down; False if `timeout_s` passed first."""
+        deadline = time.monotonic() + timeout_s
+        while self._teardown_queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _stop_teardown(self) -> None:
+        for _ in self._teardown_threads:
+            self._teardown_queue.put(None)
+        for t in self._teardown_threads:
+            t.join(timeout=4 * TEARDOWN_STEP_S)
 
     def __enter__(self) -> "Executor":
         return self
@@ -607,7 +790,7 @@ class Executor:
                 self._wake.set()
                 if box.proc.poll() is None:
                     return box
-                self._backend.destroy(box)
+                self._discard(self._backend, box)
             except queue.Empty:
                 self._wake.set()
         return self._boot(self._backend)
@@ -629,8 +812,55 @@ class Executor:
                 return
             self._pool.put(box)
 
+    def _discard(self, backend: _Backend, box: _Box) -> None:
+        """Hand a used sandbox to the teardown threads (synchronously while probing a backend)."""
+        if backend is getattr(self, "_backend", None):
+            self._teardown_queue.put(box)
+        else:
+            backend.destroy(box)
+
+    def _teardown_loop(self) -> None:
+        while True:
+            box = self._teardown_queue.get()
+            if box is None:
+                self._teardown_queue.task_done()
+                return
+            try:
+                self._teardown(box)
+            finally:
+                self._teardown_queue.task_done()
+
+    def _teardown(self, box: _Box) -> None:
+        """Destroy one used sandbox; count the outcome (never raises: the execution has returned)."""
+        start = time.monotonic()
+        try:
+            self._backend.destroy(box)
+            seconds = time.monotonic() - start
+            outcome = "slow" if seconds > TEARDOWN_SLOW_S else "ok"
+            if outcome == "slow":
+                log.warning("sandbox teardown took %.1f s (backend %s)", seconds, self.backend)
+        except Exception as exc:  # noqa: BLE001 - counted and logged; the execution already returned
+            seconds = time.monotonic() - start
+            outcome = "failed"
+            log.error("sandbox teardown failed after %.1f s (backend %s): %s", seconds, self.backend, exc)
+        self.teardowns[outcome] += 1
+        if self.on_teardown is not None:
+            try:
+                self.on_teardown(self.backend, outcome, seconds)
+            except Exception as exc:  # noqa: BLE001
+                log.error("on_teardown callback failed: %s", exc)
+
+    def _kill_now(self, backend: _Backend, box: _Box) -> None:
+        """Stop a flooding or runaway sandbox at once; the full teardown follows in the background."""
+        if backend.name in ("pod", "bwrap"):
+            try:
+                os.killpg(box.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def _run(self, backend: _Backend, box: _Box, cells: list[str], started: float) -> ExecResult:
         lim = self.limits
+        out, reason = b"", "eof"
         try:
             request = (json.dumps({"cells": cells}) + "\n").encode()
             try:
@@ -645,30 +875,37 @@ class Executor:
                     box, time.monotonic() + lim.timeout_s, want_ready=False, stdout_cap=lim.output_hard_cap
                 )
             box.finished = reason == "eof"
+            if not box.finished:
+                self._kill_now(backend, box)
         finally:
-            backend.destroy(box)
+            self._discard(backend, box)
         stdout = out[: lim.max_output_bytes].decode("utf-8", "replace")
         if len(out) > lim.max_output_bytes:
             stdout = stdout.rstrip("\ufffd") + "\n...[output truncated]"
-        status = _parse_status(box.status)
         duration = time.monotonic() - started
+        result = functools.partial(ExecResult, stdout, duration_s=duration, backend=backend.name)
         if reason == "timeout":
-            return ExecResult(stdout, f"TimeoutError: execution exceeded {lim.timeout_s:g} s", True, duration)
+            return result(f"TimeoutError: execution exceeded {lim.timeout_s:g} s", True)
         if reason == "flood":
-            return ExecResult(
-                stdout, f"OutputLimitExceeded: output exceeded {lim.output_hard_cap} bytes", False, duration
-            )
+            return result(f"OutputLimitExceeded: output exceeded {lim.output_hard_cap} bytes", False)
+        if reason == "status_flood":
+            return result(f"SandboxError: the sandbox wrote more than {STATUS_CAP} bytes of status", False)
+        status = _parse_status(box.status)
         if status is None:
-            code = box.proc.returncode
-            return ExecResult(
-                stdout,
-                f"SandboxError: the interpreter was killed (exit status {code}); "
-                "memory, process or CPU limit exceeded",
-                code in (152, -signal.SIGXCPU),
-                duration,
+            detail = box.status.decode("utf-8", "replace").strip()[-300:]
+            return result(
+                "SandboxError: the interpreter ended without a result; memory, process or CPU limit exceeded"
+                + (f" ({detail})" if detail else ""),
+                False,
             )
-        timed_out = bool(status.get("timed_out"))
-        return ExecResult(stdout, status.get("error"), timed_out, duration)
+        return result(status.get("error"), bool(status.get("timed_out")))
+
+
+def _flag(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(raw)
+    return low in ("1", "true", "yes", "on")
 
 
 def _parse_status(raw: bytes | bytearray) -> dict | None:

@@ -1,77 +1,163 @@
-"""The program that runs INSIDE the sandbox (gVisor or bubblewrap); never imported by a service.
+"""The program that runs INSIDE the sandbox (gVisor, the gVisor pod, or bubblewrap); never imported
+by a service.
 
 It is passed to the sandboxed interpreter as `python3 -I -B -c <this source> <limits-json>`, so it
 must use the standard library only and must not import anything from this repository.
 
-Protocol with the host (`sandbox_svc.executor`):
-  1. preload the configured modules (numpy, sympy: they dominate a cold cell's latency), then
-     write "ready\\n" on the status channel (the original stderr);
-  2. read one JSON line {"cells": [...]} from stdin; import those of the `lazy` modules (numpy,
-     sympy: trusted system packages) that the cells name, then write "ready\\n" again: the host's
-     wall clock for the model's code starts there, so a slow import (seconds under gVisor's
-     ptrace platform on some hosts) is not charged to the code as if it were a runaway;
-  3. tighten its own rlimits (CPU time counted from now, address space, processes, file size),
-     run every cell in order in one namespace, the output of all but the last cell going to
-     /dev/null (they only rebuild state), the last cell's output streaming to stdout, which the
-     host reads with a hard cap;
-  4. write one JSON status line {"error": str|null, "timed_out": bool} on the status channel and
-     exit without running the model code's atexit handlers.
-The model's own stderr goes to /dev/null so it cannot garble the status channel by accident.
-A model that deliberately forges a status line only misreports its own result: containment does
-not rely on this process (the sandbox and the host's timeouts/caps do).
+Two processes, so that the result channel is out of reach of the model's code:
+  * the supervisor (this process) holds the status channel (the original stderr, read by the host)
+    and never runs model code;
+  * the worker, forked per request, runs the cells. Before the first cell it drops the status
+    channel, becomes non-dumpable, installs a seccomp filter (no new processes, no ptrace, no
+    signals or rlimit changes aimed at other processes, no sockets, no namespace or mode changes)
+    and tightens its rlimits (CPU, AS, NPROC, FSIZE, NOFILE).
+The supervisor reports what it observed itself (exit status, CPU time used); the worker only
+contributes the last cell's traceback line, over a pipe of its own (text the model could have
+produced anyway by raising its own exception).
+
+Protocol with the host (`sandbox_svc.executor`), status lines on the original stderr:
+  1. preload the configured modules, then "ready";
+  2. read one JSON line {"cells": [...]} from stdin; import the `lazy` modules the cells name
+     (trusted system packages, so a slow import is not charged to the code), fork the worker,
+     then "worker <pid>" and "ready" (the host's wall clock for the model's code starts here);
+  3. the worker streams the last cell's stdout to stdout (the host caps it); earlier cells' output
+     and all stderr go to /dev/null;
+  4. one JSON status line {"error", "timed_out", "exit", "cpu_s"}, then exit.
 """
+import ctypes
 import json
 import os
 import resource
 import signal
+import struct
 import sys
 import traceback
 
 READY = b"ready\n"
+ERROR_REPORT_CAP = 4096
+
+# --- seccomp (x86_64 only: on any other architecture the worker refuses to run code) -----------
+AUDIT_ARCH_X86_64 = 0xC000003E
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_SET_DUMPABLE = 38, 22, 4
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+EPERM, ENOSYS = 1, 38
+# Denied outright (EPERM): process inspection, other-process scheduling, namespaces and mounts,
+# permission changes (the scratch root must stay unlistable), kernel attack surface.
+DENY = {
+    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312,
+    "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438, "tkill": 200,
+    "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "setpriority": 141, "sched_setscheduler": 144,
+    "sched_setparam": 142, "sched_setattr": 314, "ioprio_set": 251, "migrate_pages": 256,
+    "move_pages": 279, "process_madvise": 440, "setsid": 112, "setpgid": 109,
+    "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452,
+    "unshare": 272, "setns": 308, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161,
+    "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "keyctl": 250, "add_key": 248,
+    "request_key": 249, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "syslog": 103, "socket": 41, "fork": 57, "vfork": 58,
+}
+# Allowed only when the first argument is this process itself (kill(0) would hit the supervisor).
+SELF_ONLY = {"kill": 62, "tgkill": 234}
+# Allowed for this process itself, by its pid or as 0 (how glibc's setrlimit calls prlimit64).
+SELF_OR_ZERO = {"prlimit64": 302, "sched_setaffinity": 203}
+CLONE = 56
+CLONE3 = 435  # its flags sit behind a pointer: ENOSYS makes glibc fall back to clone(2)
+CLONE_THREAD = 0x00010000
 
 
-class CPUTimeLimitExceeded(Exception):
-    """Raised on SIGXCPU (the soft RLIMIT_CPU); the hard limit one second later kills outright."""
+def _seccomp_program(self_pid):
+    """BPF: deny the calls above; clone only for threads; self-only calls checked on arg 0."""
+    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K
+    prog, fixups = [], []  # fixups: (index, true_label, false_label)
+
+    def emit(code, k, jt=None, jf=None):
+        prog.append([code, 0, 0, k])
+        if jt is not None or jf is not None:
+            fixups.append((len(prog) - 1, jt, jf))
+
+    emit(ld, 4)  # seccomp_data.arch
+    emit(jeq, AUDIT_ARCH_X86_64, None, "kill")
+    emit(ld, 0)  # seccomp_data.nr
+    emit(0x35, 0x40000000, "deny", None)  # JGE: the x32 ABI's numbers
+    for nr in DENY.values():
+        emit(jeq, nr, "deny", None)
+    emit(jeq, CLONE3, "nosys", None)
+    emit(jeq, CLONE, "clone", None)
+    for nr in SELF_ONLY.values():
+        emit(jeq, nr, "self", None)
+    for nr in SELF_OR_ZERO.values():
+        emit(jeq, nr, "self_or_zero", None)
+    emit(ret, SECCOMP_RET_ALLOW)
+    labels = {"clone": len(prog)}
+    emit(ld, 16)  # args[0], low word: clone flags
+    emit(jset, CLONE_THREAD, "allow", "deny")
+    labels["self_or_zero"] = len(prog)
+    emit(ld, 16)  # args[0], low word: the target pid
+    emit(jeq, 0, "allow", None)
+    emit(jeq, self_pid, "allow", "deny")
+    labels["self"] = len(prog)
+    emit(ld, 16)
+    emit(jeq, self_pid, "allow", "deny")
+    for name, value in (("allow", SECCOMP_RET_ALLOW), ("deny", SECCOMP_RET_ERRNO | EPERM),
+                        ("nosys", SECCOMP_RET_ERRNO | ENOSYS), ("kill", SECCOMP_RET_KILL_PROCESS)):
+        labels[name] = len(prog)
+        emit(ret, value)
+    for index, jt, jf in fixups:
+        for slot, label in ((1, jt), (2, jf)):
+            if label is not None:
+                prog[index][slot] = labels[label] - index - 1
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
 
-def _on_sigxcpu(signum, frame):
-    global _cpu_exceeded
-    _cpu_exceeded = True
-    raise CPUTimeLimitExceeded("CPU time limit exceeded")
+def _install_seccomp(self_pid):
+    if os.uname().machine != "x86_64":
+        raise OSError("no seccomp filter for " + os.uname().machine + ": refusing to run model code")
+    libc = ctypes.CDLL(None, use_errno=True)
+    code = _seccomp_program(self_pid)
+    buf = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(buf))
+    fprog_buf = ctypes.create_string_buffer(fprog, len(fprog))
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS failed")
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog_buf), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter refused")
 
 
-_cpu_exceeded = False
+def _set_nondumpable():
+    """Same-uid processes (other executions, in the pod also the server) cannot ptrace us or read
+    our /proc files; and we cannot be made to dump."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
+# --- limits ---------------------------------------------------------------------------------------
 def _set_limit(which, soft, hard=None):
-    """Lower a limit; never raise (a limit the kernel refuses is still enforced by the sandbox)."""
+    """Lower a limit; raise if the kernel refuses (the worker then reports an error, runs nothing)."""
     hard = soft if hard is None else hard
-    try:
-        cur_soft, cur_hard = resource.getrlimit(which)
-        if cur_hard != resource.RLIM_INFINITY:
-            hard = min(hard, cur_hard)
-            soft = min(soft, hard)
-        resource.setrlimit(which, (soft, hard))
-    except (ValueError, OSError):
-        pass
+    cur_soft, cur_hard = resource.getrlimit(which)
+    if cur_hard != resource.RLIM_INFINITY:
+        hard = min(hard, cur_hard)
+        soft = min(soft, hard)
+    resource.setrlimit(which, (soft, hard))
 
 
 def _vm_size_bytes():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
     return 0
 
 
-def _apply_limits(limits):
+def _cpu_used():
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    used = int(usage.ru_utime + usage.ru_stime) + 1
+    return usage.ru_utime + usage.ru_stime
+
+
+def _apply_limits(limits):
     cpu = max(1, int(limits["cpu_s"] + 0.999))
-    signal.signal(signal.SIGXCPU, _on_sigxcpu)
+    used = int(_cpu_used()) + 1
     _set_limit(resource.RLIMIT_CPU, used + cpu, used + cpu + 1)
     # The model's code may allocate memory_bytes on top of the interpreter and its preloads.
     _set_limit(resource.RLIMIT_AS, _vm_size_bytes() + int(limits["memory_bytes"]))
@@ -87,47 +173,33 @@ def _error_line(exc):
     return lines[-1].strip() if lines else type(exc).__name__
 
 
-def main(argv):
-    limits = json.loads(argv[1])
-    status_fd = os.dup(2)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 2)
-    real_stdout = os.dup(1)
-
-    for name in limits.get("preload", ()):
-        try:
-            __import__(name)
-        except Exception:  # a missing optional module must not break the sandbox
-            pass
-    os.write(status_fd, READY)
-
-    line = sys.stdin.buffer.readline()
-    os.dup2(devnull, 0)
-    request = json.loads(line)
-    cells = request["cells"]
-    for name in limits.get("lazy", ()):
-        if name not in sys.modules and any(name in cell for cell in cells):
-            try:
-                __import__(name)
-            except Exception:
-                pass
-    os.write(status_fd, READY)
-
+# --- the two processes ----------------------------------------------------------------------------
+def _worker(cells, limits, report_w, real_stdout, devnull):
+    """Runs in the forked child; never returns."""
+    try:
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 2)
+        _set_nondumpable()
+        _install_seccomp(os.getpid())
+        _apply_limits(limits)
+    except BaseException as exc:
+        os.write(report_w, (json.dumps({"error": "SandboxError: " + _error_line(exc)}) + "\n").encode())
+        os._exit(0)
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)  # the soft CPU limit ends the worker
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     stdout, stderr = sys.stdout, sys.stderr
     error = None
-    _apply_limits(limits)
     for index, source in enumerate(cells):
         last = index == len(cells) - 1
         sys.stdout, sys.stderr = stdout, stderr
         try:
             stdout.flush()
-        except Exception:
+        except BaseException:
             pass
         os.dup2(real_stdout if last else devnull, 1)
         try:
             code = compile(source, "<cell %d>" % index, "exec")
-            exec(code, namespace)  # inside the gVisor sandbox: this is where model code runs
+            exec(code, namespace)  # inside the sandbox, in the worker: this is where model code runs
         except SystemExit:
             cell_error = None
         except BaseException as exc:  # report, never propagate: the host wants the last line
@@ -141,7 +213,93 @@ def main(argv):
             pass
         if last:
             error = cell_error
-    os.write(status_fd, (json.dumps({"error": error, "timed_out": _cpu_exceeded}) + "\n").encode())
+    try:
+        os.write(report_w, (json.dumps({"error": error}) + "\n").encode())
+    except BaseException:
+        pass
+    os._exit(0)
+
+
+def _read_report(fd):
+    """The worker's last complete JSON line (at most ERROR_REPORT_CAP bytes are read)."""
+    data = b""
+    while len(data) <= ERROR_REPORT_CAP:
+        try:
+            chunk = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    os.close(fd)
+    if len(data) > ERROR_REPORT_CAP:
+        return "SandboxError: the code wrote more than %d bytes to the error report" % ERROR_REPORT_CAP
+    for line in reversed(data.splitlines()):
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(msg, dict) and (msg.get("error") is None or isinstance(msg.get("error"), str)):
+            return msg.get("error")
+    return None
+
+
+def main(argv):
+    limits = json.loads(argv[1])
+    # Services start us with an empty environment; these knobs are set here, not inherited.
+    for key, value in (("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1"), ("PYTHONHASHSEED", "0")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("HOME", os.getcwd())
+    os.environ.setdefault("TMPDIR", os.getcwd())
+    status_fd = os.dup(2)  # non-inheritable; the worker closes its copy before any model code
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 2)
+    real_stdout = os.dup(1)
+    os.dup2(devnull, 1)
+    _set_nondumpable()
+
+    for name in limits.get("preload", ()):
+        try:
+            __import__(name)
+        except Exception:  # a missing optional module must not break the sandbox
+            pass
+    os.write(status_fd, READY)
+
+    line = sys.stdin.buffer.readline(int(limits.get("max_request_bytes", 1 << 20)))
+    os.dup2(devnull, 0)
+    cells = json.loads(line)["cells"]
+    for name in limits.get("lazy", ()):
+        if name not in sys.modules and any(name in cell for cell in cells):
+            try:
+                __import__(name)
+            except Exception:
+                pass
+
+    report_r, report_w = os.pipe()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    pid = os.fork()
+    if pid == 0:
+        os.close(status_fd)
+        os.close(report_r)
+        _worker(cells, limits, report_w, real_stdout, devnull)
+    os.close(report_w)
+    os.close(real_stdout)  # the host sees stdout's EOF when the worker is gone
+    os.write(status_fd, b"worker %d\n" % pid + READY)
+    error = _read_report(report_r)
+    _, wait_status = os.waitpid(pid, 0)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (usage.ru_utime + usage.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    cpu_limit = max(1, int(limits["cpu_s"] + 0.999))
+    signaled = os.WIFSIGNALED(wait_status)
+    sig = os.WTERMSIG(wait_status) if signaled else 0
+    timed_out = sig == signal.SIGXCPU or (signaled and cpu_s >= cpu_limit - 0.05)
+    if timed_out:
+        error = "TimeoutError: CPU time limit of %d s exceeded" % cpu_limit
+    elif signaled:
+        error = "SandboxError: the interpreter was killed by signal %d; memory or file size limit exceeded" % sig
+    status = {"error": error, "timed_out": timed_out, "exit": -sig if signaled else os.WEXITSTATUS(wait_status),
+              "cpu_s": round(cpu_s, 3)}
+    os.write(status_fd, (json.dumps(status) + "\n").encode())
     os._exit(0)
 
 

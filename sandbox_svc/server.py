@@ -7,6 +7,11 @@ wait in a bounded queue, and beyond the queue they are refused with RESOURCE_EXH
 search backs off instead of piling up. A request whose deadline passes while it waits gets
 DEADLINE_EXCEEDED without running.
 
+Which backend runs the code is never hidden: it is in every ExecuteResponse, the Info RPC, the
+startup log and the metrics (`alphamath_sandbox_backend_info`, and the `backend` label of
+`alphamath_sandbox_executions_total`). Teardowns finish in the background and are counted in
+`alphamath_sandbox_teardowns_total{backend,outcome}`.
+
 Per-request limits (`ExecLimits`) can only tighten the server's limits, never loosen them:
 unset fields take the server's values and larger values are clamped to them. The wall-clock
 timeout and the output cap are applied per request; the memory limit is the one the (pre-booted)
@@ -93,7 +98,22 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         self._per_call = {k for k in ("timeout_s", "max_output_bytes") if k in params}
         base = metrics or ServiceMetrics("sandbox")
         r = base.registry
-        self.m_exec = Counter("alphamath_sandbox_executions", "executions by outcome", ["outcome"], registry=r)
+        info = executor.info() if hasattr(executor, "info") else {"backend": getattr(executor, "backend", "unknown")}
+        self.info = info
+        self.backend = str(info["backend"])
+        backend_gauge = Gauge("alphamath_sandbox_backend_info", "the sandbox backend in use (value 1)",
+                              ["backend", "strength", "production"], registry=r)
+        backend_gauge.labels(self.backend, str(info.get("strength", "unknown")),
+                             str(bool(info.get("production"))).lower()).set(1)
+        self.m_exec = Counter("alphamath_sandbox_executions", "executions by backend and outcome",
+                              ["backend", "outcome"], registry=r)
+        self.m_teardown = Counter("alphamath_sandbox_teardowns", "background sandbox teardowns by outcome "
+                                  "(slow: over 2 s; failed: a step timed out or errored)", ["backend", "outcome"],
+                                  registry=r)
+        self.m_teardown_seconds = Histogram("alphamath_sandbox_teardown_seconds", "wall time of one teardown",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        if hasattr(executor, "on_teardown"):
+            executor.on_teardown = self._teardown_done
         self.m_seconds = Histogram("alphamath_sandbox_execution_seconds", "wall time of one execution",
                                    buckets=LATENCY_BUCKETS, registry=r)
         active = Gauge("alphamath_sandbox_active", "sandboxes running now", registry=r)
@@ -116,6 +136,17 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             timeout = min(timeout, rem)
         return timeout, out_chars
 
+    def _teardown_done(self, backend: str, outcome: str, seconds: float) -> None:
+        self.m_teardown.labels(backend, outcome).inc()
+        self.m_teardown_seconds.observe(seconds)
+
+    def Info(self, request, context):
+        return sandbox_pb2.SandboxInfo(backend=self.backend, strength=str(self.info.get("strength", "")),
+                                       production=bool(self.info.get("production")),
+                                       pool_size=int(self.info.get("pool_size", 0)), timeout_s=self.max_timeout_s,
+                                       memory_bytes=self.max_memory_bytes, max_output_chars=self.max_output_chars,
+                                       max_code_bytes=self.max_code_bytes)
+
     def Execute(self, request, context):
         cells = list(request.cells)
         if len(cells) > MAX_CELLS:
@@ -136,26 +167,27 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             with self.gate.slot(deadline, context.is_active):
                 result = self.executor.execute(cells, **kwargs)
         except QueueFull as e:
-            self.m_exec.labels("overloaded").inc()
+            self.m_exec.labels(self.backend, "overloaded").inc()
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except TimeoutError as e:
-            self.m_exec.labels("deadline").inc()
+            self.m_exec.labels(self.backend, "deadline").inc()
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except ConnectionAbortedError as e:
             context.abort(grpc.StatusCode.CANCELLED, str(e))
         except (ValueError, TypeError) as e:
-            self.m_exec.labels("invalid").inc()
+            self.m_exec.labels(self.backend, "invalid").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:  # noqa: BLE001 - a sandbox that failed to boot: transient, retryable
-            self.m_exec.labels("sandbox_error").inc()
+            self.m_exec.labels(self.backend, "sandbox_error").inc()
             log.error("sandbox failed: %s", e)
             context.abort(grpc.StatusCode.UNAVAILABLE, f"sandbox could not run the code: {e}")
         stdout = result.stdout
         if len(stdout) > out_chars:
             stdout = stdout[:out_chars] + "\n...[output truncated]"
-        self.m_exec.labels("timeout" if result.timed_out else "error" if result.error else "ok").inc()
+        self.m_exec.labels(self.backend, "timeout" if result.timed_out else "error" if result.error else "ok").inc()
         self.m_seconds.observe(result.duration_s)
-        resp = sandbox_pb2.ExecuteResponse(stdout=stdout, timed_out=result.timed_out, duration_s=result.duration_s)
+        resp = sandbox_pb2.ExecuteResponse(stdout=stdout, timed_out=result.timed_out, duration_s=result.duration_s,
+                                           backend=getattr(result, "backend", None) or self.backend)
         if result.error is not None:
             resp.error = result.error
         return resp
@@ -165,15 +197,22 @@ class SandboxServer:
     """A running sandbox service: gRPC (with health, reflection) plus its /metrics endpoint."""
 
     def __init__(self, executor, *, port: int = 0, host: str = "127.0.0.1", metrics_port: int = -1,
-                 max_concurrency: int = 4, max_queue: int = 32, max_workers: int = 0, own_executor: bool = False):
+                 max_concurrency: int = 4, max_queue: int = 32, max_workers: int = 0, own_executor: bool = False,
+                 uds: str | None = None):
+        """`uds`: also listen on this Unix socket (how the pod-shaped gVisor test reaches the service)."""
         self.executor, self.own_executor = executor, own_executor
         self.metrics = ServiceMetrics("sandbox")
         self.servicer = SandboxServicer(executor, max_concurrency=max_concurrency, max_queue=max_queue,
                                         metrics=self.metrics)
         name = sandbox_pb2.DESCRIPTOR.services_by_name["SandboxService"].full_name
         workers = max(max_workers, max_concurrency + max_queue + 8)
-        self.grpc = GrpcServer(lambda s: sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(self.servicer, s),
-                               [name], port=port, host=host, metrics=self.metrics, max_workers=workers)
+
+        def register(server):
+            sandbox_pb2_grpc.add_SandboxServiceServicer_to_server(self.servicer, server)
+            if uds and not server.add_insecure_port(f"unix:{uds}"):
+                raise OSError(f"cannot listen on unix:{uds}")
+
+        self.grpc = GrpcServer(register, [name], port=port, host=host, metrics=self.metrics, max_workers=workers)
         self.port = self.grpc.port
         self.metrics_port = self.metrics.serve(metrics_port, host) if metrics_port >= 0 else None
 
@@ -186,7 +225,13 @@ class SandboxServer:
 
 def parser():
     p = service_parser("sandbox", "SandboxService: runs model-written Python in gVisor sandboxes.")
-    p.add_argument("--backend", default="auto", choices=["auto", "runsc", "bwrap"], help="sandbox backend")
+    p.add_argument("--backend", default="auto", choices=["auto", "pod", "runsc", "bwrap"],
+                   help="sandbox backend: pod (inside a gVisor pod), runsc (gVisor on a host), bwrap (weaker, "
+                        "needs --allow-weak-backend); auto picks pod or runsc, never a weaker one")
+    p.add_argument("--allow-weak-backend", action="store_true",
+                   help="allow a backend weaker than gVisor (bwrap); off in production")
+    p.add_argument("--uds", default="", help="also listen on this Unix socket path")
+    p.add_argument("--scratch-dir", default="", help="pod backend: where per-execution scratch directories go")
     p.add_argument("--max-concurrency", type=int, default=4, help="sandboxes running at once")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting; beyond this RESOURCE_EXHAUSTED")
     p.add_argument("--pool-size", type=int, default=2, help="sandboxes booted ahead of time (warm pool)")
@@ -202,14 +247,17 @@ def main(argv=None) -> int:
     setup_logging("sandbox", args.log_level)
     if args.max_concurrency < 1 or args.max_queue < 0:
         raise SystemExit("--max-concurrency must be >= 1 and --max-queue >= 0")
-    from sandbox_svc.executor import Executor
+    from sandbox_svc.executor import STRONG_BACKENDS, Executor
 
     executor = Executor(memory_mb=args.memory_mb, timeout_s=args.timeout_s, max_output_bytes=args.max_output_chars,
-                        max_code_bytes=args.max_code_bytes, backend=args.backend, pool_size=args.pool_size)
+                        max_code_bytes=args.max_code_bytes, backend=args.backend, allow_weak=args.allow_weak_backend,
+                        pool_size=args.pool_size, scratch_dir=args.scratch_dir or None)
     server = SandboxServer(executor, port=args.port, host=args.host, metrics_port=args.metrics_port,
                            max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                           max_workers=args.max_workers, own_executor=True)
-    log.info("sandbox service ready", extra={"port": server.port, "metrics_port": server.metrics_port,
-                                             "backend": executor.backend, "pool_size": args.pool_size})
+                           max_workers=args.max_workers, own_executor=True, uds=args.uds or None)
+    level = logging.INFO if executor.backend in STRONG_BACKENDS else logging.WARNING
+    log.log(level, "sandbox service ready, backend %s (%s)", executor.backend, executor.strength,
+            extra={"port": server.port, "metrics_port": server.metrics_port, "backend": executor.backend,
+                   "strength": executor.strength, "pool_size": args.pool_size})
     run_until_signal(server.stop, log)
     return 0

@@ -292,19 +292,31 @@ class RemoteValue:
 
 
 class RemoteSandbox:
-    """Sandbox protocol over SandboxService (server-side default limits)."""
+    """Sandbox protocol over SandboxService (server-side default limits).
+
+    `backend` names the sandbox backend(s) that ran this scope's code, as the responses said; with
+    no code run yet, what the service's Info RPC says."""
 
     def __init__(self, ep: _Endpoint, scope: CallScope | None = None):
         self.ep, self.scope = ep, scope or CallScope()
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(ep.channel)
+        self.backends_seen: list[str] = []
 
     def bind(self, scope: CallScope) -> "RemoteSandbox":
         return RemoteSandbox(self.ep, scope)
 
+    @property
+    def backend(self) -> str:
+        if self.backends_seen:
+            return "+".join(self.backends_seen)
+        return self.ep.call(self.stub.Info, sandbox_pb2.SandboxInfoRequest(), self.scope).backend
+
     def execute(self, cells: Sequence[str]) -> ExecResult:
         resp = self.ep.call(self.stub.Execute, sandbox_pb2.ExecuteRequest(cells=list(cells)), self.scope)
+        if resp.backend not in self.backends_seen:
+            self.backends_seen.append(resp.backend)
         return ExecResult(stdout=resp.stdout, error=resp.error if resp.HasField("error") else None,
-                          timed_out=resp.timed_out, duration_s=resp.duration_s)
+                          timed_out=resp.timed_out, duration_s=resp.duration_s, backend=resp.backend)
 
 
 @dataclass

@@ -58,4 +58,5 @@ def solve(question: str, method: str, policy: Policy, value: Value, sandbox: San
     chosen = tree.meta.get("answer_node")  # graded once the search is over (with rewards, already was)
     finish(tree, tree.nodes[chosen] if chosen is not None else None, check)
     tree.meta["seconds"] = round(time.perf_counter() - start, 3)
+    tree.meta["sandbox_backend"] = sandbox.backend  # which sandbox ran the code: never left implicit
     return tree

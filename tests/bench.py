@@ -109,7 +109,7 @@ def engine_vs_naive(args) -> dict:
     problems = load_problems(args.data, args.problems)
     cfg = SearchConfig(iterations=args.iterations, n_children=args.n_children, max_new_tokens=args.max_new_tokens)
     lm = LocalLM(embedded_checkpoint())
-    sandbox = Executor()
+    sandbox = Executor(backend="runsc")
     print(f"engine vs naive: {len(problems)} problems, MCTS N={cfg.iterations}, n={cfg.n_children}, "
           f"dtype {lm.model.dtype}, sandbox {sandbox.backend}; the naive baseline redoes the engine's "
           f"model calls on the same tree", flush=True)

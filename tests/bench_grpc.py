@@ -43,7 +43,7 @@ class InProcess:
         lm = LocalLM(model_dir)
         self.policy, self.value = LocalPolicy(lm), LocalValue(lm)
         self.cfg = SearchConfig(**PARAMS)
-        self.sandbox = Executor(pool_size=2)
+        self.sandbox = Executor(backend="runsc", pool_size=2)
 
     def solve(self, p) -> tuple[float, str | None]:
         from search_svc.engine import solve

@@ -53,6 +53,8 @@ class ConstValue:
 class ScriptedSandbox:
     """Prints what the last cell asks for: 'print(X)' -> 'X'; 'raise' -> an error."""
 
+    backend = "scripted"
+
     def __init__(self):
         self.calls = []
 

@@ -18,7 +18,7 @@ FAILED = ("answer", "malformed", "max_depth", "code_errors")
 def engine(tiny_model_dir):
     from sandbox_svc.executor import Executor
     lm = LocalLM(tiny_model_dir)
-    with Executor() as box:
+    with Executor(backend="runsc") as box:
         yield LocalPolicy(lm), LocalValue(lm), box, lm
 
 

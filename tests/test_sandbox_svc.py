@@ -20,7 +20,7 @@ from sandbox_svc.server import SandboxServer
 def server():
     from sandbox_svc.executor import Executor
 
-    srv = SandboxServer(Executor(pool_size=2, timeout_s=3.0, max_output_bytes=200, max_code_bytes=2000),
+    srv = SandboxServer(Executor(backend="runsc", pool_size=2, timeout_s=3.0, max_output_bytes=200, max_code_bytes=2000),
                         port=0, metrics_port=0, max_concurrency=2, own_executor=True)
     yield srv
     srv.stop(0)
@@ -76,8 +76,19 @@ def test_health_and_metrics(server, stub):
     execute(stub, ["print(1)"])
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
     assert 'alphamath_requests_total{code="OK",method="Execute",service="sandbox"}' in text
-    assert 'alphamath_sandbox_executions_total{outcome="ok"}' in text
+    assert 'alphamath_sandbox_executions_total{backend="runsc",outcome="ok"}' in text
+    assert 'alphamath_sandbox_backend_info{backend="runsc",production="true",strength="gvisor"} 1.0' in text
+    assert server.executor.drain(30)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    assert 'alphamath_sandbox_teardowns_total{backend="runsc",outcome="ok"}' in text
     assert "alphamath_sandbox_queue_depth 0.0" in text
+
+
+def test_backend_is_in_every_response_and_in_info(stub):
+    assert execute(stub, ["print(2)"]).backend == "runsc"
+    info = stub.Info(sandbox_pb2.SandboxInfoRequest(), timeout=10)
+    assert (info.backend, info.strength, info.production, info.pool_size) == ("runsc", "gvisor", True, 2)
+    assert (info.timeout_s, info.max_output_chars, info.max_code_bytes) == (3.0, 200, 2000)
 
 
 class GatedExecutor:

@@ -105,7 +105,7 @@ def sandbox_port():
     from sandbox_svc.executor import Executor
     from sandbox_svc.server import SandboxServer
 
-    server = SandboxServer(Executor(pool_size=2), port=0, max_concurrency=4, own_executor=True)
+    server = SandboxServer(Executor(backend="runsc", pool_size=2), port=0, max_concurrency=4, own_executor=True)
     yield server.port
     server.stop(0)
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61lphamath/v1/sandbox.proto\x12\x0c\x61lphamath.v1\"\x92\x01\n\nExecLimits\x12\x16\n\ttimeout_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmemory_bytes\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x1d\n\x10max_output_chars\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\x0c\n\n_timeout_sB\x0f\n\r_memory_bytesB\x13\n\x11_max_output_chars\"I\n\x0e\x45xecuteRequest\x12\r\n\x05\x63\x65lls\x18\x01 \x03(\t\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.alphamath.v1.ExecLimits\"f\n\x0f\x45xecuteResponse\x12\x0e\n\x06stdout\x18\x01 \x01(\t\x12\x12\n\x05\x65rror\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttimed_out\x18\x03 \x01(\x08\x12\x12\n\nduration_s\x18\x04 \x01(\x01\x42\x08\n\x06_error2X\n\x0eSandboxService\x12\x46\n\x07\x45xecute\x12\x1c.alphamath.v1.ExecuteRequest\x1a\x1d.alphamath.v1.ExecuteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61lphamath/v1/sandbox.proto\x12\x0c\x61lphamath.v1\"\x92\x01\n\nExecLimits\x12\x16\n\ttimeout_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmemory_bytes\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12\x1d\n\x10max_output_chars\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\x0c\n\n_timeout_sB\x0f\n\r_memory_bytesB\x13\n\x11_max_output_chars\"I\n\x0e\x45xecuteRequest\x12\r\n\x05\x63\x65lls\x18\x01 \x03(\t\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.alphamath.v1.ExecLimits\"w\n\x0f\x45xecuteResponse\x12\x0e\n\x06stdout\x18\x01 \x01(\t\x12\x12\n\x05\x65rror\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttimed_out\x18\x03 \x01(\x08\x12\x12\n\nduration_s\x18\x04 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\tB\x08\n\x06_error\"\x14\n\x12SandboxInfoRequest\"\xb2\x01\n\x0bSandboxInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x10\n\x08strength\x18\x02 \x01(\t\x12\x12\n\nproduction\x18\x03 \x01(\x08\x12\x11\n\tpool_size\x18\x04 \x01(\r\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_output_chars\x18\x07 \x01(\r\x12\x16\n\x0emax_code_bytes\x18\x08 \x01(\x04\x32\x9d\x01\n\x0eSandboxService\x12\x46\n\x07\x45xecute\x12\x1c.alphamath.v1.ExecuteRequest\x1a\x1d.alphamath.v1.ExecuteResponse\x12\x43\n\x04Info\x12 .alphamath.v1.SandboxInfoRequest\x1a\x19.alphamath.v1.SandboxInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTEREQUEST']._serialized_start=193
   _globals['_EXECUTEREQUEST']._serialized_end=266
   _globals['_EXECUTERESPONSE']._serialized_start=268
-  _globals['_EXECUTERESPONSE']._serialized_end=370
-  _globals['_SANDBOXSERVICE']._serialized_start=372
-  _globals['_SANDBOXSERVICE']._serialized_end=460
+  _globals['_EXECUTERESPONSE']._serialized_end=387
+  _globals['_SANDBOXINFOREQUEST']._serialized_start=389
+  _globals['_SANDBOXINFOREQUEST']._serialized_end=409
+  _globals['_SANDBOXINFO']._serialized_start=412
+  _globals['_SANDBOXINFO']._serialized_end=590
+  _globals['_SANDBOXSERVICE']._serialized_start=593
+  _globals['_SANDBOXSERVICE']._serialized_end=750
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class SandboxServiceStub:
                 request_serializer=alphamath_dot_v1_dot_sandbox__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=alphamath_dot_v1_dot_sandbox__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/alphamath.v1.SandboxService/Info',
+                request_serializer=alphamath_dot_v1_dot_sandbox__pb2.SandboxInfoRequest.SerializeToString,
+                response_deserializer=alphamath_dot_v1_dot_sandbox__pb2.SandboxInfo.FromString,
+                _registered_method=True)
 
 
 class SandboxServiceServicer:
@@ -52,6 +57,13 @@ class SandboxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """Which backend runs the code and the server's limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_SandboxServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=alphamath_dot_v1_dot_sandbox__pb2.ExecuteRequest.FromString,
                     response_serializer=alphamath_dot_v1_dot_sandbox__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=alphamath_dot_v1_dot_sandbox__pb2.SandboxInfoRequest.FromString,
+                    response_serializer=alphamath_dot_v1_dot_sandbox__pb2.SandboxInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class SandboxService:
             '/alphamath.v1.SandboxService/Execute',
             alphamath_dot_v1_dot_sandbox__pb2.ExecuteRequest.SerializeToString,
             alphamath_dot_v1_dot_sandbox__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alphamath.v1.SandboxService/Info',
+            alphamath_dot_v1_dot_sandbox__pb2.SandboxInfoRequest.SerializeToString,
+            alphamath_dot_v1_dot_sandbox__pb2.SandboxInfo.FromString,
             options,
             channel_credentials,
             insecure,
