@@ -221,7 +221,7 @@ class LocalStack:
         pid = self._read_pid(service)
         if pid is None or not self._alive(service, pid):
             raise StackError(f"{service} is not running")
-        os.kill(pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)  # its own session: the service and its children (sandboxes)
         proc = self._procs.get(service)
         if proc is not None and proc.pid == pid:
             proc.wait(30)

@@ -42,3 +42,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(path, safe_serialization=True)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faults: kill-and-restart tests of the whole stack (make test-faults)")
