@@ -242,6 +242,7 @@ def test_cli_sandbox_addr_runs_code_cells_on_the_sandbox_service(store, problems
     monkeypatch.setattr(promote, "load_engine", load_engine)
     monkeypatch.delenv("ALPHAMATH_ROLLOUT_DEPLOYMENTS", raising=False)
     for k, v in {"ALPHAMATH_DB_URL": store.url, "ALPHAMATH_EVAL_DATA": str(data), "ALPHAMATH_EVAL_K": "1",
+                 "ALPHAMATH_ALPHA": "1",  # one problem can never be significant: gate on the drop alone
                  "ALPHAMATH_KAFKA_BOOTSTRAP": "127.0.0.1:1",  # never reached: the candidate is rejected
                  "ALPHAMATH_SANDBOX_ADDR": f"127.0.0.1:{server.port}"}.items():
         monkeypatch.setenv(k, v)

@@ -29,7 +29,7 @@ def test_tiny_round_end_to_end(tiny_model_dir, tmp_path, broker, topics, db):
                       eval_data=str(data), model_dir=str(tiny_model_dir), checkpoint_dir=str(tmp_path / "ckpts"),
                       bootstrap=broker.bootstrap, db_url=url, db_schema=schema, threshold=1.0, dtype="fp32",
                       topics={"trees": topics.trees, "checkpoints": topics.checkpoints, "dlq": topics.dlq},
-                      train=TrainConfig(epochs=1, batch_size=8, max_len=2048),
+                      train=TrainConfig(epochs=1, batch_size=8, max_len=2048, value_holdout=0.0),
                       eval=EvalConfig(search={"beam_b1": 1, "beam_b2": 2, "max_new_tokens": 12}))
     lines = []
     report = run_round(cfg, say=lines.append)
@@ -54,6 +54,66 @@ def test_tiny_round_end_to_end(tiny_model_dir, tmp_path, broker, topics, db):
     report2 = run_round(RoundConfig(**{**cfg.__dict__, "threshold": 0.0, "offset": 1}), say=lines.append)
     assert report2.round == 2 and report2.base == report.candidate
     assert report2.before["greedy_acc"] == report.after["greedy_acc"]  # cached eval of the same set
+
+
+def test_a_round_after_a_kept_back_round_trains_on_its_own_new_trees(tiny_model_dir, tmp_path, broker, topics):
+    """Round A (a1, a2) is rejected; round B (a2, a3) from the same checkpoint must wait for its own
+    trees, not stop at A's count, and train on every tree the checkpoint built (a2 is held out for
+    the value gate: its tree is scored by both heads and never trained on)."""
+    from trainer_svc.examples import held_out
+
+    assert [held_out(q, 0.25) for q in ("a1", "a2", "a3")] == [False, True, False]
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, q, a in PROBLEMS))
+    url = f"sqlite:///{tmp_path / 'trainer.db'}"
+    cfg = RoundConfig(k=2, eval_k=1, iterations=2, n_children=2, max_new_tokens=12, train_data=str(data),
+                      eval_data=str(data), model_dir=str(tiny_model_dir), checkpoint_dir=str(tmp_path / "ckpts"),
+                      bootstrap=broker.bootstrap, db_url=url, dtype="fp32",
+                      threshold=-1.0, alpha=1.0,  # the candidate would have to gain 100 points: kept back
+                      topics={"trees": topics.trees, "checkpoints": topics.checkpoints, "dlq": topics.dlq},
+                      train=TrainConfig(epochs=1, batch_size=8, max_len=2048, value_holdout=0.25),
+                      eval=EvalConfig(search={"beam_b1": 1, "beam_b2": 2, "max_new_tokens": 12}))
+    lines = []
+    first = run_round(cfg, say=lines.append)
+    assert not first.promoted and first.base == "embedded"
+    assert first.before["value"]["trees"] == first.after["value"]["trees"] == 1  # a2's tree, both heads
+    second = run_round(RoundConfig(**{**cfg.__dict__, "offset": 1}), say=lines.append)
+    assert second.base == "embedded" and second.candidate != first.candidate
+    store = Store(url)
+    try:
+        from trainer_svc.round import stored_question_ids
+        assert stored_question_ids(store, "embedded") == {"a1", "a2", "a3"}
+        trained = {e.question_id for e in store.examples("embedded")} - {"a2"}
+        assert trained == {"a1", "a3"}
+        assert store.checkpoint(second.candidate).examples > store.checkpoint(first.candidate).examples
+    finally:
+        store.close()
+
+
+def test_gate_uses_a_paired_sign_test_and_the_value_head():
+    ids = [f"p{i}" for i in range(50)]
+    cur = {"greedy_acc": 0.2, "sbs_acc": 0.2, "outcomes": {m: {i: n < 10 for n, i in enumerate(ids)}
+                                                         for m in ("greedy", "sbs")}}
+    # two problems fewer solved by the candidate: 4 points, but p = 0.5 -> not a reason to keep it back
+    near = {"greedy_acc": 0.16, "sbs_acc": 0.2, "outcomes": {"greedy": {i: n < 8 for n, i in enumerate(ids)},
+                                                             "sbs": cur["outcomes"]["sbs"]}}
+    d = gate(near, cur)
+    assert d.promote and "p = 0.500" in d.reasons[0]
+    # eight fewer: p = 2 / 2^8 = 0.0078 -> significantly worse
+    far = {**near, "greedy_acc": 0.04, "outcomes": {**near["outcomes"],
+                                                    "greedy": {i: n < 2 for n, i in enumerate(ids)}}}
+    d = gate(far, cur)
+    assert not d.promote and "significantly worse" in d.reasons[0]
+    value = {"mse": 0.5, "constant_mse": 0.4, "mse_ratio": 1.25, "steps": 30, "auc": 0.6, "tree_sq": {}}
+    d = gate({**near, "value": value}, {**cur, "value": {**value, "mse": 0.4, "mse_ratio": 1.0}})
+    assert not d.promote and "no better than the constant predictor" in d.reasons[-1]
+    good = {**value, "mse": 0.3, "mse_ratio": 0.75, "tree_sq": {"a": 0.3, "b": 0.2, "c": 0.4}}
+    assert gate({**near, "value": good}, {**cur, "value": {**good, "mse": 0.4, "tree_sq": {"a": 0.4, "b": 0.3, "c": 0.5}}}).promote
+    # lower ratio than the constant, but worse than the current head on every held-out tree
+    worse = {**good, "tree_sq": {q: 0.6 + 0.01 * i for i, q in enumerate("abcdefgh")}}
+    best = {**good, "tree_sq": {q: 0.1 for q in "abcdefgh"}}
+    d = gate({**near, "value": worse}, {**cur, "value": best})
+    assert not d.promote and "significantly worse than the current head" in d.reasons[-1]
 
 
 def test_trainer_service_ingests_and_runs_a_training_job(tiny_model_dir, tmp_path, broker, topics):

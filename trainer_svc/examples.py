@@ -120,6 +120,26 @@ def extract_examples(tree: Tree, max_correct: int = MAX_CORRECT, max_wrong: int 
     return out
 
 
+def cap_per_question(examples: list[Example], max_correct: int = MAX_CORRECT, max_wrong: int = MAX_WRONG,
+                     seed: int = 0) -> list[Example]:
+    """At most max_correct correct and max_wrong wrong paths per question over all its trees (a
+    question searched twice by one checkpoint must not count twice), a reproducible sample."""
+    groups: dict[tuple[str, bool], list[Example]] = {}
+    for e in examples:
+        groups.setdefault((e.question_id, e.correct), []).append(e)
+    out = []
+    for (qid, label), pool in groups.items():
+        cap = max_correct if label else max_wrong
+        out += pool if len(pool) <= cap else random.Random(f"{seed}:{qid}:{label}").sample(pool, cap)
+    return out
+
+
+def held_out(question_id: str, share: float) -> bool:
+    """Is this question's tree kept out of training, for judging value heads on trees they never
+    saw (the promotion gate)? A hash of the id, so every process agrees without coordination."""
+    return share > 0 and int(hashlib.sha256(question_id.encode()).hexdigest()[:8], 16) / 2 ** 32 < share
+
+
 def tree_hash(tree: Tree) -> str:
     """Content hash of a tree (meta excluded: it carries timings that differ between re-runs)."""
     d = tree.to_dict()

@@ -4,8 +4,18 @@ Both are evaluated on the same fixed evaluation set with ground truth:
   greedy_acc  accuracy of greedy decoding (the policy alone)
   sbs_acc     accuracy of step-level beam search (policy guided by the value head)
   value_acc   how often the value head's sign on a finished solution (> 0: "correct") agrees with
-              the ground truth, over every answer node the evaluation searches produced
-The candidate is promoted when each gated metric is >= current - threshold.
+              the ground truth, over every answer node the evaluation searches produced (reported)
+  value       each head on held-out data-generation trees that neither was trained on
+              (alphamath.metrics.value_report: AUC, MSE against Q, MSE of the best constant)
+
+The gate separates signal from noise (eval sets of >= 50 problems: one problem <= 2 points):
+  - an accuracy blocks promotion only when the candidate is worse by more than `threshold` AND an
+    exact two-sided sign test on the paired per-problem outcomes gives p <= alpha (0.05; alpha 1
+    gates on the drop alone): a
+    candidate is not kept back for a difference that one or two problems explain;
+  - the candidate's value head blocks it when it is no better than the best constant predictor on
+    the held-out trees (MSE ratio >= 1), or when its squared error is significantly higher than the
+    current head's (paired bootstrap over trees: the 95% interval of the difference lies above 0).
 
 Promotion, in this order (publish_promotion):
   1. in Kubernetes (ALPHAMATH_ROLLOUT_DEPLOYMENTS set), roll the checkpoint-serving Deployments
@@ -67,15 +77,17 @@ def evaluate(engine, problems: Sequence, cfg: EvalConfig | None = None, check=No
     cfg = cfg or EvalConfig()
     check = check or default_checker()
     scfg = cfg.search_config()
-    metrics: dict[str, float] = {}
+    metrics: dict = {"outcomes": {}}
     agree = judged = 0
     t0 = time.perf_counter()
     for method in cfg.methods:
         correct = 0
+        outcomes = metrics["outcomes"][method] = {}
         for i, p in enumerate(problems):
             tree = solve(p.question, method, engine.policy, engine.value, engine.sandbox, scfg,
                          ground_truth=p.answer, question_id=p.id, check=check)
             correct += bool(tree.meta.get("correct"))
+            outcomes[p.id] = bool(tree.meta.get("correct"))
             for node in tree.nodes:
                 if node.terminal_reason == "answer" and node.value is not None:
                     ok = node.correct if node.correct is not None else bool(check(node.answer, p.answer))
@@ -99,17 +111,79 @@ class Decision:
     current: dict
 
 
-def gate(candidate: dict, current: dict, threshold: float = 0.0, metrics: Sequence[str] = GATED) -> Decision:
-    """Promote iff every gated metric of the candidate is >= the current one's minus `threshold`."""
+ALPHA = 0.05
+
+
+def _paired(candidate: dict, current: dict, method: str) -> tuple[list[bool], list[bool]] | None:
+    """Per-problem outcomes of both on the same problems, or None when either lacks them."""
+    a = (candidate.get("outcomes") or {}).get(method)
+    b = (current.get("outcomes") or {}).get(method)
+    if not a or not b or set(a) != set(b):
+        return None
+    ids = sorted(a)
+    return [bool(a[i]) for i in ids], [bool(b[i]) for i in ids]
+
+
+def value_gate(candidate: dict, current: dict, alpha: float = ALPHA) -> tuple[bool, str]:
+    """Candidate head vs the current one and vs the constant predictor on the same held-out trees."""
+    c, b = candidate["value"], current["value"]
+    if c.get("mse_ratio") is None:
+        return True, "value: no held-out step to judge the head on (not gated)"
+    if c["mse_ratio"] >= 1.0:
+        return False, (f"value: MSE {c['mse']:.4f} is no better than the constant predictor's "
+                       f"{c['constant_mse']:.4f} (ratio {c['mse_ratio']:.3f}) on {c['steps']} held-out steps")
+    text = (f"value: MSE {c['mse']:.4f} vs current {b.get('mse') or 0:.4f}, constant {c['constant_mse']:.4f} "
+            f"(ratio {c['mse_ratio']:.3f}), AUC {c.get('auc')} vs {b.get('auc')}")
+    cs, bs = c.get("tree_sq") or {}, b.get("tree_sq") or {}
+    common = sorted(set(cs) & set(bs))
+    if common:
+        from alphamath.metrics import paired_bootstrap
+        r = paired_bootstrap([cs[q] for q in common], [bs[q] for q in common], resamples=2000)
+        if r["lo"] > 0:
+            return False, text + f"; significantly worse than the current head (95% CI of the excess [{r['lo']:.4f}, {r['hi']:.4f}])"
+    return True, text + " (ok)"
+
+
+def gate(candidate: dict, current: dict, threshold: float = 0.0, metrics: Sequence[str] = GATED,
+         alpha: float = ALPHA) -> Decision:
+    """Promote unless a gated accuracy is worse by more than `threshold` and significantly so (sign
+    test on paired outcomes, p <= alpha; without per-problem outcomes the drop alone decides), or
+    the value head fails `value_gate` (when both sides carry held-out value metrics)."""
     reasons, ok = [], True
     for m in metrics:
         if m not in candidate or m not in current:
             raise KeyError(f"metric {m!r} missing (candidate has {sorted(candidate)}, current {sorted(current)})")
-        fine = candidate[m] >= current[m] - threshold - 1e-12
+        worse = candidate[m] < current[m] - threshold - 1e-12
+        paired = _paired(candidate, current, m.removesuffix("_acc"))
+        test = ""
+        if paired is not None:
+            from alphamath.metrics import sign_test
+            st = sign_test(*paired)
+            test = f", sign test {st['a_only']} vs {st['b_only']} problems, p = {st['p_value']:.3f}"
+            worse = worse and st["p_value"] <= alpha
+        ok &= not worse
+        reasons.append(f"{m}: {candidate[m]:.3f} vs {current[m]:.3f}{test} "
+                       f"({'significantly worse' if worse and paired else 'worse by more than ' + format(threshold, '.3f') if worse else 'ok'})")
+    if "value" in candidate and "value" in current:
+        fine, why = value_gate(candidate, current, alpha)
         ok &= fine
-        reasons.append(f"{m}: {candidate[m]:.3f} vs {current[m]:.3f} "
-                       f"({'ok' if fine else f'worse by more than {threshold:.3f}'})")
+        reasons.append(why)
     return Decision(ok, reasons, candidate, current)
+
+
+def value_metrics(value, trees) -> dict:
+    """What the gate needs of a head on held-out trees: value_report's summary plus each tree's
+    mean squared error against Q (for the paired comparison)."""
+    from alphamath.metrics import value_report
+    from search_svc.engine import default_checker
+    rep = value_report(trees, value, check=default_checker())
+    tree_sq = {}
+    for row in rep.per_tree:
+        if row["steps"]:
+            tree_sq[row["question_id"]] = sum((p - t) ** 2 for p, t in row["steps"]) / len(row["steps"])
+    return {"trees": rep.trees, "auc": rep.auc, "mse": rep.mse, "constant_mse": rep.constant_mse,
+            "mse_ratio": rep.mse_ratio, "ece": rep.ece, "steps": rep.steps, "answers": rep.answers,
+            "tree_sq": tree_sq}
 
 
 def publish_promotion(store, checkpoint_id: str, bootstrap: str | None, topic: str | None = None,
@@ -171,19 +245,32 @@ def next_candidate(store, current, candidate: str | None = None):
     return pending[-1] if pending else None
 
 
-def _metrics(store, row, fp: str, engine_factory, problems, cfg: EvalConfig, say) -> dict:
-    """`row`'s metrics on the evaluation set `fp`, evaluated once and cached in the database."""
+def _metrics(store, row, fp: str, engine_factory, problems, cfg: EvalConfig, say, held=()) -> dict:
+    """`row`'s metrics on the evaluation set `fp` (evaluated once and cached in the database),
+    plus its value head's metrics on the held-out trees `held` (they change from round to round)."""
     cached = dict(row.metrics or {})
-    if cached.get("eval_set") == fp and all(m in cached for m in GATED):
-        return cached
-    say(f"evaluating {row.id} on {len(problems)} problems ({', '.join(cfg.methods)})")
-    metrics = {**evaluate(engine_factory(row.path), problems, cfg,
-                          progress=lambda m, i, n: log.info("eval %s %s %d/%d", row.id, m, i, n)), "eval_set": fp}
-    store.set_metrics(row.id, metrics)
-    return {**cached, **metrics}
+    engine = None
+    if not (cached.get("eval_set") == fp and all(m in cached for m in GATED)):
+        say(f"evaluating {row.id} on {len(problems)} problems ({', '.join(cfg.methods)})")
+        engine = engine_factory(row.path)
+        metrics = {**evaluate(engine, problems, cfg,
+                              progress=lambda m, i, n: log.info("eval %s %s %d/%d", row.id, m, i, n)), "eval_set": fp}
+        store.set_metrics(row.id, metrics)
+        cached.update(metrics)
+    if held:
+        engine = engine or engine_factory(row.path)
+        cached["value"] = value_metrics(engine.value, held)
+    return cached
+
+
+def held_out_trees(store, checkpoint: str, share: float) -> list:
+    """The trees `checkpoint` built whose questions were kept out of its candidate's training."""
+    from trainer_svc.examples import held_out
+    return [t for t in store.trees(checkpoint) if held_out(t.question_id or "", share)]
 
 
 def promote_next(store, problems: Sequence, cfg: EvalConfig | None = None, *, threshold: float = 0.0,
+                 alpha: float = ALPHA,
                  engine_factory: Callable[[str], object], bootstrap: str | None = None, topic: str | None = None,
                  candidate: str | None = None, publisher=None, roll_out: Callable | None = None,
                  say: Callable[[str], None] = log.info) -> Promotion:
@@ -201,9 +288,10 @@ def promote_next(store, problems: Sequence, cfg: EvalConfig | None = None, *, th
     if not problems:
         raise ValueError("the evaluation set is empty")
     fp = eval_fingerprint(problems, cfg)
-    before = _metrics(store, current, fp, engine_factory, problems, cfg, say)
-    after = _metrics(store, cand, fp, engine_factory, problems, cfg, say)
-    decision = gate(after, before, threshold)
+    held = held_out_trees(store, current.id, (cand.metrics or {}).get("value_holdout", 0.0))
+    before = _metrics(store, current, fp, engine_factory, problems, cfg, say, held)
+    after = _metrics(store, cand, fp, engine_factory, problems, cfg, say, held)
+    decision = gate(after, before, threshold, alpha=alpha)
     for r in decision.reasons:
         say(f"  {r}")
     if not decision.promote:
@@ -249,7 +337,9 @@ def build_parser():
     p.add_argument("--candidate", default=None, help="judge this checkpoint id (default: the newest unjudged one)")
     p.add_argument("--eval-data", default=d.eval_data, help="fixed evaluation set: JSON lines {id, question, answer}")
     p.add_argument("--eval-k", type=int, default=d.eval_k, help="evaluate on the first K problems")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="tolerance per gated metric")
+    p.add_argument("--threshold", type=float, default=d.threshold, help="tolerated accuracy drop per gated metric")
+    p.add_argument("--alpha", type=float, default=ALPHA,
+                   help="significance level of the paired sign test (1: gate on the drop alone)")
     p.add_argument("--methods", default=",".join(EvalConfig().methods), help="evaluation methods (comma list)")
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig().search["max_new_tokens"], help="per step")
     p.add_argument("--db-url", default=None, help="SQLAlchemy URL of the trainer database")
@@ -277,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if a.eval_k < 1:
             raise ValueError(f"--eval-k must be >= 1, got {a.eval_k}")
+        if not 0 < a.alpha <= 1:
+            raise ValueError(f"--alpha must be in (0, 1], got {a.alpha}")
         cfg = EvalConfig(methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
                          search={**EvalConfig().search, "max_new_tokens": a.max_new_tokens})
         cfg.search_config()
@@ -299,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sandbox = engine.sandbox  # one sandbox (pool or remote) for both evaluations
         return engine
     try:
-        res = promote_next(store, problems, cfg, threshold=a.threshold, engine_factory=engine_factory,
+        res = promote_next(store, problems, cfg, threshold=a.threshold, alpha=a.alpha, engine_factory=engine_factory,
                            bootstrap=a.kafka_bootstrap, candidate=a.candidate, say=print)
     except RolloutError as e:
         print(f"error: rollout failed, the candidate stays unpromoted and unannounced: {e}", file=sys.stderr)

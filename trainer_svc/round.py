@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from alphamath.broker import CHECKPOINTS_TOPIC, TREES_TOPIC, DLQ_TOPIC
-from trainer_svc.promote import EvalConfig, eval_fingerprint, evaluate, gate, publish_promotion
+from trainer_svc.promote import (EvalConfig, eval_fingerprint, evaluate, gate, held_out_trees, publish_promotion,
+                                 value_metrics)
 from trainer_svc.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,13 @@ class RoundConfig:
     eval_data: str = str(DEFAULT_DATA / "gsm8k" / "dev.jsonl")
     eval_k: int = 8                          # fixed evaluation set: the first eval_k problems
     iterations: int = 10                     # MCTS simulations per training problem
-    n_children: int = 4
+    n_children: int = 5                      # as in the paper
     max_new_tokens: int = 192
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    threshold: float = 0.0                   # promotion tolerance per gated metric
+    threshold: float = 0.0                   # tolerated accuracy drop per gated metric
+    alpha: float = 0.05                      # significance of the gate's paired sign test
+    ingest_timeout_s: float = 120.0          # how long the round waits for its own trees in the store
     model_dir: str | None = None             # base when the DB has no promoted checkpoint (default: embedded)
     checkpoint_dir: str | None = None        # where candidates are written
     bootstrap: str | None = None             # Kafka; None starts a local tansu broker for the round
@@ -87,12 +90,40 @@ class RoundReport:
             b, a = self.before.get(k), self.after.get(k)
             lines.append(f"{k:<12} {b if b is None else format(b, '8.1%'):>8} "
                          f"{a if a is None else format(a, '8.1%'):>8}")
+        for k in ("auc", "mse_ratio"):
+            b, a = (self.before.get("value") or {}).get(k), (self.after.get("value") or {}).get(k)
+            if a is not None or b is not None:
+                lines.append(f"{'value ' + k:<12} {'n/a' if b is None else format(b, '.3f'):>8} "
+                             f"{'n/a' if a is None else format(a, '.3f'):>8}")
         verdict = "PROMOTED" if self.promoted else "kept the current checkpoint"
         lines.append(f"round {self.round}: {self.trees} trees ({self.correct_trees} with a correct path), "
                      f"{self.examples} examples; {verdict}")
         lines += [f"  {r}" for r in self.reasons]
         lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
+
+
+def stored_question_ids(store, checkpoint: str) -> set[str]:
+    """Question ids of the trees stored for `checkpoint`."""
+    from sqlalchemy import select
+
+    from trainer_svc.store import TreeRow
+    with store.session() as s:
+        return set(s.scalars(select(TreeRow.question_id).where(TreeRow.checkpoint == checkpoint)))
+
+
+def wait_for_trees(store, ingestor, checkpoint: str, question_ids: set[str], timeout_s: float) -> None:
+    """Poll the trees topic until the store holds a tree of `checkpoint` for every one of this
+    round's questions; raise naming the missing ones. Counting trees is not enough: an earlier
+    round of the same checkpoint (one whose candidate was kept back) already reached any count."""
+    deadline = time.monotonic() + timeout_s
+    missing = question_ids - stored_question_ids(store, checkpoint)
+    while missing and time.monotonic() < deadline:
+        ingestor.poll_once(500)
+        missing = question_ids - stored_question_ids(store, checkpoint)
+    if missing:
+        raise RuntimeError(f"{len(missing)} of this round's {len(question_ids)} trees for checkpoint {checkpoint} "
+                           f"did not reach the store within {timeout_s:.0f}s: {', '.join(sorted(missing)[:10])}")
 
 
 def _default_engine(model_dir: str, dtype: str | None):
@@ -174,10 +205,7 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         # ---- 2. ingest -----------------------------------------------------------------------------
         t = time.perf_counter()
         with Ingestor(store, bootstrap, topic=cfg.topics["trees"], dlq_topic=cfg.topics["dlq"]) as ing:
-            have = lambda: store.counts(current.id)["trees"]  # noqa: E731
-            deadline = time.monotonic() + 120
-            while have() < len(train_problems) and time.monotonic() < deadline:
-                ing.poll_once(500)
+            wait_for_trees(store, ing, current.id, {p.id for p in train_problems}, cfg.ingest_timeout_s)
         counts = store.counts(current.id)
         secs["ingest"] = time.perf_counter() - t
         say(f"ingested: {counts['trees']} trees, {counts['examples']} examples "
@@ -200,8 +228,13 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         say(f"evaluating {cand_id} on {len(eval_problems)} problems")
         after = {**evaluate(cand_engine, eval_problems, cfg.eval, progress=eval_progress), "eval_set": fp}
         store.set_metrics(cand_id, after)
+        held = held_out_trees(store, current.id, cfg.train.value_holdout)
+        if held:  # both heads on the trees the candidate was not trained on
+            say(f"value heads on {len(held)} held-out trees")
+            before = {**before, "value": value_metrics(engine.value, held)}
+            after = {**after, "value": value_metrics(cand_engine.value, held)}
         secs["eval_after"] = time.perf_counter() - t
-        decision = gate(after, before, cfg.threshold)
+        decision = gate(after, before, cfg.threshold, alpha=cfg.alpha)
 
         # ---- 5. promote and reload -----------------------------------------------------------------
         reloaded = False
@@ -243,7 +276,11 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-k", type=int, default=d.eval_k)
     p.add_argument("--train-data", default=d.train_data)
     p.add_argument("--eval-data", default=d.eval_data)
-    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--threshold", type=float, default=d.threshold, help="tolerated accuracy drop per gated metric")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="significance of the gate's paired sign test")
+    p.add_argument("--value-head-lr", type=float, default=d.train.value_head_lr)
+    p.add_argument("--value-holdout", type=float, default=d.train.value_holdout,
+                   help="share of questions kept out of training to judge value heads on")
     p.add_argument("--model", default=None, help="base checkpoint when none is promoted yet (default: embedded)")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--bootstrap", default=os.environ.get("ALPHAMATH_KAFKA_BOOTSTRAP"),
@@ -264,12 +301,13 @@ def _main(argv: list[str] | None = None) -> int:
             a.bootstrap = DEFAULT_BOOTSTRAP
     cfg = RoundConfig(k=a.k, offset=a.offset, iterations=a.iterations, n_children=a.n_children,
                       max_new_tokens=a.max_new_tokens, eval_k=a.eval_k, train_data=a.train_data,
-                      eval_data=a.eval_data, threshold=a.threshold, model_dir=a.model,
+                      eval_data=a.eval_data, threshold=a.threshold, alpha=a.alpha, model_dir=a.model,
                       checkpoint_dir=a.checkpoint_dir, bootstrap=a.bootstrap, db_url=a.db_url, dtype=a.dtype,
                       seed=a.seed,
                       eval=EvalConfig(search={**EvalConfig().search, "max_new_tokens": a.max_new_tokens}),
                       train=TrainConfig(epochs=a.epochs, learning_rate=a.lr, batch_size=a.batch_size,
-                                        grad_accum=a.grad_accum, seed=a.seed))
+                                        grad_accum=a.grad_accum, seed=a.seed, value_head_lr=a.value_head_lr,
+                                        value_holdout=a.value_holdout))
     try:
         run_round(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

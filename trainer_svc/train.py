@@ -49,7 +49,9 @@ DONE_FILE = "training.json"
 @dataclass
 class TrainConfig:
     epochs: int = 1
-    learning_rate: float = 2e-5
+    learning_rate: float = 2e-5     # the trunk and LM head
+    value_head_lr: float = 1e-3     # the value head: a fresh linear layer needs far larger steps than
+                                    # the pre-trained trunk (at 2e-5 it barely left zero in a round)
     batch_size: int = 4
     grad_accum: int = 1
     warmup_ratio: float = 0.1
@@ -58,12 +60,16 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_len: int = 1024             # tokens per example
     max_examples: int | None = None
+    value_holdout: float = 0.25     # share of questions (by id hash) whose trees are kept out of
+                                    # training: the promotion gate judges value heads on them
     seed: int = 0
     save_every: int = 50            # optimizer steps between resumable states
     dtype: str | None = None        # compute dtype for autocast; None: alphamath.model.default_dtype()
 
     def validate(self) -> "TrainConfig":
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.learning_rate > 0, "learning_rate must be > 0"),
+                  (self.value_head_lr > 0, "value_head_lr must be > 0"),
+                  (0 <= self.value_holdout < 1, "value_holdout must be in [0, 1)"),
                   (self.batch_size >= 1, "batch_size must be >= 1"), (self.grad_accum >= 1, "grad_accum must be >= 1"),
                   (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
                   (self.value_loss_weight >= 0, "value_loss_weight must be >= 0"),
@@ -187,10 +193,12 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
     steps = plan(len(examples), cfg)
     total = len(steps)
     warmup = int(round(cfg.warmup_ratio * total))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    trunk = [(n, p) for n, p in model.named_parameters() if not n.startswith("value_head.")]
+    optimizer = torch.optim.AdamW([
+        {"params": [p for _, p in trunk if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in trunk if p.ndim < 2], "weight_decay": 0.0},
+        {"params": list(model.value_head.parameters()), "weight_decay": 0.0, "lr": cfg.value_head_lr},
+    ], lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -270,6 +278,13 @@ class Candidate:
     result: TrainResult
 
 
+def training_examples(examples: Sequence[Example], cfg: TrainConfig) -> list[Example]:
+    """Every example of the base's trees, less the held-out questions, capped per question."""
+    from trainer_svc.examples import cap_per_question, held_out
+    kept = [e for e in examples if not held_out(e.question_id, cfg.value_holdout)]
+    return cap_per_question(kept, seed=cfg.seed)
+
+
 def base_checkpoint(store: "Store", model_dir: str | Path | None = None) -> "CheckpointRow":
     """The checkpoint in force: the latest promoted one; before round 1 the embedded model,
     registered (at `model_dir`, default: the embedded SmolLM2 materialised in the cache) as the
@@ -306,10 +321,11 @@ def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfi
     rnd = base.round + 1 if rnd is None else rnd
     job_id = job_id or store.create_job(base.id, rnd, asdict(cfg)).id
     try:
-        examples = store.examples(base.id)
+        examples = training_examples(store.examples(base.id), cfg)
         if not examples:
             raise ValueError(f"no training examples for checkpoint {base.id!r}: no finished trees it built "
-                             "have been ingested yet (run GenerateTrees, let the trainer ingest them)")
+                             "have been ingested yet (run GenerateTrees, let the trainer ingest them), "
+                             f"or all of them are held out (value_holdout={cfg.value_holdout})")
         cand = candidate_id(base.id, rnd, base.path, examples, cfg)
         out = Path(checkpoint_dir) / cand
         store.update_job(job_id, state="running", examples=len(examples))
@@ -323,6 +339,7 @@ def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfi
         res = train(base.path, examples, out, cfg, on_progress=progress, device=device)
         trees = store.counts(base.id)["trees"]
         store.add_checkpoint(cand, str(out), rnd, parent=base.id, trees=trees, examples=len(examples))
+        store.set_metrics(cand, {"value_holdout": cfg.value_holdout})  # the gate judges its head on those
     except Exception as e:
         store.update_job(job_id, state="failed", error=f"{type(e).__name__}: {e}")
         raise
@@ -332,8 +349,8 @@ def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfi
     return Candidate(cand, out, rnd, base.id, job_id, trees, len(examples), res)
 
 
-_HYPER = (("epochs", int), ("learning_rate", float), ("batch_size", int), ("grad_accum", int),
-          ("warmup_ratio", float), ("value_loss_weight", float), ("max_len", int), ("max_examples", int),
+_HYPER = (("epochs", int), ("learning_rate", float), ("value_head_lr", float), ("batch_size", int), ("grad_accum", int),
+          ("warmup_ratio", float), ("value_loss_weight", float), ("max_len", int), ("max_examples", int), ("value_holdout", float),
           ("seed", int), ("save_every", int))
 
 
