@@ -81,3 +81,21 @@ def test_tree_hash_ignores_meta_but_not_content():
     b.nodes[1].W += 1
     assert tree_hash(a) != tree_hash(b)
     assert isinstance(Tree.from_json(a.to_json()), Tree)
+
+
+def test_paths_are_capped_per_question_over_all_its_trees_and_held_out_questions_never_train():
+    from trainer_svc.examples import Example, cap_per_question, held_out
+    from trainer_svc.train import TrainConfig, training_examples
+
+    def ex(q, i, ok):
+        return Example(question_id=q, prompt="P", steps=(f"s{i}",), values=(1.0 if ok else -1.0,), correct=ok)
+    pool = [ex("q1", i, i % 3 == 0) for i in range(12)] + [ex("q3", i, False) for i in range(3)]
+    capped = cap_per_question(pool, max_correct=2, max_wrong=3)
+    per = {(q, c): sum(1 for e in capped if (e.question_id, e.correct) == (q, c)) for q in ("q1", "q3") for c in (True, False)}
+    assert per == {("q1", True): 2, ("q1", False): 3, ("q3", True): 0, ("q3", False): 3}
+    assert cap_per_question(pool, 2, 3) == capped  # reproducible
+    share = 0.5
+    held = {q for q in ("q1", "q3") if held_out(q, share)}
+    kept = training_examples(pool, TrainConfig(value_holdout=share))
+    assert {e.question_id for e in kept} == {"q1", "q3"} - held
+    assert not held_out("q1", 0.0)

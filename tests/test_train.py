@@ -97,7 +97,8 @@ def test_job_mode_trains_the_next_round_from_the_database(tiny_model_dir, tmp_pa
     url = f"sqlite:///{tmp_path / 'trainer.db'}"
     for k, v in {"ALPHAMATH_DB_URL": url, "ALPHAMATH_CHECKPOINT_DIR": str(tmp_path / "ckpts"),
                  "ALPHAMATH_MODEL_DIR": str(tiny_model_dir), "ALPHAMATH_DEVICE": "cpu", "ALPHAMATH_DTYPE": "fp32",
-                 "ALPHAMATH_TRAINER_BATCH_SIZE": "8", "ALPHAMATH_TRAINER_MAX_LEN": "256"}.items():
+                 "ALPHAMATH_TRAINER_BATCH_SIZE": "8", "ALPHAMATH_TRAINER_MAX_LEN": "256",
+                 "ALPHAMATH_TRAINER_VALUE_HOLDOUT": "0"}.items():  # every tree trains
         monkeypatch.setenv(k, v)
     assert _main([]) == 2  # no trees ingested yet: a clear error, no candidate
     assert "no training examples for checkpoint 'embedded'" in capsys.readouterr().err
