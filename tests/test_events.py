@@ -105,3 +105,87 @@ def test_restarted_listener_catches_up_with_latest_promotion(broker, topics):
         assert _wait(lambda: seen == ["r2"])  # only the promotion in force is replayed
     finally:
         lis.stop()
+
+
+def test_listener_skips_and_commits_past_a_bad_event(broker, topics):
+    """An undecodable checkpoint event is logged, counted and committed past; the next
+    promotion is still handled, and a restarted listener does not read the bad one again."""
+    from kafka import KafkaProducer
+
+    seen = []
+    group = f"bad-{topics.trees}"
+    lis = CheckpointListener(broker.bootstrap, group, lambda ev: seen.append(ev.checkpoint_id),
+                             topic=topics.checkpoints, consumer_config=FAST_GROUP, replay_latest=False).start()
+    try:
+        raw = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        raw.send(topics.checkpoints, key=b"junk", value=b"\xff\x00 not a CheckpointEvent").get(10)
+        raw.close()
+        with CheckpointPublisher(broker.bootstrap, topic=topics.checkpoints) as pub:
+            pub.publish("r1", "/ckpt/r1", round=1)
+        assert _wait(lambda: seen == ["r1"])
+        assert lis.skipped == 1 and "undecodable checkpoint event" in lis.last_error
+        assert not lis.failed.is_set()
+    finally:
+        lis.stop()
+    again = CheckpointListener(broker.bootstrap, group, lambda ev: seen.append(ev.checkpoint_id),
+                               topic=topics.checkpoints, consumer_config=FAST_GROUP, replay_latest=False).start()
+    try:
+        with CheckpointPublisher(broker.bootstrap, topic=topics.checkpoints) as pub:
+            pub.publish("r2", "/ckpt/r2", round=2)
+        assert _wait(lambda: seen == ["r1", "r2"])
+        assert again.skipped == 0  # the bad event's offset was committed
+    finally:
+        again.stop()
+
+
+def test_listener_that_keeps_failing_turns_the_service_not_serving(broker, topics, monkeypatch):
+    """Unexpected errors (here from a consumer factory that always raises: a fake neighbour) are
+    retried a few times; then the listener gives up, the server reports NOT_SERVING and the
+    fatal callback runs (in the services: alphamath.service.fail_process, exit status 1)."""
+    import argparse
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from alphamath.events import follow_checkpoints
+    from alphamath.service import GrpcServer
+
+    def broken(self):
+        raise RuntimeError("consumer cannot be built")
+
+    monkeypatch.setattr(CheckpointListener, "_consumer", broken)
+    server = argparse.Namespace(grpc=GrpcServer(lambda s: None, ["alphamath.v1.PolicyService"], port=0,
+                                                host="127.0.0.1"))
+    fatal = threading.Event()
+    reasons = []
+    args = argparse.Namespace(kafka_bootstrap=broker.bootstrap, backend="local")
+    lis = follow_checkpoints(args, server, load=None, service="policy",
+                             on_fatal=lambda r: (reasons.append(r), fatal.set()), topic=topics.checkpoints,
+                             max_failures=3, max_backoff_s=0.05)
+    try:
+        assert fatal.wait(30) and lis.failed.is_set() and lis.retries == 2
+        assert "consumer cannot be built" in reasons[0]
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc.port}") as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        lis.stop()
+        server.grpc.stop(0)
+
+
+def test_fail_process_makes_a_service_exit_non_zero(tmp_path):
+    """fail_process in a service's background thread: the process shuts down as on SIGTERM and
+    exits with status 1 (what Kubernetes needs to restart it)."""
+    import subprocess
+    import sys
+
+    code = ("import threading\n"
+            "from alphamath.service import fail_process, run_until_signal\n"
+            "def work(done):  # runs once the signal handlers are installed\n"
+            "    threading.Thread(target=fail_process, args=('listener died',)).start()\n"
+            "    done.wait()\n"
+            "run_until_signal(lambda: print('stopped', flush=True), work=work)\n"
+            "print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == "stopped\n" and "listener died" in proc.stderr
