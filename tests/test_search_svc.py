@@ -208,6 +208,46 @@ def test_bad_input_is_invalid_argument(make_stack, req, message):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ground_truth" in e.value.details()
 
 
+def _with(req, **fields):
+    for k, v in fields.items():
+        setattr(req, k, v)
+    return req
+
+
+@pytest.mark.parametrize("req, message", [
+    (_with(request(), question_id="x" * 201), "question_id has 201 characters; the limit is 200"),
+    (_with(request(), question_id="a\nb"), "question_id contains the control character"),
+    (_with(request(), ground_truth="1\x003"), "ground_truth contains the control character"),
+    (_with(request(), ground_truth="9" * 1001), "ground_truth has 1001 characters; the limit is 1000"),
+    (request(question="What is 3 * 4?\x00"), "question contains the control character"),
+])
+def test_ids_and_texts_beyond_what_the_store_accepts_are_invalid_argument(make_stack, req, message):
+    """Solve and SolveStream refuse, naming the field, what the trainer's store would refuse."""
+    stack = make_stack()
+    for call in (stack.stub.Solve, lambda r, timeout: list(stack.stub.SolveStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(req, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+    assert stack.policy.calls == 0
+
+
+@pytest.mark.parametrize("questions, message", [
+    ([dict(id="x" * 201)], "questions[0].id has 201 characters; the limit is 200"),
+    ([dict(id="a"), dict(id="b\x00")], "questions[1].id contains the control character"),
+    ([dict(id="a"), dict(id="a")], "questions[1].id 'a' repeats questions[0].id"),
+    ([dict(id="a", ground_truth="1\x00")], "questions[0].ground_truth contains the control character"),
+    ([dict(id="a", question="Why?\x00")], "questions[0].question contains the control character"),
+    ([dict(id="a", question="")], "questions[0].question is empty"),
+])
+def test_generate_trees_names_the_bad_question_field(make_stack, questions, message):
+    stack = make_stack(publisher=RecordingPublisher())
+    qs = [search_pb2.Question(**{"question": QUESTION, "ground_truth": "13", **q}) for q in questions]
+    with pytest.raises(grpc.RpcError) as e:
+        list(stack.stub.GenerateTrees(search_pb2.GenerateTreesRequest(questions=qs), timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+    assert stack.policy.calls == 0
+
+
 def test_overload_is_resource_exhausted(make_stack):
     gate = threading.Event()
     stack = make_stack(policy=PolicyServicer(ScriptedPolicy(SCRIPT), gate=gate), max_active=1, max_queued=1)
