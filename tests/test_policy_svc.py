@@ -20,6 +20,15 @@ from policy_svc.local import LocalPolicy
 from policy_svc.server import LoadedPolicy, PolicyLimits, PolicyServer
 
 
+def wait_for(cond, what: str, timeout_s: float = 30.0) -> None:
+    """Wait until cond() holds (a state the server exposes), or fail naming it."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
+        time.sleep(0.01)
+
+
 # ---------------------------------------------------------------- neighbours
 
 class EchoPolicy:
@@ -27,11 +36,13 @@ class EchoPolicy:
 
     def __init__(self, delay_s: float = 0.0):
         self.calls, self.delay_s, self.gate = [], delay_s, None
+        self.entered = threading.Event()  # set when a batch reaches the model (tests wait on it)
 
     def render_prompt(self, question):
         return f"Q: {question}\n<step>"
 
     def generate(self, prompts, n, *, stop, temperature, top_p=1.0, max_new_tokens=256, seed=None):
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         time.sleep(self.delay_s)
@@ -108,7 +119,10 @@ def test_batcher_bounded_queue_cancellation_and_errors():
     gate = threading.Event()
     ran = []
 
+    entered = threading.Event()
+
     def fn(key, payloads):
+        entered.set()
         gate.wait(5)
         ran.extend(payloads)
         if "boom" in payloads:
@@ -117,7 +131,7 @@ def test_batcher_bounded_queue_cancellation_and_errors():
 
     b = Batcher(fn, max_batch_size=1, window_s=0, max_queue=2)
     first = b.submit(None, "running")
-    time.sleep(0.05)  # the worker holds "running"; the queue is empty again
+    assert entered.wait(10)  # the worker holds "running"; the queue is empty again
     queued = [b.submit(None, "cancelled"), b.submit(None, "boom")]
     with pytest.raises(QueueFull, match="queue is full"):
         b.submit(None, "rejected")
@@ -198,9 +212,9 @@ def test_overload_is_resource_exhausted_and_deadline_is_exceeded(server):
     s, stub, _ = server(policy, max_queue=2, max_batch_size=1, window_s=0)
     with ThreadPoolExecutor(3) as pool:
         running = pool.submit(stub.Generate, req(["first"], n=1), timeout=10)
-        time.sleep(0.2)  # "first" is in the model; fill the queue
+        assert policy.entered.wait(10)  # "first" is in the model; fill the queue
         queued = [pool.submit(stub.Generate, req([f"q{i}"], n=1), timeout=10) for i in range(2)]
-        time.sleep(0.2)
+        wait_for(lambda: s.servicer.batcher.depth == 2, "two requests queued")
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(req(["over"], n=1), timeout=5)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -208,17 +222,19 @@ def test_overload_is_resource_exhausted_and_deadline_is_exceeded(server):
         policy.gate.set()
         assert running.result().completions[0].samples[0].text == "first#0</step>"
         assert all(f.result().completions for f in queued)
-    policy.gate = threading.Event()  # block again: a short deadline expires in the queue
+    policy.gate, policy.entered = threading.Event(), threading.Event()  # block again: a deadline expires queued
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(stub.Generate, req(["blocker"], n=1), timeout=10)
-        time.sleep(0.1)
+        assert policy.entered.wait(10)
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(req(["late"], n=1), timeout=0.3)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        queue = s.servicer.batcher._pending  # the server cancels "late" when its deadline passes
+        wait_for(lambda: len(queue) == 1 and queue[0].future.cancelled(), "the expired request to be cancelled")
         policy.gate.set()
         blocker.result()
-    time.sleep(0.1)
-    assert not any("late" in c[0] for c in policy.calls)  # the expired request was never run
+    assert stub.Generate(req(["probe"], n=1), timeout=10).completions  # one batch at a time, in order:
+    assert not any("late" in c[0] for c in policy.calls)  # ... "late" was dropped, never run
 
 
 def test_backend_failure_is_internal_and_server_stays_healthy(server):

@@ -23,8 +23,10 @@ class LenValue:
 
     def __init__(self):
         self.calls, self.gate = [], None
+        self.entered = threading.Event()  # set when a batch reaches the model (tests wait on it)
 
     def score(self, states):
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         self.calls.append(list(states))
@@ -80,9 +82,12 @@ def test_overload_health_and_metrics(server):
     s, stub, channel = server(value, max_queue=1, max_batch_size=1, window_s=0)
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(stub.Score, value_pb2.ScoreRequest(states=["run"]), timeout=10)
-        time.sleep(0.2)
+        assert value.entered.wait(10)  # "run" is in the model
         queued = pool.submit(stub.Score, value_pb2.ScoreRequest(states=["wait"]), timeout=10)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while s.servicer.batcher.depth < 1:  # "wait" is queued: the queue (1) is full
+            assert time.monotonic() < deadline, "the second request never reached the queue"
+            time.sleep(0.01)
         with pytest.raises(grpc.RpcError) as e:
             stub.Score(value_pb2.ScoreRequest(states=["over"]), timeout=5)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
