@@ -72,55 +72,10 @@ def _progress(total: int, desc: str):
 
 
 def _solve_each(eng, problems, method: str, cfg, concurrency: int, done_one, rewards: bool = False) -> None:
-    """Solve every problem (the ground truth is a reward to the search only with `rewards`: data
-    generation; otherwise it grades the answer) and call `done_one(problem, tree, seconds)` as each
-    finishes (always on one thread at a time). With concurrency > 1 the searches run on worker
-    threads, so their generate() calls share decode batches, while this thread runs the decode loop
-    (`LocalLM.serve`). The first error stops new searches and is raised once running ones end."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from search_svc.engine import solve
-
-    def run(p):
-        t0 = time.perf_counter()
-        tree = solve(p.question, method, eng.policy, eng.value, eng.sandbox, cfg, ground_truth=p.answer,
-                     question_id=p.id, rewards=rewards)
-        return tree, time.perf_counter() - t0
-
-    if concurrency <= 1:
-        for p in problems:
-            done_one(p, *run(p))
-        return
-    lock, all_done, errors, left = threading.Lock(), threading.Event(), [], [len(problems)]
-
-    def task(p):
-        try:
-            if errors:
-                return
-            tree, secs = run(p)
-            with lock:
-                done_one(p, tree, secs)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-            errors.append(e)
-            all_done.set()
-        finally:
-            with lock:
-                left[0] -= 1
-                if left[0] == 0:
-                    all_done.set()
-
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="search") as pool:
-        for p in problems:
-            pool.submit(task, p)
-        try:
-            if problems:
-                eng.lm.serve(all_done.is_set)
-        except BaseException as e:  # Ctrl-C: start no more searches; running ones finish and are kept
-            errors.append(e)
-            raise
-    if errors:
-        raise errors[0]
+    """search_svc.engine.solve_many on the loaded engine; its decode loop runs on this thread."""
+    from search_svc.engine import solve_many
+    solve_many(problems, method, eng.policy, eng.value, eng.sandbox, cfg, done_one, concurrency=concurrency,
+               serve=getattr(eng.lm, "serve", None), rewards=rewards)
 
 
 def cmd_generate(a):

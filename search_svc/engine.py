@@ -60,3 +60,58 @@ def solve(question: str, method: str, policy: Policy, value: Value, sandbox: San
     tree.meta["seconds"] = round(time.perf_counter() - start, 3)
     tree.meta["sandbox_backend"] = sandbox.backend  # which sandbox ran the code: never left implicit
     return tree
+
+
+def solve_many(problems, method: str, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
+               done_one: Callable, *, concurrency: int = 1, serve: Callable | None = None,
+               rewards: bool = False, check=None) -> None:
+    """Solve every problem (objects with id, question, answer; the answer is a reward to the search
+    only with `rewards`) and call `done_one(problem, tree, seconds)` as each finishes, on one thread
+    at a time. With concurrency > 1 the searches run on worker threads, so their generate() calls
+    share decode batches, while this thread runs the model's decode loop: `serve(until)`
+    (LocalLM.serve; a remote policy needs none). The first error stops new searches and is raised
+    once running ones end; so is Ctrl-C (the finished trees are already handed over)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(p):
+        t0 = time.perf_counter()
+        tree = solve(p.question, method, policy, value, sandbox, cfg, ground_truth=p.answer,
+                     question_id=p.id, rewards=rewards, check=check)
+        return tree, time.perf_counter() - t0
+
+    if concurrency <= 1 or len(problems) <= 1:
+        for p in problems:
+            done_one(p, *run(p))
+        return
+    lock, all_done, errors, left = threading.Lock(), threading.Event(), [], [len(problems)]
+
+    def task(p):
+        try:
+            if errors:
+                return
+            tree, secs = run(p)
+            with lock:
+                done_one(p, tree, secs)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            errors.append(e)
+            all_done.set()
+        finally:
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    all_done.set()
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="search") as pool:
+        for p in problems:
+            pool.submit(task, p)
+        try:
+            if serve is not None:
+                serve(all_done.is_set)
+            else:
+                all_done.wait()
+        except BaseException as e:  # Ctrl-C: start no more searches; running ones finish and are kept
+            errors.append(e)
+            raise
+    if errors:
+        raise errors[0]

@@ -147,6 +147,8 @@ def mcts(question_tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cf
                 break
             resampled += 1
         done += 1
+        if check is not None and "first_correct_iteration" not in tree.meta and any(n.correct for n in tree.nodes):
+            tree.meta["first_correct_iteration"] = done  # coverage at any smaller budget, from one run
         if on_progress:
             on_progress(done, tree)
     tree.meta["iterations_done"] = done

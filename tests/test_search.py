@@ -228,6 +228,7 @@ def test_exhausted_data_generation_tree_keeps_looking_until_a_correct_path():
     # the root's visits: its own value once per expansion (3) plus each terminal's backup (3)
     assert t.root.N == 6 and t.root.W == pytest.approx(-1 - 1 + 1)
     assert t.meta["iterations_done"] == 3  # stopped once a correct path exists and the tree is exhausted
+    assert t.meta["first_correct_iteration"] == 3
 
 
 def test_resampling_picks_the_exhausted_node_with_the_best_puct_and_inference_never_resamples():

@@ -57,6 +57,7 @@ GATED = ("greedy_acc", "sbs_acc")
 class EvalConfig:
     methods: tuple[str, ...] = ("greedy", "sbs")
     search: dict = field(default_factory=lambda: {"beam_b1": 2, "beam_b2": 3, "max_new_tokens": 192})
+    concurrency: int = 8   # problems searched at once (their model calls share decode batches)
 
     def search_config(self) -> SearchConfig:
         return SearchConfig(**self.search).validate()
@@ -71,8 +72,9 @@ def eval_fingerprint(problems: Sequence, cfg: EvalConfig) -> str:
 
 def evaluate(engine, problems: Sequence, cfg: EvalConfig | None = None, check=None,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, float]:
-    """Accuracy per method and value-head accuracy of `engine` (alphamath.runtime.Engine) on problems."""
-    from search_svc.engine import default_checker, solve
+    """Accuracy per method, each problem's outcome, and value-head accuracy of `engine`
+    (alphamath.runtime.Engine) on problems."""
+    from search_svc.engine import default_checker, solve_many
 
     cfg = cfg or EvalConfig()
     check = check or default_checker()
@@ -81,12 +83,10 @@ def evaluate(engine, problems: Sequence, cfg: EvalConfig | None = None, check=No
     agree = judged = 0
     t0 = time.perf_counter()
     for method in cfg.methods:
-        correct = 0
         outcomes = metrics["outcomes"][method] = {}
-        for i, p in enumerate(problems):
-            tree = solve(p.question, method, engine.policy, engine.value, engine.sandbox, scfg,
-                         ground_truth=p.answer, question_id=p.id, check=check)
-            correct += bool(tree.meta.get("correct"))
+
+        def done(p, tree, _secs):
+            nonlocal agree, judged
             outcomes[p.id] = bool(tree.meta.get("correct"))
             for node in tree.nodes:
                 if node.terminal_reason == "answer" and node.value is not None:
@@ -94,8 +94,10 @@ def evaluate(engine, problems: Sequence, cfg: EvalConfig | None = None, check=No
                     agree += (node.value > 0) == ok
                     judged += 1
             if progress:
-                progress(method, i + 1, len(problems))
-        metrics[f"{method}_acc"] = correct / len(problems) if problems else 0.0
+                progress(method, len(outcomes), len(problems))
+        solve_many(problems, method, engine.policy, engine.value, engine.sandbox, scfg, done,
+                   concurrency=cfg.concurrency, serve=getattr(getattr(engine, "lm", None), "serve", None), check=check)
+        metrics[f"{method}_acc"] = sum(outcomes.values()) / len(problems) if problems else 0.0
     metrics["value_acc"] = agree / judged if judged else 0.0
     metrics["value_judged"] = float(judged)
     metrics["eval_n"] = float(len(problems))

@@ -137,7 +137,7 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
     from alphamath.events import CheckpointListener, TreePublisher
     from alphamath.slot import ModelSlot
     from search_svc.config import SearchConfig
-    from search_svc.engine import solve
+    from search_svc.engine import solve_many
     from trainer_svc.ingest import Ingestor
     from trainer_svc.store import Store
     from trainer_svc.train import base_checkpoint, train_next_round
@@ -190,16 +190,19 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         # ---- 1. GenerateTrees -> Kafka ------------------------------------------------------------
         scfg = SearchConfig(iterations=cfg.iterations, n_children=cfg.n_children,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + rnd).validate()
-        t, correct_trees = time.perf_counter(), 0
+        t, correct_trees, built = time.perf_counter(), 0, 0
         with TreePublisher(bootstrap, topic=cfg.topics["trees"]) as pub:
-            for i, p in enumerate(train_problems):
-                tree = solve(p.question, "mcts", engine.policy, engine.value, engine.sandbox, scfg,
-                             ground_truth=p.answer, question_id=p.id, rewards=True)
+            def publish(p, tree, _secs):
+                nonlocal correct_trees, built
                 tree.meta["checkpoint"] = current.id
                 pub.publish(tree, current.id, scfg.to_dict())
                 correct_trees += any(n.correct for n in tree.nodes)
-                say(f"  tree {i + 1}/{len(train_problems)} {p.id}: {len(tree.nodes) - 1} steps, "
+                built += 1
+                say(f"  tree {built}/{len(train_problems)} {p.id}: {len(tree.nodes) - 1} steps, "
                     f"answer {tree.meta.get('answer')!r} ({'correct' if tree.meta.get('correct') else 'wrong'})")
+            solve_many(train_problems, "mcts", engine.policy, engine.value, engine.sandbox, scfg, publish,
+                       concurrency=cfg.eval.concurrency, serve=getattr(getattr(engine, "lm", None), "serve", None),
+                       rewards=True)
         secs["generate"] = time.perf_counter() - t
 
         # ---- 2. ingest -----------------------------------------------------------------------------
