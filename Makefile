@@ -63,3 +63,7 @@ EVAL_K ?= 8
 round: model  ## one self-training round: trees -> Kafka -> ingest -> train -> evaluate -> promote -> reload
 	$(BIN)/python -m trainer_svc.round --k $(K) --iterations $(ITERATIONS) --epochs $(EPOCHS) --eval-k $(EVAL_K) $(ROUND_ARGS)
 .PHONY: broker
+
+LEARN_ARGS ?=
+learn: model  ## the learning benchmark: 3 self-training rounds, held-out accuracy and value metrics (resumable, var/learn)
+	MALLOC_ARENA_MAX=2 $(BIN)/python -m trainer_svc.learn $(LEARN_ARGS)

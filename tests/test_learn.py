@@ -1,0 +1,33 @@
+"""The learning benchmark end to end on the tiny random Llama: one round, two problems per set."""
+import json
+
+from trainer_svc.learn import LearnConfig, coverage, run, split
+from alphamath.tree import Tree
+
+
+def test_split_and_coverage_arithmetic():
+    outcomes = {"greedy": {"a1": True, "a2": False, "h1": True}, "sbs": {"a1": False, "a2": False, "h1": True}}
+    acc = split(outcomes, {"arith": ["a1", "a2"], "hand": ["h1"]})
+    assert acc == {"arith_greedy": 0.5, "arith_sbs": 0.0, "hand_greedy": 1.0, "hand_sbs": 1.0}
+    trees = [Tree(question="q", prompt="p", meta={"first_correct_iteration": f}) for f in (3, 12, None, 25)]
+    assert coverage(trees, [10, 20, 40]) == {"N=10": 0.25, "N=20": 0.5, "N=40": 0.75}
+
+
+def test_one_round_writes_report_and_learning_curve(tiny_model_dir, tmp_path):
+    cfg = LearnConfig(rounds=1, k=2, iterations=2, n_children=2, max_new_tokens=8, epochs=1, b1=1, b2=2,
+                      eval_limit=2, concurrency=2, dir=str(tmp_path / "learn"), model=str(tiny_model_dir),
+                      dtype="fp32")
+    lines = []
+    report = run(cfg, say=lines.append)
+    rows = report["rows"]
+    assert [r["round"] for r in rows] == [0, 1]
+    for r in rows:
+        assert set(r["acc"]) == {f"{s}_{m}" for s in ("arith", "hand") for m in ("greedy", "sbs", "sbs_zero")}
+        assert all(len(v) == 4 for v in r["outcomes"].values())  # 2 + 2 held-out problems
+    assert rows[0]["value_next"]["trees"] == 2  # the base head on round 1's fresh trees
+    assert rows[1]["trees"] == 2 and set(rows[1]["coverage"]) == {"N=1", "N=2"}
+    assert (tmp_path / "learn" / "learning.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "learn" / "report.json").read_text())
+    assert [r["round"] for r in saved["rows"]] == [0, 1]
+    again = run(cfg, say=lines.append)  # resumable: a finished stage is not run again
+    assert [r["round"] for r in again["rows"]] == [0, 1] and again["seconds"] == saved["seconds"]
