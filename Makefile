@@ -59,7 +59,7 @@ broker: setup  ## run a local tansu Kafka broker on 127.0.0.1:9092 with the alph
 K ?= 8
 ITERATIONS ?= 10
 EPOCHS ?= 1
-EVAL_K ?= 8
+EVAL_K ?= 50
 round: model  ## one self-training round: trees -> Kafka -> ingest -> train -> evaluate -> promote -> reload
 	$(BIN)/python -m trainer_svc.round --k $(K) --iterations $(ITERATIONS) --epochs $(EPOCHS) --eval-k $(EVAL_K) $(ROUND_ARGS)
 .PHONY: broker

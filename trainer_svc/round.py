@@ -47,7 +47,8 @@ class RoundConfig:
     offset: int = 0                          # first training problem (rounds may use fresh ones)
     train_data: str = str(DEFAULT_DATA / "gsm8k" / "train.jsonl")
     eval_data: str = str(DEFAULT_DATA / "gsm8k" / "dev.jsonl")
-    eval_k: int = 8                          # fixed evaluation set: the first eval_k problems
+    eval_k: int = 50                         # fixed evaluation set: the first eval_k problems (>= 50:
+                                             # one problem is at most 2 points)
     iterations: int = 10                     # MCTS simulations per training problem
     n_children: int = 5                      # as in the paper
     max_new_tokens: int = 192
@@ -167,6 +168,9 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         eval_problems = load_problems(cfg.eval_data, cfg.eval_k)
         say(f"round {rnd}: base {current.id} ({current.path}); {len(train_problems)} training problems, "
             f"{len(eval_problems)} eval problems")
+        if len(eval_problems) < 50:
+            say(f"  note: with {len(eval_problems)} eval problems one problem is {100 / len(eval_problems):.1f} "
+                "points; the gate's sign test will rarely call a difference significant")
         t = time.perf_counter()
         engine = make_engine(current.path, cfg.dtype)
         secs["load"] = time.perf_counter() - t
