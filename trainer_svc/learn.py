@@ -231,8 +231,8 @@ def run(cfg: LearnConfig, say=print) -> dict:
             base_path, cand_path = store.checkpoint(rep.base).path, store.checkpoint(rep.candidate).path
         finally:
             store.close()
-        prev = next(r for r in report["rows"] if r["round"] == rnd - 1)
-        # the previous round's checkpoint never trained on this round's fresh trees
+        # the checkpoint in force (the base of this round) never trained on this round's fresh trees
+        prev = [r for r in report["rows"] if r["checkpoint"] == rep.base][-1]
         base_engine = load_engine(base_path, cfg.dtype)
         prev["value_next"] = {k: v for k, v in value_metrics(base_engine.value, trees).items() if k != "tree_sq"}
         del base_engine
