@@ -36,6 +36,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -104,6 +105,7 @@ class _Box:
     status: bytearray
     finished: bool = False
     worker_pid: int | None = None
+    io: tuple = ()  # our ends of its stdin, stdout, stderr (the status channel)
 
 
 def _ro_root_layout() -> tuple[list[tuple[str, str]], list[str]]:
@@ -120,6 +122,17 @@ def _ro_root_layout() -> tuple[list[tuple[str, str]], list[str]]:
         if os.path.exists(path):
             binds.append(path)
     return links, binds
+
+
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
+
+
+def _prctl(option: int, value: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}, {value}) failed")
 
 
 def running_in_gvisor() -> bool:
@@ -171,27 +184,44 @@ class _Backend:
     def destroy(self, box: _Box) -> None:
         raise NotImplementedError
 
+    def release(self, box: _Box) -> None:
+        """Called when an execution is over, before its result is returned: the quick part of the
+        teardown that the next execution depends on (the rest runs in the background)."""
+
     def close(self) -> None:
         pass
 
     @staticmethod
-    def _popen(argv: list[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            close_fds=True,
-            start_new_session=True,
-            **kw,
-        )
+    def _popen(argv: list[str], **kw) -> tuple[subprocess.Popen, tuple[socket.socket, ...]]:
+        """Start argv with socketpairs as stdin/stdout/stderr; returns (proc, our three ends).
+
+        Sockets, not pipes: another process of the same uid inside gVisor can reopen a pipe
+        through /proc/<pid>/fd/N and write into it (a forged result), but not a socket (ENXIO)."""
+        pairs = [socket.socketpair() for _ in range(3)]
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=pairs[0][1].fileno(),
+                stdout=pairs[1][1].fileno(),
+                stderr=pairs[2][1].fileno(),
+                close_fds=True,
+                start_new_session=True,
+                **kw,
+            )
+        except BaseException:
+            for a, b in pairs:
+                a.close()
+                b.close()
+            raise
+        for _, theirs in pairs:
+            theirs.close()
+        return proc, tuple(ours for ours, _ in pairs)
 
     @staticmethod
     def _reap(box: _Box, grace_s: float = 2.0) -> None:
-        for stream in (box.proc.stdin, box.proc.stdout, box.proc.stderr):
+        for stream in box.io:
             try:
-                if stream:
-                    stream.close()
+                stream.close()
             except OSError:
                 pass
         try:
@@ -305,8 +335,8 @@ class RunscBackend(_Backend):
         bundle = self.workdir / cid
         bundle.mkdir(mode=0o700)
         (bundle / "config.json").write_text(json.dumps(self._spec(cid)))
-        proc = self._popen(self._cmd("run", "--bundle", str(bundle), cid))
-        return _Box(cid, proc, bundle, bytearray())
+        proc, io = self._popen(self._cmd("run", "--bundle", str(bundle), cid))
+        return _Box(cid, proc, bundle, bytearray(), io=io)
 
     def destroy(self, box: _Box) -> None:
         if box.finished:
@@ -409,8 +439,8 @@ class BwrapBackend(_Backend):
             # break the child in a process that serves gRPC).
             argv = [self.setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--",
                     *argv]
-        proc = self._popen(argv, cwd="/")
-        return _Box(f"bw-{uuid.uuid4().hex[:12]}", proc, None, bytearray())
+        proc, io = self._popen(argv, cwd="/", env=self.env)  # bwrap's own /proc/1/environ is visible inside
+        return _Box(f"bw-{uuid.uuid4().hex[:12]}", proc, None, bytearray(), io=io)
 
     def destroy(self, box: _Box) -> None:
         if box.proc.poll() is None:
@@ -442,9 +472,16 @@ class PodBackend(_Backend):
         if not running_in_gvisor():
             raise SandboxUnavailable("the pod backend needs gVisor as its kernel boundary (RuntimeClass gvisor); "
                                      "this process is not running under gVisor")
+        # This service process: non-dumpable (model code of the same uid cannot ptrace it or open
+        # its /proc memory), and the reaper of orphaned workers (they come back to us, not pid 1).
+        _prctl(PR_SET_DUMPABLE, 0)
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
         base = scratch_dir or os.environ.get("ALPHAMATH_SANDBOX_SCRATCH_DIR") or tempfile.gettempdir()
         self.scratch = Path(tempfile.mkdtemp(prefix="alphamath-scratch-", dir=base))
         os.chmod(self.scratch, 0o711)  # traversable, not listable: a box cannot find the others
+        # Other places the pod lets us (and so the model's code) write: what appears there is swept.
+        self._shared = {d: set(os.listdir(d)) | {self.scratch.name} for d in {base, "/dev/shm"}
+                        if os.path.isdir(d) and os.access(d, os.W_OK)}
         self._live: set[str] = set()
         self._lock = threading.Lock()
         self.argv = list(self.argv_tail)
@@ -456,8 +493,18 @@ class PodBackend(_Backend):
             self._live.add(name)
             box_dir.mkdir(mode=0o700)
         # env={}: nothing of the service's environment; the runner sets its own few knobs.
-        proc = self._popen(self.argv, cwd=str(box_dir), env={})
-        return _Box(name, proc, box_dir, bytearray())
+        proc, io = self._popen(self.argv, cwd=str(box_dir), env={})
+        return _Box(name, proc, box_dir, bytearray(), io=io)
+
+    def release(self, box: _Box) -> None:
+        # Its processes end and its scratch space is freed before the next execution can start.
+        try:
+            os.killpg(box.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        with self._lock:
+            self._live.discard(box.id)
+            self._sweep()
 
     def destroy(self, box: _Box) -> None:
         # The worker cannot leave the runner's process group (setsid/setpgid are denied) nor create
@@ -467,15 +514,29 @@ class PodBackend(_Backend):
         except (ProcessLookupError, PermissionError):
             pass
         self._reap(box, grace_s=0)
+        if box.worker_pid:  # orphaned by the kill, it is our child now (subreaper): reap it
+            deadline = time.monotonic() + TEARDOWN_STEP_S
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(box.worker_pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:  # its supervisor reaped it
+                    break
+                time.sleep(0.01)
         with self._lock:
             self._live.discard(box.id)
             self._sweep()
 
     def _sweep(self) -> None:
-        """Remove every entry of the scratch root that is not a live box (caller holds the lock)."""
+        """Remove every entry of the scratch root that is not a live box, and whatever appeared in
+        the pod's other writable directories since we started (caller holds the lock)."""
         for entry in os.scandir(self.scratch):
             if entry.name not in self._live:
                 _remove(Path(entry.path))
+        for directory, baseline in self._shared.items():
+            for entry in os.scandir(directory):
+                if entry.name not in baseline:
+                    _remove(Path(entry.path))
 
     def close(self) -> None:
         _remove(self.scratch)
@@ -524,9 +585,9 @@ def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
     """
     out = bytearray()
     sel = selectors.DefaultSelector()
-    streams = {box.proc.stderr: "err"}
+    streams = {box.io[2]: "err"}
     if not want_ready:
-        streams[box.proc.stdout] = "out"
+        streams[box.io[1]] = "out"
     for stream, tag in streams.items():
         os.set_blocking(stream.fileno(), False)
         sel.register(stream, selectors.EVENT_READ, tag)
@@ -864,9 +925,10 @@ class Executor:
         try:
             request = (json.dumps({"cells": cells}) + "\n").encode()
             try:
-                box.proc.stdin.write(request)
-                box.proc.stdin.close()
-            except BrokenPipeError:
+                box.io[0].settimeout(lim.startup_timeout_s)
+                box.io[0].sendall(request)
+                box.io[0].shutdown(socket.SHUT_WR)
+            except OSError:  # the sandbox died already: its status says how
                 pass
             # Second handshake: the runner has imported the trusted packages the cells name.
             out, reason = _read_until(box, time.monotonic() + lim.startup_timeout_s, want_ready=True, stdout_cap=0)
@@ -878,7 +940,10 @@ class Executor:
             if not box.finished:
                 self._kill_now(backend, box)
         finally:
-            self._discard(backend, box)
+            try:
+                backend.release(box)
+            finally:
+                self._discard(backend, box)
         stdout = out[: lim.max_output_bytes].decode("utf-8", "replace")
         if len(out) > lim.max_output_bytes:
             stdout = stdout.rstrip("\ufffd") + "\n...[output truncated]"

@@ -6,7 +6,8 @@ must use the standard library only and must not import anything from this reposi
 
 Two processes, so that the result channel is out of reach of the model's code:
   * the supervisor (this process) holds the status channel (the original stderr, read by the host)
-    and never runs model code;
+    and never runs model code. The host gives us sockets, not pipes, as stdio: inside gVisor a
+    pipe could be reopened through /proc/<pid>/fd/N by the worker, a socket cannot;
   * the worker, forked per request, runs the cells. Before the first cell it drops the status
     channel, becomes non-dumpable, installs a seccomp filter (no new processes, no ptrace, no
     signals or rlimit changes aimed at other processes, no sockets, no namespace or mode changes)
@@ -29,6 +30,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import struct
 import sys
 import traceback
@@ -275,7 +277,9 @@ def main(argv):
             except Exception:
                 pass
 
-    report_r, report_w = os.pipe()
+    # A socketpair, not a pipe: inside gVisor a pipe can be reopened through /proc/<pid>/fd.
+    report_r_sock, report_w_sock = socket.socketpair()
+    report_r, report_w = report_r_sock.detach(), report_w_sock.detach()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     pid = os.fork()
     if pid == 0:

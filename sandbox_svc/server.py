@@ -19,8 +19,11 @@ sandboxes were started with, i.e. the server's maximum.
 """
 from __future__ import annotations
 
+import argparse
 import inspect
 import logging
+import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -232,6 +235,7 @@ def parser():
                    help="allow a backend weaker than gVisor (bwrap); off in production")
     p.add_argument("--uds", default="", help="also listen on this Unix socket path")
     p.add_argument("--scratch-dir", default="", help="pod backend: where per-execution scratch directories go")
+    p.add_argument("--environment-scrubbed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-concurrency", type=int, default=4, help="sandboxes running at once")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting; beyond this RESOURCE_EXHAUSTED")
     p.add_argument("--pool-size", type=int, default=2, help="sandboxes booted ahead of time (warm pool)")
@@ -242,8 +246,31 @@ def parser():
     return p
 
 
+def _reexec_without_environment(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """Restart this process with its configuration as flags and an EMPTY environment.
+
+    In the pod the model's code runs as our uid, and gVisor lets it read /proc/<our pid>/environ
+    (even of a non-dumpable process): nothing of the pod's environment may be left there."""
+    argv = [sys.executable, "-u", "-B", "-m", "sandbox_svc"]
+    for action in p._actions:
+        if not action.option_strings or action.dest in ("help", "_service", "environment_scrubbed"):
+            continue
+        value = getattr(args, action.dest)
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [action.option_strings[0]] if value else []
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    os.execve(sys.executable, [*argv, "--environment-scrubbed"], {})
+
+
 def main(argv=None) -> int:
-    args = parse_config(parser(), argv)
+    p = parser()
+    args = parse_config(p, argv)
+    from sandbox_svc.executor import running_in_gvisor
+
+    pod = args.backend == "pod" or (args.backend == "auto" and running_in_gvisor())
+    if pod and os.environ and not args.environment_scrubbed:
+        _reexec_without_environment(p, args)
     setup_logging("sandbox", args.log_level)
     if args.max_concurrency < 1 or args.max_queue < 0:
         raise SystemExit("--max-concurrency must be >= 1 and --max-queue >= 0")
@@ -255,6 +282,10 @@ def main(argv=None) -> int:
     server = SandboxServer(executor, port=args.port, host=args.host, metrics_port=args.metrics_port,
                            max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                            max_workers=args.max_workers, own_executor=True, uds=args.uds or None)
+    if args.uds and executor.backend == "pod":
+        # Model code runs as our uid: it must not replace or remove the socket clients connect to
+        # (and cannot chmod the directory back: the runner's seccomp filter denies chmod).
+        os.chmod(os.path.dirname(os.path.abspath(args.uds)), 0o555)
     level = logging.INFO if executor.backend in STRONG_BACKENDS else logging.WARNING
     log.log(level, "sandbox service ready, backend %s (%s)", executor.backend, executor.strength,
             extra={"port": server.port, "metrics_port": server.metrics_port, "backend": executor.backend,
