@@ -1,0 +1,85 @@
+"""Token accounting of one search: tokens the model computed against tokens the search needed.
+
+`make bench` reports computed / needed. The denominator is the number of distinct token positions
+the search made the model read, as a token trie (a position is a token id after a given prefix):
+
+  - the prompt, once;
+  - every generated token: a sample of g tokens costs g forwards, at the position of the prefix's
+    last token (already counted) and at its own first g - 1 tokens (the last one is read only if a
+    state containing it is, which the next items count);
+  - every scored state: its tokens beyond its parent's state (what the value head reads);
+  - every expanded node's generation prefix (what the policy is given).
+
+Shared prefixes are counted once, so an engine that computes every position it uses at least once
+computes at least this many tokens: computed / needed >= 1 for any engine, and 1 for a perfect one.
+Wasted work (recomputed prefixes, idle batch rows, the same prompt prefilled for every sample)
+raises the ratio. Trees store step texts, not sampled token ids, so a sample's tokens are recovered
+by encoding its state; this is exact when the tokenizer round-trips what the model sampled.
+"""
+from __future__ import annotations
+
+from typing import Callable, Collection, Iterable, Sequence
+
+from alphamath.tree import Tree
+
+Encode = Callable[[str], Sequence[int]]
+
+
+def trie_size(sequences: Iterable[Sequence[int]]) -> int:
+    """Distinct positions over token sequences: a position is a prefix, so shared prefixes count once."""
+    root: dict = {}
+    count = 0
+    for seq in sequences:
+        node = root
+        for tok in seq:
+            nxt = node.get(tok)
+            if nxt is None:
+                nxt = node[tok] = {}
+                count += 1
+            node = nxt
+    return count
+
+
+def needed_sequences(tree: Tree, encode: Encode, scored: Collection[int]) -> list[list[int]]:
+    """The token sequences the search made the model read (see the module doc): the prompt; for every
+    node, its parent's prefix followed by its first token_count - 1 tokens; the state of every node
+    in `scored` (node ids the value head read); the generation prefix of every expanded node."""
+    prefix_len: dict[int, int] = {}
+
+    def prefix_tokens(node_id: int) -> list[int]:
+        toks = list(encode(tree.prefix(node_id)))
+        prefix_len[node_id] = len(toks)
+        return toks
+
+    out = [list(encode(tree.prompt))]
+    for node in tree.nodes:
+        if node.children:
+            out.append(prefix_tokens(node.id))
+        if node.id in scored:
+            out.append(list(encode(tree.state(node.id))))
+        if node.parent is not None:
+            base = prefix_len.get(node.parent)
+            if base is None:
+                base = len(prefix_tokens(node.parent))
+            out.append(list(encode(tree.state(node.id)))[: base + max(node.token_count - 1, 0)])
+    return out
+
+
+def needed_tokens(tree: Tree, encode: Encode, scored: Collection[int]) -> int:
+    """Tokens the search needed: the size of the token trie of `needed_sequences`."""
+    return trie_size(needed_sequences(tree, encode, scored))
+
+
+def token_ratio(computed: int, needed: int) -> float:
+    """computed / needed; >= 1 for an engine that computes each needed position at least once."""
+    if needed <= 0:
+        raise ValueError(f"needed tokens must be positive, got {needed}")
+    if computed < 0:
+        raise ValueError(f"computed tokens must be >= 0, got {computed}")
+    return computed / needed
+
+
+def scored_nodes(tree: Tree, states: Iterable[str]) -> set[int]:
+    """Ids of the nodes whose state is among `states` (the texts a value model was asked to score)."""
+    wanted = set(states)
+    return {n.id for n in tree.nodes if tree.state(n.id) in wanted}
