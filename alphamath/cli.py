@@ -106,14 +106,16 @@ def cmd_generate(a):
             bar.set_postfix(with_correct_path=f"{correct}/{bar.n}")
 
         _solve_each(eng, todo, "mcts", cfg, a.concurrency, write, rewards=True)
+    from alphamath.runtime import peak_rss_mb
     print(f"wrote {len(todo)} trees to {out} ({len(done)} already there); "
-          f"{correct}/{len(todo)} have a correct path")
+          f"{correct}/{len(todo)} have a correct path; peak RSS {peak_rss_mb():.0f} MB")
 
 
 def cmd_eval(a):
     """Accuracy per method. With --json-out the report is rewritten after every question (with each
     question's answer, correctness and time), so a long run that is stopped keeps what it measured."""
     from alphamath.data import load_problems
+    from alphamath.runtime import peak_rss_mb
     problems = load_problems(a.data, a.limit)
     methods = _methods(a.method)
     cfg = _config(a)
@@ -134,16 +136,18 @@ def cmd_eval(a):
                 row["correct"] += ok
                 row["done"] += 1
                 row["seconds_per_question"] = (time.perf_counter() - t0) / row["done"]
+                row["peak_rss_mb"] = peak_rss_mb()  # of the process so far (methods run in order)
                 bar.update(1)
                 bar.set_postfix(correct=f"{row['correct']}/{row['done']}")
                 if a.json_out:
                     Path(a.json_out).write_text(json.dumps(report, indent=2))
 
             _solve_each(eng, problems, m, cfg, a.concurrency, record)
-    print(f"\n{'method':<10} {'correct':>8} {'accuracy':>9} {'s/question':>11}")
+    print(f"\n{'method':<10} {'correct':>8} {'accuracy':>9} {'s/question':>11} {'peak RSS MB':>12}")
     for r in report:
         c, n = r["correct"], r["n"]
-        print(f"{r['method']:<10} {c:>4}/{n:<3} {c / n:>9.1%} {r['seconds_per_question']:>11.2f}")
+        print(f"{r['method']:<10} {c:>4}/{n:<3} {c / n:>9.1%} {r['seconds_per_question']:>11.2f} "
+              f"{r.get('peak_rss_mb', peak_rss_mb()):>12.0f}")
 
 
 def read_trees(path: str | Path) -> list:

@@ -27,3 +27,13 @@ def load_engine(model_dir: str | None = None, dtype: str | None = None, device: 
     path = Path(model_dir) if model_dir else embedded_checkpoint()
     lm = LocalLM(path, dtype=dtype, device=device)
     return Engine(LocalPolicy(lm), LocalValue(lm), sandbox or Executor.from_env(), lm, path)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (ru_maxrss is in KiB on Linux).
+    Reported by eval, generate and the benchmark: the figure the memory targets are set in."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)

@@ -1,46 +1,49 @@
-"""`make bench`: speed and token targets, measured side by side in one run on the embedded model.
+"""`make bench`: the engine against what a user would run instead, measured side by side in one run.
 
-Engine vs naive (issue 2): MCTS problems are searched with the prefix-cached engine (policy and
-value share one LocalLM); then the naive baseline (re-encode every prompt, one generate per sample,
-one full forward per state) redoes exactly the same model calls on the same tree, so both sides do
-the same search and sandbox work and differ only in how the model is run. Reported: tokens the
-model computed / unique tokens in the tree (target <= 1.3), and seconds per problem (target: engine
->= 3x faster than naive), one problem at a time and, for the engine, with the problems searched at
-once (as `generate --concurrency` and the gRPC server run them; the naive baseline has nothing to
-share between searches, so its one-by-one time is its time).
-Then the gRPC stack figures (issue 3) from tests/bench_grpc.py.
+1. llama.cpp vs the engine on one rendered MCTS prompt (embedded model: the GGUF for llama.cpp, its
+   HF conversion for the engine): prefill tokens/s, decode tokens/s at batch 1 and for n continuations
+   of the prompt, the same fixed number of tokens on both sides (tests/bench_llamacpp.py; llama.cpp
+   runs in a child process, so its peak RSS is its own).
+2. MCTS, engine vs baseline (a), HF transformers: each problem is searched with the prefix-cached
+   engine (policy and value share one LocalLM) while every model call is recorded. Then the same
+   search runs again with baseline (a) as policy and value: each expansion is one
+   `generate(num_return_sequences=n, output_scores=True)` on the re-encoded state, with the
+   per-token log-probs computed, each scoring call one padded forward. Baseline (a) returns the
+   engine's recorded samples and values, so it builds exactly the same tree (checked) and does
+   the same sandbox and search work; its `generate` decodes as many tokens as the longest recorded
+   sample. Both wall times are measured.
+   Token ratio: tokens the model computed / tokens the search needed (alphamath.accounting: the
+   token trie of the prompt, the fed sample tokens, the scored states and the expanded prefixes).
+3. The engine searching the problems at once (solve_many, decode batches shared between searches).
+4. The gRPC stack vs the in-process engine, like for like (tests/bench_grpc.py).
+Every row carries the peak RSS of the process that produced it (ru_maxrss, so far).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+from alphamath.accounting import needed_tokens, scored_nodes, token_ratio
 from alphamath.data import load_problems
+from alphamath.runtime import peak_rss_mb
 from alphamath.tree import Tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def unique_tokens(tree: Tree, tokenizer) -> int:
-    """Distinct token positions over every state in the tree: the size of the token trie."""
-    trie: dict = {}
-    count = 0
-    texts = [tree.prompt] + [tree.state(n.id) for n in tree.nodes[1:]]
-    for text in texts:
-        node = trie
-        for tok in tokenizer(text, add_special_tokens=False)["input_ids"]:
-            if tok not in node:
-                node[tok] = {}
-                count += 1
-            node = node[tok]
-    return count
+def children_peak_rss_mb() -> float:
+    """Largest peak RSS among waited-for child processes (ru_maxrss of RUSAGE_CHILDREN), in MB."""
+    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
 
 
 class Recorder:
-    """Wraps the engine's policy and value: records every call and the seconds spent in them, so
-    the naive baseline can redo exactly the same model work on exactly the same tree."""
+    """Wraps the engine's policy and value: records every call with its result, and the model seconds."""
 
     def __init__(self, policy, value):
         self.policy, self.value, self.calls, self.model_s = policy, value, [], 0.0
@@ -52,139 +55,261 @@ class Recorder:
         t0 = time.perf_counter()
         out = self.policy.generate(prompts, n, **kw)
         self.model_s += time.perf_counter() - t0
-        self.calls.append(("generate", list(prompts), out))
+        self.calls.append(("generate", list(prompts), n, out))
         return out
 
     def score(self, states):
         t0 = time.perf_counter()
         out = self.value.score(states)
         self.model_s += time.perf_counter() - t0
-        self.calls.append(("score", list(states), None))
+        self.calls.append(("score", list(states), None, out))
         return out
 
 
-def naive_replay(model, tokenizer, calls) -> tuple[float, int]:
-    """Seconds and tokens computed by the naive baseline for the same calls: every sample is its own
-    generate (prefill the whole prompt, then one cached forward per generated token, each followed by
-    the LM head and a log-softmax over the vocabulary, as HF generate with logprobs does) and every
-    state a full forward read by the value head. Returns (seconds, tokens computed)."""
-    import torch
-
-    def ids(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def next_token_logprobs(h):
-        return torch.log_softmax(model.lm_head(h[:, -1]).float(), dim=-1)
-
-    computed, t0 = 0, time.perf_counter()
-    with torch.inference_mode():
-        for kind, texts, out in calls:
-            for i, text in enumerate(texts):
-                prompt = ids(text)
-                if kind == "score":
-                    model.values_from_hidden(model.hidden(torch.tensor([prompt]))[0][:, -1])
-                    computed += len(prompt)
-                    continue
-                for sample in out[i]:
-                    h, cache = model.hidden(torch.tensor([prompt]), use_cache=True)
-                    next_token_logprobs(h)
-                    gen = (ids(sample.text) + [tokenizer.eos_token_id] * sample.token_count)[: sample.token_count]
-                    for pos, tok in enumerate(gen[:-1]):
-                        h, cache = model.hidden(torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
-                                                position_ids=torch.tensor([[len(prompt) + pos]]))
-                        next_token_logprobs(h)
-                    computed += len(prompt) + max(len(gen) - 1, 0)
-    return time.perf_counter() - t0, computed
+class Diverged(RuntimeError):
+    """The baseline's search asked for something the engine's search did not: trees would differ."""
 
 
-def engine_vs_naive(args) -> dict:
-    from alphamath.lm import LocalLM
-    from alphamath.model import embedded_checkpoint
+class HFReplay:
+    """Baseline (a), what a transformers user writes: per expansion one `generate` with
+    num_return_sequences=n on the re-encoded state, scores returned and turned into per-token
+    log-probs; per scoring call one padded forward read by the value head. It returns the engine's
+    recorded results, so the search (and the sandbox work) is the same; it computes as many tokens
+    as the longest recorded sample of each prompt (min_new_tokens = max_new_tokens = that length)."""
+
+    def __init__(self, lm, calls):
+        self.model, self.tokenizer, self.render = lm.model, lm.tokenizer, None
+        self.calls, self.i = calls, 0
+        self.computed, self.model_s = 0, 0.0
+        from policy_svc.local import LocalPolicy
+        self.render = LocalPolicy(lm).render_prompt
+
+    def render_prompt(self, question):
+        return self.render(question)
+
+    def _next(self, kind, inputs):
+        if self.i >= len(self.calls):
+            raise Diverged(f"call {self.i}: the engine's search made no more calls")
+        got_kind, want, n, out = self.calls[self.i]
+        if got_kind != kind or want != list(inputs):
+            raise Diverged(f"call {self.i}: {kind} of {len(inputs)} texts, the engine's was {got_kind} of {len(want)}")
+        self.i += 1
+        return n, out
+
+    def _ids(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts, n, *, stop, temperature, top_p=1.0, max_new_tokens=256, seed=None):
+        import torch
+
+        _, out = self._next("generate", prompts)
+        lm = self.model.lm
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for prompt, samples in zip(prompts, out):
+                ids = torch.tensor([self._ids(prompt)])
+                length = max(s.token_count for s in samples)
+                sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+                    dict(do_sample=False)
+                if seed is not None:
+                    torch.manual_seed(seed)
+                res = lm.generate(ids, attention_mask=torch.ones_like(ids), num_return_sequences=n,
+                                  max_new_tokens=length, min_new_tokens=length, output_scores=True,
+                                  return_dict_in_generate=True, pad_token_id=self.tokenizer.eos_token_id, **sampling)
+                lm.compute_transition_scores(res.sequences, res.scores, normalize_logits=True).sum(-1)
+                self.computed += n * ids.shape[1] + n * (length - 1)  # the prompt is expanded n times
+        self.model_s += time.perf_counter() - t0
+        return out
+
+    def score(self, states):
+        import torch
+
+        _, out = self._next("score", states)
+        t0 = time.perf_counter()
+        rows = [self._ids(s) for s in states]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: the last position is every row's last token
+            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            h, _ = self.model.hidden(ids, attention_mask=mask, position_ids=pos)
+            self.model.values_from_hidden(h[:, -1])
+        self.computed += ids.numel()
+        self.model_s += time.perf_counter() - t0
+        return out
+
+
+def shape(tree: Tree) -> list[tuple]:
+    """What makes two trees the same search: each node's parent, step, visits and value sum."""
+    return [(n.parent, n.text, n.kind, n.code, n.N, round(n.W, 9)) for n in tree.nodes]
+
+
+def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
     from policy_svc.local import LocalPolicy
-    from sandbox_svc.executor import Executor
     from search_svc.config import SearchConfig
-    from search_svc.engine import solve
+    from search_svc.engine import solve, solve_many
     from value_svc.local import LocalValue
 
-    problems = load_problems(args.data, args.problems)
-    cfg = SearchConfig(iterations=args.iterations, n_children=args.n_children, max_new_tokens=args.max_new_tokens)
-    lm = LocalLM(embedded_checkpoint())
-    sandbox = Executor(backend="runsc")
-    print(f"engine vs naive: {len(problems)} problems, MCTS N={cfg.iterations}, n={cfg.n_children}, "
-          f"dtype {lm.model.dtype}, sandbox {sandbox.backend}; the naive baseline redoes the engine's "
-          f"model calls on the same tree", flush=True)
+    cfg = SearchConfig(iterations=args.iterations, n_children=args.n_children, max_new_tokens=args.max_new_tokens,
+                       max_depth=args.max_depth)
+    print(f"\nMCTS engine vs baseline (a) HF generate: {len(problems)} problems, N={cfg.iterations}, "
+          f"n={cfg.n_children}, max_new_tokens {cfg.max_new_tokens}, depth {cfg.max_depth}, dtype {lm.model.dtype}, "
+          f"sandbox {sandbox.backend}", flush=True)
     rows = []
     for p in problems:
         lm.reset_cache()
         rec = Recorder(LocalPolicy(lm), LocalValue(lm))
         before = lm.usage.computed
         t0 = time.perf_counter()
-        tree = solve(p.question, "mcts", rec, rec, sandbox, cfg, ground_truth=p.answer, question_id=p.id,
-                     rewards=True)
+        tree = solve(p.question, "mcts", rec, rec, sandbox, cfg, ground_truth=p.answer, question_id=p.id, rewards=True)
         wall = time.perf_counter() - t0
-        naive_s, naive_computed = naive_replay(lm.model, lm.tokenizer, rec.calls)
-        r = dict(id=p.id, nodes=len(tree.nodes) - 1, unique=unique_tokens(tree, lm.tokenizer),
-                 engine_wall_s=wall, engine_model_s=rec.model_s, engine_computed=lm.usage.computed - before,
-                 naive_model_s=naive_s, naive_computed=naive_computed)
-        r["naive_wall_s"] = wall - rec.model_s + naive_s  # same tree, same sandbox and search work
+        computed = lm.usage.computed - before
+        states = [s for kind, texts, _, _ in rec.calls if kind == "score" for s in texts]
+        needed = needed_tokens(tree, lm.encode, scored_nodes(tree, states))
+        r = dict(id=p.id, nodes=len(tree.nodes) - 1, needed=needed, engine_wall_s=wall, engine_model_s=rec.model_s,
+                 engine_computed=computed, engine_rss_mb=peak_rss_mb())
+        hf = HFReplay(lm, rec.calls)
+        t0 = time.perf_counter()
+        try:
+            tree_hf = solve(p.question, "mcts", hf, hf, sandbox, cfg, ground_truth=p.answer, question_id=p.id,
+                            rewards=True)
+            r["same_tree"] = shape(tree_hf) == shape(tree) and hf.i == len(rec.calls)
+        except Diverged as e:
+            r["same_tree"], r["diverged"] = False, str(e)
+        r.update(hf_wall_s=time.perf_counter() - t0, hf_model_s=hf.model_s, hf_computed=hf.computed,
+                 hf_rss_mb=peak_rss_mb())
         rows.append(r)
-        print(f"  {p.id}: {r['nodes']} nodes, unique {r['unique']} tokens; engine {wall:.1f} s wall "
-              f"({rec.model_s:.1f} s model, {r['engine_computed']} tokens); naive {r['naive_wall_s']:.1f} s wall "
-              f"({naive_s:.1f} s model, {naive_computed} tokens)", flush=True)
+        print(f"  {p.id}: {r['nodes']} nodes, needed {needed} tokens; engine {wall:.1f} s ({rec.model_s:.1f} s model, "
+              f"{computed} tokens); HF {r['hf_wall_s']:.1f} s ({hf.model_s:.1f} s model, {hf.computed} tokens); "
+              f"same tree: {r['same_tree']}", flush=True)
 
     def total(k):
         return sum(r[k] for r in rows)
 
-    # The same problems searched at once, as `alphamath generate/eval --concurrency` and the gRPC
-    # server run them: their generate() calls share decode batches. Engine only; the naive baseline
-    # has nothing to share (one generate per sample), so its sequential time stands.
-    from types import SimpleNamespace
-
-    from alphamath.cli import _solve_each
     lm.reset_cache()
     conc_nodes = []
     t0 = time.perf_counter()
-    _solve_each(SimpleNamespace(policy=LocalPolicy(lm), value=LocalValue(lm), sandbox=sandbox, lm=lm), problems,
-                "mcts", cfg, len(problems), lambda p, tree, secs: conc_nodes.append(len(tree.nodes) - 1), rewards=True)
+    solve_many(problems, "mcts", LocalPolicy(lm), LocalValue(lm), sandbox, cfg,
+               lambda p, tree, secs: conc_nodes.append(len(tree.nodes) - 1), concurrency=len(problems),
+               serve=lm.serve, rewards=True)
     conc_s = (time.perf_counter() - t0) / len(problems)
-
-    out = {"problems": len(rows), "iterations": cfg.iterations, "rows": rows,
-           "engine_computed_over_unique": total("engine_computed") / max(total("unique"), 1),
-           "naive_computed_over_unique": total("naive_computed") / max(total("unique"), 1),
+    out = {"problems": len(rows), "config": cfg.to_dict(), "rows": rows,
+           "engine_computed_over_needed": token_ratio(total("engine_computed"), total("needed")),
+           "hf_computed_over_needed": token_ratio(total("hf_computed"), total("needed")),
            "engine_s_per_problem": total("engine_wall_s") / len(rows),
-           "naive_s_per_problem": total("naive_wall_s") / len(rows),
-           "model_speedup": total("naive_model_s") / max(total("engine_model_s"), 1e-9)}
-    out["speedup_per_problem"] = out["naive_s_per_problem"] / out["engine_s_per_problem"]
-    out["concurrent_engine_s_per_problem"] = conc_s
-    out["concurrent_nodes"] = sum(conc_nodes)
-    out["concurrent_speedup_per_problem"] = out["naive_s_per_problem"] / conc_s
-    print("\n| measure | engine | naive | target |\n|---|---|---|---|")
-    print(f"| computed / unique tokens | {out['engine_computed_over_unique']:.2f} | "
-          f"{out['naive_computed_over_unique']:.2f} | engine <= 1.3 |")
-    print(f"| seconds per MCTS problem (wall) | {out['engine_s_per_problem']:.1f} | {out['naive_s_per_problem']:.1f} | "
-          f"naive/engine = {out['speedup_per_problem']:.2f}x (>= 3x) |")
-    print(f"| seconds per MCTS problem, the {len(rows)} searched at once (engine; trees of {out['concurrent_nodes']} "
-          f"nodes vs {total('nodes')} one by one) | {conc_s:.1f} | {out['naive_s_per_problem']:.1f} | "
-          f"naive/engine = {out['concurrent_speedup_per_problem']:.2f}x |")
-    print(f"| model seconds (policy + value) | {total('engine_model_s'):.1f} | {total('naive_model_s'):.1f} | "
-          f"naive/engine = {out['model_speedup']:.2f}x |")
+           "hf_s_per_problem": total("hf_wall_s") / len(rows),
+           "model_s_ratio": total("hf_model_s") / max(total("engine_model_s"), 1e-9),
+           "same_trees": all(r["same_tree"] for r in rows),
+           "concurrent_s_per_problem": conc_s, "concurrent_nodes": sum(conc_nodes),
+           "concurrent_rss_mb": peak_rss_mb()}
+    out["hf_over_engine"] = out["hf_s_per_problem"] / out["engine_s_per_problem"]
+    out["hf_over_concurrent"] = out["hf_s_per_problem"] / conc_s
+    print("\n| MCTS | engine | baseline (a) HF generate | ratio | peak RSS MB (engine / HF) |\n|---|---|---|---|---|")
+    print(f"| seconds per problem, wall, one at a time | {out['engine_s_per_problem']:.1f} | "
+          f"{out['hf_s_per_problem']:.1f} | HF/engine {out['hf_over_engine']:.2f}x (target >= 10x) | "
+          f"{rows[-1]['engine_rss_mb']:.0f} / {rows[-1]['hf_rss_mb']:.0f} |")
+    print(f"| model seconds (policy + value) | {total('engine_model_s'):.1f} | {total('hf_model_s'):.1f} | "
+          f"HF/engine {out['model_s_ratio']:.2f}x | |")
+    print(f"| tokens computed / needed | {out['engine_computed_over_needed']:.3f} | "
+          f"{out['hf_computed_over_needed']:.3f} | (engine target <= 1.1) | |")
+    print(f"| seconds per problem, the {len(rows)} searched at once ({out['concurrent_nodes']} nodes vs "
+          f"{total('nodes')} one by one) | {conc_s:.1f} | | HF/engine {out['hf_over_concurrent']:.2f}x | "
+          f"{out['concurrent_rss_mb']:.0f} |")
+    print(f"same trees on both sides: {out['same_trees']}")
     return out
 
 
+def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6) -> dict:
+    """The engine's prefill and decode tokens/s on `prompt`, measured as llama.cpp's are (EOS ignored)."""
+    eos, lm.eos_ids = lm.eos_ids, set()
+    try:
+        lm.reset_cache()
+        lm.generate(["Warm-up: first-call allocations."], 1, temperature=temperature, max_new_tokens=4, seed=0)
+        lm.reset_cache()
+        ids = lm.encode(prompt)
+        t0 = time.perf_counter()
+        lm.generate([prompt], 1, temperature=temperature, max_new_tokens=1, seed=0)  # prefill, one token sampled
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        one = lm.generate([prompt], 1, temperature=temperature, max_new_tokens=tokens, seed=1)[0]
+        decode1_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        many = lm.generate([prompt], n, temperature=temperature, max_new_tokens=tokens, seed=2)[0]
+        decode_n_s = time.perf_counter() - t0
+    finally:
+        lm.eos_ids = eos
+    return {"prompt_tokens": len(ids), "prefill_tok_s": len(ids) / prefill_s,
+            "decode1_tok_s": sum(s.token_count for s in one) / decode1_s,
+            f"decode{n}_tok_s": sum(s.token_count for s in many) / decode_n_s, "rss_mb": peak_rss_mb()}
+
+
+def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
+    import torch
+
+    threads = torch.get_num_threads()
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(prompt)
+    proc = subprocess.run([sys.executable, "-m", "tests.bench_llamacpp", "--prompt-file", f.name, "--tokens",
+                           str(args.decode_tokens), "--n", str(args.n_children), "--threads", str(threads)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    Path(f.name).unlink()
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama.cpp bench failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    cpp = json.loads(proc.stdout.strip().splitlines()[-1])
+    eng = engine_rates(lm, prompt, args.decode_tokens, args.n_children)
+    n = args.n_children
+    print(f"\nllama.cpp (GGUF Q4_1, llama-cpp-python, {threads} threads) vs engine ({lm.model.dtype}), "
+          f"{eng['prompt_tokens']}-token MCTS prompt ({cpp['prompt_tokens']} for llama.cpp's tokenizer), "
+          f"{args.decode_tokens} tokens decoded per sequence")
+    print(f"| tokens/s | engine | llama.cpp | engine/llama.cpp | target |\n|---|---|---|---|---|")
+    for key, label, target in (("prefill_tok_s", "prefill", ""), ("decode1_tok_s", "decode, batch 1", ">= 0.67"),
+                               (f"decode{n}_tok_s", f"decode, n = {n} continuations", ">= 1")):
+        print(f"| {label} | {eng[key]:.1f} | {cpp[key]:.1f} | {eng[key] / cpp[key]:.2f} | {target} |")
+    print(f"| peak RSS MB | {eng['rss_mb']:.0f} (this process) | {cpp['rss_mb']:.0f} (its process) | | |")
+    return {"engine": eng, "llama_cpp": cpp,
+            "decode1_ratio": eng["decode1_tok_s"] / cpp["decode1_tok_s"],
+            f"decode{n}_ratio": eng[f"decode{n}_tok_s"] / cpp[f"decode{n}_tok_s"]}
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/gsm8k/dev.jsonl"))
     ap.add_argument("--problems", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--n-children", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-depth", type=int, default=8)
+    ap.add_argument("--decode-tokens", type=int, default=128, help="tokens per sequence in the llama.cpp comparison")
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--skip-mcts", action="store_true")
     ap.add_argument("--skip-grpc", action="store_true")
+    ap.add_argument("--grpc-scale", type=float, default=1.0, help="multiply the problems per gRPC level")
     ap.add_argument("--json-out", default=str(ROOT / "var/bench.json"))
     args = ap.parse_args(argv)
-    report = {"engine_vs_naive": engine_vs_naive(args)}
+
+    from alphamath.lm import LocalLM
+    from alphamath.model import embedded_checkpoint
+    from sandbox_svc.executor import Executor
+
+    problems = load_problems(args.data, args.problems)
+    lm = LocalLM(embedded_checkpoint())
+    report: dict = {"command": " ".join(["python -m tests.bench", *(argv if argv is not None else sys.argv[1:])])}
+    if not args.skip_llama_cpp:
+        from policy_svc.local import LocalPolicy
+        report["llama_cpp"] = llama_cpp_vs_engine(args, lm, LocalPolicy(lm).render_prompt(problems[0].question))
+    if not args.skip_mcts:
+        sandbox = Executor(backend="runsc")
+        try:
+            report["mcts"] = mcts_vs_hf(args, lm, sandbox, problems)
+        finally:
+            sandbox.close()
+    del lm
     if not args.skip_grpc:
         from tests import bench_grpc
-        report["grpc"] = bench_grpc.run(report)
+        report["grpc"] = bench_grpc.run(scale=args.grpc_scale)
+    report["peak_rss_mb"], report["children_peak_rss_mb"] = peak_rss_mb(), children_peak_rss_mb()
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.json_out}")

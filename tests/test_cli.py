@@ -84,7 +84,10 @@ def test_eval_writes_each_question_as_it_is_done(tiny_model_dir, tmp_path, capsy
         assert r["correct"] == sum(q["correct"] for q in r["questions"])
         assert {q["ground_truth"] for q in r["questions"]} == {"1", "2"}
         assert r["seconds_per_question"] > 0
-    assert "greedy" in capsys.readouterr().out
+    # peak RSS of the process so far: at least what torch and the model take, and non-decreasing
+    assert 50 < report[0]["peak_rss_mb"] <= report[1]["peak_rss_mb"]
+    printed = capsys.readouterr().out
+    assert "greedy" in printed and "peak RSS MB" in printed
 
 
 def test_concurrent_eval_and_generate_keep_every_question(tiny_model_dir, tmp_path):
