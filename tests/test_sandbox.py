@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -63,6 +64,7 @@ OUTPUT_FLOOD = "for _ in range(1_000_000):\n    print('x' * 99)"  # 100 MB, stre
 def network_cell(port: int) -> str:
     return f"""
 import socket
+import subprocess
 for host, port in (("127.0.0.1", {port}), ("1.1.1.1", 53), ("1.1.1.1", 443)):
     try:  # the runner's seccomp filter already refuses socket(); the sandbox has no network anyway
         with socket.socket() as s:
@@ -317,3 +319,29 @@ def test_importing_sympy_is_not_charged_to_the_code():
         r = ex.execute(["import sympy\nprint(sympy.Rational(1, 3) + sympy.Rational(1, 6))"])
         assert (r.stdout, r.error, r.timed_out) == ("1/2\n", None, False)
         assert ex.execute(["while True: pass"]).timed_out  # the limit still holds for the code itself
+
+
+def test_slow_or_failing_teardown_never_fails_an_execution():
+    """Teardown runs in the background: a hung `runsc delete` neither delays nor fails execute(),
+    and every outcome is counted for the metric."""
+    seen = []
+    with Executor(backend="runsc", on_teardown=lambda *a: seen.append(a), **LIMITS) as ex:
+        real_destroy = ex._backend.destroy
+        calls = []
+
+        def slow_then_broken(box):
+            calls.append(box.id)
+            nth = len(calls)
+            real_destroy(box)
+            threading.Event().wait(2.5)  # over TEARDOWN_SLOW_S
+            if nth == 2:
+                raise subprocess.TimeoutExpired("runsc delete", 10)
+
+        ex._backend.destroy = slow_then_broken
+        for _ in range(2):
+            r = ex.execute(["print('fine')"])
+            assert (r.stdout, r.error) == ("fine\n", None)
+            assert r.duration_s < 2.5  # did not wait for the teardown
+        assert ex.drain(30)
+        assert ex.teardowns == {"ok": 0, "slow": 1, "failed": 1}
+        assert sorted((b, o) for b, o, _ in seen) == [("runsc", "failed"), ("runsc", "slow")]
