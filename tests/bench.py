@@ -5,8 +5,9 @@
    of the prompt, the same fixed number of tokens on both sides (tests/bench_llamacpp.py; llama.cpp
    runs in a child process, so its peak RSS is its own).
 2. MCTS, engine vs baseline (a), HF transformers: each problem is searched with the prefix-cached
-   engine (policy and value share one LocalLM) while every model call is recorded. Then the same
-   search runs again with baseline (a) as policy and value: each expansion is one
+   engine (policy and value share one LocalLM) while every model call is recorded (untimed: a
+   warm-up of both paths). Then the same search runs with baseline (a) as policy and value, and
+   again with the engine, both timed. In baseline (a) each expansion is one
    `generate(num_return_sequences=n, output_scores=True)` on the re-encoded state, with the
    per-token log-probs computed, each scoring call one padded forward. Baseline (a) returns the
    engine's recorded samples and values, so it builds exactly the same tree (checked) and does
@@ -159,31 +160,40 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
           f"sandbox {sandbox.backend}", flush=True)
     rows = []
     for p in problems:
+        # Pass 1 records the engine's calls (untimed; it also warms both paths' kernels for this
+        # problem's shapes). Pass 2 is baseline (a) on those calls, pass 3 the engine again: the same
+        # seeds give the same tree (checked), and both timed passes run warm.
         lm.reset_cache()
         rec = Recorder(LocalPolicy(lm), LocalValue(lm))
-        before = lm.usage.computed
-        t0 = time.perf_counter()
         tree = solve(p.question, "mcts", rec, rec, sandbox, cfg, ground_truth=p.answer, question_id=p.id, rewards=True)
-        wall = time.perf_counter() - t0
-        computed = lm.usage.computed - before
         states = [s for kind, texts, _, _ in rec.calls if kind == "score" for s in texts]
         needed = needed_tokens(tree, lm.encode, scored_nodes(tree, states))
-        r = dict(id=p.id, nodes=len(tree.nodes) - 1, needed=needed, engine_wall_s=wall, engine_model_s=rec.model_s,
-                 engine_computed=computed, engine_rss_mb=peak_rss_mb())
+        r = dict(id=p.id, nodes=len(tree.nodes) - 1, needed=needed)
         hf = HFReplay(lm, rec.calls)
         t0 = time.perf_counter()
         try:
             tree_hf = solve(p.question, "mcts", hf, hf, sandbox, cfg, ground_truth=p.answer, question_id=p.id,
                             rewards=True)
-            r["same_tree"] = shape(tree_hf) == shape(tree) and hf.i == len(rec.calls)
+            r["same_tree_hf"] = shape(tree_hf) == shape(tree) and hf.i == len(rec.calls)
         except Diverged as e:
-            r["same_tree"], r["diverged"] = False, str(e)
+            r["same_tree_hf"], r["diverged"] = False, str(e)
         r.update(hf_wall_s=time.perf_counter() - t0, hf_model_s=hf.model_s, hf_computed=hf.computed,
                  hf_rss_mb=peak_rss_mb())
+        lm.reset_cache()
+        timed = Recorder(LocalPolicy(lm), LocalValue(lm))
+        before = lm.usage.computed
+        t0 = time.perf_counter()
+        tree2 = solve(p.question, "mcts", timed, timed, sandbox, cfg, ground_truth=p.answer, question_id=p.id,
+                      rewards=True)
+        r.update(engine_wall_s=time.perf_counter() - t0, engine_model_s=timed.model_s,
+                 engine_computed=lm.usage.computed - before, engine_rss_mb=peak_rss_mb(),
+                 same_tree_engine=shape(tree2) == shape(tree))
+        r["same_tree"] = r["same_tree_hf"] and r["same_tree_engine"]
         rows.append(r)
-        print(f"  {p.id}: {r['nodes']} nodes, needed {needed} tokens; engine {wall:.1f} s ({rec.model_s:.1f} s model, "
-              f"{computed} tokens); HF {r['hf_wall_s']:.1f} s ({hf.model_s:.1f} s model, {hf.computed} tokens); "
-              f"same tree: {r['same_tree']}", flush=True)
+        print(f"  {p.id}: {r['nodes']} nodes, needed {needed} tokens; engine {r['engine_wall_s']:.1f} s "
+              f"({timed.model_s:.1f} s model, {r['engine_computed']} tokens); HF {r['hf_wall_s']:.1f} s "
+              f"({hf.model_s:.1f} s model, {hf.computed} tokens); same tree: HF {r['same_tree_hf']}, "
+              f"engine rerun {r['same_tree_engine']}", flush=True)
 
     def total(k):
         return sum(r[k] for r in rows)

@@ -1,23 +1,29 @@
-"""gRPC stack vs in-process engine: problems per minute, side by side (part of `make bench`).
+"""gRPC stack vs in-process engine, like for like: problems per minute side by side (part of `make bench`).
 
-    python -m tests.bench_grpc [--limit-scale 1.0]
+    python -m tests.bench_grpc [--scale 1.0]
 
-Measures, with the embedded checkpoint and small step-level beam search settings:
-  * the in-process engine (one LocalLM shared by policy and value, the gVisor executor with the
-    same warm pool as the sandbox service) solving problems one after another;
-  * the local stack (policy, value, sandbox, search as processes on loopback) at 1, 4 and 16
-    concurrent Solve calls.
+Both sides have the same model layout: the policy and the value are two models (two LocalLMs of
+the embedded checkpoint), as the stack's policy and value services are two processes. So the
+value never reads KV the policy decoded on either side, and the difference is what the stack adds:
+processes, gRPC, serialisation, the sandbox behind RPC (the in-process side runs the same gVisor
+executor with the same warm pool as the sandbox service).
+
+  * in-process: search_svc.engine.solve_many at concurrency 1, 4 and 16 (searches on worker threads
+    sharing the policy's decode batches; the decode loop runs on this thread: serve=policy.serve);
+  * the local stack (policy, value, sandbox, search on loopback) at 1, 4 and 16 concurrent Solve calls.
 Every configuration solves the same first problems of gsm8k dev with the same seeds. At concurrency 1
-the two paths alternate problem by problem, so that load from other processes on the machine
-affects both alike (the answers are compared; bf16 numerics of a shared vs. separate policy/value
-model can differ, so a mismatch is reported, not an error). Targets (issue 3): the gRPC path costs at most 10% over in-process at
-concurrency 1, and throughput at 16 is at least 3x that at 1 (cross-request batching).
+the two sides alternate problem by problem, so that load from other processes hits both alike.
+Peak RSS: this process for the in-process side (VmHWM, reset before it starts, since the bench may have
+held other models before); each service process for the stack (VmHWM read before it stops).
+Targets (issue 16): the stack costs at most 10% over in-process at concurrency 1, and throughput at
+16 is at least 3x that at 1.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,12 +32,35 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
 METHOD = "sbs"
 PARAMS = dict(beam_b1=1, beam_b2=3, max_new_tokens=64, max_depth=4)
+LEVELS = (1, 4, 16)
 PROBLEMS = {1: 16, 4: 16, 16: 16}  # problems solved at each concurrency: the same ones, so ratios compare like with like
 
 
+def vm_hwm_mb(pid: int | str = "self") -> float | None:
+    """Peak RSS of a live process (VmHWM), in MB; None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def reset_hwm() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class InProcess:
-    """The in-process engine: one LocalLM shared by policy and value, the gVisor executor with
-    the same warm pool as the sandbox service."""
+    """The in-process engine laid out as the stack: a policy LocalLM and a value LocalLM (two models),
+    the gVisor executor with the same warm pool as the sandbox service."""
 
     def __init__(self, model_dir):
         from alphamath.lm import LocalLM
@@ -40,18 +69,25 @@ class InProcess:
         from search_svc.config import SearchConfig
         from value_svc.local import LocalValue
 
-        lm = LocalLM(model_dir)
-        self.policy, self.value = LocalPolicy(lm), LocalValue(lm)
+        self.policy_lm, value_lm = LocalLM(model_dir), LocalLM(model_dir)
+        self.policy, self.value = LocalPolicy(self.policy_lm), LocalValue(value_lm)
         self.cfg = SearchConfig(**PARAMS)
         self.sandbox = Executor(backend="runsc", pool_size=2)
 
-    def solve(self, p) -> tuple[float, str | None]:
-        from search_svc.engine import solve
+    def solve(self, problems, concurrency: int) -> tuple[float, list]:
+        """Wall seconds for all problems at this concurrency, and their answers in order."""
+        from search_svc.engine import solve_many
+
+        answers, lock = {}, threading.Lock()
+
+        def done(p, tree, secs):
+            with lock:
+                answers[p.id] = tree.meta.get("answer")
 
         start = time.perf_counter()
-        tree = solve(p.question, METHOD, self.policy, self.value, self.sandbox, self.cfg,
-                     ground_truth=p.answer, question_id=p.id)
-        return time.perf_counter() - start, tree.meta.get("answer")
+        solve_many(problems, METHOD, self.policy, self.value, self.sandbox, self.cfg, done,
+                   concurrency=concurrency, serve=self.policy_lm.serve)
+        return time.perf_counter() - start, [answers.get(p.id) for p in problems]
 
     def close(self):
         self.sandbox.close()
@@ -69,6 +105,11 @@ def through_grpc(addr: str, problems, concurrency: int) -> tuple[float, list]:
     return time.perf_counter() - start, [r.answer if r.HasField("answer") else None for r in results]
 
 
+def overhead(inproc_ppm: float, grpc_ppm: float) -> float:
+    """Extra time per problem the stack takes, as a fraction of the in-process time."""
+    return inproc_ppm / grpc_ppm - 1
+
+
 def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dict:
     """Run the comparison and print a table. `report`, if given, receives every figure: either a
     callable `report(name, value)` or a dict (figures are stored under their names)."""
@@ -81,6 +122,7 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
     model_dir = Path(model_dir) if model_dir else Path(embedded_checkpoint())
     out: dict[str, float] = {}
 
+    reset_hwm()
     inproc = InProcess(model_dir)
     p = free_ports(2 * len(SERVICES) + 1)
     ports = Ports(dict(zip(SERVICES, p[:4])), dict(zip(SERVICES, p[4:8])), http=p[8])
@@ -91,13 +133,13 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
             stack.start(timeout_s=600)
             addr = ports.addr("search")
             through_grpc(addr, problems[:1], 1)  # warm-up both paths: first-call costs (caches, pools)
-            inproc.solve(problems[0])
+            inproc.solve(problems[:1], 1)
             # Concurrency 1, interleaved problem by problem so that load from other processes on
             # this machine hits both paths alike.
             t_in = t_grpc = 0.0
             same = True
             for prob in problems[: counts[1]]:
-                secs, a_in = inproc.solve(prob)
+                secs, (a_in,) = inproc.solve([prob], 1)
                 t_in += secs
                 secs_g, (a_g,) = through_grpc(addr, [prob], 1)
                 t_grpc += secs_g
@@ -106,26 +148,40 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
             out["inproc_c1_ppm"] = counts[1] / t_in * 60
             out["grpc_c1_ppm"] = counts[1] / t_grpc * 60
             out["same_answers_c1"] = float(same)
-            for c in (4, 16):
-                secs, _ = through_grpc(addr, problems[: counts[c]], c)
-                out[f"grpc_c{c}_ppm"] = counts[c] / secs * 60
-                print(f"  concurrency {c}: {counts[c]} problems in {secs:.1f} s", file=sys.stderr)
+            for c in LEVELS[1:]:
+                secs, _ = inproc.solve(problems[: counts[c]], c)
+                out[f"inproc_c{c}_ppm"] = counts[c] / secs * 60
+                secs_g, _ = through_grpc(addr, problems[: counts[c]], c)
+                out[f"grpc_c{c}_ppm"] = counts[c] / secs_g * 60
+                print(f"  concurrency {c}: {counts[c]} problems in {secs:.1f} s in-process, {secs_g:.1f} s gRPC",
+                      file=sys.stderr)
+            out["inproc_rss_mb"] = vm_hwm_mb() or 0.0
+            for service, pid in stack.running().items():
+                out[f"stack_{service}_rss_mb"] = vm_hwm_mb(pid) or 0.0
         finally:
             stack.stop()
             inproc.close()
 
-    out["grpc_overhead_c1"] = out["inproc_c1_ppm"] / out["grpc_c1_ppm"] - 1
+    out["stack_rss_mb"] = sum(v for k, v in out.items() if k.startswith("stack_") and k.endswith("_rss_mb"))
+    for c in LEVELS:
+        out[f"grpc_overhead_c{c}"] = overhead(out[f"inproc_c{c}_ppm"], out[f"grpc_c{c}_ppm"])
     out["grpc_speedup_c16_over_c1"] = out["grpc_c16_ppm"] / out["grpc_c1_ppm"]
-    print(f"\n== gRPC stack vs in-process ({METHOD} {PARAMS}, gsm8k dev) ==")
-    print(f"{'path':28s} {'concurrency':>11s} {'problems':>8s} {'problems/min':>13s}")
-    print(f"{'in-process engine':28s} {1:>11d} {counts[1]:>8d} {out['inproc_c1_ppm']:>13.2f}")
-    for c in (1, 4, 16):
-        print(f"{'gRPC stack':28s} {c:>11d} {counts[c]:>8d} {out[f'grpc_c{c}_ppm']:>13.2f}")
+    out["inproc_speedup_c16_over_c1"] = out["inproc_c16_ppm"] / out["inproc_c1_ppm"]
+    print(f"\n== gRPC stack vs in-process, both with separate policy and value models ({METHOD} {PARAMS}, gsm8k dev) ==")
+    print("| concurrency | problems | in-process problems/min | gRPC stack problems/min | stack overhead |")
+    print("|---|---|---|---|---|")
+    for c in LEVELS:
+        print(f"| {c} | {counts[c]} | {out[f'inproc_c{c}_ppm']:.2f} | {out[f'grpc_c{c}_ppm']:.2f} | "
+              f"{out[f'grpc_overhead_c{c}'] * 100:+.1f}% |")
+    services = ", ".join(f"{k[6:-7]} {v:.0f}" for k, v in out.items()
+                         if k.startswith("stack_") and k.endswith("_rss_mb") and k != "stack_rss_mb")
+    print(f"peak RSS MB: in-process {out['inproc_rss_mb']:.0f}; stack {out['stack_rss_mb']:.0f} ({services})")
     ok1 = out["grpc_overhead_c1"] <= 0.10
     ok16 = out["grpc_speedup_c16_over_c1"] >= 3.0
     print(f"gRPC overhead at concurrency 1: {out['grpc_overhead_c1'] * 100:+.1f}%  (target <= +10%: "
           f"{'met' if ok1 else 'NOT met'}); same answers as in-process: {bool(out['same_answers_c1'])}")
-    print(f"throughput 16 vs 1: {out['grpc_speedup_c16_over_c1']:.2f}x  (target >= 3x: {'met' if ok16 else 'NOT met'})")
+    print(f"throughput 16 vs 1: stack {out['grpc_speedup_c16_over_c1']:.2f}x (target >= 3x: "
+          f"{'met' if ok16 else 'NOT met'}), in-process {out['inproc_speedup_c16_over_c1']:.2f}x")
     for k, v in out.items():
         if callable(report):
             report(k, v)
