@@ -20,8 +20,8 @@ back to a weaker backend. In every backend the runner (runner.py) runs the model
 worker that cannot reach the result channel (see there).
 
 Latency: a sandbox is single-use (no state can leak between requests), but it can be booted
-ahead of time. With `pool_size > 0` a background thread keeps that many sandboxes booted, with
-numpy/sympy already imported, waiting for their one request on stdin. Tearing a used sandbox down
+ahead of time. With `pool_size > 0` a background thread keeps that many sandboxes booted, waiting
+for their one request on stdin (`preload` can import modules ahead; by default none, see there). Tearing a used sandbox down
 happens in the background (bounded by timeouts, counted by `on_teardown`): a slow teardown never
 delays or fails an execution.
 """
@@ -675,9 +675,11 @@ class Executor:
                 "python3-numpy python3-sympy)"
             )
         if preload is None:
-            # Importing sympy dominates a cold sandbox (about 1 s under gVisor's ptrace platform):
-            # worth paying ahead of time in pooled sandboxes, pointless on the request path.
-            preload = ("numpy", "sympy") if pool_size > 0 else ()
+            # Nothing by default: the runner forks a worker per request, and under gVisor's ptrace
+            # platform forking an interpreter with sympy loaded costs ~120 ms more (and booting it
+            # ~2 s, so the pool cannot keep up). Cells that name numpy/sympy import them on demand,
+            # before the code's clock starts.
+            preload = ()
         self._tools = {"runsc": runsc_path, "bwrap": bwrap_path, "pod": scratch_dir}
         self.on_teardown = on_teardown
         self.teardowns = {"ok": 0, "slow": 0, "failed": 0}

@@ -235,6 +235,8 @@ def parser():
                    help="allow a backend weaker than gVisor (bwrap); off in production")
     p.add_argument("--uds", default="", help="also listen on this Unix socket path")
     p.add_argument("--scratch-dir", default="", help="pod backend: where per-execution scratch directories go")
+    p.add_argument("--preload", default="",
+                   help="modules pooled sandboxes import ahead of their request (comma-separated; '' for none)")
     p.add_argument("--environment-scrubbed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-concurrency", type=int, default=4, help="sandboxes running at once")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting; beyond this RESOURCE_EXHAUSTED")
@@ -278,7 +280,8 @@ def main(argv=None) -> int:
 
     executor = Executor(memory_mb=args.memory_mb, timeout_s=args.timeout_s, max_output_bytes=args.max_output_chars,
                         max_code_bytes=args.max_code_bytes, backend=args.backend, allow_weak=args.allow_weak_backend,
-                        pool_size=args.pool_size, scratch_dir=args.scratch_dir or None)
+                        pool_size=args.pool_size, scratch_dir=args.scratch_dir or None,
+                        preload=tuple(m for m in args.preload.split(",") if m) if args.pool_size else ())
     server = SandboxServer(executor, port=args.port, host=args.host, metrics_port=args.metrics_port,
                            max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                            max_workers=args.max_workers, own_executor=True, uds=args.uds or None)
