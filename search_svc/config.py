@@ -22,6 +22,7 @@ class SearchConfig:
     majority_k: int = 5
     select_by: str = "q"        # how the final MCTS answer is chosen: q | value | visits
     seed: int = 0
+    leaves_per_call: int = 1    # MCTS: leaves selected (with a virtual loss) and expanded per model call
 
     def validate(self) -> "SearchConfig":
         """Raise ValueError with the offending field, so servers can answer INVALID_ARGUMENT."""
@@ -37,6 +38,7 @@ class SearchConfig:
             (1 <= self.beam_b1 <= 64 and 1 <= self.beam_b2 <= 64, "beam widths must be in [1, 64]"),
             (1 <= self.majority_k <= 256, "majority_k must be in [1, 256]"),
             (self.select_by in SELECT_BY, f"select_by must be one of {SELECT_BY}"),
+            (1 <= self.leaves_per_call <= 64, "leaves_per_call must be in [1, 64]"),
         ]
         for ok, msg in checks:
             if not ok:

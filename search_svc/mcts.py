@@ -10,6 +10,14 @@ One simulation:
             head's estimate of its own state.
   backup    N += 1 and W += v from the evaluated node up to the root; Q = W / N.
 
+Batched (cfg.leaves_per_call = k > 1, as in AlphaGo and mctx): up to k distinct leaves are selected
+before any is expanded. After each selection a virtual loss is added along the leaf's path,
+N += 1 and W -= VIRTUAL_LOSS per node, so the next descent sees that path as visited and lost and
+turns elsewhere; the virtual visits are undone (N and W restored exactly) before the real backups.
+The k leaves are expanded in one policy call and evaluated in one value call, and count as k
+simulations of the budget. With k = 1 no virtual loss is applied and the tree is exactly the
+unbatched one.
+
 Unlike the paper's code, a data-generation search (ground truth as reward) whose tree is exhausted
 before its budget ends, with no correct path found, spends the rest of the budget on fresh samples
 (`resample`): the exhausted node with the best PUCT score gets n new, distinct next steps. A small
@@ -68,20 +76,66 @@ def select_leaf(tree: Tree, c_puct: float, rng: random.Random) -> Node | None:
     return None
 
 
+VIRTUAL_LOSS = 1.0  # a loss: the value of a failed terminal
+
+
+def add_virtual_loss(tree: Tree, node_id: int, saved: dict[int, tuple[int, float]]) -> None:
+    """N += 1, W -= VIRTUAL_LOSS from node_id up to the root; each node's real (N, W) is kept in `saved`."""
+    while node_id is not None:
+        node = tree.nodes[node_id]
+        saved.setdefault(node_id, (node.N, node.W))
+        node.N += 1
+        node.W -= VIRTUAL_LOSS
+        node_id = node.parent
+
+
+def restore(tree: Tree, saved: dict[int, tuple[int, float]]) -> None:
+    """Undo virtual losses: every saved node gets its real (N, W) back, bit for bit."""
+    for node_id, (n, w) in saved.items():
+        tree.nodes[node_id].N, tree.nodes[node_id].W = n, w
+
+
+def select_leaves(tree: Tree, k: int, c_puct: float, rng: random.Random) -> list[Node]:
+    """Up to k distinct unexpanded leaves, a virtual loss on each selected path steering the next
+    descent (see the module doc); fewer when a descent returns a leaf already selected or none."""
+    leaves: list[Node] = []
+    saved: dict[int, tuple[int, float]] = {}
+    try:
+        while len(leaves) < k:
+            if leaves:
+                add_virtual_loss(tree, leaves[-1].id, saved)
+            leaf = select_leaf(tree, c_puct, rng)
+            if leaf is None or any(leaf is x for x in leaves):
+                break
+            leaves.append(leaf)
+    finally:
+        restore(tree, saved)
+    return leaves
+
+
+def simulate_batch(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
+                   rng: random.Random, check: Checker | None, k: int, seed: int | None = None) -> int:
+    """Select up to k leaves, expand them in one policy call, evaluate the new terminals and then the
+    leaves (one value call each), back everything up. Returns the leaves expanded (0: none left)."""
+    leaves = select_leaves(tree, k, cfg.c_puct, rng)
+    if not leaves:
+        return 0
+    children = expand(tree, [leaf.id for leaf in leaves], cfg.n_children, policy, sandbox, cfg, seed=seed)
+    terminals = [c for kids in children for c in kids if c.terminal]
+    for child, v in zip(terminals, evaluate(tree, terminals, value, check)):
+        backup(tree, child.id, v)
+    fresh = [leaf for leaf in leaves if leaf.value is None]
+    if fresh:
+        evaluate(tree, fresh, value, check)
+    for leaf in leaves:
+        backup(tree, leaf.id, leaf.value)
+    return len(leaves)
+
+
 def simulate(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
              rng: random.Random, check: Checker | None, seed: int | None = None) -> bool:
     """One select-expand-evaluate-backup pass; False when nothing is left to expand."""
-    leaf = select_leaf(tree, cfg.c_puct, rng)
-    if leaf is None:
-        return False
-    children = expand(tree, [leaf.id], cfg.n_children, policy, sandbox, cfg, seed=seed)[0]
-    terminals = [c for c in children if c.terminal]
-    for child, v in zip(terminals, evaluate(tree, terminals, value, check)):
-        backup(tree, child.id, v)
-    if leaf.value is None:
-        evaluate(tree, [leaf], value, check)
-    backup(tree, leaf.id, leaf.value)
-    return True
+    return simulate_batch(tree, policy, value, sandbox, cfg, rng, check, 1, seed=seed) > 0
 
 
 EXHAUSTED = ("children_terminal", "no_children")  # terminal by search, not by what the step says
@@ -134,19 +188,24 @@ def best_answer_node(tree: Tree, select_by: str = "q") -> Node | None:
 
 def mcts(question_tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
          check: Checker | None = None, on_progress: Progress | None = None) -> Tree:
-    """Run cfg.iterations simulations (fewer if the tree is exhausted) and record the answer."""
+    """Run cfg.iterations simulations (fewer if the tree is exhausted), cfg.leaves_per_call per
+    model call, and record the answer."""
     tree, rng = question_tree, random.Random(cfg.seed)
-    done = resampled = 0
-    for i in range(cfg.iterations):
+    done = resampled = i = 0
+    while done < cfg.iterations:
         seed = cfg.seed * 100_003 + i
-        if not simulate(tree, policy, value, sandbox, cfg, rng, check, seed=seed):
+        i += 1
+        ran = simulate_batch(tree, policy, value, sandbox, cfg, rng, check,
+                             min(cfg.leaves_per_call, cfg.iterations - done), seed=seed)
+        if not ran:
             # exhausted: with ground truth and no correct path yet, keep looking (see module doc)
             if check is None or tree.ground_truth is None or any(n.correct for n in tree.nodes):
                 break
             if not resample(tree, policy, value, sandbox, cfg, check, seed=seed):
                 break
             resampled += 1
-        done += 1
+            ran = 1
+        done += ran
         if check is not None and "first_correct_iteration" not in tree.meta and any(n.correct for n in tree.nodes):
             tree.meta["first_correct_iteration"] = done  # coverage at any smaller budget, from one run
         if on_progress:
