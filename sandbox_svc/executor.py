@@ -477,6 +477,8 @@ class PodBackend(_Backend):
         _prctl(PR_SET_DUMPABLE, 0)
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         base = scratch_dir or os.environ.get("ALPHAMATH_SANDBOX_SCRATCH_DIR") or tempfile.gettempdir()
+        for stale in Path(base).glob("alphamath-scratch-*"):  # a previous life of this container's
+            _remove(stale)
         self.scratch = Path(tempfile.mkdtemp(prefix="alphamath-scratch-", dir=base))
         os.chmod(self.scratch, 0o711)  # traversable, not listable: a box cannot find the others
         # Other places the pod lets us (and so the model's code) write: what appears there is swept.

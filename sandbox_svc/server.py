@@ -253,7 +253,7 @@ def _reexec_without_environment(p: argparse.ArgumentParser, args: argparse.Names
 
     In the pod the model's code runs as our uid, and gVisor lets it read /proc/<our pid>/environ
     (even of a non-dumpable process): nothing of the pod's environment may be left there."""
-    argv = [sys.executable, "-u", "-B", "-m", "sandbox_svc"]
+    argv = [sys.executable, "-I", "-u", "-B", "-m", "sandbox_svc"]  # -I: no cwd on the import path
     for action in p._actions:
         if not action.option_strings or action.dest in ("help", "_service", "environment_scrubbed"):
             continue

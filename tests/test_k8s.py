@@ -253,7 +253,8 @@ def test_grpc_services_use_native_grpc_probes_on_their_ports(rendered, overlay):
         dep = deps[f"alphamath-{svc}"]
         tpl = dep["spec"]["template"]
         (c,) = [c for c in tpl["spec"]["containers"] if is_project_image(c["image"])]
-        assert c["args"] == ["python", "-m", f"{svc}_svc"]
+        started = c["command"] if svc == "sandbox" else c["args"]  # the sandbox runs without tini
+        assert [a for a in started if a != "-I"] == ["python", "-m", f"{svc}_svc"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["grpc"] == grpc_port and ports["metrics"] == metrics_port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -341,6 +342,21 @@ def test_sandbox_isolation(rendered, overlay):
                 if any(_selects(p["podSelector"], tpl["metadata"].get("labels", {})) for p in rule["from"])}
     assert admitted == {"Deployment/alphamath-search", "CronJob/alphamath-promote"}
     assert rule["ports"] == [{"protocol": "TCP", "port": PORTS["sandbox"][0]}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sandbox_runs_the_pod_backend_by_name(rendered, overlay):
+    """The pod backend, named (never `auto`, never a weak one), started without tini and with
+    nothing writable on its import path."""
+    docs = rendered[overlay]
+    dep = by_kind(docs, "Deployment")["alphamath-sandbox"]
+    config = _config(docs, dep)
+    assert config["ALPHAMATH_SANDBOX_BACKEND"] == "pod"
+    assert not any("ALLOW_WEAK" in k for k in config)
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["python", "-I", "-m", "sandbox_svc"] and "args" not in c
+    assert c["workingDir"] == "/"
+    assert not any(k.startswith("ALPHAMATH_SANDBOX_BACKEND") for e in c.get("env", []) for k in [e["name"]])
 
 
 def test_gvisor_runtimeclass(rendered):

@@ -135,3 +135,21 @@ def test_full_queue_is_resource_exhausted_and_expired_wait_is_deadline_exceeded(
     finally:
         ex.gate.set()
         srv.stop(0)
+
+
+def test_the_service_imports_no_torch_and_the_slim_image_pins_match():
+    """The Dockerfile's optional `sandbox` target installs the service without torch: that holds
+    only while the service imports none, and while its pins are pyproject's."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, sandbox_svc.server, sandbox_svc.executor; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
+    root = Path(__file__).resolve().parents[1]
+    pins = dict(re.findall(r'"([a-z0-9-]+)==([^"]+)"', (root / "pyproject.toml").read_text()))
+    stage = (root / "Dockerfile").read_text().split("AS build-sandbox")[1].split("\nFROM ")[0]
+    slim = dict(re.findall(r"([a-z0-9-]+)==(\S+)", stage))
+    assert slim and all(pins[name] == version for name, version in slim.items()), (slim, pins)
