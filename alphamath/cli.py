@@ -61,7 +61,8 @@ def cmd_solve(a):
     print(solution_text(tree, tree.meta.get("answer_node")))
     value = tree.meta.get("value")
     print(f"\nAnswer: {tree.meta.get('answer')}   value: {value if value is None else round(value, 3)}"
-          f"   ({method}, {len(tree.nodes) - 1} steps explored, {tree.meta['seconds']} s)")
+          f"   ({method}, {len(tree.nodes) - 1} steps explored, {tree.meta['seconds']} s, "
+          f"sandbox {tree.meta.get('sandbox_backend')})")
     if a.ground_truth is not None:
         print(f"Ground truth: {a.ground_truth}   correct: {tree.meta.get('correct')}")
 

@@ -74,7 +74,7 @@ def format_response(resp: search_pb2.SolveResponse, question: str | None = None,
     answer = resp.answer if resp.HasField("answer") else "(no answer)"
     value = f"{resp.value:+.3f}" if resp.HasField("value") else "n/a"
     tail = f"Answer: {answer}   value: {value}   ({resp.method}, {resp.tree.nodes - 1} steps explored, " \
-           f"{resp.duration_s:.1f} s, checkpoint {resp.checkpoint or '?'})"
+           f"{resp.duration_s:.1f} s, checkpoint {resp.checkpoint or '?'}, sandbox {resp.sandbox_backend or '?'})"
     lines.append(tail)
     if ground_truth is not None or resp.HasField("correct"):
         lines.append(f"Ground truth: {ground_truth if ground_truth is not None else '?'}   "

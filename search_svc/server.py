@@ -174,7 +174,8 @@ def response_from_tree(tree: Tree, method: str, include_tree: bool, duration_s: 
     """The chosen path (root excluded) with per-step values, and a summary of the tree."""
     meta = tree.meta
     resp = search_pb2.SolveResponse(method=method, checkpoint=str(meta.get("checkpoint") or ""),
-                                    duration_s=duration_s, question_id=tree.question_id or "")
+                                    duration_s=duration_s, question_id=tree.question_id or "",
+                                    sandbox_backend=str(meta.get("sandbox_backend") or ""))
     if meta.get("answer") is not None:
         resp.answer = str(meta["answer"])
     if meta.get("value") is not None:

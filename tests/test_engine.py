@@ -31,7 +31,7 @@ def test_each_method_runs_on_the_tiny_model(engine, method):
     before = lm.usage.computed
     tree = solve("What is 2 + 3?", method, policy, value, box, CFG, ground_truth="5", question_id="t")
     assert lm.usage.computed > before
-    assert len(tree.nodes) > 1 and tree.meta["method"] == method
+    assert len(tree.nodes) > 1 and tree.meta["method"] == method and tree.meta["sandbox_backend"] == "runsc"
     for n in tree.nodes[1:]:
         assert 0 < n.prior <= 1 and n.depth <= CFG.max_depth
         assert n.kind in ("text", "code", "answer", "malformed")

@@ -142,6 +142,7 @@ def test_solve_each_method_through_grpc(make_stack, method):
         assert resp.steps[0].output.strip() == "13" and not resp.steps[0].code_error
     tree = Tree.from_json(resp.tree.tree_json)
     assert resp.tree.nodes == len(tree.nodes) > 1 and tree.meta["answer"] == "13"
+    assert resp.sandbox_backend == tree.meta["sandbox_backend"] == "runsc"  # named, never implicit
     if method == "mcts":
         assert resp.tree.root_visits == tree.root.N > 0
 

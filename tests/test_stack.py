@@ -71,7 +71,8 @@ def test_solve_stream_through_the_stack(stack):
 def test_client_cli(stack, capsys):
     args = ["--addr", search_addr(stack), "--max-new-tokens", "24", "--max-depth", "3"]
     assert client.main(["solve", "What is 2 + 3?", "--method", "greedy", *args]) == 0
-    assert "Answer:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Answer:" in out and "sandbox runsc" in out
     assert client.main(["solve", "   ", "--method", "greedy", *args]) == 1
     assert "INVALID_ARGUMENT: question is empty" in capsys.readouterr().err
 

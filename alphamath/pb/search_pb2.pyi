@@ -110,7 +110,7 @@ class TreeSummary(_message.Message):
     def __init__(self, nodes: _Optional[int] = ..., depth: _Optional[int] = ..., terminal_nodes: _Optional[int] = ..., root_visits: _Optional[int] = ..., tree_json: _Optional[str] = ...) -> None: ...
 
 class SolveResponse(_message.Message):
-    __slots__ = ("answer", "steps", "value", "tree", "correct", "method", "checkpoint", "duration_s", "question_id")
+    __slots__ = ("answer", "steps", "value", "tree", "correct", "method", "checkpoint", "duration_s", "question_id", "sandbox_backend")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class SolveResponse(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     QUESTION_ID_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_BACKEND_FIELD_NUMBER: _ClassVar[int]
     answer: str
     steps: _containers.RepeatedCompositeFieldContainer[SolutionStep]
     value: float
@@ -129,7 +130,8 @@ class SolveResponse(_message.Message):
     checkpoint: str
     duration_s: float
     question_id: str
-    def __init__(self, answer: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[SolutionStep, _Mapping]]] = ..., value: _Optional[float] = ..., tree: _Optional[_Union[TreeSummary, _Mapping]] = ..., correct: _Optional[bool] = ..., method: _Optional[str] = ..., checkpoint: _Optional[str] = ..., duration_s: _Optional[float] = ..., question_id: _Optional[str] = ...) -> None: ...
+    sandbox_backend: str
+    def __init__(self, answer: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[SolutionStep, _Mapping]]] = ..., value: _Optional[float] = ..., tree: _Optional[_Union[TreeSummary, _Mapping]] = ..., correct: _Optional[bool] = ..., method: _Optional[str] = ..., checkpoint: _Optional[str] = ..., duration_s: _Optional[float] = ..., question_id: _Optional[str] = ..., sandbox_backend: _Optional[str] = ...) -> None: ...
 
 class SolveProgress(_message.Message):
     __slots__ = ("iterations_done", "iterations_total", "best_answer", "best_value", "nodes", "elapsed_s")
