@@ -154,8 +154,9 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
     from value_svc.local import LocalValue
 
     cfg = SearchConfig(iterations=args.iterations, n_children=args.n_children, max_new_tokens=args.max_new_tokens,
-                       max_depth=args.max_depth)
+                       max_depth=args.max_depth, leaves_per_call=args.leaves_per_call)
     print(f"\nMCTS engine vs baseline (a) HF generate: {len(problems)} problems, N={cfg.iterations}, "
+          f"{cfg.leaves_per_call} leaves per model call, "
           f"n={cfg.n_children}, max_new_tokens {cfg.max_new_tokens}, depth {cfg.max_depth}, dtype {lm.model.dtype}, "
           f"sandbox {sandbox.backend}", flush=True)
     rows = []
@@ -291,6 +292,8 @@ def main(argv=None):
     ap.add_argument("--n-children", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-depth", type=int, default=8)
+    ap.add_argument("--leaves-per-call", type=int, default=1,
+                    help="MCTS leaves expanded per model call (virtual loss); baseline (a) replays the same tree")
     ap.add_argument("--decode-tokens", type=int, default=128, help="tokens per sequence in the llama.cpp comparison")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--skip-mcts", action="store_true")
