@@ -93,3 +93,11 @@ def test_pod_service_runs_under_gvisor_as_the_pod_uid_and_names_its_backend(pod)
         assert r.stdout == "10001 10001 4.4.0\n", r  # gVisor's fixed kernel version: the service is inside it
         r = execute(["import os\nprint(os.access('/', os.W_OK), os.access('/usr/bin', os.W_OK))"])
         assert r.stdout == "False False\n", r  # the pod's root is read-only
+
+
+def test_auto_inside_gvisor_chooses_the_pod_backend():
+    """`auto` picks among the equally strong backends: inside a gVisor pod that is `pod` (runsc
+    cannot start there); no test of containment relies on it."""
+    with PodSandbox(pool_size=0, extra_args=("--backend", "auto")) as p:
+        info = p.info()
+        assert (info.backend, info.strength, info.production) == ("pod", "gvisor", True)
