@@ -79,11 +79,12 @@ class HFReplay:
     as the longest recorded sample of each prompt (min_new_tokens = max_new_tokens = that length)."""
 
     def __init__(self, lm, calls):
-        self.model, self.tokenizer, self.render = lm.model, lm.tokenizer, None
+        from policy_svc.local import LocalPolicy
+
+        self.model, self.tokenizer = lm.model, lm.tokenizer
+        self.render = LocalPolicy(lm).render_prompt  # the engine's prompt, so the trees can match
         self.calls, self.i = calls, 0
         self.computed, self.model_s = 0, 0.0
-        from policy_svc.local import LocalPolicy
-        self.render = LocalPolicy(lm).render_prompt
 
     def render_prompt(self, question):
         return self.render(question)
