@@ -458,7 +458,8 @@ class PodBackend(_Backend):
     cannot create processes, signal/ptrace/prlimit anything but itself, open sockets or change
     file modes (seccomp), and every process of ours is non-dumpable, so the model's code cannot
     reach the service or another execution through /proc. Scratch directories have unguessable
-    names in a root it cannot list; anything left outside them is swept after each execution.
+    names in a root it cannot list, and once a box has started no path leads into its directory
+    (the box works relative to its cwd); anything left outside is swept after each execution.
     """
 
     name = "pod"
@@ -490,13 +491,17 @@ class PodBackend(_Backend):
 
     def launch(self) -> _Box:
         name = secrets.token_hex(16)
-        box_dir = self.scratch / name
+        box_dir = self.scratch / name / "work"
         with self._lock:
             self._live.add(name)
+            box_dir.parent.mkdir(mode=0o700)
             box_dir.mkdir(mode=0o700)
         # env={}: nothing of the service's environment; the runner sets its own few knobs.
         proc, io = self._popen(self.argv, cwd=str(box_dir), env={})
-        return _Box(name, proc, box_dir, bytearray(), io=io)
+        # The box keeps its working directory, but no path leads into it any more: another
+        # execution (same uid) that learns the path from /proc/<pid>/fd cannot open its files.
+        os.chmod(box_dir.parent, 0)
+        return _Box(name, proc, box_dir.parent, bytearray(), io=io)
 
     def release(self, box: _Box) -> None:
         # Its processes end and its scratch space is freed before the next execution can start.
