@@ -233,6 +233,30 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
     return out
 
 
+def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Best of `repeats` copies of an `mb`-MB tensor: bytes read + written per second, in GB/s."""
+    import torch
+
+    src = torch.empty(mb << 20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() / best / 1e9
+
+
+def weight_bytes(model) -> int:
+    """Bytes of distinct parameters: every decode step reads all of them (tied embeddings count once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
 def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6) -> dict:
     """The engine's prefill and decode tokens/s on `prompt`, measured as llama.cpp's are (EOS ignored)."""
     eos, lm.eos_ids = lm.eos_ids, set()
@@ -252,9 +276,15 @@ def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6)
         decode_n_s = time.perf_counter() - t0
     finally:
         lm.eos_ids = eos
-    return {"prompt_tokens": len(ids), "prefill_tok_s": len(ids) / prefill_s,
-            "decode1_tok_s": sum(s.token_count for s in one) / decode1_s,
-            f"decode{n}_tok_s": sum(s.token_count for s in many) / decode_n_s, "rss_mb": peak_rss_mb()}
+    out = {"prompt_tokens": len(ids), "prefill_tok_s": len(ids) / prefill_s,
+           "decode1_tok_s": sum(s.token_count for s in one) / decode1_s,
+           f"decode{n}_tok_s": sum(s.token_count for s in many) / decode_n_s, "rss_mb": peak_rss_mb()}
+    # The weight-bandwidth limit of a decode step: all weights read once from memory.
+    out["weight_mb"] = weight_bytes(lm.model) / 1e6
+    out["bandwidth_gbs"] = memory_bandwidth_gbs()
+    out["step_floor_ms"] = out["weight_mb"] / out["bandwidth_gbs"]
+    out["decode1_step_ms"] = 1000 / out["decode1_tok_s"]
+    return out
 
 
 def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
@@ -280,6 +310,9 @@ def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
                                (f"decode{n}_tok_s", f"decode, n = {n} continuations", ">= 1")):
         print(f"| {label} | {eng[key]:.1f} | {cpp[key]:.1f} | {eng[key] / cpp[key]:.2f} | {target} |")
     print(f"| peak RSS MB | {eng['rss_mb']:.0f} (this process) | {cpp['rss_mb']:.0f} (its process) | | |")
+    print(f"engine decode step at batch 1: {eng['decode1_step_ms']:.1f} ms = {eng['decode1_step_ms'] / eng['step_floor_ms']:.1f}x "
+          f"the weight-bandwidth floor ({eng['weight_mb']:.0f} MB of weights / {eng['bandwidth_gbs']:.1f} GB/s copy "
+          f"bandwidth = {eng['step_floor_ms']:.2f} ms)")
     return {"engine": eng, "llama_cpp": cpp,
             "decode1_ratio": eng["decode1_tok_s"] / cpp["decode1_tok_s"],
             f"decode{n}_ratio": eng[f"decode{n}_tok_s"] / cpp[f"decode{n}_tok_s"]}
