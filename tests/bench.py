@@ -155,9 +155,9 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
     from value_svc.local import LocalValue
 
     cfg = SearchConfig(iterations=args.iterations, n_children=args.n_children, max_new_tokens=args.max_new_tokens,
-                       max_depth=args.max_depth, leaves_per_call=args.leaves_per_call)
+                       max_depth=args.max_depth, leaves_per_call=args.leaves_per_call, c_puct=args.c_puct)
     print(f"\nMCTS engine vs baseline (a) HF generate: {len(problems)} problems, N={cfg.iterations}, "
-          f"{cfg.leaves_per_call} leaves per model call, "
+          f"{cfg.leaves_per_call} leaves per model call, c_puct {cfg.c_puct}, "
           f"n={cfg.n_children}, max_new_tokens {cfg.max_new_tokens}, depth {cfg.max_depth}, dtype {lm.model.dtype}, "
           f"sandbox {sandbox.backend}", flush=True)
     rows = []
@@ -326,6 +326,7 @@ def main(argv=None):
     ap.add_argument("--n-children", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-depth", type=int, default=8)
+    ap.add_argument("--c-puct", type=float, default=1.25)
     ap.add_argument("--leaves-per-call", type=int, default=1,
                     help="MCTS leaves expanded per model call (virtual loss); baseline (a) replays the same tree")
     ap.add_argument("--decode-tokens", type=int, default=128, help="tokens per sequence in the llama.cpp comparison")
