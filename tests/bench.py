@@ -218,7 +218,7 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
            "concurrent_rss_mb": peak_rss_mb()}
     out["hf_over_engine"] = out["hf_s_per_problem"] / out["engine_s_per_problem"]
     out["hf_over_concurrent"] = out["hf_s_per_problem"] / conc_s
-    print("\n| MCTS | engine | baseline (a) HF generate | ratio | peak RSS MB (engine / HF) |\n|---|---|---|---|---|")
+    print("\n| MCTS | engine | baseline (a) HF generate | ratio | peak RSS MB of this process so far (ru_maxrss: after engine / after HF) |\n|---|---|---|---|---|")
     print(f"| seconds per problem, wall, one at a time | {out['engine_s_per_problem']:.1f} | "
           f"{out['hf_s_per_problem']:.1f} | HF/engine {out['hf_over_engine']:.2f}x (target >= 10x) | "
           f"{rows[-1]['engine_rss_mb']:.0f} / {rows[-1]['hf_rss_mb']:.0f} |")
