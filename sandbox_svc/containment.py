@@ -129,11 +129,15 @@ for pid in sorted(p for p in os.listdir("/proc") if p.isdigit() and int(p) != me
         try:
             if name in ("cwd", "root"):
                 print("SAW", path, os.listdir(path)[:3])
-            elif name == "fd":
+            elif name == "fd":  # another execution's (or the service's) private files: open them
                 for fd in os.listdir(path):
                     target = os.readlink(path + "/" + fd)
-                    if not target.startswith(("socket:", "pipe:", "host:", "anon_inode:", "/dev/null")):
-                        print("SAW", path, target)
+                    if target.startswith(("/tmp", "/dev/shm", "/var/tmp", "/run")):
+                        try:
+                            open(target, "rb").close()
+                            print("SAW", path, target)
+                        except OSError:
+                            pass
             elif name == "mem":
                 with open(path, "rb") as f:
                     f.seek(0x400000)
@@ -311,6 +315,46 @@ print("MOUNTED" if r == 0 else "denied")
 """
 
 
+VICTIM = """
+import time
+with open("private.txt", "w+") as f:
+    f.write("{token}-victim")
+    f.flush()
+    time.sleep(2.5)
+    f.seek(0)
+    print(f.read())
+"""
+
+NEIGHBOUR = """
+import os, time
+stolen = []
+deadline = time.time() + 2.0
+while time.time() < deadline and not stolen:
+    for pid in [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+        try:
+            fds = os.listdir("/proc/%s/fd" % pid)
+        except OSError:
+            continue
+        for n in fds:
+            link = "/proc/%s/fd/%s" % (pid, n)
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target.endswith("private.txt"):
+                for path in (target, link):
+                    try:
+                        with open(path, "r+") as g:
+                            stolen.append(g.read())
+                            g.seek(0)
+                            g.write("FORGED")
+                    except OSError:
+                        pass
+    time.sleep(0.05)
+print("STOLE" if stolen else "nothing", stolen)
+"""
+
+
 @dataclass
 class Case:
     name: str
@@ -319,6 +363,8 @@ class Case:
     check: Callable[[ExecResult, dict], str | None]  # None = contained, else what went wrong
     follow: Callable[[dict], list[str]] | None = None  # a second execution, checked by follow_check
     follow_check: Callable[[ExecResult, dict], str | None] | None = None
+    # Run `cells` and `neighbour` at the same time (another request's code); `check` sees both.
+    neighbour: Callable[[dict], list[str]] | None = None
 
 
 def _absent(*markers):
@@ -387,6 +433,15 @@ def _tmp_look(r, ctx):
     return None if r.stdout.startswith("clean") else f"an earlier execution's files are visible: {r.stdout[:300]!r}"
 
 
+def _neighbour(pair, ctx):
+    victim, attacker = pair
+    if attacker.stdout.startswith("STOLE") or ctx["token"] in attacker.stdout:
+        return f"the neighbour read the victim's file: {attacker.stdout[:200]!r}"
+    if victim.stdout != f"{ctx['token']}-victim\n" or victim.error:
+        return f"the victim's result changed: {victim}"
+    return None
+
+
 def _ran(r, ctx):
     return None if r.error is None else f"error {r.error!r}"
 
@@ -434,6 +489,9 @@ CASES: list[Case] = [
     Case("session_escape", "leave its process group (to survive the kill)", lambda c: [SESSION],
          _all(_absent("LEFT GROUP"), _ran)),
     Case("namespaces", "create namespaces or mounts", lambda c: [NAMESPACES], _all(_absent("UNSHARED", "MOUNTED"), _ran)),
+    Case("neighbour", "read or rewrite the files of an execution running at the same time",
+         lambda c: [VICTIM.format(token=c["token"])],
+         lambda pair, c: _neighbour(pair, c), neighbour=lambda c: [NEIGHBOUR]),
 ]
 
 
@@ -448,7 +506,10 @@ def run_cases(execute, ctx: dict, cases=None) -> dict[str, str | None]:
     results = {}
     for case in cases or CASES:
         try:
-            problem = case.check(execute(case.cells(ctx)), ctx)
+            if case.neighbour is not None:
+                problem = case.check(_side_by_side(execute, case.cells(ctx), case.neighbour(ctx)), ctx)
+            else:
+                problem = case.check(execute(case.cells(ctx)), ctx)
             if problem is None and case.follow is not None:
                 problem = case.follow_check(execute(case.follow(ctx)), ctx)
             problem = problem or still_works(execute)
@@ -456,6 +517,17 @@ def run_cases(execute, ctx: dict, cases=None) -> dict[str, str | None]:
             problem = f"{type(exc).__name__}: {exc}"
         results[case.name] = problem
     return results
+
+
+def _side_by_side(execute, victim_cells, attacker_cells):
+    """(victim result, attacker result): the attacker starts while the victim is running."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        victim = pool.submit(execute, victim_cells)
+        time.sleep(0.5)
+        attacker = pool.submit(execute, attacker_cells)
+        return victim.result(), attacker.result()
 
 
 def format_table(by_backend: dict[str, dict[str, str | None]]) -> str:

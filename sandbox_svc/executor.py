@@ -151,6 +151,7 @@ def running_in_gvisor() -> bool:
 class _Backend:
     name = "?"
     strength = "?"  # "gvisor" (the kernel boundary is gVisor) or "namespaces" (the host kernel)
+    max_parallel: int | None = None  # executions that may run at once (None: no limit of its own)
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str]):
         self.limits = limits
@@ -464,6 +465,10 @@ class PodBackend(_Backend):
 
     name = "pod"
     strength = "gvisor"
+    # Executions of one pod share a uid, and this gVisor lets a process of that uid reopen another's
+    # open files through /proc/<pid>/fd/N: so model code never runs twice at once in a pod (the
+    # next starts after the previous one's processes and files are gone). Scale with replicas.
+    max_parallel = 1
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str], scratch_dir: str | None = None):
         super().__init__(limits, python, preload)
@@ -704,6 +709,8 @@ class Executor:
             raise
         self.backend = self._backend.name
         self.strength = self._backend.strength
+        self.max_parallel = self._backend.max_parallel
+        self._parallel = threading.BoundedSemaphore(self.max_parallel) if self.max_parallel else None
         self.pool_size = int(pool_size)
         self._pool: queue.Queue[_Box] = queue.Queue()
         self._wake = threading.Event()
@@ -744,7 +751,7 @@ class Executor:
     def info(self) -> dict:
         """What runs the code: shown by the service's Info RPC, its metrics and every tree's meta."""
         return {"backend": self.backend, "strength": self.strength, "production": self.backend in STRONG_BACKENDS,
-                "pool_size": self.pool_size}
+                "pool_size": self.pool_size, "max_parallel": self.max_parallel or 0}
 
     # -- backend selection ------------------------------------------------------------------
     def _select_backend(self, wanted: str, python: str, preload: tuple[str, ...]) -> _Backend:
@@ -791,8 +798,10 @@ class Executor:
             return ExecResult(stdout="", duration_s=time.monotonic() - started, backend=self.backend)
         if self._closed.is_set():
             raise RuntimeError("Executor is closed")
-        box = self._take()
-        return self._run(self._backend, box, cells, started)
+        if self._parallel is None:
+            return self._run(self._backend, self._take(), cells, started)
+        with self._parallel:
+            return self._run(self._backend, self._take(), cells, started)
 
     def close(self) -> None:
         """Stop the pool, destroy idle sandboxes, finish pending teardowns, remove bundles/state."""

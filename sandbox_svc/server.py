@@ -97,6 +97,11 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         self.max_memory_bytes = int(lim.memory_bytes)
         self.max_output_chars = int(lim.max_output_bytes)
         self.max_code_bytes = int(lim.max_code_bytes)
+        max_parallel = getattr(executor, "max_parallel", None)
+        if max_parallel and max_concurrency > max_parallel:
+            log.info("backend %s runs %d execution(s) at a time: max_concurrency %d -> %d",
+                     getattr(executor, "backend", "?"), max_parallel, max_concurrency, max_parallel)
+            max_concurrency = max_parallel
         params = inspect.signature(executor.execute).parameters
         self._per_call = {k for k in ("timeout_s", "max_output_bytes") if k in params}
         base = metrics or ServiceMetrics("sandbox")
@@ -148,7 +153,8 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
                                        production=bool(self.info.get("production")),
                                        pool_size=int(self.info.get("pool_size", 0)), timeout_s=self.max_timeout_s,
                                        memory_bytes=self.max_memory_bytes, max_output_chars=self.max_output_chars,
-                                       max_code_bytes=self.max_code_bytes)
+                                       max_code_bytes=self.max_code_bytes,
+                                       max_concurrency=self.gate.max_concurrency)
 
     def Execute(self, request, context):
         cells = list(request.cells)

@@ -297,7 +297,8 @@ def test_no_silent_downgrade_to_a_weaker_backend():
 
 def test_backend_is_named_in_every_result(runsc, bwrap):
     assert runsc.execute(["print(1)"]).backend == "runsc" and runsc.execute([]).backend == "runsc"
-    assert runsc.info() == {"backend": "runsc", "strength": "gvisor", "production": True, "pool_size": 0}
+    assert runsc.info() == {"backend": "runsc", "strength": "gvisor", "production": True, "pool_size": 0,
+                            "max_parallel": 0}
     assert bwrap.execute(["print(1)"]).backend == "bwrap"
     assert bwrap.info()["production"] is False and bwrap.info()["strength"] == "namespaces"
 

@@ -85,6 +85,7 @@ def test_containment(backend, request, table, host_port, monkeypatch):
 def test_pod_service_runs_under_gvisor_as_the_pod_uid_and_names_its_backend(pod):
     info = pod.info()
     assert (info.backend, info.strength, info.production) == ("pod", "gvisor", True)
+    assert info.max_concurrency == 1  # executions share the pod's uid: one at a time (the `neighbour` case)
     with pod.channel() as ch:
         execute = remote_execute(ch)
         r = execute(["x = 6", "print(x * 7)"])

@@ -88,7 +88,7 @@ def test_backend_is_in_every_response_and_in_info(stub):
     assert execute(stub, ["print(2)"]).backend == "runsc"
     info = stub.Info(sandbox_pb2.SandboxInfoRequest(), timeout=10)
     assert (info.backend, info.strength, info.production, info.pool_size) == ("runsc", "gvisor", True, 2)
-    assert (info.timeout_s, info.max_output_chars, info.max_code_bytes) == (3.0, 200, 2000)
+    assert (info.timeout_s, info.max_output_chars, info.max_code_bytes, info.max_concurrency) == (3.0, 200, 2000, 2)
 
 
 class GatedExecutor:

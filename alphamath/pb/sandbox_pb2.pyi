@@ -43,7 +43,7 @@ class SandboxInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SandboxInfo(_message.Message):
-    __slots__ = ("backend", "strength", "production", "pool_size", "timeout_s", "memory_bytes", "max_output_chars", "max_code_bytes")
+    __slots__ = ("backend", "strength", "production", "pool_size", "timeout_s", "memory_bytes", "max_output_chars", "max_code_bytes", "max_concurrency")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     STRENGTH_FIELD_NUMBER: _ClassVar[int]
     PRODUCTION_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class SandboxInfo(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_CODE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     backend: str
     strength: str
     production: bool
@@ -60,4 +61,5 @@ class SandboxInfo(_message.Message):
     memory_bytes: int
     max_output_chars: int
     max_code_bytes: int
-    def __init__(self, backend: _Optional[str] = ..., strength: _Optional[str] = ..., production: _Optional[bool] = ..., pool_size: _Optional[int] = ..., timeout_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., max_output_chars: _Optional[int] = ..., max_code_bytes: _Optional[int] = ...) -> None: ...
+    max_concurrency: int
+    def __init__(self, backend: _Optional[str] = ..., strength: _Optional[str] = ..., production: _Optional[bool] = ..., pool_size: _Optional[int] = ..., timeout_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., max_output_chars: _Optional[int] = ..., max_code_bytes: _Optional[int] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
