@@ -1,4 +1,5 @@
-"""Containment tests of the code sandbox against the real gVisor runsc (and the bwrap fallback).
+"""Containment tests of the code sandbox against the real gVisor runsc (and bwrap, the weak backend
+that runs only when named with allow_weak; the pod backend: tests/test_sandbox_containment.py).
 
 Every test runs real code in a real sandbox: nothing here is faked. The hostile cells (fork bomb,
 memory bomb, infinite loop, output flood) are each followed by a normal execution to prove the
@@ -261,7 +262,7 @@ def test_warm_pool_sandboxes_are_single_use():
 # ----------------------------------------------------------------------------------- bubblewrap
 
 
-def test_bwrap_fallback_contains(bwrap, host_listener):
+def test_bwrap_contains(bwrap, host_listener):
     assert bwrap.backend == "bwrap"
     r = bwrap.execute(["x = 20", "import numpy, sympy\nprint(x + 1, sympy.sqrt(8))"])
     assert (r.stdout, r.error) == ("21 2*sqrt(2)\n", None)
@@ -274,7 +275,7 @@ def test_bwrap_fallback_contains(bwrap, host_listener):
     assert r.stdout.count("denied") == 4 and r.stdout.endswith("scratch ok\n"), r.stdout
 
 
-def test_bwrap_fallback_stops_hostile_code(bwrap):
+def test_bwrap_stops_hostile_code(bwrap):
     for cell in (FORK_BOMB, MEMORY_BOMB, OUTPUT_FLOOD):
         r = bwrap.execute([cell])
         assert r.error, (cell, r)
