@@ -416,7 +416,9 @@ class BwrapBackend(_Backend):
             self.prlimit,
             f"--cpu={cpu + 30}:{cpu + 31}",
             f"--as={outer_as}",
-            f"--nproc={limits.pids + 8}",
+            # Counted per uid across the host, gVisor's own processes (uid 65534 too) included;
+            # the runner's worker gets `pids` and cannot fork at all (seccomp).
+            f"--nproc={limits.pids + 128}",
             f"--fsize={limits.tmpfs_bytes}",
             "--nofile=256",
             "--core=0",
