@@ -296,3 +296,56 @@ def test_trainer_process_exits_non_zero_when_ingestion_dies(broker, topics, tmp_
             proc.kill()
             proc.wait()
         Store(PG_URL, schema, create=False).drop_schema()
+
+
+def test_ingestor_keeps_consuming_across_a_broker_restart(tmp_path):
+    """The memory-storage broker restarts empty on the same port while an ingestor runs: the
+    consumer reconnects and rejoins by itself, and the trees published afterwards are all stored
+    once, although the new log starts again at offset 0, below the positions the consumer held."""
+    import threading
+    import time
+
+    from alphamath.broker import create_topics, free_port, start_broker
+
+    port = free_port()
+    b = start_broker(port, log_path=tmp_path / "tansu.log")
+    s = Store(f"sqlite:///{tmp_path / 'trainer.db'}")
+    ing = Ingestor(s, b.bootstrap, group_id="restart", consumer_config=FAST_GROUP, max_backoff_s=0.5)
+    th = threading.Thread(target=ing.run, daemon=True)
+    th.start()
+
+    def wait_trees(n, timeout_s=90):
+        deadline = time.monotonic() + timeout_s
+        while s.counts()["trees"] < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return s.counts()["trees"]
+
+    try:
+        publish(b.bootstrap, "alphamath.trees.v1", [make_tree(f"before-{i}") for i in range(12)])
+        assert wait_trees(12) == 12
+        b.process.kill()
+        b.process.wait()
+        # The new broker comes up without topics and the reconnecting consumer asks for its topic
+        # first: tansu auto-creates it (with 4 partitions, not 2), as happened under load in the
+        # fault test. The pause only lets that happen; it races nothing. After the rebalance the
+        # consumer must not fetch partitions 0 and 1 at the positions it held in the old log
+        # (tansu answers a fetch beyond the end with nothing, not OFFSET_OUT_OF_RANGE): before the
+        # fix, the 4 trees on them were never read.
+        b = start_broker(port, log_path=tmp_path / "tansu-2.log", topics={})
+        time.sleep(3)
+        create_topics(b.bootstrap)
+        from kafka import KafkaAdminClient
+        admin = KafkaAdminClient(bootstrap_servers=b.bootstrap)
+        try:
+            partitions = len(admin.describe_topics(["alphamath.trees.v1"])[0]["partitions"])
+        finally:
+            admin.close()
+        publish(b.bootstrap, "alphamath.trees.v1", [make_tree(f"after-{i}") for i in range(8)])
+        assert wait_trees(20, timeout_s=60) == 20, (partitions, sorted(t.question_id for t in s.trees()))
+        assert th.is_alive()
+    finally:
+        ing.stop()
+        th.join(10)
+        ing.close()
+        b.stop()
+        s.close()

@@ -113,16 +113,32 @@ class Ingestor:
     def __init__(self, store: Store, bootstrap: str | None = None, group_id: str = GROUP_ID,
                  topic: str = TREES_TOPIC, dlq_topic: str = DLQ_TOPIC, consumer_config: dict | None = None,
                  max_poll_records: int = 50, retry_budget_s: float = 300.0, max_backoff_s: float = 10.0):
-        from kafka import KafkaConsumer
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
 
         self.store, self.topic, self.dlq_topic = store, topic, dlq_topic
         self.retry_budget_s, self.max_backoff_s = retry_budget_s, max_backoff_s
         self.last_error: str | None = None
         self.bootstrap = bootstrap or bootstrap_from_env()
         cfg = {**CONSUMER_DEFAULTS, **(consumer_config or {})}
-        self.consumer = KafkaConsumer(topic, bootstrap_servers=self.bootstrap, group_id=group_id,
+        self.consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group_id,
                                       enable_auto_commit=False, auto_offset_reset="earliest",
                                       max_poll_records=max_poll_records, client_id="alphamath-trainer", **cfg)
+        self._reposition: set = set()
+        pending = self._reposition
+
+        class _OnAssign(ConsumerRebalanceListener):
+            # kafka-python keeps a partition's in-memory position across a rebalance. After a restart
+            # of a memory-storage broker the log starts again at 0 while that position is wherever
+            # the old log was: records below it would be skipped. So every assignment restarts
+            # from the group's committed offset (none after such a restart: the beginning).
+            # Runs on kafka-python's IO thread: only note the partitions; poll_once seeks.
+            def on_partitions_revoked(self, revoked):
+                pending.difference_update(revoked)
+
+            def on_partitions_assigned(self, assigned):
+                pending.update(assigned)
+
+        self.consumer.subscribe([topic], listener=_OnAssign())
         self._dlq = None
         self.total = IngestStats()
         self._stop = threading.Event()
@@ -171,6 +187,17 @@ class Ingestor:
 
         stats = IngestStats()
         batches = self.consumer.poll(timeout_ms=timeout_ms)
+        if self._reposition:
+            moved: set = set()
+            try:
+                self._seek_committed(moved)
+            except Exception:  # noqa: BLE001 - keep this batch's records for the retry, then sort it out
+                for tp, records in batches.items():
+                    if tp not in moved and tp not in self._reposition:
+                        self.consumer.seek(tp, records[0].offset)
+                raise
+            # records fetched before the seek are read again from the new position
+            batches = {tp: r for tp, r in batches.items() if tp not in moved}
         if not batches:
             return stats
         offsets = {}
@@ -198,6 +225,20 @@ class Ingestor:
                  stats.records, stats.inserted, stats.examples, stats.duplicates, stats.dead_letters)
         fault_point("after_offset_commit")
         return stats
+
+    def _seek_committed(self, moved: set) -> None:
+        """Position newly assigned partitions at the group's committed offset (or the beginning);
+        each is added to `moved` once done (a failure leaves the rest pending for the next poll)."""
+        assigned = self.consumer.assignment()
+        for tp in list(self._reposition):
+            if tp in assigned:
+                committed = self.consumer.committed(tp)
+                if committed is None:
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, committed)
+            self._reposition.discard(tp)
+            moved.add(tp)
 
     def run(self, idle_exit_s: float | None = None, max_trees: int | None = None,
             poll_ms: int = 1000) -> IngestStats:
