@@ -463,6 +463,12 @@ class PodBackend(_Backend):
     reach the service or another execution through /proc. Scratch directories have unguessable
     names in a root it cannot list, and once a box has started no path leads into its directory
     (the box works relative to its cwd); anything left outside is swept after each execution.
+
+    Known limits (all inside the pod, whose kernel boundary is gVisor): the model's code can write
+    lines into the service's own stdout/stderr (gVisor lets the same uid reopen the service's host
+    stdio through /proc/1/fd), so the pod log is not trustworthy evidence; it can read the
+    service's command line and memory map; absolute paths into its own scratch do not open
+    (relative ones do), so `tempfile` falls back to the swept /tmp.
     """
 
     name = "pod"
