@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from search_svc.config import METHODS, SearchConfig
+from alphamath.search_config import METHODS, SearchConfig
 
 
 class CliError(Exception):

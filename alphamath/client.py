@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from alphamath.convert import method_to_pb, parameters_to_pb
 from alphamath.pb import search_pb2, search_pb2_grpc
 from alphamath.service import GRPC_PORTS
-from search_svc.config import METHODS, SELECT_BY
+from alphamath.search_config import METHODS, SELECT_BY
 
 DEFAULT_SEARCH_ADDR = f"127.0.0.1:{GRPC_PORTS['search']}"
 PARAM_FLAGS = ("iterations", "n_children", "c_puct", "temperature", "top_p", "max_new_tokens", "max_depth",

@@ -12,9 +12,16 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from alphamath.interfaces import Sample
-from alphamath.limits import (EVENT_ID_CHARS, GROUND_TRUTH_CHARS, MAX_TREE_NODES, QUESTION_CHARS, check_finite,
-                              check_id, check_text)
-from alphamath.pb import common_pb2, events_pb2, policy_pb2, search_pb2
+from alphamath.limits import (
+    EVENT_ID_CHARS,
+    GROUND_TRUTH_CHARS,
+    MAX_TREE_NODES,
+    QUESTION_CHARS,
+    check_finite,
+    check_id,
+    check_text,
+)
+from alphamath.pb import events_pb2, policy_pb2, search_pb2
 from alphamath.tree import SCHEMA_VERSION, Node, Tree
 
 # ---------------------------------------------------------------- samples
@@ -51,10 +58,6 @@ def completions_from_pb(msg: policy_pb2.GenerateResponse) -> list[list[Sample]]:
     return [[sample_from_pb(s) for s in c.samples] for c in msg.completions]
 
 
-def usage_to_pb(prefill_tokens: int = 0, decode_tokens: int = 0) -> common_pb2.Usage:
-    return common_pb2.Usage(prefill_tokens=prefill_tokens, decode_tokens=decode_tokens)
-
-
 # ---------------------------------------------------------------- search parameters
 
 _SELECT_BY_TO_PB = {"q": search_pb2.SELECT_BY_Q, "value": search_pb2.SELECT_BY_VALUE,
@@ -79,7 +82,7 @@ def method_to_pb(name: str) -> int:
 
 
 def parameters_to_overrides(p: search_pb2.SearchParameters) -> dict[str, Any]:
-    """Only the fields the client set, named as in search_svc.config.SearchConfig."""
+    """Only the fields the client set, named as in alphamath.search_config.SearchConfig."""
     out: dict[str, Any] = {}
     for fd in p.DESCRIPTOR.fields:
         if fd.name == "select_by":

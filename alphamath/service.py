@@ -29,7 +29,14 @@ from typing import Callable, Iterable, Mapping, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 
 ENV_PREFIX = "ALPHAMATH_"
 GRPC_PORTS = {"policy": 50051, "value": 50052, "search": 50053, "sandbox": 50054, "trainer": 50055}
@@ -236,68 +243,12 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return handler
 
 
-class AioMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """MetricsInterceptor for grpc.aio servers (search_svc)."""
-
-    def __init__(self, metrics: ServiceMetrics):
-        self.m = metrics
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(("/grpc.health", "/grpc.reflection")):
-            return handler
-        method, m = _method_name(handler_call_details.method), self.m
-
-        def done(start, context, error):
-            code = context.code() if hasattr(context, "code") else None
-            if code is None or not isinstance(code, grpc.StatusCode):
-                code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-            m.requests.labels(m.service, method, code.name).inc()
-            m.latency.labels(m.service, method).observe(time.perf_counter() - start)
-
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
-                start, err = time.perf_counter(), None
-                try:
-                    return await inner(request, context)
-                except BaseException as e:
-                    err = e
-                    raise
-                finally:
-                    done(start, context, err)
-
-            return handler._replace(unary_unary=unary_unary)
-        if handler.unary_stream:
-            inner_s = handler.unary_stream
-
-            async def unary_stream(request, context):
-                start, err = time.perf_counter(), None
-                try:
-                    async for item in inner_s(request, context):
-                        yield item
-                except BaseException as e:
-                    err = e
-                    raise
-                finally:
-                    done(start, context, err)
-
-            return handler._replace(unary_stream=unary_stream)
-        return handler
-
-
 # ---------------------------------------------------------------- gRPC server
 
-def enable_health_and_reflection(server, service_names: Iterable[str], *, aio: bool = False):
+def enable_health_and_reflection(server, service_names: Iterable[str]):
     """Register grpc.health.v1 (SERVING for "" and each service) and reflection; return the health servicer."""
     names = list(service_names)
-    if aio:
-        from grpc_health.v1._async import HealthServicer as AioHealthServicer
-
-        servicer = AioHealthServicer()
-    else:
-        servicer = health.HealthServicer(experimental_non_blocking=True)
+    servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return servicer
@@ -371,10 +322,7 @@ def run_until_signal(stop: Callable[[], None], log: logging.Logger | None = None
         raise SystemExit(1)
 
 
-def abort_invalid(context, message: str):
-    """context.abort(INVALID_ARGUMENT, message); never returns."""
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-
+# ---------------------------------------------------------------- errors and their status codes
 
 class InvalidArgument(ValueError):
     """A request field is out of range; servers answer INVALID_ARGUMENT with this message."""
@@ -388,15 +336,54 @@ class Overloaded(RuntimeError):
     """The request queue is full: RESOURCE_EXHAUSTED, the client should back off and retry."""
 
 
-def abort_for(context, exc: BaseException, log: logging.Logger | None = None):
-    """Map an exception of a request to the gRPC status the clients expect, and abort."""
-    if isinstance(exc, (InvalidArgument, ValueError)):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+class DependencyUnavailable(RuntimeError):
+    """A dependency stayed unreachable (or overloaded) for the whole retry budget."""
+
+    def __init__(self, service: str, addr: str, waited_s: float, detail: str):
+        self.service, self.addr, self.waited_s, self.detail = service, addr, waited_s, detail
+        super().__init__(f"{service} service at {addr} unavailable (retried for {waited_s:.1f} s): {detail}")
+
+
+class DependencyError(RuntimeError):
+    """A dependency rejected a call for a reason retrying cannot fix (e.g. INVALID_ARGUMENT)."""
+
+    def __init__(self, service: str, addr: str, code: grpc.StatusCode, detail: str):
+        self.service, self.addr, self.code, self.detail = service, addr, code, detail
+        super().__init__(f"{service} service at {addr} failed with {code.name}: {detail}")
+
+
+class RequestCancelled(RuntimeError):
+    """The request was cancelled (its client went away); stop working on it."""
+
+
+class RequestDeadlineExceeded(RuntimeError):
+    """The request's deadline passed while its work was under way."""
+
+
+def status_for(exc: BaseException, service: str = "") -> tuple[grpc.StatusCode, str]:
+    """The one map from an exception out of a request to the status code (and message) its client
+    sees; every server answers through it, so a kind of failure reads the same from every service."""
+    failed = f"{service} failed: " if service else ""
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, Overloaded):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry with backoff")
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry with backoff"
+    if isinstance(exc, RequestDeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, f"{service or 'the request'} did not finish before the deadline: {exc}"
     if isinstance(exc, TimeoutError):
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the batch ran")
-    if isinstance(exc, Unavailable):
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    (log or logging.getLogger(__name__)).error("request failed", exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the batch ran"
+    if isinstance(exc, RequestCancelled):
+        return grpc.StatusCode.CANCELLED, str(exc)
+    if isinstance(exc, (Unavailable, DependencyUnavailable)):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, DependencyError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return grpc.StatusCode.INTERNAL, f"{failed}{type(exc).__name__}: {exc}"
+
+
+def abort_for(context, exc: BaseException, log: logging.Logger | None = None, service: str = ""):
+    """Abort the request with `status_for(exc)`; an INTERNAL error is logged with its traceback."""
+    code, msg = status_for(exc, service)
+    if code == grpc.StatusCode.INTERNAL:
+        (log or logging.getLogger(__name__)).error("request failed", exc_info=exc)
+    context.abort(code, msg)

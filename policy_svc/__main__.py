@@ -54,7 +54,7 @@ def load(args):
         return LoadedPolicy(policy, model_id=model_id, checkpoint=args.checkpoint or model_id, backend="tgi")
     from alphamath.lm import LocalLM
     from alphamath.model import embedded_checkpoint
-    from policy_svc.local import LocalPolicy
+    from alphamath.local import LocalPolicy
 
     path = Path(args.model_dir) if args.model_dir else embedded_checkpoint()
     lm = LocalLM(path, dtype=args.dtype or None, device=args.device)

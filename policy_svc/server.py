@@ -19,7 +19,7 @@ from alphamath.interfaces import Policy, Sample
 from alphamath.pb import common_pb2, policy_pb2, policy_pb2_grpc
 from alphamath.service import (GrpcServer, InvalidArgument, ServiceMetrics, abort_for)
 from alphamath import convert
-from policy_svc.batcher import Batcher
+from alphamath.batcher import Batcher
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
@@ -142,7 +142,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def generate(self, prompts: Sequence[str], n: int, *, stop: Sequence[str] = (), temperature: float,
                  top_p: float = 1.0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, seed: int | None = None,
                  timeout: float | None = None, on_cancel=None) -> list[list[Sample]]:
-        """Validated, batched generation. Raises InvalidArgument, QueueFull, TimeoutError."""
+        """Validated, batched generation. Raises InvalidArgument, Overloaded, TimeoutError."""
         validate_generate(self.limits, prompts, n, stop, temperature, top_p, max_new_tokens)
         if temperature == 0:
             seed = None  # greedy ignores the seed: let all greedy requests share batches

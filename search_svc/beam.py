@@ -7,8 +7,8 @@ which shrinks the beam. The answer is the final node with the highest value.
 from __future__ import annotations
 
 from alphamath.interfaces import Policy, Sandbox, Value
+from alphamath.search_config import SearchConfig
 from alphamath.tree import Node, Tree
-from search_svc.config import SearchConfig
 from search_svc.expand import Checker, evaluate, expand
 from search_svc.mcts import finish
 

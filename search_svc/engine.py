@@ -5,9 +5,9 @@ import time
 from typing import Callable
 
 from alphamath.interfaces import Policy, Sandbox, Value
+from alphamath.search_config import METHODS, SearchConfig
 from alphamath.tree import Tree
 from search_svc.beam import greedy, majority, sbs
-from search_svc.config import METHODS, SearchConfig
 from search_svc.mcts import finish, mcts
 
 MAX_QUESTION_CHARS = 4000

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 from alphamath.interfaces import Policy, Sample, Sandbox, Value
+from alphamath.search_config import SearchConfig
 from alphamath.steps import STOP, parse_step
 from alphamath.tree import Node, Tree
-from search_svc.config import SearchConfig
 
 NEGATIVE_REWARD, POSITIVE_REWARD = -1.0, 1.0
 Checker = Callable[[str | None, str], bool]

@@ -31,8 +31,8 @@ import random
 from typing import Callable
 
 from alphamath.interfaces import Policy, Sandbox, Value
+from alphamath.search_config import SearchConfig
 from alphamath.tree import Node, Tree
-from search_svc.config import SearchConfig
 from search_svc.expand import Checker, evaluate, expand
 
 Progress = Callable[[int, Tree], None]

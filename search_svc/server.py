@@ -20,22 +20,26 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from alphamath.service import (GRPC_PORTS, LATENCY_BUCKETS, GrpcServer, ServiceMetrics, parse_config,
-                               run_until_signal, service_parser, setup_logging)
-
+from alphamath.admission import Admission
 from alphamath.convert import method_from_pb, parameters_to_overrides
 from alphamath.limits import GROUND_TRUTH_CHARS, check_id, check_text
 from alphamath.pb import search_pb2, search_pb2_grpc
+from alphamath.remote import CallScope, Dependencies, RetryPolicy
+from alphamath.search_config import SearchConfig
+from alphamath.service import (
+    LATENCY_BUCKETS,
+    GrpcServer,
+    RequestCancelled,
+    RequestDeadlineExceeded,
+    ServiceMetrics,
+    status_for,
+)
 from alphamath.tree import Tree
-from search_svc.clients import (CallScope, Dependencies, DependencyError, DependencyUnavailable,
-                                RequestCancelled, RequestDeadlineExceeded, RetryPolicy)
-from search_svc.config import SearchConfig
 from search_svc.engine import check_question, solve
 from search_svc.mcts import best_answer_node
 
@@ -75,50 +79,6 @@ class SearchMetrics:
             self.dep_latency.labels(service).observe(seconds)
 
 
-class Overloaded(RuntimeError):
-    """The wait queue is full; the caller should back off (RESOURCE_EXHAUSTED)."""
-
-
-class Admission:
-    """At most `max_active` searches run; at most `max_queued` wait; the rest are refused."""
-
-    def __init__(self, max_active: int, max_queued: int, metrics: SearchMetrics):
-        self.max_active, self.max_queued, self.m = max_active, max_queued, metrics
-        self._slots = threading.Semaphore(max_active)
-        self._lock = threading.Lock()
-        self.waiting = 0
-        self.running = 0  # searches holding a slot (tests wait on this instead of sleeping)
-
-    @contextmanager
-    def slot(self, scope: CallScope, bounded: bool = True):
-        """Hold a search slot. `bounded=False` waits without counting against the queue bound
-        (GenerateTrees workers, whose number the batch's own concurrency already bounds)."""
-        if not self._slots.acquire(blocking=False):
-            with self._lock:
-                if bounded and self.waiting >= self.max_queued:
-                    raise Overloaded(f"search is overloaded: {self.max_active} searches running and "
-                                     f"{self.waiting} waiting (limit {self.max_queued}); retry later")
-                self.waiting += 1
-                self.m.queued.inc()
-            try:
-                while not self._slots.acquire(timeout=0.05):
-                    scope.check()
-            finally:
-                with self._lock:
-                    self.waiting -= 1
-                    self.m.queued.dec()
-        with self._lock:
-            self.running += 1
-        self.m.active.inc()
-        try:
-            yield
-        finally:
-            self.m.active.dec()
-            with self._lock:
-                self.running -= 1
-            self._slots.release()
-
-
 @dataclass
 class SearchServerConfig:
     """Limits of one search server (flags / ALPHAMATH_SEARCH_* in search_svc.__main__)."""
@@ -139,10 +99,6 @@ class Parsed:
     question_id: str | None
     include_tree: bool
     rewards: bool = False  # the search backs up ground-truth rewards (GenerateTrees), not just grades
-
-
-def _abort(context, code: grpc.StatusCode, msg: str):
-    context.abort(code, msg)
 
 
 def config_from_parameters(p: search_pb2.SearchParameters, defaults: SearchConfig) -> SearchConfig:
@@ -215,7 +171,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                  metrics: SearchMetrics | None = None, check=None):
         self.deps, self.config, self.publisher, self.check = deps, config or SearchServerConfig(), publisher, check
         self.metrics = metrics or SearchMetrics(ServiceMetrics("search"))
-        self.admission = Admission(self.config.max_active, self.config.max_queued, self.metrics)
+        self.admission = Admission("search", "searches", self.config.max_active, self.config.max_queued,
+                                   self.metrics.queued, self.metrics.active)
 
     # -- request handling ----------------------------------------------------------------------
     def _parse(self, req: search_pb2.SolveRequest) -> Parsed:
@@ -258,7 +215,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     def _fail(self, context, rpc: str, method: str, exc: BaseException):
         """Map an exception to a status code (and count it); never returns."""
-        code, msg = status_for(exc)
+        code, msg = status_for(exc, "search")
         self.metrics.outcomes.labels(method or "unknown", code.name).inc()
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", rpc, exc_info=exc)
@@ -275,7 +232,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         scope = self._scope(context)
         start = time.perf_counter()
         try:
-            with self.admission.slot(scope):
+            with self.admission.slot(scope.check):
                 tree = self._search(p, scope)
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             self._fail(context, "Solve", p.method, e)
@@ -297,7 +254,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
         def work():
             try:
-                with self.admission.slot(scope):
+                with self.admission.slot(scope.check):
                     events.put(self._search(p, scope, on_progress))
             except BaseException as e:  # noqa: BLE001 - relayed to the handler thread
                 events.put(e)
@@ -329,12 +286,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             start = time.perf_counter()
             qscope = scope.child()
             try:
-                with self.admission.slot(qscope, bounded=False):
+                with self.admission.slot(qscope.check, bounded=False):
                     tree = self._search(p, qscope)
             except (RequestCancelled, RequestDeadlineExceeded):
                 raise
             except Exception as e:  # noqa: BLE001 - one failed question does not end the batch
-                out.error = status_for(e)[1]
+                out.error = status_for(e, "search")[1]
                 log.warning("GenerateTrees question %s failed: %s", p.question_id, out.error)
                 return out
             out.result.CopyFrom(response_from_tree(tree, "mcts", p.include_tree, time.perf_counter() - start))
@@ -388,23 +345,6 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return out
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code a client sees for an exception out of a search."""
-    if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, Overloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, RequestDeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, f"search did not finish before the deadline: {exc}"
-    if isinstance(exc, RequestCancelled):
-        return grpc.StatusCode.CANCELLED, str(exc)
-    if isinstance(exc, DependencyUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, DependencyError):
-        return grpc.StatusCode.INTERNAL, str(exc)
-    return grpc.StatusCode.INTERNAL, f"search failed: {type(exc).__name__}: {exc}"
-
-
 class SearchServer:
     """A running search service: gRPC (with health, reflection) plus its /metrics endpoint."""
 
@@ -433,49 +373,3 @@ class SearchServer:
         if close is not None:
             close()
 
-
-def parser():
-    p = service_parser("search", "SearchService: greedy / SBS / MCTS / majority search over the policy, "
-                                 "value and sandbox services.")
-    p.add_argument("--policy-addr", default=f"127.0.0.1:{GRPC_PORTS['policy']}", help="PolicyService address")
-    p.add_argument("--value-addr", default=f"127.0.0.1:{GRPC_PORTS['value']}", help="ValueService address")
-    p.add_argument("--sandbox-addr", default=f"127.0.0.1:{GRPC_PORTS['sandbox']}", help="SandboxService address")
-    d = SearchServerConfig()
-    p.add_argument("--max-active", type=int, default=d.max_active, help="searches running at once")
-    p.add_argument("--max-queued", type=int, default=d.max_queued,
-                   help="searches waiting for a slot; beyond this RESOURCE_EXHAUSTED")
-    p.add_argument("--batch-concurrency", type=int, default=d.batch_concurrency,
-                   help="GenerateTrees questions searched at once when the request says 0")
-    p.add_argument("--max-request-s", type=float, default=d.max_request_s,
-                   help="deadline of a search whose client set none")
-    r = RetryPolicy()
-    p.add_argument("--retry-budget-s", type=float, default=r.retry_budget_s,
-                   help="how long an UNAVAILABLE/RESOURCE_EXHAUSTED dependency is retried before UNAVAILABLE")
-    p.add_argument("--call-timeout-s", type=float, default=r.call_timeout_s,
-                   help="timeout of one policy/value call (sandbox: at most 60 s)")
-    p.add_argument("--kafka-bootstrap", default="",
-                   help="Kafka bootstrap servers; GenerateTrees publishes finished trees there (empty: no publishing)")
-    return p
-
-
-def main(argv=None) -> int:
-    args = parse_config(parser(), argv)
-    setup_logging("search", args.log_level)
-    cfg = SearchServerConfig(max_active=args.max_active, max_queued=args.max_queued,
-                             batch_concurrency=args.batch_concurrency, max_request_s=args.max_request_s)
-    if min(cfg.max_active, cfg.batch_concurrency) < 1 or cfg.max_queued < 0:
-        raise SystemExit("--max-active and --batch-concurrency must be >= 1, --max-queued >= 0")
-    publisher = None
-    if args.kafka_bootstrap:
-        from alphamath.events import TreePublisher
-        publisher = TreePublisher(args.kafka_bootstrap)
-    retry = RetryPolicy(call_timeout_s=args.call_timeout_s, retry_budget_s=args.retry_budget_s)
-    server = SearchServer(policy_addr=args.policy_addr, value_addr=args.value_addr,
-                          sandbox_addr=args.sandbox_addr, port=args.port, host=args.host,
-                          metrics_port=args.metrics_port, config=cfg, retry=retry, publisher=publisher,
-                          max_workers=args.max_workers)
-    log.info("search service ready", extra={"port": server.port, "metrics_port": server.metrics_port,
-                                            "dependencies": server.deps.addrs,
-                                            "publishing": bool(publisher)})
-    run_until_signal(server.stop, log)
-    return 0

@@ -73,7 +73,7 @@ class HFReplay:
     as the longest recorded sample of each prompt (min_new_tokens = max_new_tokens = that length)."""
 
     def __init__(self, lm, calls):
-        from policy_svc.local import LocalPolicy
+        from alphamath.local import LocalPolicy
 
         self.model, self.tokenizer = lm.model, lm.tokenizer
         self.render = LocalPolicy(lm).render_prompt  # the engine's prompt, so the trees can match
@@ -143,10 +143,9 @@ def shape(tree: Tree) -> list[tuple]:
 
 
 def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
-    from policy_svc.local import LocalPolicy
-    from search_svc.config import SearchConfig
+    from alphamath.local import LocalPolicy, LocalValue
+    from alphamath.search_config import SearchConfig
     from search_svc.engine import solve, solve_many
-    from value_svc.local import LocalValue
 
     cfg = SearchConfig(iterations=args.iterations, n_children=args.n_children, max_new_tokens=args.max_new_tokens,
                        max_depth=args.max_depth, leaves_per_call=args.leaves_per_call, c_puct=args.c_puct)
@@ -333,13 +332,13 @@ def main(argv=None):
 
     from alphamath.lm import LocalLM
     from alphamath.model import embedded_checkpoint
-    from sandbox_svc.executor import Executor
+    from alphamath.sandbox.executor import Executor
 
     problems = load_problems(args.data, args.problems)
     lm = LocalLM(embedded_checkpoint())
     report: dict = {"command": " ".join(["python -m tests.bench", *(argv if argv is not None else sys.argv[1:])])}
     if not args.skip_llama_cpp:
-        from policy_svc.local import LocalPolicy
+        from alphamath.local import LocalPolicy
         report["llama_cpp"] = llama_cpp_vs_engine(args, lm, LocalPolicy(lm).render_prompt(problems[0].question))
     if not args.skip_mcts:
         sandbox = Executor(backend="runsc")

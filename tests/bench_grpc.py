@@ -64,10 +64,9 @@ class InProcess:
 
     def __init__(self, model_dir):
         from alphamath.lm import LocalLM
-        from policy_svc.local import LocalPolicy
-        from sandbox_svc.executor import Executor
-        from search_svc.config import SearchConfig
-        from value_svc.local import LocalValue
+        from alphamath.local import LocalPolicy, LocalValue
+        from alphamath.sandbox.executor import Executor
+        from alphamath.search_config import SearchConfig
 
         self.policy_lm, value_lm = LocalLM(model_dir), LocalLM(model_dir)
         self.policy, self.value = LocalPolicy(self.policy_lm), LocalValue(value_lm)

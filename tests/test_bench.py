@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from alphamath.accounting import needed_tokens, scored_nodes
-from search_svc.config import SearchConfig
+from alphamath.search_config import SearchConfig
 from search_svc.engine import solve
 from tests.bench import Diverged, HFReplay, Recorder, shape
 from tests.fakes import ScriptedSandbox
@@ -14,8 +14,7 @@ from tests.fakes import ScriptedSandbox
 def recorded(tiny_model_dir):
     """A tiny-model MCTS search by the engine, with its calls recorded."""
     from alphamath.lm import LocalLM
-    from policy_svc.local import LocalPolicy
-    from value_svc.local import LocalValue
+    from alphamath.local import LocalPolicy, LocalValue
 
     lm = LocalLM(tiny_model_dir, dtype="fp32")
     rec = Recorder(LocalPolicy(lm), LocalValue(lm))

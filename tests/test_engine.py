@@ -6,17 +6,16 @@ import pytest
 
 from alphamath.lm import LocalLM
 from alphamath.tree import Tree
-from policy_svc.local import LocalPolicy
-from search_svc.config import SearchConfig
+from alphamath.local import LocalPolicy, LocalValue
+from alphamath.search_config import SearchConfig
 from search_svc.engine import solve
-from value_svc.local import LocalValue
 
 FAILED = ("answer", "malformed", "max_depth", "code_errors")
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from sandbox_svc.executor import Executor
+    from alphamath.sandbox.executor import Executor
     lm = LocalLM(tiny_model_dir)
     with Executor(backend="runsc") as box:
         yield LocalPolicy(lm), LocalValue(lm), box, lm

@@ -12,8 +12,8 @@ from alphamath.interfaces import Sample
 from alphamath.lm import LocalLM, PrefixCache, _Batch, _FairLock
 from alphamath.model import ValueHeadModel
 from alphamath.steps import STOP, render_prompt
-from policy_svc.local import LocalPolicy, NaivePolicy
-from value_svc.local import LocalValue, NaiveValue
+from alphamath.local import LocalPolicy, LocalValue
+from tests.baselines import NaivePolicy, NaiveValue
 
 QUESTION = "Tom has 3 boxes with 12 apples each. He gives away 7 apples. How many apples are left?"
 

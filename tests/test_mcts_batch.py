@@ -10,7 +10,7 @@ import pytest
 from alphamath.steps import STEP_OPEN, Step
 from alphamath.tree import Tree
 from search_svc import mcts as M
-from search_svc.config import SearchConfig
+from alphamath.search_config import SearchConfig
 from search_svc.expand import evaluate, expand
 from tests.fakes import ScriptedSandbox, exact, sample
 

@@ -12,11 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from alphamath import convert
+from alphamath.batcher import Batcher
 from alphamath.interfaces import Sample
+from alphamath.local import LocalPolicy
 from alphamath.pb import policy_pb2, policy_pb2_grpc
-from alphamath.service import ServiceMetrics, parse_config, service_parser
-from policy_svc.batcher import Batcher, QueueFull
-from policy_svc.local import LocalPolicy
+from alphamath.service import Overloaded, ServiceMetrics, parse_config, service_parser
 from policy_svc.server import LoadedPolicy, PolicyLimits, PolicyServer
 
 
@@ -133,7 +133,7 @@ def test_batcher_bounded_queue_cancellation_and_errors():
     first = b.submit(None, "running")
     assert entered.wait(10)  # the worker holds "running"; the queue is empty again
     queued = [b.submit(None, "cancelled"), b.submit(None, "boom")]
-    with pytest.raises(QueueFull, match="queue is full"):
+    with pytest.raises(Overloaded, match="queue is full"):
         b.submit(None, "rejected")
     assert queued[0].cancel()
     gate.set()

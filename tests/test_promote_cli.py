@@ -15,9 +15,9 @@ from alphamath.data import load_problems
 from alphamath.interfaces import ExecResult
 from alphamath.runtime import Engine
 from alphamath.steps import STEP_OPEN
-from sandbox_svc.executor import Limits
+from alphamath.sandbox.executor import Limits
 from sandbox_svc.server import SandboxServer
-from search_svc.clients import RemoteSandbox
+from alphamath.remote import RemoteSandbox
 from tests.fakes import ConstValue, sample
 from tests.test_rollout import FakeAppsApi, deployment
 from trainer_svc import rollout as ro

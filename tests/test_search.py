@@ -6,7 +6,7 @@ import pytest
 
 from alphamath.steps import Step
 from alphamath.tree import Tree
-from search_svc.config import SearchConfig
+from alphamath.search_config import SearchConfig
 from search_svc.engine import solve
 from search_svc.expand import evaluate, expand, prior
 from search_svc.mcts import backup, best_answer_node, mcts, puct, select_child, select_leaf

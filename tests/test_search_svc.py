@@ -14,7 +14,7 @@ from alphamath.convert import completions_to_pb
 from alphamath.pb import policy_pb2, policy_pb2_grpc, search_pb2, search_pb2_grpc, value_pb2, value_pb2_grpc
 from alphamath.service import GrpcServer
 from alphamath.tree import Tree
-from search_svc.clients import RetryPolicy
+from alphamath.remote import RetryPolicy
 from search_svc.server import SearchServer, SearchServerConfig
 from tests.fakes import ConstValue, ScriptedPolicy, sample
 
@@ -102,7 +102,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def sandbox_port():
-    from sandbox_svc.executor import Executor
+    from alphamath.sandbox.executor import Executor
     from sandbox_svc.server import SandboxServer
 
     server = SandboxServer(Executor(backend="runsc", pool_size=2), port=0, max_concurrency=4, own_executor=True)

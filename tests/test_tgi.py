@@ -19,7 +19,7 @@ from alphamath.pb import policy_pb2, policy_pb2_grpc
 from alphamath.service import InvalidArgument, ServiceMetrics, Unavailable
 from policy_svc.server import LoadedPolicy, PolicyServer
 from policy_svc.tgi import TGIPolicy
-from policy_svc.local import LocalPolicy
+from alphamath.local import LocalPolicy
 from tests.test_policy_svc import tiny_lm
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "specs" / "tgi-openapi.json"

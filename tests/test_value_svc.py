@@ -12,9 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alphamath.pb import value_pb2, value_pb2_grpc
 from alphamath.service import ServiceMetrics
-from policy_svc.local import LocalPolicy
+from alphamath.local import LocalPolicy, LocalValue
 from tests.test_policy_svc import tiny_lm
-from value_svc.local import LocalValue
 from value_svc.server import LoadedValue, ValueServer
 
 

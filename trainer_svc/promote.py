@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from search_svc.config import SearchConfig
+from alphamath.search_config import SearchConfig
 from alphamath.runtime import load_engine
 
 log = logging.getLogger(__name__)
@@ -318,12 +318,12 @@ def connect_sandbox(addr: str):
     the channel."""
     import grpc
 
-    from search_svc.clients import CHANNEL_OPTIONS, CallScope, RemoteSandbox, RetryPolicy, _Endpoint
+    from alphamath.remote import CHANNEL_OPTIONS, CallScope, RemoteSandbox, RetryPolicy, Endpoint
 
     if not addr or ":" not in addr:
         raise ValueError(f"--sandbox-addr must be HOST:PORT, got {addr!r}")
     channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
-    ep = _Endpoint("sandbox", addr, channel, RetryPolicy.from_env(**SANDBOX_RETRY))
+    ep = Endpoint("sandbox", addr, channel, RetryPolicy.from_env(**SANDBOX_RETRY))
     return RemoteSandbox(ep, CallScope()), channel
 
 

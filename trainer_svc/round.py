@@ -137,7 +137,7 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
     from alphamath.data import load_problems
     from alphamath.events import CheckpointListener, TreePublisher
     from alphamath.slot import ModelSlot
-    from search_svc.config import SearchConfig
+    from alphamath.search_config import SearchConfig
     from search_svc.engine import solve_many
     from trainer_svc.ingest import Ingestor
     from trainer_svc.store import Store

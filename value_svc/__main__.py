@@ -30,7 +30,7 @@ def build_parser():
 def load(args):
     from alphamath.lm import LocalLM
     from alphamath.model import embedded_checkpoint
-    from value_svc.local import LocalValue
+    from alphamath.local import LocalValue
     from value_svc.server import LoadedValue
 
     path = Path(args.model_dir) if args.model_dir else embedded_checkpoint()

@@ -13,7 +13,7 @@ from typing import Sequence
 from alphamath.interfaces import Value
 from alphamath.pb import common_pb2, value_pb2, value_pb2_grpc
 from alphamath.service import GrpcServer, InvalidArgument, ServiceMetrics, abort_for
-from policy_svc.batcher import Batcher
+from alphamath.batcher import Batcher
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = value_pb2.DESCRIPTOR.services_by_name["ValueService"].full_name
@@ -76,7 +76,7 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
         return out
 
     def score(self, states: Sequence[str], timeout: float | None = None, on_cancel=None) -> list[float]:
-        """Validated, batched scoring. Raises InvalidArgument, QueueFull, TimeoutError."""
+        """Validated, batched scoring. Raises InvalidArgument, Overloaded, TimeoutError."""
         if not states:
             raise InvalidArgument("states must not be empty")
         if len(states) > self.limits.max_states:

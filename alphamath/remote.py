@@ -1,4 +1,6 @@
-"""gRPC clients for search's three neighbours: the policy, the value head and the sandbox.
+"""gRPC clients of the Policy, Value and Sandbox protocols (alphamath.interfaces): the remote
+backends beside the local ones (alphamath.local, the sandbox executor). Search uses all three, the
+promotion job the sandbox.
 
 They implement the `Policy` / `Value` / `Sandbox` protocols of `alphamath.interfaces`, so the
 synchronous search engine runs unchanged against remote services. Every call
@@ -27,7 +29,20 @@ import grpc
 
 from alphamath.convert import completions_from_pb
 from alphamath.interfaces import ExecResult, Sample
-from alphamath.pb import policy_pb2, policy_pb2_grpc, sandbox_pb2, sandbox_pb2_grpc, value_pb2, value_pb2_grpc
+from alphamath.pb import (
+    policy_pb2,
+    policy_pb2_grpc,
+    sandbox_pb2,
+    sandbox_pb2_grpc,
+    value_pb2,
+    value_pb2_grpc,
+)
+from alphamath.service import (  # noqa: F401 - raised here
+    DependencyError,
+    DependencyUnavailable,
+    RequestCancelled,
+    RequestDeadlineExceeded,
+)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -41,30 +56,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
-
-
-class DependencyUnavailable(RuntimeError):
-    """A dependency stayed unreachable (or overloaded) for the whole retry budget."""
-
-    def __init__(self, service: str, addr: str, waited_s: float, detail: str):
-        self.service, self.addr, self.waited_s, self.detail = service, addr, waited_s, detail
-        super().__init__(f"{service} service at {addr} unavailable (retried for {waited_s:.1f} s): {detail}")
-
-
-class DependencyError(RuntimeError):
-    """A dependency rejected a call for a reason retrying cannot fix (e.g. INVALID_ARGUMENT)."""
-
-    def __init__(self, service: str, addr: str, code: grpc.StatusCode, detail: str):
-        self.service, self.addr, self.code, self.detail = service, addr, code, detail
-        super().__init__(f"{service} service at {addr} failed with {code.name}: {detail}")
-
-
-class RequestCancelled(RuntimeError):
-    """The search request was cancelled (its client went away); stop working on it."""
-
-
-class RequestDeadlineExceeded(RuntimeError):
-    """The search request's deadline passed."""
 
 
 @dataclass
@@ -212,7 +203,7 @@ def _call(service: str, addr: str, method, request, retry: RetryPolicy, scope: C
 
 
 @dataclass
-class _Endpoint:
+class Endpoint:
     service: str
     addr: str
     channel: grpc.Channel
@@ -229,7 +220,7 @@ class RemotePolicy:
 
     _prompt_cache: "OrderedDict[str, str]"
 
-    def __init__(self, ep: _Endpoint, scope: CallScope | None = None, prompt_cache=None, lock=None):
+    def __init__(self, ep: Endpoint, scope: CallScope | None = None, prompt_cache=None, lock=None):
         self.ep, self.scope = ep, scope or CallScope()
         self.stub = policy_pb2_grpc.PolicyServiceStub(ep.channel)
         self._prompt_cache = prompt_cache if prompt_cache is not None else OrderedDict()
@@ -274,7 +265,7 @@ class RemotePolicy:
 class RemoteValue:
     """Value protocol over ValueService."""
 
-    def __init__(self, ep: _Endpoint, scope: CallScope | None = None):
+    def __init__(self, ep: Endpoint, scope: CallScope | None = None):
         self.ep, self.scope = ep, scope or CallScope()
         self.stub = value_pb2_grpc.ValueServiceStub(ep.channel)
 
@@ -297,7 +288,7 @@ class RemoteSandbox:
     `backend` names the sandbox backend(s) that ran this scope's code, as the responses said; with
     no code run yet, what the service's Info RPC says."""
 
-    def __init__(self, ep: _Endpoint, scope: CallScope | None = None):
+    def __init__(self, ep: Endpoint, scope: CallScope | None = None):
         self.ep, self.scope = ep, scope or CallScope()
         self.stub = sandbox_pb2_grpc.SandboxServiceStub(ep.channel)
         self.backends_seen: list[str] = []
@@ -338,7 +329,7 @@ class Dependencies:
         eps = []
         for name, addr, r in (("policy", policy_addr, retry), ("value", value_addr, retry),
                               ("sandbox", sandbox_addr, sandbox_retry)):
-            eps.append(_Endpoint(name, addr, grpc.insecure_channel(addr, options=CHANNEL_OPTIONS), r, metrics))
+            eps.append(Endpoint(name, addr, grpc.insecure_channel(addr, options=CHANNEL_OPTIONS), r, metrics))
         return cls(RemotePolicy(eps[0]), RemoteValue(eps[1]), RemoteSandbox(eps[2]),
                    [e.channel for e in eps])
 

@@ -1,4 +1,5 @@
-"""In-process policies: `LocalPolicy` on the shared `LocalLM`, and `NaivePolicy`, the no-cache baseline."""
+"""The no-cache baselines the engine is measured against (tests and `make bench` only):
+`NaivePolicy` re-encodes the whole prompt for every sample, `NaiveValue` runs one full forward per state."""
 from __future__ import annotations
 
 import threading
@@ -10,26 +11,7 @@ from alphamath import steps
 from alphamath.interfaces import Sample, Usage
 
 
-class LocalPolicy:
-    """The Policy protocol on a `LocalLM` (prefix-cached, batched decoding); shares the LM with LocalValue."""
-
-    def __init__(self, lm):
-        self.lm = lm
-
-    @property
-    def usage(self) -> Usage:
-        return self.lm.usage
-
-    def render_prompt(self, question: str) -> str:
-        return steps.render_prompt(question, self.lm.tokenizer)
-
-    def generate(self, prompts: Sequence[str], n: int, *, stop: Sequence[str], temperature: float,
-                 top_p: float = 1.0, max_new_tokens: int = 256, seed: int | None = None) -> list[list[Sample]]:
-        return self.lm.generate(prompts, n, stop=stop, temperature=temperature, top_p=top_p,
-                                max_new_tokens=max_new_tokens, seed=seed)
-
-
-def _unwrap(model, tokenizer):
+def unwrap(model, tokenizer):
     """Accept a ValueHeadModel (+ tokenizer) or anything holding one as `.model` (a LocalLM)."""
     if hasattr(model, "model") and hasattr(model, "tokenizer") and not hasattr(model, "value_head"):
         return model.model, tokenizer or model.tokenizer
@@ -44,7 +26,7 @@ class NaivePolicy:
     that re-encodes the whole prompt; nothing is cached or batched. Counts the tokens it computes."""
 
     def __init__(self, model, tokenizer=None):
-        self.model, self.tokenizer = _unwrap(model, tokenizer)
+        self.model, self.tokenizer = unwrap(model, tokenizer)
         self.usage = Usage()
         self.lock = threading.Lock()
         lm = self.model.lm
@@ -87,3 +69,26 @@ class NaivePolicy:
         else:
             finish = "length"
         return Sample(text, len(new), logprob, finish)
+
+
+class NaiveValue:
+    """Baseline: one full forward per state, every token recomputed. Counts the tokens it computes."""
+
+    def __init__(self, model, tokenizer=None):
+        self.model, self.tokenizer = unwrap(model, tokenizer)
+        self.usage = Usage()
+        self.lock = threading.Lock()
+
+    @torch.inference_mode()
+    def score(self, states: Sequence[str]) -> list[float]:
+        out = []
+        with self.lock:
+            self.usage.calls["score"] = self.usage.calls.get("score", 0) + 1
+            for s in states:
+                ids = self.tokenizer(s, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise ValueError("cannot score an empty state")
+                h, _ = self.model.hidden(torch.tensor([ids], device=self.model.device))
+                out.append(float(self.model.values_from_hidden(h[:, -1])[0]))
+                self.usage.prefill_tokens += len(ids)
+        return out

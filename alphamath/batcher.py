@@ -21,10 +21,6 @@ from alphamath.service import Overloaded, Unavailable
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Overloaded):
-    """The batcher's queue is at capacity; retry later."""
-
-
 class BatcherClosed(Unavailable):
     """The batcher was shut down."""
 
@@ -72,13 +68,13 @@ class Batcher:
     # ------------------------------------------------------------ client side
 
     def submit(self, key: Hashable, payload: Any, size: int = 1) -> Future:
-        """Queue one request; its Future resolves to fn's result for it. Raises QueueFull."""
+        """Queue one request; its Future resolves to fn's result for it. Raises Overloaded when the queue is full."""
         fut: Future = Future()
         with self._cv:
             if self._closed:
                 raise BatcherClosed(f"{self.name} is shut down")
             if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{self.name} queue is full ({self.max_queue} requests waiting)")
+                raise Overloaded(f"{self.name} queue is full ({self.max_queue} requests waiting)")
             self._pending.append(_Item(key, payload, max(1, size), fut))
             self._set_depth()
             self._cv.notify()
