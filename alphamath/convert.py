@@ -21,7 +21,7 @@ from alphamath.limits import (
     check_id,
     check_text,
 )
-from alphamath.pb import events_pb2, policy_pb2, search_pb2
+from alphamath.pb import common_pb2, events_pb2, policy_pb2, search_pb2
 from alphamath.tree import SCHEMA_VERSION, Node, Tree
 
 # ---------------------------------------------------------------- samples
@@ -52,6 +52,12 @@ def sample_from_pb(m: policy_pb2.Sample) -> Sample:
 
 def completions_to_pb(results: list[list[Sample]]) -> list[policy_pb2.Completions]:
     return [policy_pb2.Completions(samples=[sample_to_pb(s) for s in per_prompt]) for per_prompt in results]
+
+
+def model_info(loaded, **limits: int) -> common_pb2.ModelInfo:
+    """The Info RPC's answer for what a policy or value server serves (its ModelSlot's record)."""
+    return common_pb2.ModelInfo(model_id=loaded.model_id, checkpoint=loaded.checkpoint, checkpoint_path=loaded.path,
+                                backend=loaded.backend, dtype=loaded.dtype, **limits)
 
 
 def completions_from_pb(msg: policy_pb2.GenerateResponse) -> list[list[Sample]]:

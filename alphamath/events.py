@@ -101,6 +101,22 @@ class CheckpointPublisher(_Publisher):
         return ev
 
 
+def note_assignments(pending: set):
+    """A consumer rebalance listener that only keeps `pending` up to date: the partitions assigned
+    and not yet positioned (assigned ones added, revoked ones dropped). It runs on kafka-python's
+    IO thread, where blocking consumer calls are not allowed: the poll loop positions them."""
+    from kafka import ConsumerRebalanceListener
+
+    class _OnAssign(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked):
+            pending.difference_update(revoked)
+
+        def on_partitions_assigned(self, assigned):
+            pending.update(assigned)
+
+    return _OnAssign()
+
+
 class CheckpointListener:
     """Calls `on_checkpoint(CheckpointEvent)` for every promotion, from a daemon thread.
 
@@ -159,23 +175,12 @@ class CheckpointListener:
             self._thread.join(timeout_s)
 
     def _consumer(self):
-        from kafka import ConsumerRebalanceListener, KafkaConsumer
-
-        pending = self._pending_seek
-
-        class _OnAssign(ConsumerRebalanceListener):
-            # Runs on kafka-python's IO thread, where blocking consumer calls are not allowed:
-            # only note the partitions; the poll loop positions them.
-            def on_partitions_revoked(self, revoked):
-                pending.difference_update(revoked)
-
-            def on_partitions_assigned(self, assigned):
-                pending.update(assigned)
+        from kafka import KafkaConsumer
 
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group_id,
                                  enable_auto_commit=False, auto_offset_reset="latest",
                                  client_id=f"alphamath-{self.group_id}", **self.consumer_config)
-        consumer.subscribe([self.topic], listener=_OnAssign())
+        consumer.subscribe([self.topic], listener=note_assignments(self._pending_seek))
         return consumer
 
     def _position(self, consumer) -> set:
@@ -288,9 +293,9 @@ def follow_checkpoints(args, server, load: Callable, service: str, on_fatal: Cal
         return None
 
     def on_checkpoint(ev: events_pb2.CheckpointEvent) -> None:
-        if ev.checkpoint_id != server.servicer.loaded.checkpoint:
+        if ev.checkpoint_id != server.servicer.slot.checkpoint:
             fresh = argparse.Namespace(**{**vars(args), "model_dir": ev.path, "checkpoint": ev.checkpoint_id})
-            server.servicer.swap(load(fresh))
+            server.servicer.slot.swap(load(fresh))
 
     def fatal(reason: str) -> None:
         server.grpc.set_serving(False)

@@ -172,6 +172,11 @@ class ServiceMetrics:
     def set_model(self, **labels: str) -> None:
         self.model.labels(self.service).info({k: str(v) for k, v in labels.items()})
 
+    def publish_model(self, loaded) -> None:
+        """alphamath_model_info from what a server now serves (a ModelSlot's `on_swap`)."""
+        self.set_model(model_id=loaded.model_id, checkpoint=loaded.checkpoint, backend=loaded.backend,
+                       dtype=loaded.dtype)
+
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.labels(self.service).observe(size)
         self.batch_latency.labels(self.service).observe(seconds)

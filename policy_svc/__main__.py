@@ -10,7 +10,13 @@ import logging
 import sys
 from pathlib import Path
 
-from alphamath.service import TGI_HTTP_PORT, parse_config, run_until_signal, service_parser, setup_logging
+from alphamath.service import (
+    TGI_HTTP_PORT,
+    parse_config,
+    run_until_signal,
+    service_parser,
+    setup_logging,
+)
 
 log = logging.getLogger("policy_svc")
 
@@ -53,8 +59,8 @@ def load(args):
             model_id = "tgi"
         return LoadedPolicy(policy, model_id=model_id, checkpoint=args.checkpoint or model_id, backend="tgi")
     from alphamath.lm import LocalLM
-    from alphamath.model import embedded_checkpoint
     from alphamath.local import LocalPolicy
+    from alphamath.model import embedded_checkpoint
 
     path = Path(args.model_dir) if args.model_dir else embedded_checkpoint()
     lm = LocalLM(path, dtype=args.dtype or None, device=args.device)

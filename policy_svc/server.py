@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import grpc
 
-from alphamath.interfaces import Policy, Sample
-from alphamath.pb import common_pb2, policy_pb2, policy_pb2_grpc
-from alphamath.service import (GrpcServer, InvalidArgument, ServiceMetrics, abort_for)
 from alphamath import convert
 from alphamath.batcher import Batcher
+from alphamath.interfaces import Policy, Sample
+from alphamath.pb import common_pb2, policy_pb2, policy_pb2_grpc
+from alphamath.service import GrpcServer, InvalidArgument, ServiceMetrics, abort_for
+from alphamath.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
@@ -89,37 +89,22 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.limits = limits or PolicyLimits()
         self.metrics = metrics or ServiceMetrics("policy")
         self.max_batch_size = max_batch_size
-        self._loaded = loaded
-        self._swap_lock = threading.Lock()
         self.batcher = Batcher(self._run_batch, max_batch_size=max_batch_size, window_s=window_s,
                                max_queue=max_queue, name="policy", workers=workers,
                                depth_gauge=self.metrics.queue_depth("policy"),
                                on_batch=self.metrics.observe_batch)
-        self._publish_model()
+        self.slot = ModelSlot(loaded, on_swap=self.metrics.publish_model, name="policy")
 
     # ------------------------------------------------------------ model in use
 
     @property
     def loaded(self) -> LoadedPolicy:
-        return self._loaded
-
-    def swap(self, loaded: LoadedPolicy) -> None:
-        """Serve a new checkpoint; batches already running finish on the old one."""
-        with self._swap_lock:
-            old, self._loaded = self._loaded, loaded
-        self._publish_model()
-        log.info("policy checkpoint switched", extra={"old": old.checkpoint, "new": loaded.checkpoint})
-
-    def _publish_model(self) -> None:
-        m = self._loaded
-        self.metrics.set_model(model_id=m.model_id, checkpoint=m.checkpoint, backend=m.backend, dtype=m.dtype)
+        return self.slot.current()
 
     def info(self) -> common_pb2.ModelInfo:
-        m, lim = self._loaded, self.limits
-        return common_pb2.ModelInfo(model_id=m.model_id, checkpoint=m.checkpoint, checkpoint_path=m.path,
-                                    backend=m.backend, dtype=m.dtype, max_batch_size=self.max_batch_size,
-                                    max_input_chars=lim.max_input_chars, max_new_tokens=lim.max_new_tokens,
-                                    max_n=lim.max_n)
+        lim = self.limits
+        return convert.model_info(self.loaded, max_batch_size=self.max_batch_size, max_input_chars=lim.max_input_chars,
+                          max_new_tokens=lim.max_new_tokens, max_n=lim.max_n)
 
     # ------------------------------------------------------------ generation
 
@@ -128,7 +113,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         n, stop, temperature, top_p, max_new_tokens = key
         prompts = [p for batch, _ in payloads for p in batch]
         seeds = [seed for batch, seed in payloads for _ in batch]
-        out = self._loaded.policy.generate(prompts, n, stop=list(stop), temperature=temperature, top_p=top_p,
+        out = self.loaded.policy.generate(prompts, n, stop=list(stop), temperature=temperature, top_p=top_p,
                                            max_new_tokens=max_new_tokens,
                                            seed=seeds[0] if len(set(seeds)) == 1 else seeds)
         if len(out) != len(prompts):
@@ -170,7 +155,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             abort_for(context, e, log)
         decoded = sum(s.token_count for per_prompt in results for s in per_prompt)
         return policy_pb2.GenerateResponse(completions=convert.completions_to_pb(results),
-                                           checkpoint=self._loaded.checkpoint,
+                                           checkpoint=self.loaded.checkpoint,
                                            usage=common_pb2.Usage(decode_tokens=decoded))
 
     def RenderPrompt(self, request, context):
@@ -180,7 +165,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if len(q) > self.limits.max_question_chars:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"question has {len(q)} characters; the limit is {self.limits.max_question_chars}")
-        return policy_pb2.RenderPromptResponse(prompt=self._loaded.policy.render_prompt(q))
+        return policy_pb2.RenderPromptResponse(prompt=self.loaded.policy.render_prompt(q))
 
     def Info(self, request, context):
         return self.info()

@@ -20,7 +20,6 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Sequence
 

@@ -264,7 +264,7 @@ def test_health_reflection_metrics_and_checkpoint_swap(server):
     stub.Generate(req(), timeout=5)
     with pytest.raises(grpc.RpcError):
         stub.Generate(req(n=0), timeout=5)
-    s.servicer.swap(LoadedPolicy(EchoPolicy(), model_id="echo", checkpoint="round-1", backend="local"))
+    s.servicer.slot.swap(LoadedPolicy(EchoPolicy(), model_id="echo", checkpoint="round-1", backend="local"))
     assert stub.Generate(req(), timeout=5).checkpoint == "round-1"
     text = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=5).read().decode()
     assert 'alphamath_requests_total{code="OK",method="Generate",service="policy"} 2.0' in text

@@ -95,7 +95,7 @@ def test_overload_health_and_metrics(server):
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(service="alphamath.v1.ValueService"), timeout=5).status == \
         health_pb2.HealthCheckResponse.SERVING
-    s.servicer.swap(LoadedValue(LenValue(), model_id="len", checkpoint="round-2"))
+    s.servicer.slot.swap(LoadedValue(LenValue(), model_id="len", checkpoint="round-2"))
     assert stub.Score(value_pb2.ScoreRequest(states=["x"]), timeout=5).checkpoint == "round-2"
     text = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=5).read().decode()
     assert "alphamath_value_queue_depth 0.0" in text

@@ -23,22 +23,19 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
+from sqlalchemy import select
+
 from alphamath.broker import CHECKPOINTS_TOPIC, TREES_TOPIC, DLQ_TOPIC
-from trainer_svc.promote import (EvalConfig, eval_fingerprint, evaluate, gate, held_out_trees, publish_promotion,
-                                 value_metrics)
-from trainer_svc.train import TrainConfig
+from trainer_svc.ingest import Ingestor
+from trainer_svc.promote import (ALPHA, EVAL_DATA, EVAL_K, THRESHOLD, EvalConfig, eval_fingerprint, evaluate,
+                                 gate, publish_promotion, value_metrics)
+from trainer_svc.registry import DEFAULT_DATA, base_checkpoint, checkpoint_root, held_out_trees
+from trainer_svc.store import Store, TreeRow
+from trainer_svc.train import TrainConfig, train_next_round
 
 log = logging.getLogger(__name__)
-DEFAULT_DATA = Path(os.environ.get("ALPHAMATH_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
-EMBEDDED_ID = "embedded"
-
-
-def checkpoint_root() -> Path:
-    return Path(os.environ.get("ALPHAMATH_CHECKPOINT_DIR")
-                or Path(os.environ.get("ALPHAMATH_CACHE") or Path.home() / ".cache" / "alphamath") / "checkpoints")
 
 
 @dataclass
@@ -46,16 +43,15 @@ class RoundConfig:
     k: int = 8                               # training problems searched (GenerateTrees)
     offset: int = 0                          # first training problem (rounds may use fresh ones)
     train_data: str = str(DEFAULT_DATA / "gsm8k" / "train.jsonl")
-    eval_data: str = str(DEFAULT_DATA / "gsm8k" / "dev.jsonl")
-    eval_k: int = 50                         # fixed evaluation set: the first eval_k problems (>= 50:
-                                             # one problem is at most 2 points)
+    eval_data: str = EVAL_DATA               # fixed evaluation set: the first eval_k problems (>= 50:
+    eval_k: int = EVAL_K                     # one problem is at most 2 points)
     iterations: int = 10                     # MCTS simulations per training problem
     n_children: int = 5                      # as in the paper
     max_new_tokens: int = 192
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    threshold: float = 0.0                   # tolerated accuracy drop per gated metric
-    alpha: float = 0.05                      # significance of the gate's paired sign test
+    threshold: float = THRESHOLD             # tolerated accuracy drop per gated metric
+    alpha: float = ALPHA                     # significance of the gate's paired sign test
     ingest_timeout_s: float = 120.0          # how long the round waits for its own trees in the store
     model_dir: str | None = None             # base when the DB has no promoted checkpoint (default: embedded)
     checkpoint_dir: str | None = None        # where candidates are written
@@ -106,9 +102,6 @@ class RoundReport:
 
 def stored_question_ids(store, checkpoint: str) -> set[str]:
     """Question ids of the trees stored for `checkpoint`."""
-    from sqlalchemy import select
-
-    from trainer_svc.store import TreeRow
     with store.session() as s:
         return set(s.scalars(select(TreeRow.question_id).where(TreeRow.checkpoint == checkpoint)))
 
@@ -136,12 +129,9 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
               say: Callable[[str], None] = print) -> RoundReport:
     from alphamath.data import load_problems
     from alphamath.events import CheckpointListener, TreePublisher
-    from alphamath.slot import ModelSlot
+    from alphamath.slot import Loaded, ModelSlot
     from alphamath.search_config import SearchConfig
     from search_svc.engine import solve_many
-    from trainer_svc.ingest import Ingestor
-    from trainer_svc.store import Store
-    from trainer_svc.train import base_checkpoint, train_next_round
 
     cfg = cfg or RoundConfig()
     make_engine = engine_factory or _default_engine
@@ -176,9 +166,9 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         secs["load"] = time.perf_counter() - t
 
         # services: a slot following the checkpoints topic, as policy_svc/value_svc do
-        slot = ModelSlot(current.path, current.id, lm=getattr(engine, "lm", engine),
-                         loader=lambda p: getattr(make_engine(p, cfg.dtype), "lm", None))
-        listener = CheckpointListener(bootstrap, f"round-{uuid.uuid4().hex[:8]}", slot.on_checkpoint,
+        slot = ModelSlot(Loaded(getattr(engine, "lm", engine), current.id, current.path))
+        reload = slot.follow(lambda path, ckpt: Loaded(getattr(make_engine(path, cfg.dtype), "lm", None), ckpt, path))
+        listener = CheckpointListener(bootstrap, f"round-{uuid.uuid4().hex[:8]}", reload,
                                       topic=cfg.topics["checkpoints"]).start()
 
         # ---- before: the current checkpoint on the eval set (cached per eval set) ----------------
@@ -267,6 +257,23 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
             broker.stop()
 
 
+def quiet_logging() -> None:
+    """Logging of the round and learning CLIs: warnings and up; kafka's event-loop timing warnings
+    are noise here."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+
+
+def run_cli(run: Callable, cfg) -> int:
+    """`run(cfg)` as the round and learning CLIs end: 0, or 1 with the error on stderr."""
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer_svc.round", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,8 +304,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.ERROR)  # its event-loop timing warnings are noise here
+    quiet_logging()
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the broker this round started
     if a.bootstrap is None:
@@ -315,12 +321,7 @@ def _main(argv: list[str] | None = None) -> int:
                       train=TrainConfig(epochs=a.epochs, learning_rate=a.lr, batch_size=a.batch_size,
                                         grad_accum=a.grad_accum, seed=a.seed, value_head_lr=a.value_head_lr,
                                         value_holdout=a.value_holdout))
-    try:
-        run_round(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(run_round, cfg)
 
 
 if __name__ == "__main__":

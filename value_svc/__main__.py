@@ -8,7 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
-from alphamath.service import parse_config, run_until_signal, service_parser, setup_logging
+from alphamath.service import (
+    parse_config,
+    run_until_signal,
+    service_parser,
+    setup_logging,
+)
 
 log = logging.getLogger("value_svc")
 
@@ -29,8 +34,8 @@ def build_parser():
 
 def load(args):
     from alphamath.lm import LocalLM
-    from alphamath.model import embedded_checkpoint
     from alphamath.local import LocalValue
+    from alphamath.model import embedded_checkpoint
     from value_svc.server import LoadedValue
 
     path = Path(args.model_dir) if args.model_dir else embedded_checkpoint()

@@ -6,14 +6,15 @@ Sibling states share their parent's prefix; LocalLM's prefix KV cache computes t
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Sequence
 
-from alphamath.interfaces import Value
-from alphamath.pb import common_pb2, value_pb2, value_pb2_grpc
-from alphamath.service import GrpcServer, InvalidArgument, ServiceMetrics, abort_for
 from alphamath.batcher import Batcher
+from alphamath.convert import model_info
+from alphamath.interfaces import Value
+from alphamath.pb import value_pb2, value_pb2_grpc
+from alphamath.service import GrpcServer, InvalidArgument, ServiceMetrics, abort_for
+from alphamath.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = value_pb2.DESCRIPTOR.services_by_name["ValueService"].full_name
@@ -42,31 +43,18 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
         self.limits = limits or ValueLimits()
         self.metrics = metrics or ServiceMetrics("value")
         self.max_batch_size = max_batch_size
-        self._loaded = loaded
-        self._swap_lock = threading.Lock()
         self.batcher = Batcher(self._run_batch, max_batch_size=max_batch_size, window_s=window_s,
                                max_queue=max_queue, name="value", depth_gauge=self.metrics.queue_depth("value"),
                                on_batch=self.metrics.observe_batch)
-        self._publish_model()
+        self.slot = ModelSlot(loaded, on_swap=self.metrics.publish_model, name="value")
 
     @property
     def loaded(self) -> LoadedValue:
-        return self._loaded
-
-    def swap(self, loaded: LoadedValue) -> None:
-        """Serve a new checkpoint; a batch already running finishes on the old one."""
-        with self._swap_lock:
-            old, self._loaded = self._loaded, loaded
-        self._publish_model()
-        log.info("value checkpoint switched", extra={"old": old.checkpoint, "new": loaded.checkpoint})
-
-    def _publish_model(self) -> None:
-        m = self._loaded
-        self.metrics.set_model(model_id=m.model_id, checkpoint=m.checkpoint, backend=m.backend, dtype=m.dtype)
+        return self.slot.current()
 
     def _run_batch(self, _key, payloads: list[list[str]]) -> list[list[float]]:
         states = [s for batch in payloads for s in batch]
-        values = self._loaded.value.score(states)
+        values = self.loaded.value.score(states)
         if len(values) != len(states):
             raise RuntimeError(f"value backend returned {len(values)} values for {len(states)} states")
         out, i = [], 0
@@ -101,13 +89,10 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
                                 on_cancel=lambda cb: context.add_callback(cb))
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             abort_for(context, e, log)
-        return value_pb2.ScoreResponse(values=values, checkpoint=self._loaded.checkpoint)
+        return value_pb2.ScoreResponse(values=values, checkpoint=self.loaded.checkpoint)
 
     def Info(self, request, context):
-        m = self._loaded
-        return common_pb2.ModelInfo(model_id=m.model_id, checkpoint=m.checkpoint, checkpoint_path=m.path,
-                                    backend=m.backend, dtype=m.dtype, max_batch_size=self.max_batch_size,
-                                    max_input_chars=self.limits.max_input_chars)
+        return model_info(self.loaded, max_batch_size=self.max_batch_size, max_input_chars=self.limits.max_input_chars)
 
     def close(self) -> None:
         self.batcher.close()
