@@ -45,10 +45,10 @@ proto: setup  ## regenerate the Python gRPC stubs from proto/
 	$(BIN)/python -m alphamath.protogen
 
 run: model  ## start the local stack (policy, value, sandbox, search), solve a few problems through gRPC
-	$(BIN)/python -m alphamath.stack run --data $(DATA)/gsm8k/dev.jsonl --limit 3
+	$(BIN)/python -m app.stack run --data $(DATA)/gsm8k/dev.jsonl --limit 3
 
 stop:  ## end exactly the processes `make run` started (pid files in var/)
-	$(BIN)/python -m alphamath.stack stop
+	$(BIN)/python -m app.stack stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache

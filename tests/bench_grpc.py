@@ -93,7 +93,7 @@ class InProcess:
 
 
 def through_grpc(addr: str, problems, concurrency: int) -> tuple[float, list]:
-    from alphamath.client import solve
+    from app.client import solve
 
     def one(p):
         return solve(addr, p.question, METHOD, PARAMS, timeout_s=1800, ground_truth=p.answer, question_id=p.id)
@@ -114,7 +114,7 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
     callable `report(name, value)` or a dict (figures are stored under their names)."""
     from alphamath.data import load_problems
     from alphamath.model import embedded_checkpoint
-    from alphamath.stack import SERVICES, LocalStack, Ports, free_ports
+    from app.stack import SERVICES, LocalStack, Ports, free_ports
 
     counts = {c: max(1, round(n * scale)) for c, n in PROBLEMS.items()}
     problems = load_problems(DATA, max(counts.values()))

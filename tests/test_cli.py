@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from alphamath.cli import main
+from app.cli import main
 from alphamath.data import DataError, load_problems
 from alphamath.render import tree_html, tree_text
 from alphamath.steps import Step
@@ -45,7 +45,7 @@ def test_malformed_data_file_names_the_line(tmp_path, capsys):
 
 
 def test_no_traceback_from_the_console_script():
-    r = subprocess.run([sys.executable, "-m", "alphamath.cli", "solve", "   "], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "app.cli", "solve", "   "], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "question is empty" in r.stderr
 
 

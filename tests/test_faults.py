@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from alphamath import client
+from app import client
 from alphamath.broker import free_port, start_broker
 from alphamath.convert import parameters_to_pb
 from alphamath.pb import search_pb2
-from alphamath.stack import LocalStack, Ports
+from app.stack import LocalStack, Ports
 from tests.pipeline import PG_URL
 from trainer_svc.store import Store
 

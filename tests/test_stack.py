@@ -12,8 +12,8 @@ import urllib.request
 import grpc
 import pytest
 
-from alphamath import client
-from alphamath.stack import SERVICES, LocalStack, Ports, _pid_alive_as, free_ports
+from app import client
+from app.stack import SERVICES, LocalStack, Ports, _pid_alive_as, free_ports
 
 # The tiny random model writes no well-formed steps, so keep paths short and searches small.
 PARAMS = {"greedy": dict(max_new_tokens=24, max_depth=3),

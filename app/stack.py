@@ -1,8 +1,8 @@
 """The local stack: policy (local backend), value, sandbox and search as loopback processes.
 
-    python -m alphamath.stack run  [--data FILE --limit 3 --method sbs]   # `make run`
-    python -m alphamath.stack stop                                          # `make stop`
-    python -m alphamath.stack status
+    python -m app.stack run  [--data FILE --limit 3 --method sbs]   # `make run`
+    python -m app.stack stop                                          # `make stop`
+    python -m app.stack status
 
 `run` materialises the embedded checkpoint once (policy and value load the same directory),
 starts each service as `python -m <svc>` in its own session with its log in var/<svc>.log and a
@@ -191,7 +191,7 @@ class LocalStack:
 
     def wait_healthy(self, timeout_s: float = 600.0) -> None:
         """Poll each service's gRPC health until SERVING; fail early if one of them exited."""
-        from alphamath.client import health
+        from app.client import health
 
         deadline = time.monotonic() + timeout_s
         pending = list(self.services)
@@ -271,7 +271,7 @@ def demo(addr: str, data: str | Path, limit: int, method: str, parameters: dict,
     """Solve `limit` problems of `data` through SearchService and print them; returns #correct."""
     import grpc
 
-    from alphamath.client import format_response, solve
+    from app.client import format_response, solve
     from alphamath.data import load_problems
 
     correct = 0
@@ -296,7 +296,7 @@ DEMO_PARAMETERS = {"sbs": dict(beam_b1=2, beam_b2=2, max_new_tokens=160, max_dep
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m alphamath.stack", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m app.stack", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["run", "start", "stop", "status"])
     ap.add_argument("--var", default=str(ROOT / "var"), help="pid files and logs")
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
                 print("nothing to stop", file=sys.stderr)
             return 0
         if a.action == "status":
-            from alphamath.client import health
+            from app.client import health
             running = stack.running()
             status = health({s: stack.ports.addr(s) for s in SERVICES})
             for s in SERVICES:

@@ -318,7 +318,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("client", help="talk to a running stack (alphamath client --help)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=lambda a: __import__("alphamath.client", fromlist=["main"]).main(a.rest))
+    p.set_defaults(fn=lambda a: __import__("app.client", fromlist=["main"]).main(a.rest))
     return ap
 
 
