@@ -61,7 +61,7 @@ RUN pip install --upgrade pip \
  && pip install grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
       prometheus-client==0.26.0 \
  && pip install --no-deps . \
- && python -c "import sys, sandbox_svc.server, sandbox_svc.executor; assert 'torch' not in sys.modules"
+ && python -c "import sys, sandbox_svc.server, alphamath.sandbox.executor; assert 'torch' not in sys.modules"
 
 # Runs as the pod's uid 10001 with the pod backend: python3 + numpy/sympy is the interpreter the
 # model's code runs with (apt's, under /usr); gVisor (RuntimeClass gvisor) is the kernel boundary.

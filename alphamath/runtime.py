@@ -21,7 +21,7 @@ def load_engine(model_dir: str | None = None, dtype: str | None = None, device: 
     from alphamath.lm import LocalLM
     from alphamath.model import embedded_checkpoint
     from policy_svc.local import LocalPolicy
-    from sandbox_svc.executor import Executor
+    from alphamath.sandbox.executor import Executor
     from value_svc.local import LocalValue
 
     path = Path(model_dir) if model_dir else embedded_checkpoint()

@@ -46,7 +46,7 @@ def run(backend: str, pool: int, cells, expected, n: int, gap: float, preload: s
             execute(cells)  # the first call also sets up the gRPC connection
             time.sleep(max(gap, 3.0) * pool)  # let the pool fill once
             return measure(execute, cells, expected, n, gap)
-    from sandbox_svc.executor import WEAK_BACKENDS, Executor
+    from alphamath.sandbox.executor import WEAK_BACKENDS, Executor
 
     with Executor(backend=backend, allow_weak=backend in WEAK_BACKENDS, pool_size=pool,
                   preload=tuple(m for m in preload.split(",") if m) if pool else ()) as ex:

@@ -555,7 +555,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default="runsc,pod,bwrap")
     args = ap.parse_args()
-    from sandbox_svc.executor import Executor
+    from alphamath.sandbox.executor import Executor
 
     by_backend = {}
     for name in args.backends.split(","):

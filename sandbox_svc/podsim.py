@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from alphamath.pb import sandbox_pb2, sandbox_pb2_grpc
-from sandbox_svc.executor import _ro_root_layout
+from alphamath.sandbox.executor import _ro_root_layout
 
 REPO = Path(__file__).resolve().parents[1]
 POD_UID = 10001

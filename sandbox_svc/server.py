@@ -1,11 +1,11 @@
 """SandboxService: the gVisor executor behind gRPC, with bounded concurrency and per-request limits.
 
 Each Execute runs in the handler thread (the executor blocks on a sandbox subprocess, so threads
-overlap fine). A semaphore bounds how many sandboxes run at once (each is a gVisor sandbox with
-its own memory budget, so this is what keeps the node inside its memory); requests beyond that
-wait in a bounded queue, and beyond the queue they are refused with RESOURCE_EXHAUSTED so that
-search backs off instead of piling up. A request whose deadline passes while it waits gets
-DEADLINE_EXCEEDED without running.
+overlap fine). The admission gate (alphamath.admission) bounds how many sandboxes run at once
+(each is a gVisor sandbox with its own memory budget, so this is what keeps the node inside its
+memory); requests beyond that wait in a bounded queue, and beyond the queue they are refused with
+RESOURCE_EXHAUSTED so that search backs off instead of piling up. A request whose deadline passes
+while it waits gets DEADLINE_EXCEEDED without running.
 
 Which backend runs the code is never hidden: it is in every ExecuteResponse, the Info RPC, the
 startup log and the metrics (`alphamath_sandbox_backend_info`, and the `backend` label of
@@ -16,77 +16,30 @@ Per-request limits (`ExecLimits`) can only tighten the server's limits, never lo
 unset fields take the server's values and larger values are clamped to them. The wall-clock
 timeout and the output cap are applied per request; the memory limit is the one the (pre-booted)
 sandboxes were started with, i.e. the server's maximum.
+
+`python -m sandbox_svc` (sandbox_svc/__main__.py) is the command line that starts it.
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
-import os
-import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from alphamath.admission import Admission
 from alphamath.pb import sandbox_pb2, sandbox_pb2_grpc
-from alphamath.service import (LATENCY_BUCKETS, GrpcServer, ServiceMetrics, parse_config,
-                               run_until_signal, service_parser, setup_logging)
+from alphamath.service import LATENCY_BUCKETS, GrpcServer, Overloaded, ServiceMetrics
 
 log = logging.getLogger("sandbox_svc")
 
 MAX_CELLS = 256
 
 
-class QueueFull(RuntimeError):
-    pass
-
-
-class _Gate:
-    """At most `max_concurrency` executions; at most `max_queue` waiting; the rest refused."""
-
-    def __init__(self, max_concurrency: int, max_queue: int, queued_gauge: Gauge, active_gauge: Gauge):
-        self.max_concurrency, self.max_queue = max_concurrency, max_queue
-        self._sem = threading.Semaphore(max_concurrency)
-        self._lock = threading.Lock()
-        self.waiting = 0
-        self._queued, self._active = queued_gauge, active_gauge
-
-    @contextmanager
-    def slot(self, deadline: float | None, is_active=lambda: True):
-        if not self._sem.acquire(blocking=False):
-            with self._lock:
-                if self.waiting >= self.max_queue:
-                    raise QueueFull(f"sandbox is overloaded: {self.max_concurrency} executions running and "
-                                    f"{self.waiting} waiting (limit {self.max_queue}); retry later")
-                self.waiting += 1
-                self._queued.inc()
-            try:
-                while True:
-                    wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-                    if wait <= 0:
-                        raise TimeoutError("the deadline passed while waiting for a free sandbox")
-                    if self._sem.acquire(timeout=wait):
-                        break
-                    if not is_active():
-                        raise ConnectionAbortedError("the client went away while waiting")
-            finally:
-                with self._lock:
-                    self.waiting -= 1
-                    self._queued.dec()
-        self._active.inc()
-        try:
-            yield
-        finally:
-            self._active.dec()
-            self._sem.release()
-
-
 class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
     """Execute over any object with `execute(cells) -> ExecResult` and a `limits` attribute
-    (sandbox_svc.executor.Executor). If the executor's `execute` accepts `timeout_s` /
+    (alphamath.sandbox.executor.Executor). If the executor's `execute` accepts `timeout_s` /
     `max_output_bytes` keywords, per-request tightening is passed through to it."""
 
     def __init__(self, executor, *, max_concurrency: int = 4, max_queue: int = 32,
@@ -125,7 +78,8 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         self.m_seconds = Histogram("alphamath_sandbox_execution_seconds", "wall time of one execution",
                                    buckets=LATENCY_BUCKETS, registry=r)
         active = Gauge("alphamath_sandbox_active", "sandboxes running now", registry=r)
-        self.gate = _Gate(max_concurrency, max_queue, base.queue_depth("sandbox"), active)
+        self.gate = Admission("sandbox", "executions", max_concurrency, max_queue,
+                              base.queue_depth("sandbox"), active)
 
     def _limits(self, req: sandbox_pb2.ExecuteRequest, context) -> tuple[float, int]:
         """(timeout_s, max_output_chars) of this request: the request's values clamped to the server's."""
@@ -154,7 +108,7 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
                                        pool_size=int(self.info.get("pool_size", 0)), timeout_s=self.max_timeout_s,
                                        memory_bytes=self.max_memory_bytes, max_output_chars=self.max_output_chars,
                                        max_code_bytes=self.max_code_bytes,
-                                       max_concurrency=self.gate.max_concurrency)
+                                       max_concurrency=self.gate.max_active)
 
     def Execute(self, request, context):
         cells = list(request.cells)
@@ -172,10 +126,18 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             kwargs["timeout_s"] = timeout
         if "max_output_bytes" in self._per_call:
             kwargs["max_output_bytes"] = out_chars
+
+        def check():
+            """Give up waiting for a free sandbox once the deadline passed or the client left."""
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("the deadline passed while waiting for a free sandbox")
+            if not context.is_active():
+                raise ConnectionAbortedError("the client went away while waiting")
+
         try:
-            with self.gate.slot(deadline, context.is_active):
+            with self.gate.slot(check):
                 result = self.executor.execute(cells, **kwargs)
-        except QueueFull as e:
+        except Overloaded as e:
             self.m_exec.labels(self.backend, "overloaded").inc()
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except TimeoutError as e:
@@ -230,74 +192,3 @@ class SandboxServer:
         self.metrics.stop()
         if self.own_executor:
             self.executor.close()
-
-
-def parser():
-    p = service_parser("sandbox", "SandboxService: runs model-written Python in gVisor sandboxes.")
-    p.add_argument("--backend", default="auto", choices=["auto", "pod", "runsc", "bwrap"],
-                   help="sandbox backend: pod (inside a gVisor pod), runsc (gVisor on a host), bwrap (weaker, "
-                        "needs --allow-weak-backend); auto picks pod or runsc, never a weaker one")
-    p.add_argument("--allow-weak-backend", action="store_true",
-                   help="allow a backend weaker than gVisor (bwrap); off in production")
-    p.add_argument("--uds", default="", help="also listen on this Unix socket path")
-    p.add_argument("--scratch-dir", default="", help="pod backend: where per-execution scratch directories go")
-    p.add_argument("--preload", default="",
-                   help="modules pooled sandboxes import ahead of their request (comma-separated; '' for none)")
-    p.add_argument("--environment-scrubbed", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--max-concurrency", type=int, default=4, help="sandboxes running at once")
-    p.add_argument("--max-queue", type=int, default=32, help="requests waiting; beyond this RESOURCE_EXHAUSTED")
-    p.add_argument("--pool-size", type=int, default=2, help="sandboxes booted ahead of time (warm pool)")
-    p.add_argument("--timeout-s", type=float, default=5.0, help="wall-clock limit per execution (server maximum)")
-    p.add_argument("--memory-mb", type=int, default=256, help="memory limit per execution (server maximum)")
-    p.add_argument("--max-output-chars", type=int, default=1024, help="stdout kept per execution (server maximum)")
-    p.add_argument("--max-code-bytes", type=int, default=64 << 10, help="largest accepted code (all cells)")
-    return p
-
-
-def _reexec_without_environment(p: argparse.ArgumentParser, args: argparse.Namespace):
-    """Restart this process with its configuration as flags and an EMPTY environment.
-
-    In the pod the model's code runs as our uid, and gVisor lets it read /proc/<our pid>/environ
-    (even of a non-dumpable process): nothing of the pod's environment may be left there."""
-    argv = [sys.executable, "-I", "-u", "-B", "-m", "sandbox_svc"]  # -I: no cwd on the import path
-    for action in p._actions:
-        if not action.option_strings or action.dest in ("help", "_service", "environment_scrubbed"):
-            continue
-        value = getattr(args, action.dest)
-        if isinstance(action, argparse._StoreTrueAction):
-            argv += [action.option_strings[0]] if value else []
-        elif value is not None:
-            argv += [action.option_strings[0], str(value)]
-    os.execve(sys.executable, [*argv, "--environment-scrubbed"], {})
-
-
-def main(argv=None) -> int:
-    p = parser()
-    args = parse_config(p, argv)
-    from sandbox_svc.executor import running_in_gvisor
-
-    pod = args.backend == "pod" or (args.backend == "auto" and running_in_gvisor())
-    if pod and os.environ and not args.environment_scrubbed:
-        _reexec_without_environment(p, args)
-    setup_logging("sandbox", args.log_level)
-    if args.max_concurrency < 1 or args.max_queue < 0:
-        raise SystemExit("--max-concurrency must be >= 1 and --max-queue >= 0")
-    from sandbox_svc.executor import STRONG_BACKENDS, Executor
-
-    executor = Executor(memory_mb=args.memory_mb, timeout_s=args.timeout_s, max_output_bytes=args.max_output_chars,
-                        max_code_bytes=args.max_code_bytes, backend=args.backend, allow_weak=args.allow_weak_backend,
-                        pool_size=args.pool_size, scratch_dir=args.scratch_dir or None,
-                        preload=tuple(m for m in args.preload.split(",") if m) if args.pool_size else ())
-    server = SandboxServer(executor, port=args.port, host=args.host, metrics_port=args.metrics_port,
-                           max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                           max_workers=args.max_workers, own_executor=True, uds=args.uds or None)
-    if args.uds and executor.backend == "pod":
-        # Model code runs as our uid: it must not replace or remove the socket clients connect to
-        # (and cannot chmod the directory back: the runner's seccomp filter denies chmod).
-        os.chmod(os.path.dirname(os.path.abspath(args.uds)), 0o555)
-    level = logging.INFO if executor.backend in STRONG_BACKENDS else logging.WARNING
-    log.log(level, "sandbox service ready, backend %s (%s)", executor.backend, executor.strength,
-            extra={"port": server.port, "metrics_port": server.metrics_port, "backend": executor.backend,
-                   "strength": executor.strength, "pool_size": args.pool_size})
-    run_until_signal(server.stop, log)
-    return 0

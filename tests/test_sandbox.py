@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_svc.executor import Executor, SandboxUnavailable
+from alphamath.sandbox.executor import Executor, SandboxUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import socket
 
 import pytest
 
+from alphamath.sandbox.executor import STRONG_BACKENDS, WEAK_BACKENDS, Executor, SandboxUnavailable
 from sandbox_svc.containment import CASES, format_table, run_cases
-from sandbox_svc.executor import STRONG_BACKENDS, WEAK_BACKENDS, Executor, SandboxUnavailable
 from sandbox_svc.podsim import CANARY_ENV, PodSandbox, remote_execute
 
 LIMITS = dict(memory_mb=128, pids=16, cpu_s=2.0, timeout_s=4.0, max_output_bytes=1024, max_code_bytes=1 << 16)

@@ -12,13 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alphamath.interfaces import ExecResult
 from alphamath.pb import sandbox_pb2, sandbox_pb2_grpc
-from sandbox_svc.executor import Limits
+from alphamath.sandbox.executor import Limits
 from sandbox_svc.server import SandboxServer
 
 
 @pytest.fixture(scope="module")
 def server():
-    from sandbox_svc.executor import Executor
+    from alphamath.sandbox.executor import Executor
 
     srv = SandboxServer(Executor(backend="runsc", pool_size=2, timeout_s=3.0, max_output_bytes=200, max_code_bytes=2000),
                         port=0, metrics_port=0, max_concurrency=2, own_executor=True)
@@ -145,7 +145,7 @@ def test_the_service_imports_no_torch_and_the_slim_image_pins_match():
     import sys
     from pathlib import Path
 
-    code = "import sys, sandbox_svc.server, sandbox_svc.executor; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')))"
+    code = "import sys, sandbox_svc.server, alphamath.sandbox.executor; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "[]"
     root = Path(__file__).resolve().parents[1]

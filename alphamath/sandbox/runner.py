@@ -16,7 +16,7 @@ The supervisor reports what it observed itself (exit status, CPU time used); the
 contributes the last cell's traceback line, over a pipe of its own (text the model could have
 produced anyway by raising its own exception).
 
-Protocol with the host (`sandbox_svc.executor`), status lines on the original stderr:
+Protocol with the host (`alphamath.sandbox.executor`), status lines on the original stderr:
   1. preload the configured modules, then "ready";
   2. read one JSON line {"cells": [...]} from stdin; import the `lazy` modules the cells name
      (trusted system packages, so a slow import is not charged to the code), fork the worker,
