@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from alphamath.pb import sandbox_pb2, sandbox_pb2_grpc
-from alphamath.sandbox.executor import _ro_root_layout
+from alphamath.sandbox.executor import ro_root_layout
 
 REPO = Path(__file__).resolve().parents[1]
 POD_UID = 10001
@@ -75,7 +75,7 @@ class PodSandbox:
 
     # -- the bundle ---------------------------------------------------------------------------
     def _readonly_paths(self) -> list[str]:
-        _, binds = _ro_root_layout()
+        _, binds = ro_root_layout()
         paths = list(binds)
         for p in (sys.base_prefix, sys.prefix, str(REPO)):  # the Python the service runs on, the code
             if not any(p == b or p.startswith(b.rstrip("/") + "/") for b in paths):
@@ -83,7 +83,7 @@ class PodSandbox:
         return paths
 
     def _bundle(self) -> Path:
-        links, _ = _ro_root_layout()
+        links, _ = ro_root_layout()
         ro = self._readonly_paths()
         rootfs = self.workdir / "rootfs"
         rootfs.mkdir(mode=0o755)

@@ -108,7 +108,7 @@ class _Box:
     io: tuple = ()  # our ends of its stdin, stdout, stderr (the status channel)
 
 
-def _ro_root_layout() -> tuple[list[tuple[str, str]], list[str]]:
+def ro_root_layout() -> tuple[list[tuple[str, str]], list[str]]:
     """The host paths a Python under /usr needs: (symlinks to replicate, dirs/files to bind ro)."""
     links, binds = [], ["/usr"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
@@ -252,7 +252,7 @@ class RunscBackend(_Backend):
         self.state.mkdir(mode=0o700)
         self.rootfs = self.workdir / "rootfs"
         self.cgroup_parent = f"/alphamath-sandbox-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        links, binds = _ro_root_layout()
+        links, binds = ro_root_layout()
         self._build_rootfs(links, binds)
         self.mounts = [
             {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -387,7 +387,7 @@ class BwrapBackend(_Backend):
         self.prlimit = shutil.which("prlimit")
         if not self.bwrap or not self.prlimit:
             raise SandboxUnavailable(f"bwrap ({bwrap}) or prlimit not found")
-        links, binds = _ro_root_layout()
+        links, binds = ro_root_layout()
         argv = [
             "--unshare-all",
             "--die-with-parent",
