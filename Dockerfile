@@ -38,7 +38,8 @@ COPY value_svc ./value_svc
 COPY search_svc ./search_svc
 COPY sandbox_svc ./sandbox_svc
 COPY trainer_svc ./trainer_svc
-RUN pip install . && python -c "import alphamath, policy_svc, value_svc, search_svc, sandbox_svc, trainer_svc"
+COPY app ./app
+RUN pip install . && python -c "import alphamath, app, policy_svc, value_svc, search_svc, sandbox_svc, trainer_svc"
 
 # The sandbox service's own dependencies only (no torch): the optional slim `sandbox` target.
 FROM ${BASE_IMAGE} AS build-sandbox
