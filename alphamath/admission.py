@@ -8,6 +8,7 @@ Search holds a slot per search, the sandbox one per execution. A waiting caller 
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable
 
@@ -30,9 +31,11 @@ class Admission:
         self.running = 0  # requests holding a slot (tests wait on this instead of sleeping)
 
     @contextmanager
-    def slot(self, check: Callable[[], None] = lambda: None, bounded: bool = True):
+    def slot(self, check: Callable[[], None] = lambda: None, bounded: bool = True, deadline: float | None = None):
         """Hold a slot. `check()` raises to give up waiting (deadline, cancellation); `bounded=False`
-        waits without counting against the queue bound (workers whose number is bounded elsewhere)."""
+        waits without counting against the queue bound (workers whose number is bounded elsewhere).
+        With a `deadline` (time.monotonic()) no wait runs past it, so a slot that frees up after the
+        deadline never starts the request; `check()` then says why it gives up."""
         if not self._slots.acquire(blocking=False):
             with self._lock:
                 if bounded and self.waiting >= self.max_queued:
@@ -41,7 +44,7 @@ class Admission:
                 self.waiting += 1
                 _add(self._queued, 1)
             try:
-                while not self._slots.acquire(timeout=POLL_S):
+                while not self._slots.acquire(timeout=_wait(deadline)):
                     check()
             finally:
                 with self._lock:
@@ -57,6 +60,10 @@ class Admission:
             with self._lock:
                 self.running -= 1
             self._slots.release()
+
+
+def _wait(deadline: float | None) -> float:
+    return POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
 
 
 def _add(gauge, n: int) -> None:

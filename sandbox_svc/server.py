@@ -135,7 +135,7 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
                 raise ConnectionAbortedError("the client went away while waiting")
 
         try:
-            with self.gate.slot(check):
+            with self.gate.slot(check, deadline=deadline):
                 result = self.executor.execute(cells, **kwargs)
         except Overloaded as e:
             self.m_exec.labels(self.backend, "overloaded").inc()

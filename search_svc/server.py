@@ -232,7 +232,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         scope = self._scope(context)
         start = time.perf_counter()
         try:
-            with self.admission.slot(scope.check):
+            with self.admission.slot(scope.check, deadline=scope.deadline):
                 tree = self._search(p, scope)
         except Exception as e:  # noqa: BLE001 - mapped to a status code
             self._fail(context, "Solve", p.method, e)
@@ -254,7 +254,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
         def work():
             try:
-                with self.admission.slot(scope.check):
+                with self.admission.slot(scope.check, deadline=scope.deadline):
                     events.put(self._search(p, scope, on_progress))
             except BaseException as e:  # noqa: BLE001 - relayed to the handler thread
                 events.put(e)
@@ -286,7 +286,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             start = time.perf_counter()
             qscope = scope.child()
             try:
-                with self.admission.slot(qscope.check, bounded=False):
+                with self.admission.slot(qscope.check, bounded=False, deadline=qscope.deadline):
                     tree = self._search(p, qscope)
             except (RequestCancelled, RequestDeadlineExceeded):
                 raise
