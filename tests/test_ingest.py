@@ -11,7 +11,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from alphamath.events import TreePublisher
 from tests.pipeline import FAST_GROUP, broker, db, make_tree, store, topics  # noqa: F401 - fixtures
-from trainer_svc.ingest import Ingestor
+from trainer_svc.ingest import Ingestor, store_tree
 from trainer_svc.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,26 +176,26 @@ def test_store_refuses_what_postgres_would_on_both_databases(store):
     from trainer_svc.store import InvalidRecord
 
     with pytest.raises(InvalidRecord, match="question_id has 201 characters"):
-        store.ingest_tree(make_tree("q" * 201), "ckpt-0")
+        store_tree(store, make_tree("q" * 201), "ckpt-0")
     with pytest.raises(InvalidRecord, match="checkpoint has 201 characters"):
-        store.ingest_tree(make_tree("q1"), "c" * 201)
+        store_tree(store, make_tree("q1"), "c" * 201)
     # a dead letter whose key is too long or holds NUL is still recorded (cut and escaped)
     assert store.record_dead_letter("t", 0, 7, "k\x00" + "y" * 300, "why")
     assert store.counts() == {"trees": 0, "examples": 0, "correct_examples": 0, "dead_letters": 1}
 
 
 class FlakyStore(Store):
-    """The real store behind a fault injector: the first `fail` ingest_tree calls raise `error`."""
+    """The real store behind a fault injector: the first `fail` add_tree calls raise `error`."""
 
     def __init__(self, *a, fail=0, error=None, **kw):
         super().__init__(*a, **kw)
         self.fail, self.error, self.attempts = fail, error, 0
 
-    def ingest_tree(self, *a, **kw):
+    def add_tree(self, *a, **kw):
         self.attempts += 1
         if self.attempts <= self.fail:
             raise self.error
-        return super().ingest_tree(*a, **kw)
+        return super().add_tree(*a, **kw)
 
 
 def operational_error():

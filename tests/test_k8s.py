@@ -583,7 +583,7 @@ def test_training_and_promotion_jobs(rendered, overlay):
     for name in targets:
         dep = deps[name]
         rollout.check_target(dep)
-        assert rollout.current_checkpoint(dep) == "embedded"  # trainer_svc.round.EMBEDDED_ID
+        assert rollout.current_checkpoint(dep) == "embedded"  # trainer_svc.registry.EMBEDDED_ID
         tpl = dep["spec"]["template"]
         assert tpl["metadata"]["labels"][rollout.CHECKPOINT_LABEL] == rollout.current_checkpoint(dep)
         main = tpl["spec"]["containers"][0]

@@ -6,18 +6,19 @@ import threading
 import pytest
 
 from tests.pipeline import db, make_tree, store  # noqa: F401 - fixtures
+from trainer_svc.ingest import store_tree
 from trainer_svc.store import Store
 
 
 def test_tree_stored_once_with_its_examples(store):
     t = make_tree("q1", answers=("4", "5"))
-    first = store.ingest_tree(t, "ckpt-0", "ev-1", {"iterations": 4}, source="trees[0]@0")
-    again = store.ingest_tree(t, "ckpt-0", "ev-2")  # redelivered (even under another event id)
+    first = store_tree(store, t, "ckpt-0", "ev-1", {"iterations": 4}, source="trees[0]@0")
+    again = store_tree(store, t, "ckpt-0", "ev-2")  # redelivered (even under another event id)
     assert first.inserted and first.examples == 2
     assert not again.inserted and again.tree_id == first.tree_id
     assert store.counts() == {"trees": 1, "examples": 2, "correct_examples": 1, "dead_letters": 0}
     # the same question searched by another checkpoint is a different tree
-    assert store.ingest_tree(t, "ckpt-1").inserted
+    assert store_tree(store, t, "ckpt-1").inserted
     assert store.counts("ckpt-1")["trees"] == 1
     assert [e.correct for e in store.examples("ckpt-0")] == [True, False]
     assert store.trees("ckpt-0")[0].to_dict() == t.to_dict()
@@ -30,7 +31,7 @@ def test_concurrent_ingestors_store_a_tree_once(db):
 
     def work(s):
         for t in trees:
-            results.append(s.ingest_tree(t, "c"))
+            results.append(store_tree(s, t, "c"))
 
     threads = [threading.Thread(target=work, args=(s,)) for s in stores]
     for th in threads:

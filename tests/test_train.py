@@ -91,6 +91,7 @@ def test_killed_training_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
 
 def test_job_mode_trains_the_next_round_from_the_database(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """`python -m trainer_svc.train` with no arguments, configured as the Kubernetes Job is."""
+    from trainer_svc.ingest import store_tree
     from trainer_svc.store import Store
     from trainer_svc.train import _main
 
@@ -106,7 +107,7 @@ def test_job_mode_trains_the_next_round_from_the_database(tiny_model_dir, tmp_pa
     try:
         assert [c.id for c in store.checkpoints()] == ["embedded"] and store.latest_job().state == "failed"
         for i in range(2):  # trees built by the round-0 checkpoint, as the ingestor stores them
-            store.ingest_tree(make_tree(f"q{i}", answers=("4", str(i + 5))), "embedded")
+            store_tree(store, make_tree(f"q{i}", answers=("4", str(i + 5))), "embedded")
         n_examples = store.counts("embedded")["examples"]
 
         assert _main([]) == 0

@@ -8,14 +8,14 @@ from __future__ import annotations
 import logging
 import sys
 
+from alphamath.broker import DLQ_TOPIC, TREES_TOPIC
 from alphamath.service import parse_config, run_until_signal, service_parser, setup_logging
+from trainer_svc.registry import checkpoint_root
 
 log = logging.getLogger("trainer_svc")
 
 
 def build_parser():
-    from alphamath.broker import DLQ_TOPIC, TREES_TOPIC
-    from trainer_svc.round import checkpoint_root
     p = service_parser("trainer", __doc__.splitlines()[0])
     p.add_argument("--kafka-bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
     p.add_argument("--db-url", default=None, help="SQLAlchemy URL (default: SQLite in the cache dir)")

@@ -1,7 +1,8 @@
 """Tree ingestion: alphamath.trees.v1 -> database, exactly once in effect.
 
 The consumer group `alphamath-trainer` reads TreeEvents with auto-commit off. For each batch:
-  1. every record is decoded and stored in its own DB transaction (idempotent, see Store);
+  1. every record is decoded, its training examples are extracted (trainer_svc.examples), and
+     both are stored in one DB transaction (idempotent, see `store_tree` and Store);
      a record that cannot be decoded goes to alphamath.trees.dlq.v1 (acks=all, with the reason
      in a header) and is recorded in the DB;
   2. only then are the batch's offsets committed.
@@ -35,10 +36,12 @@ from dataclasses import dataclass
 
 from alphamath.broker import DLQ_TOPIC, TREES_TOPIC, bootstrap_from_env
 from alphamath.convert import tree_from_event
-from alphamath.events import CONSUMER_DEFAULTS, reliable_producer
+from alphamath.events import CONSUMER_DEFAULTS, note_assignments, reliable_producer
 from alphamath.pb import events_pb2
+from alphamath.tree import Tree
+from trainer_svc.examples import extract_examples, tree_hash
 from trainer_svc.faults import fault_point
-from trainer_svc.store import Store
+from trainer_svc.store import IngestResult, Store
 
 log = logging.getLogger(__name__)
 GROUP_ID = "alphamath-trainer"
@@ -91,6 +94,14 @@ def decode(value: bytes | None):
     return tree, ev
 
 
+def store_tree(store: Store, tree: Tree, checkpoint: str, event_id: str = "", search_config: dict | None = None,
+               source: str | None = None) -> IngestResult:
+    """Store `tree`, built by `checkpoint`, with the training examples extracted from it; a tree
+    already stored (same question, checkpoint and content hash) is a no-op."""
+    return store.add_tree(tree, checkpoint, event_id, search_config, source,
+                          tree_hash=tree_hash(tree), examples=extract_examples(tree))
+
+
 @dataclass
 class IngestStats:
     records: int = 0
@@ -113,7 +124,7 @@ class Ingestor:
     def __init__(self, store: Store, bootstrap: str | None = None, group_id: str = GROUP_ID,
                  topic: str = TREES_TOPIC, dlq_topic: str = DLQ_TOPIC, consumer_config: dict | None = None,
                  max_poll_records: int = 50, retry_budget_s: float = 300.0, max_backoff_s: float = 10.0):
-        from kafka import ConsumerRebalanceListener, KafkaConsumer
+        from kafka import KafkaConsumer
 
         self.store, self.topic, self.dlq_topic = store, topic, dlq_topic
         self.retry_budget_s, self.max_backoff_s = retry_budget_s, max_backoff_s
@@ -123,22 +134,13 @@ class Ingestor:
         self.consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group_id,
                                       enable_auto_commit=False, auto_offset_reset="earliest",
                                       max_poll_records=max_poll_records, client_id="alphamath-trainer", **cfg)
+        # kafka-python keeps a partition's in-memory position across a rebalance. After a restart
+        # of a memory-storage broker the log starts again at 0 while that position is wherever
+        # the old log was: records below it would be skipped. So every assignment restarts
+        # from the group's committed offset (none after such a restart: the beginning): the
+        # listener only notes the assigned partitions, poll_once seeks.
         self._reposition: set = set()
-        pending = self._reposition
-
-        class _OnAssign(ConsumerRebalanceListener):
-            # kafka-python keeps a partition's in-memory position across a rebalance. After a restart
-            # of a memory-storage broker the log starts again at 0 while that position is wherever
-            # the old log was: records below it would be skipped. So every assignment restarts
-            # from the group's committed offset (none after such a restart: the beginning).
-            # Runs on kafka-python's IO thread: only note the partitions; poll_once seeks.
-            def on_partitions_revoked(self, revoked):
-                pending.difference_update(revoked)
-
-            def on_partitions_assigned(self, assigned):
-                pending.update(assigned)
-
-        self.consumer.subscribe([topic], listener=_OnAssign())
+        self.consumer.subscribe([topic], listener=note_assignments(self._reposition))
         self._dlq = None
         self.total = IngestStats()
         self._stop = threading.Event()
@@ -172,8 +174,8 @@ class Ingestor:
         except ValueError:
             search_config = {"unparsed": ev.search_config_json}
         fault_point("before_db_commit")
-        res = self.store.ingest_tree(tree, ev.checkpoint, ev.event_id, search_config,
-                                     source=f"{rec.topic}[{rec.partition}]@{rec.offset}")
+        res = store_tree(self.store, tree, ev.checkpoint, ev.event_id, search_config,
+                         source=f"{rec.topic}[{rec.partition}]@{rec.offset}")
         fault_point("after_db_commit")
         if res.inserted:
             stats.inserted += 1

@@ -157,9 +157,10 @@ def run(cfg: LearnConfig, say=print) -> dict:
     from alphamath.data import load_problems
     from alphamath.runtime import load_engine
     from trainer_svc.promote import EvalConfig, eval_fingerprint, evaluate, value_metrics
+    from trainer_svc.registry import base_checkpoint
     from trainer_svc.round import RoundConfig, run_round
     from trainer_svc.store import Store
-    from trainer_svc.train import TrainConfig, base_checkpoint
+    from trainer_svc.train import TrainConfig
 
     root = Path(cfg.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -263,15 +264,9 @@ def main(argv=None) -> int:
         typ = type(value) if value is not None else (str if name in ("model", "dtype") else int)
         ap.add_argument("--" + name.replace("_", "-"), type=typ, default=value)
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.ERROR)
-    cfg = LearnConfig(**{k: getattr(a, k) for k in asdict(d)})
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    from trainer_svc.round import quiet_logging, run_cli  # loads torch: after --help
+    quiet_logging()
+    return run_cli(run, LearnConfig(**{k: getattr(a, k) for k in asdict(d)}))
 
 
 if __name__ == "__main__":

@@ -48,9 +48,13 @@ from typing import Callable, Sequence
 
 from alphamath.search_config import SearchConfig
 from alphamath.runtime import load_engine
+from trainer_svc.registry import DEFAULT_DATA, held_out_trees
 
 log = logging.getLogger(__name__)
 GATED = ("greedy_acc", "sbs_acc")
+EVAL_DATA = str(DEFAULT_DATA / "gsm8k" / "dev.jsonl")  # the fixed evaluation set of rounds and this job
+EVAL_K = 50        # its first K problems (>= 50: one problem is at most 2 points)
+THRESHOLD = 0.0    # tolerated accuracy drop per gated metric
 
 
 @dataclass
@@ -146,7 +150,7 @@ def value_gate(candidate: dict, current: dict, alpha: float = ALPHA) -> tuple[bo
     return True, text + " (ok)"
 
 
-def gate(candidate: dict, current: dict, threshold: float = 0.0, metrics: Sequence[str] = GATED,
+def gate(candidate: dict, current: dict, threshold: float = THRESHOLD, metrics: Sequence[str] = GATED,
          alpha: float = ALPHA) -> Decision:
     """Promote unless a gated accuracy is worse by more than `threshold` and significantly so (sign
     test on paired outcomes, p <= alpha; without per-problem outcomes the drop alone decides), or
@@ -265,13 +269,7 @@ def _metrics(store, row, fp: str, engine_factory, problems, cfg: EvalConfig, say
     return cached
 
 
-def held_out_trees(store, checkpoint: str, share: float) -> list:
-    """The trees `checkpoint` built whose questions were kept out of its candidate's training."""
-    from trainer_svc.examples import held_out
-    return [t for t in store.trees(checkpoint) if held_out(t.question_id or "", share)]
-
-
-def promote_next(store, problems: Sequence, cfg: EvalConfig | None = None, *, threshold: float = 0.0,
+def promote_next(store, problems: Sequence, cfg: EvalConfig | None = None, *, threshold: float = THRESHOLD,
                  alpha: float = ALPHA,
                  engine_factory: Callable[[str], object], bootstrap: str | None = None, topic: str | None = None,
                  candidate: str | None = None, publisher=None, roll_out: Callable | None = None,
@@ -330,16 +328,13 @@ def connect_sandbox(addr: str):
 def build_parser():
     import argparse
 
-    from trainer_svc.round import RoundConfig
-
-    d = RoundConfig()
     p = argparse.ArgumentParser(prog="python -m trainer_svc.promote", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(_service="promote")
     p.add_argument("--candidate", default=None, help="judge this checkpoint id (default: the newest unjudged one)")
-    p.add_argument("--eval-data", default=d.eval_data, help="fixed evaluation set: JSON lines {id, question, answer}")
-    p.add_argument("--eval-k", type=int, default=d.eval_k, help="evaluate on the first K problems")
-    p.add_argument("--threshold", type=float, default=d.threshold, help="tolerated accuracy drop per gated metric")
+    p.add_argument("--eval-data", default=EVAL_DATA, help="fixed evaluation set: JSON lines {id, question, answer}")
+    p.add_argument("--eval-k", type=int, default=EVAL_K, help="evaluate on the first K problems")
+    p.add_argument("--threshold", type=float, default=THRESHOLD, help="tolerated accuracy drop per gated metric")
     p.add_argument("--alpha", type=float, default=ALPHA,
                    help="significance level of the paired sign test (1: gate on the drop alone)")
     p.add_argument("--methods", default=",".join(EvalConfig().methods), help="evaluation methods (comma list)")

@@ -4,9 +4,11 @@ SQLAlchemy 2 over SQLite (a file, the default) or PostgreSQL (ALPHAMATH_DB_URL, 
 postgresql+psycopg://postgres@127.0.0.1:5432/test). A PostgreSQL `schema` isolates one trainer
 (or one test) from another in the same database.
 
-Ingestion is idempotent: a tree is identified by (question_id, checkpoint, tree_hash) under a
-unique constraint, so a redelivered tree (retrying producer, consumer restarted before its offset
-commit) is recognised and stored once, even when two ingestors race.
+It only persists rows: the caller (trainer_svc.ingest.store_tree) derives a tree's identity hash
+and training examples (trainer_svc.examples) and hands them in. Storing is idempotent: a tree is
+identified by (question_id, checkpoint, tree_hash) under a unique constraint, so a redelivered tree
+(retrying producer, consumer restarted before its offset commit) is recognised and stored once,
+even when two ingestors race.
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, event, func, select, text)
@@ -25,8 +26,9 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from alphamath.limits import EVENT_ID_CHARS, GROUND_TRUTH_CHARS, ID_CHARS, QUESTION_CHARS, check_id, check_text
+from alphamath.paths import cache_root
 from alphamath.tree import Tree
-from trainer_svc.examples import Example, extract_examples, tree_hash
+from trainer_svc.examples import Example
 
 
 def _now() -> datetime:
@@ -132,7 +134,7 @@ class IngestResult:
 def default_db_url() -> str:
     if os.environ.get("ALPHAMATH_DB_URL"):
         return os.environ["ALPHAMATH_DB_URL"]
-    root = Path(os.environ.get("ALPHAMATH_DATA_DIR") or Path.home() / ".cache" / "alphamath")
+    root = cache_root(os.environ.get("ALPHAMATH_DATA_DIR") or None)  # ALPHAMATH_DATA_DIR: the database only
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'trainer.db'}"
 
@@ -185,9 +187,10 @@ class Store:
             yield s
 
     # ---- trees and examples --------------------------------------------------------------------
-    def ingest_tree(self, tree: Tree, checkpoint: str, event_id: str = "", search_config: dict | None = None,
-                    source: str | None = None) -> IngestResult:
-        """Store a tree and its examples in one transaction; a tree already stored is a no-op.
+    def add_tree(self, tree: Tree, checkpoint: str, event_id: str = "", search_config: dict | None = None,
+                 source: str | None = None, *, tree_hash: str, examples: Sequence[Example]) -> IngestResult:
+        """Store a tree (identified by question, checkpoint and `tree_hash`) and its `examples` in
+        one transaction; a tree already stored is a no-op.
 
         InvalidRecord for a tree no database of ours accepts: the limits are checked here so that
         SQLite (which ignores VARCHAR lengths) refuses what PostgreSQL would."""
@@ -200,16 +203,15 @@ class Store:
         except ValueError as e:
             raise InvalidRecord(str(e)) from None
         source = source[:ID_CHARS] if source else source
-        h = tree_hash(tree)
-        ident = (TreeRow.question_id == tree.question_id, TreeRow.checkpoint == checkpoint, TreeRow.tree_hash == h)
+        ident = (TreeRow.question_id == tree.question_id, TreeRow.checkpoint == checkpoint,
+                 TreeRow.tree_hash == tree_hash)
         with self.session() as s:
             found = s.scalar(select(TreeRow.id).where(*ident))
             if found is not None:
                 return IngestResult(found, False, 0)
-        examples = extract_examples(tree)
         try:
             with self.session() as s:
-                row = TreeRow(question_id=tree.question_id, checkpoint=checkpoint, tree_hash=h,
+                row = TreeRow(question_id=tree.question_id, checkpoint=checkpoint, tree_hash=tree_hash,
                               event_id=event_id or uuid.uuid4().hex, question=tree.question,
                               ground_truth=tree.ground_truth, nodes=len(tree.nodes),
                               has_correct=any(e.correct for e in examples),

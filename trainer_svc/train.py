@@ -12,9 +12,9 @@ config continues from there and ends with the same weights as an uninterrupted r
 checkpoint (HF dir + value_head.safetensors) appears at `output_dir` in one rename.
 
 `train_next_round` is one round's training as the trainer runs it (the Kubernetes training Job,
-TrainerService.StartTraining, `make round`): the checkpoint in force is trained on the examples of
-the trees it built, and the result is recorded in the database as an unpromoted candidate (the
-promotion gate, trainer_svc.promote, decides whether it replaces the current one).
+TrainerService.StartTraining, `make round`): the checkpoint in force (trainer_svc.registry) is trained
+on the examples of the trees it built, and the result is recorded in the database as an unpromoted
+candidate (the promotion gate, trainer_svc.promote, decides whether it replaces the current one).
 
     python -m trainer_svc.train                      # the Job: ALPHAMATH_DB_URL, ALPHAMATH_CHECKPOINT_DIR
     python -m trainer_svc.train --base DIR --examples FILE.jsonl --out DIR    # offline, no database
@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from trainer_svc.examples import Example
+from trainer_svc.examples import Example, cap_per_question, held_out
 from trainer_svc.faults import fault_point
+from trainer_svc.registry import base_checkpoint, candidate_id, checkpoint_root
 
 if TYPE_CHECKING:
     from trainer_svc.store import CheckpointRow, Store
@@ -280,31 +281,8 @@ class Candidate:
 
 def training_examples(examples: Sequence[Example], cfg: TrainConfig) -> list[Example]:
     """Every example of the base's trees, less the held-out questions, capped per question."""
-    from trainer_svc.examples import cap_per_question, held_out
     kept = [e for e in examples if not held_out(e.question_id, cfg.value_holdout)]
     return cap_per_question(kept, seed=cfg.seed)
-
-
-def base_checkpoint(store: "Store", model_dir: str | Path | None = None) -> "CheckpointRow":
-    """The checkpoint in force: the latest promoted one; before round 1 the embedded model,
-    registered (at `model_dir`, default: the embedded SmolLM2 materialised in the cache) as the
-    promoted round-0 checkpoint `embedded`, the id the serving pods and the trees it built carry."""
-    current = store.current_checkpoint()
-    if current is None:
-        from trainer_svc.round import EMBEDDED_ID
-
-        if model_dir is None:
-            from alphamath.model import embedded_checkpoint
-            model_dir = embedded_checkpoint()
-        current = store.add_checkpoint(EMBEDDED_ID, str(model_dir), round=0, promoted=True)
-    return current
-
-
-def candidate_id(base_id: str, rnd: int, base_dir: str | Path, examples: Sequence[Example], cfg: TrainConfig) -> str:
-    """`round-<n>-<hash>`, a function of base, data and config: a training Job that is restarted
-    (pod evicted, backoffLimit retry) lands in the same directory and resumes from its saved state."""
-    h = hashlib.sha256(f"{base_id}\x00{rnd}\x00".encode() + fingerprint(base_dir, examples, cfg).encode())
-    return f"round-{rnd}-{h.hexdigest()[:8]}"
 
 
 def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfig | None = None, *,
@@ -326,7 +304,7 @@ def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfi
             raise ValueError(f"no training examples for checkpoint {base.id!r}: no finished trees it built "
                              "have been ingested yet (run GenerateTrees, let the trainer ingest them), "
                              f"or all of them are held out (value_holdout={cfg.value_holdout})")
-        cand = candidate_id(base.id, rnd, base.path, examples, cfg)
+        cand = candidate_id(base.id, rnd, fingerprint(base.path, examples, cfg))
         out = Path(checkpoint_dir) / cand
         store.update_job(job_id, state="running", examples=len(examples))
         log.info("round %d: training %s (%s) on %d examples into %s", rnd, base.id, base.path, len(examples), out)
@@ -407,7 +385,6 @@ def _main(argv: list[str] | None = None) -> int:
             return 2
         name = str(res.output_dir)
     else:
-        from trainer_svc.round import checkpoint_root
         from trainer_svc.store import Store
 
         store = Store(a.db_url, a.db_schema)
