@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from alphamath.answer import boxed_content
 from alphamath.interfaces import Sample
 
 STEP_OPEN, STEP_CLOSE = "<step>", "</step>"
@@ -88,25 +89,8 @@ class Step:
         return self.kind in ("answer", "malformed")
 
 
-_BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 _ANSWER_IS = re.compile(r"(?:final answer|the answer) is[:\s]*", re.I)
-
-
-def boxed_content(text: str) -> str | None:
-    """Content of the last \\boxed{...}, braces balanced; None if absent or unbalanced."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    i, depth = starts[-1], 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j].strip()
-    return None
 
 
 def find_answer(text: str) -> str | None:

@@ -147,7 +147,7 @@ if __name__ == "__main__":
     import argparse
     import json
 
-    from alphamath.model import embedded_gguf
+    from alphamath.model.embedded import embedded_gguf
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=32)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from alphamath.interfaces import Sample
-from alphamath.lm import LocalLM, PrefixCache, _Batch, _FairLock
+from alphamath.lm import LocalLM, PrefixCache
+from alphamath.lm.kv import _Batch
+from alphamath.lm.lock import _FairLock
 from alphamath.model import ValueHeadModel
 from alphamath.steps import STOP, render_prompt
 from alphamath.local import LocalPolicy, LocalValue
@@ -344,7 +346,7 @@ def test_rows_finishing_at_different_steps_keep_exact_kv_and_logprobs(lm):
 def test_sampler_draws_from_the_tempered_top_p_distribution():
     """_pick's inverse-CDF sampler: frequencies match softmax(logits / T), top-p never picks a dropped
     token, each row depends only on its own generator, and the logprob is the raw model's."""
-    from alphamath.lm import _Decoding
+    from alphamath.lm.scheduler import _Decoding
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2, 1)
     def rows(seed):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alphamath.model import (VALUE_HEAD_FILE, ValueHeadModel, cpu_has_fast_bf16, default_dtype)
+from alphamath.model import VALUE_HEAD_FILE, ValueHeadModel, default_dtype
+from alphamath.model.dtype import cpu_has_fast_bf16
 
 
 @pytest.fixture()
@@ -137,7 +138,7 @@ def plain(tiny_model_dir):
 def test_grouped_attention_equals_transformers_sdpa_on_padded_batches(model, plain):
     """The masked grouped-query attention (queries folded per KV head, no K/V repeat) gives the same
     logits and gradients as transformers' own SDPA path, for a left-padded prefill and a cached decode step."""
-    from alphamath.model import GROUPED_SDPA
+    from alphamath.model.attention import GROUPED_SDPA
 
     assert model.lm.config._attn_implementation == GROUPED_SDPA
     assert model.lm.config.num_attention_heads > model.lm.config.num_key_value_heads  # really grouped

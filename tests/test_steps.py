@@ -1,9 +1,10 @@
 """Step parsing never crashes; malformed output becomes a terminal; rendering round-trips."""
 import pytest
 
+from alphamath.answer import boxed_content
 from alphamath.interfaces import Sample
-from alphamath.steps import (STEP_OPEN, Step, boxed_content, find_answer, generation_prefix, parse_step,
-                             render_prompt, render_state)
+from alphamath.steps import (STEP_OPEN, Step, find_answer, generation_prefix, parse_step, render_prompt,
+                             render_state)
 
 
 def s(text, finish="stop"):

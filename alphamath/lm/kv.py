@@ -1,0 +1,202 @@
+"""KV storage for decoding: rows with a cached prefix, cache layers with room, the running decode batch.
+
+It exists so that decoding writes one KV column per step in place into preallocated buffers
+(transformers' DynamicLayer re-allocates the whole cache every token) and so that the samples of
+every admitted request live right-aligned in one batch that new requests can join between steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from alphamath.lm.radix_cache import KV
+
+if TYPE_CHECKING:
+    from alphamath.lm.local_lm import LocalLM
+    from alphamath.lm.scheduler import _Decoding
+
+
+class _RoomyLayer(DynamicLayer):
+    """A cache layer with room for `room` more tokens, written in place.
+
+    transformers' DynamicLayer `torch.cat`s the whole cache on every decoded token; on CPU that
+    re-allocation was ~45% of decode time. Here `keys`/`values` are views of preallocated buffers.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        B, H, L, D = keys.shape
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._k = keys.new_empty(B, H, L + room, D)
+        self._v = values.new_empty(B, H, L + room, D)
+        self._k[:, :, :L], self._v[:, :, :L] = keys, values
+        self._set(L)
+
+    def _set(self, n: int) -> None:
+        self.n = n
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        n, m = self.n, key_states.shape[-2]
+        if n + m > self._k.shape[2]:  # every admission leaves max_new_tokens of room: a bug if reached
+            raise RuntimeError(f"KV buffer out of room: {n} + {m} > {self._k.shape[2]}")
+        self._k[:, :, n:n + m], self._v[:, :, n:n + m] = key_states, value_states
+        self._set(n + m)
+        return self.keys, self.values
+
+    def select(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Keep batch `rows` and KV columns `cols` (a bool mask over the filled columns), keeping the room."""
+        n = int(cols.sum())
+        room = self._k.shape[2] - self.n
+        keep_k, keep_v = self.keys[rows][:, :, cols], self.values[rows][:, :, cols]
+        self._k = keep_k.new_empty(*keep_k.shape[:2], n + room, keep_k.shape[3])
+        self._v = torch.empty_like(self._k)
+        self._k[:, :, :n], self._v[:, :, :n] = keep_k, keep_v
+        self._set(n)
+
+
+@dataclass
+class _Row:
+    """One sequence to extend: tokens[:cached] have KV `past`; tokens[cached:] are computed."""
+
+    tokens: list[int]
+    cached: int
+    past: KV | None
+    past_values: torch.Tensor | None
+    # filled by _extend:
+    kv: KV | None = None
+    values: torch.Tensor | None = None
+    last_logits: torch.Tensor | None = None
+
+
+
+class _Batch:
+    """The running decode batch: the samples of every admitted request with one sampling key.
+
+    Along the KV axis every row is right-aligned at `width` (left padding is masked out) in buffers
+    with room for more columns, so a step writes one column in place. When a sample finishes, the KV
+    of everything fed through the model (prompt + all tokens but the last) goes to the prefix cache,
+    so scoring the child state only computes what follows. A finished row stays, ignored, until a
+    quarter of the rows are finished: dropping rows copies the whole cache, which costs more than
+    carrying a few idle rows.
+    """
+
+    def __init__(self, key: tuple, window: int):
+        self.key, self.window = key, window
+        self.samples: list[_Decoding] = []
+        self.alive: list[bool] = []
+        self.layers: list[_RoomyLayer] = []  # replaced in place, so `cache` always sees the current ones
+        self.cache = DynamicCache()
+        self.cache.layers = self.layers
+        self.mask = self.head_values = self.pos = self.logits = None
+        self.width = 0
+        self.padded = False
+
+    @property
+    def size(self) -> int:
+        return len(self.samples)
+
+    def add(self, new: list[_Decoding], room: int, dev) -> None:
+        """Append samples: their prompts' KV right-aligned at the width (widened on the left if needed)."""
+        W = max(self.width, max(len(smp.prompt.tokens) for smp in new))
+        shift = W - self.width
+        R, first = len(new), not self.samples
+        for layer in range(len(new[0].prompt.kv)):
+            k0 = new[0].prompt.kv[layer][0]
+            keys = k0.new_zeros(R, k0.shape[0], W, k0.shape[2])
+            vals = torch.zeros_like(keys)
+            for b, smp in enumerate(new):
+                n = len(smp.prompt.tokens)
+                keys[b, :, W - n:], vals[b, :, W - n:] = smp.prompt.kv[layer]
+            if not first:
+                old = self.layers[layer]
+                keys = torch.cat([torch.nn.functional.pad(old.keys, (0, 0, shift, 0)), keys])
+                vals = torch.cat([torch.nn.functional.pad(old.values, (0, 0, shift, 0)), vals])
+                self.layers[layer] = _RoomyLayer(keys, vals, room)
+            else:
+                self.layers.append(_RoomyLayer(keys, vals, room))
+        mask = torch.zeros(R, W, dtype=torch.long, device=dev)
+        head_values = torch.zeros(R, W, device=dev)
+        for b, smp in enumerate(new):
+            n = len(smp.prompt.tokens)
+            mask[b, W - n:] = 1
+            head_values[b, W - n:] = smp.prompt.values
+        pos = torch.tensor([[len(smp.prompt.tokens)] for smp in new], device=dev)  # of the next fed token
+        logits = torch.stack([smp.prompt.last_logits for smp in new])
+        if not first:
+            mask = torch.cat([torch.nn.functional.pad(self.mask[:, :self.width], (shift, 0)), mask])
+            head_values = torch.cat([torch.nn.functional.pad(self.head_values[:, :self.width], (shift, 0)), head_values])
+            pos, logits = torch.cat([self.pos, pos]), torch.cat([self.logits, logits])
+        self.mask, self.head_values = _with_room(mask, room), _with_room(head_values, room)
+        self.pos, self.logits, self.width = pos, logits, W
+        self.samples += new
+        self.alive += [True] * R
+        # With no padding (all samples of one prompt: every MCTS expansion) no mask is passed, so
+        # attention takes its unmasked path (no 4-D mask built).
+        self.padded = not bool(self.mask[:, :W].all())
+
+    def step(self, lm: "LocalLM") -> bool:
+        """Sample one token for every live row, retire finished samples, feed the rest. False when empty."""
+        stop, temperature, top_p, max_new_tokens = self.key
+        live = [b for b in range(self.size) if self.alive[b]]  # rows of `logits`, in order
+        toks, lps = lm._pick(self.logits, [self.samples[b] for b in live], temperature, top_p)
+        next_tokens = [0] * self.size  # finished rows are fed a dummy token
+        for b, tok, lp in zip(live, toks, lps):
+            smp = self.samples[b]
+            smp.tokens.append(tok)
+            smp.logprob += lp
+            if lm._finished(smp, tok, stop, max_new_tokens, self.window):
+                self.alive[b] = False
+                # A live row's KV is its last `fed` columns (left padding before them): views, not
+                # copies; insert() copies only what the prefix cache lacks.
+                fed, W = len(smp.prompt.tokens) + len(smp.tokens) - 1, self.width
+                kv = [(layer.keys[b][:, W - fed:W], layer.values[b][:, W - fed:W]) for layer in self.layers]
+                lm.cache.insert(smp.prompt.tokens + smp.tokens[:-1], kv, self.head_values[b, W - fed:W])
+                req = smp.request
+                req.left -= 1
+                if req.left == 0:
+                    req.done.set()
+            else:
+                next_tokens[b] = tok
+        n_alive = sum(self.alive)
+        if not n_alive:
+            return False
+        if 4 * (self.size - n_alive) >= self.size:
+            keep = [b for b in range(self.size) if self.alive[b]]
+            self._select(keep)
+            next_tokens = [next_tokens[b] for b in keep]
+        dev = self.mask.device
+        self.mask[:, self.width] = 1
+        ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
+        h, _ = lm.model.hidden(ids, attention_mask=self.mask[:, :self.width + 1] if self.padded else None,
+                               past_key_values=self.cache, position_ids=self.pos, use_cache=True)
+        self.head_values[:, self.width] = lm.model.values_from_hidden(h)[:, 0]
+        self.width, self.pos = self.width + 1, self.pos + 1
+        live = [b for b in range(self.size) if self.alive[b]]
+        h_live = h[:, -1] if len(live) == self.size else h[torch.tensor(live, device=dev), -1]
+        self.logits = lm.model.lm_head(h_live).float()
+        lm.usage.decode_tokens += self.size
+        return True
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep rows `keep` only, and the KV columns they use."""
+        idx = torch.tensor(keep, device=self.mask.device)
+        cols = self.mask[idx, :self.width].bool().any(0)
+        room = self.mask.shape[1] - self.width
+        for layer in self.layers:
+            layer.select(idx, cols)
+        self.mask = _with_room(self.mask[idx, :self.width][:, cols], room)
+        self.head_values = _with_room(self.head_values[idx, :self.width][:, cols], room)
+        self.pos, self.width = self.pos[idx], int(cols.sum())
+        self.samples = [self.samples[b] for b in keep]
+        self.alive = [True] * len(keep)
+        self.padded = not bool(self.mask[:, :self.width].all())
+
+
+def _with_room(x: torch.Tensor, room: int) -> torch.Tensor:
+    """x [rows, columns] followed by `room` zero columns."""
+    return torch.cat([x, x.new_zeros(x.shape[0], room)], 1)

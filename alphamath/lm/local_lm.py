@@ -1,0 +1,283 @@
+"""LocalLM: one local model serving both the policy (generation) and the value head.
+
+It exists to compute every token of a search tree through the trunk once, with the prefix cache
+(radix_cache.py), the decode batch (kv.py) and continuous batching (scheduler.py):
+
+- `generate` prefills only what follows a prompt's longest cached prefix, then decodes all samples
+  of all prompts in one batch and stores each sample's KV back in the tree;
+- `score` computes only the tokens past a state's cached prefix and reads the value there.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from alphamath.interfaces import Sample, Usage
+from alphamath.lm.kv import _Batch, _Row
+from alphamath.lm.lock import _FairLock
+from alphamath.lm.radix_cache import DEFAULT_MAX_CACHED_TOKENS, PrefixCache
+from alphamath.lm.scheduler import DEFAULT_MAX_BATCH_KV_BYTES, DEFAULT_MAX_BATCH_ROWS, Scheduler, _Decoding, _Request
+from alphamath.model import ValueHeadModel
+
+DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x (past + new) per prefill forward, bounds activation memory
+
+
+class LocalLM(Scheduler):
+    """Policy and value from one `ValueHeadModel`, computing every token at most once (see module doc)."""
+
+    def __init__(self, model: ValueHeadModel | str | os.PathLike, tokenizer=None, *, dtype=None,
+                 device: str | torch.device = "cpu", max_cached_tokens: int | None = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+                 max_batch_kv_bytes: int = DEFAULT_MAX_BATCH_KV_BYTES):
+        if not isinstance(model, ValueHeadModel):
+            model = ValueHeadModel.from_pretrained(model, dtype=dtype, device=device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("LocalLM needs a tokenizer (none was saved with the model)")
+        if max_cached_tokens is None:
+            max_cached_tokens = int(os.environ.get("ALPHAMATH_KV_CACHE_TOKENS", DEFAULT_MAX_CACHED_TOKENS))
+        self.cache = PrefixCache(max_cached_tokens)
+        self.max_batch_tokens = max_batch_tokens
+        self.usage = Usage()
+        self.reused_tokens = 0  # tokens served from the prefix cache instead of being recomputed
+        self.lock = _FairLock()  # the model, the prefix cache and the tokenizer
+        self.eos_ids = self._eos_ids()
+        self.max_batch_rows = max_batch_rows
+        self.max_batch_kv_bytes = max_batch_kv_bytes
+        cfg = self.model.lm.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._kv_bytes_per_slot = (2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+                                   * head_dim * torch.finfo(self.model.dtype).bits // 8)
+        self._queue: list[_Request] = []  # generate() calls waiting to join the decode batch
+        self._cv = threading.Condition()
+        self._batch: _Batch | None = None  # the running decode batch, stepped by the leading caller
+        self._leading = False  # whether a caller thread is running the decode loop
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model.lm, "generation_config", None), self.model.config, self.tokenizer):
+            eos = getattr(src, "eos_token_id", None)
+            if eos is not None:
+                ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        return ids
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids without added special tokens: rendered prompts already carry the chat template's."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _count(self, name: str) -> None:
+        self.usage.calls[name] = self.usage.calls.get(name, 0) + 1
+
+    def reset_cache(self) -> None:
+        """Drop all cached KV (after loading new weights the cached states are stale)."""
+        with self.lock:
+            self.cache.clear()
+
+    # -- prefill / extend ------------------------------------------------------------------------
+    def _lookup(self, tokens: list[int], need_logits: bool) -> _Row:
+        """Longest cached prefix of `tokens`; keeps >= 1 token to compute when logits are needed."""
+        limit = len(tokens) - 1 if need_logits else len(tokens)
+        m, kv, vals = self.cache.match(tokens[:limit] if need_logits else tokens)
+        self.reused_tokens += m
+        return _Row(tokens, m, kv, vals)
+
+    def _extend(self, rows: list[_Row]) -> None:
+        """Compute the uncached tokens of all rows, in batches bounded by max_batch_tokens."""
+        todo = sorted((r for r in rows if r.cached < len(r.tokens)), key=lambda r: len(r.tokens))
+        batch: list[_Row] = []
+        for row in todo:
+            width = max([len(r.tokens) for r in batch] + [len(row.tokens)])
+            if batch and (len(batch) + 1) * width > self.max_batch_tokens:
+                self._extend_batch(batch)
+                batch = []
+            batch.append(row)
+        if batch:
+            self._extend_batch(batch)
+
+    def _extend_batch(self, rows: list[_Row]) -> None:
+        """One forward. Row layout along the KV axis: [pad | cached past | new tokens | pad].
+
+        Pads are masked out and positions are explicit, so each row sees exactly its own tokens;
+        right-padding the new tokens keeps every query row attending to at least one real token.
+        """
+        dev = self.device
+        B = len(rows)
+        M = max(r.cached for r in rows)
+        S = max(len(r.tokens) - r.cached for r in rows)
+        ids = torch.zeros(B, S, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, S, dtype=torch.long, device=dev)
+        mask = torch.zeros(B, M + S, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            new = r.tokens[r.cached:]
+            ids[i, :len(new)] = torch.tensor(new, device=dev)
+            pos[i, :len(new)] = torch.arange(r.cached, len(r.tokens), device=dev)
+            mask[i, M - r.cached:M + len(new)] = 1
+        cache = DynamicCache()
+        if M:
+            template = next(r.past for r in rows if r.past is not None)
+            for layer, (k0, _) in enumerate(template):
+                keys = k0.new_zeros(B, k0.shape[0], M, k0.shape[2])
+                vals = torch.zeros_like(keys)
+                for i, r in enumerate(rows):
+                    if r.cached:
+                        keys[i, :, M - r.cached:] = r.past[layer][0]
+                        vals[i, :, M - r.cached:] = r.past[layer][1]
+                cache.update(keys, vals, layer)
+        h, cache = self.model.hidden(ids, attention_mask=mask, past_key_values=cache, position_ids=pos, use_cache=True)
+        values = self.model.values_from_hidden(h)
+        last = torch.tensor([len(r.tokens) - r.cached - 1 for r in rows], device=dev)
+        logits = self.model.lm_head(h[torch.arange(B, device=dev), last]).float()
+        layers = _cache_layers(cache)
+        for i, r in enumerate(rows):
+            n = len(r.tokens) - r.cached
+            r.kv = [(k[i, :, M - r.cached:M + n], v[i, :, M - r.cached:M + n]) for k, v in layers]
+            new_vals = values[i, :n]
+            r.values = new_vals if r.past_values is None else torch.cat([r.past_values, new_vals])
+            r.last_logits = logits[i]
+            self.usage.prefill_tokens += n
+
+    # -- value ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, states: Sequence[str]) -> list[float]:
+        """Value head at the last token of each state; cached prefixes are reused, new KV stored."""
+        if not states:
+            return []
+        with self.lock:
+            self._count("score")
+            unique = {s: None for s in states}
+            rows = {}
+            for s in unique:
+                tokens = self.encode(s)
+                if not tokens:
+                    raise ValueError("cannot score an empty state")
+                rows[s] = self._lookup(tokens, need_logits=False)
+            self._extend([r for r in rows.values() if r.cached < len(r.tokens)])
+            for r in rows.values():
+                if r.kv is not None:
+                    self.cache.insert(r.tokens, r.kv, r.values)
+                else:
+                    r.values = r.past_values
+            return [float(rows[s].values[-1]) for s in states]
+
+    # -- policy -----------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], n: int, *, stop: Sequence[str] = (), temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 256,
+                 seed: int | Sequence[int | None] | None = None) -> list[list[Sample]]:
+        """n samples per prompt (`seed`: one for all, or one per prompt), decoded in the shared batch.
+
+        Calls from several threads are decoded together: a call joins the batch that is running
+        (continuous batching), so concurrent searches share every forward pass. Each sample's
+        randomness comes from its own seed, so results do not depend on batch-mates.
+        `cumulative_logprob` sums log p(token) under the distribution the token was drawn from
+        (logits / temperature, renormalised over the top-p nucleus; the raw logits when greedy), as
+        TGI's `details` and the paper's vLLM engine report it: the MCTS prior is the same quantity
+        on every backend.
+        Texts end right after the first stop string matched; EOS counts as a token but adds no text.
+        Temperature 0 is greedy: one row is decoded and copied n times.
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts:
+            return []
+        greedy = temperature == 0
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        drawn = secrets.randbits(63)
+        seeds = [0 if greedy else (drawn if s is None else int(s)) for s in seeds]
+        unique = list(dict.fromkeys(prompts))
+        with self.lock:  # fast tokenizers must not be used from two threads at once
+            self._count("generate")
+            encoded = [self.encode(p) for p in unique]
+        if not all(encoded):
+            raise ValueError("cannot generate from an empty prompt")
+        index = {p: i for i, p in enumerate(unique)}
+        pairs = list(dict.fromkeys((index[p], sd) for p, sd in zip(prompts, seeds)))
+        req = _Request((tuple(s for s in stop if s), float(temperature), float(top_p), int(max_new_tokens)),
+                       unique, encoded, pairs, n)
+        with self._cv:
+            self._queue.append(req)
+            self._cv.notify_all()
+        self._wait_or_lead(req)
+        if req.error is not None:
+            raise req.error
+        by_pair: list[list[Sample]] = [[] for _ in pairs]
+        for smp in req.samples:
+            out = Sample(smp.text, len(smp.tokens), smp.logprob, smp.finish)
+            by_pair[smp.pair].extend(replace(out) for _ in range(n if greedy else 1))
+        pair_of = {pr: j for j, pr in enumerate(pairs)}
+        return [[replace(x) for x in by_pair[pair_of[(index[p], sd)]]] for p, sd in zip(prompts, seeds)]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, rows: list[_Decoding], temperature: float, top_p: float) -> tuple[list[int], list[float]]:
+        """Next token of each row (greedy, or sampled with the row's own generator) and its log-prob
+        under the distribution it was drawn from (raw logits when greedy)."""
+        if temperature == 0:
+            toks = torch.argmax(logits, dim=-1)
+            picked = logits.gather(1, toks.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            return toks.tolist(), picked.tolist()
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+                drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p  # never drops the top token
+                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            # Inverse-CDF sampling: one uniform per row from the row's own generator (so a sample does
+            # not depend on its batch-mates), then one batched search of the cumulative distribution.
+            cdf = torch.cumsum(probs, dim=-1)
+            u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
+            toks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+            toks = toks.clamp_(max=logits.shape[-1] - 1)
+        picked = torch.log(probs.gather(1, toks.unsqueeze(1)).squeeze(1) / probs.sum(dim=-1))
+        return toks.tolist(), picked.tolist()
+
+    def _finished(self, s: _Decoding, tok: int, stop: Sequence[str], max_new_tokens: int, window: int) -> bool:
+        """Has sample `s` just ended? Only the last `window` tokens are decoded to look for a stop string
+        (re-decoding the whole text every token was quadratic); the full text is decoded once, at the end."""
+        if tok in self.eos_ids:
+            s.text = self.tokenizer.decode(s.tokens[:-1], skip_special_tokens=True)
+            s.finish = "eos"
+            return True
+        tail = self.tokenizer.decode(s.tokens[-window:], skip_special_tokens=True) if stop else ""
+        if len(s.tokens) < max_new_tokens and not any(st in tail for st in stop):
+            return False
+        s.text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+        hits = [(i, st) for st in stop if (i := s.text.find(st)) >= 0]
+        if hits:
+            i, st = min(hits)
+            s.text = s.text[: i + len(st)]
+            s.finish = "stop"
+        elif len(s.tokens) >= max_new_tokens:
+            s.finish = "length"
+        return s.finish is not None
+
+
+def _cache_layers(cache: DynamicCache):
+    """Per-layer (keys, values) of a DynamicCache ([batch, heads, tokens, head_dim]); transformers>=4.56 API."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise RuntimeError("this transformers version's DynamicCache has no .layers; need transformers>=4.56")
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def load_local_lm(model_dir: str | Path | None = None, dtype=None, device="cpu") -> LocalLM:
+    """LocalLM on `model_dir` or, by default, the embedded SmolLM2 checkpoint."""
+    from alphamath.model import embedded_checkpoint
+
+    return LocalLM(Path(model_dir) if model_dir else embedded_checkpoint(), dtype=dtype, device=device)

@@ -1,0 +1,198 @@
+"""Continuous batching for LocalLM.generate: waiting requests, admission at step boundaries, the decode loop.
+
+It exists so that generate() calls from many threads (concurrent searches, RPC handlers) share every
+forward pass: a call queues a request, requests with the same sampling settings join the running
+batch when the batch has room, and the loop runs on a calling thread, never a thread of its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from alphamath.lm.kv import _Batch, _Row
+
+DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once
+# KV of the running batch: rows x (width + room) slots, every row padded to the widest prompt. Joining
+# copies it once more, so the peak is about twice this. Without a bound, 16 concurrent MCTS searches
+# (80 rows of ~2k-token prompts, fp32) grew past 24 GB and were OOM-killed.
+DEFAULT_MAX_BATCH_KV_BYTES = 3 << 30
+
+
+@dataclass(eq=False)
+class _Decoding:
+    """One sample being decoded."""
+
+    prompt: "_Row | None"  # the prompt's row: tokens, KV, values, last logits
+    seed_key: int  # sample index k
+    generator: torch.Generator | None
+    request: "_Request | None" = None
+    pair: int = 0  # which (prompt, seed) pair of its request it answers
+    tokens: list[int] = field(default_factory=list)
+    logprob: float = 0.0
+    text: str = ""
+    finish: str | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    """One generate() call, waiting for the decode loop to finish its samples."""
+
+    key: tuple  # (stop, temperature, top_p, max_new_tokens): rows decode together only when equal
+    texts: list[str]  # distinct prompts
+    prompts: list[list[int]]  # the same, as tokens
+    pairs: list[tuple[int, int]]  # distinct (prompt index, seed) pairs
+    n: int
+    samples: list[_Decoding] = field(default_factory=list)
+    left: int = 0
+    waited: int = 0  # decode steps spent waiting to join a running batch
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def per_pair(self) -> int:
+        """Samples decoded per pair: greedy decodes one and copies it n times."""
+        return 1 if self.key[1] == 0 else self.n
+
+    @property
+    def rows(self) -> int:
+        return len(self.pairs) * self.per_pair
+
+
+def _sample_seed(seed: int, k: int, prompt: str) -> int:
+    """Seed of sample k of `prompt`: independent of which other requests share the batch."""
+    digest = hashlib.sha256(f"{seed}:{k}:{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Scheduler:
+    """The decode loop and admission of LocalLM (which mixes this in). The host owns the state used
+    here: `_queue`, `_cv`, `_batch`, `_leading`, `lock`, `cache`, `device`, the batch limits, and
+    `_lookup`, `_extend` and `encode`."""
+
+    def _wait_or_lead(self, req: _Request) -> None:
+        """Wait for `req`, running the decode loop whenever no other thread is running it.
+
+        The loop runs on a calling thread, not a thread of its own: a second thread doing torch work
+        gets its own OpenMP pool, and with more OpenMP threads than cores libgomp cuts spinning to a
+        few hundred turns, which made every decode step ~1.6x slower. A caller leads until its own
+        request is done, then hands the batch to a waiting caller, so nothing is left running when
+        nobody waits (a reloaded model holds no thread)."""
+        while True:
+            with self._cv:
+                while not req.done.is_set() and self._leading:
+                    self._cv.wait()
+                if req.done.is_set():
+                    return
+                self._leading = True
+            try:
+                self._lead(req.done.is_set, req)
+            finally:
+                with self._cv:
+                    self._leading = False
+                    self._cv.notify_all()
+
+    def serve(self, until) -> None:
+        """Run the decode loop on this thread, for generate() calls made on other threads, until
+        `until()` is true. A program that searches (or serves RPCs) on worker threads calls this on
+        its main thread, so every decode step runs on one thread and one OpenMP pool (see
+        `_wait_or_lead`); on return, waiting callers lead again."""
+        with self._cv:
+            while self._leading:
+                self._cv.wait()
+            self._leading = True
+        try:
+            while not until():
+                with self._cv:
+                    if self._batch is None and not self._queue:
+                        self._cv.wait(0.05)
+                        continue
+                self._lead(lambda: self._batch is None and not self._queue, None)
+        finally:
+            with self._cv:
+                self._leading = False
+                self._cv.notify_all()
+
+    def _lead(self, done, mine: _Request | None) -> None:
+        """The decode loop: admits waiting requests at step boundaries and runs one step at a time
+        until `done()`; the batch stays in `self._batch` for the next leader."""
+        while not done():
+            with self._cv:
+                admit = self._admissible(self._batch)
+            try:
+                with self.lock, torch.inference_mode():
+                    if admit:
+                        self._batch = self._admit(self._batch, admit)
+                    if not self._batch.step(self):
+                        self._batch = None
+            except BaseException as e:  # noqa: BLE001 - the error belongs to the callers
+                batch, self._batch = self._batch, None
+                failed = {smp.request for smp in (batch.samples if batch else [])} | set(admit)
+                for req in failed | ({mine} if mine is not None else set()):
+                    if not req.done.is_set():
+                        req.error = e
+                        req.done.set()
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+            with self._cv:
+                self._cv.notify_all()  # wake callers whose requests this step finished
+
+    def _admissible(self, batch: "_Batch | None") -> list[_Request]:
+        """Requests to start now (called under _cv). A running batch admits requests with its key when
+        they add a quarter of its rows or have waited 8 steps (each admission copies the batch's KV),
+        and none once a request with another key waits: the batch then drains, so that one starts."""
+        if not self._queue:
+            return []
+        key = batch.key if batch is not None else self._queue[0].key
+        same = [r for r in self._queue if r.key == key]
+        if not same or (batch is not None and len(same) < len(self._queue)):
+            return []
+        if batch is not None:
+            for r in same:
+                r.waited += 1
+            rows = sum(r.rows for r in same)
+            if 4 * rows < batch.size and max(r.waited for r in same) < 8:
+                return []
+        admit, rows = [], batch.size if batch is not None else 0
+        width = batch.width if batch is not None else 0
+        for r in same:  # an empty batch takes its first request whatever its size
+            w = max([width] + [len(t) for t in r.prompts])
+            kv_bytes = (rows + r.rows) * (w + key[3]) * self._kv_bytes_per_slot
+            if (rows + r.rows > self.max_batch_rows or kv_bytes > self.max_batch_kv_bytes) and (admit or batch is not None):
+                break
+            admit.append(r)
+            rows, width = rows + r.rows, w
+        for r in admit:
+            self._queue.remove(r)
+        return admit
+
+    def _admit(self, batch: "_Batch | None", reqs: list[_Request]) -> "_Batch":
+        """Prefill the requests' prompts (only what the prefix cache lacks) and add their samples."""
+        stop, temperature, _, max_new_tokens = reqs[0].key
+        distinct: dict[tuple, _Row] = {}  # a prompt two requests share is computed once
+        for req in reqs:
+            for t in req.prompts:
+                if tuple(t) not in distinct:
+                    distinct[tuple(t)] = self._lookup(t, need_logits=True)
+        self._extend(list(distinct.values()))  # one prefill for all admitted requests
+        for r in distinct.values():
+            self.cache.insert(r.tokens, r.kv, r.values)
+        rows_of = [[distinct[tuple(t)] for t in req.prompts] for req in reqs]
+        new = []
+        for req, rows in zip(reqs, rows_of):
+            for j, (pi, sd) in enumerate(req.pairs):
+                for k in range(req.per_pair):
+                    gen = None
+                    if temperature > 0:
+                        gen = torch.Generator(device=self.device).manual_seed(_sample_seed(sd, k, req.texts[pi]))
+                    req.samples.append(_Decoding(rows[pi], k, gen, req, j))
+            req.left = len(req.samples)
+            new.extend(req.samples)
+        if batch is None:
+            batch = _Batch(reqs[0].key, max((len(self.encode(st)) for st in stop), default=0) + 4)
+        batch.add(new, max_new_tokens, self.device)
+        for r in distinct.values():  # copied into the batch: do not hold a second copy per prompt
+            r.kv = r.past = r.values = r.past_values = None
+        return batch
