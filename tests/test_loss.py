@@ -86,6 +86,28 @@ def test_collate_truncates_and_drops_states_beyond_max_len(tiny_tokenizer):
     assert b["value_mask"].sum() == 1 and b["value_targets"][0][b["value_mask"][0] > 0].tolist() == pytest.approx([0.3])
 
 
+def test_value_weights_make_the_value_loss_a_weighted_mean(tiny_tokenizer):
+    """A correct path weighing 3 against one wrong path: the value term is (3 e1 + e2) / 4 per step end."""
+    examples = [{"prompt": PROMPT, "steps": STEPS[:1], "q_values": [1.0], "correct": True},
+                {"prompt": PROMPT, "steps": STEPS[:1], "q_values": [-1.0], "correct": False}]
+    b = collate(examples, tiny_tokenizer, max_len=512, value_weights=[3.0, 1.0])
+    assert b["value_mask"][0].sum() == 3.0 and b["value_mask"][1].sum() == 1.0
+    values = torch.zeros(b["value_mask"].shape)  # a zero head: squared error 1 on both rows
+    values[0][b["value_mask"][0] > 0] = 0.5     # row 0 off by 0.5: squared error 0.25
+    jl = joint_loss(torch.zeros(*b["input_ids"].shape, 8), values, {**b, "labels": torch.full_like(b["labels"], IGNORE)})
+    assert jl.value_loss.item() == pytest.approx((3 * 0.25 + 1 * 1.0) / 4)
+    with pytest.raises(ValueError, match="2 value weights for 1 examples"):
+        collate(examples[:1], tiny_tokenizer, 512, value_weights=[1.0, 1.0])
+
+
+def test_balanced_value_weights():
+    from trainer_svc.train import value_weights
+    ex = [type("E", (), {"correct": c})() for c in (True, False, False, False)]
+    assert value_weights(ex, balance=True) == [3.0, 1.0, 1.0, 1.0]
+    assert value_weights(ex, balance=False) == [1.0] * 4
+    assert value_weights(ex[1:], balance=True) == [1.0] * 3  # no correct path: nothing to balance
+
+
 def test_collate_rejects_bad_examples(tiny_tokenizer):
     with pytest.raises(ValueError, match="one Q value per step"):
         collate([{"prompt": "p", "steps": ["a</step>\n"], "q_values": [], "correct": True}], tiny_tokenizer, 64)

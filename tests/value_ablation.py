@@ -10,6 +10,7 @@ Configs:
   head_lr         the head on its own learning rate (1e-3), trunk 2e-5 (the default now)
   head_lr_alpha1  as head_lr with alpha = 1 (the value loss weighs as much as the LM loss)
   probe           trunk frozen, only the head trains (a linear probe: what the features hold)
+  head_lr_balanced  as head_lr with class-balanced value loss (correct paths weigh n_wrong/n_correct)
 The report is rewritten after every config; a config already in it is skipped.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ CONFIGS = {
     "head_lr": dict(learning_rate=2e-5, value_head_lr=1e-3, value_loss_weight=0.1),
     "head_lr_alpha1": dict(learning_rate=2e-5, value_head_lr=1e-3, value_loss_weight=1.0),
     "probe": dict(learning_rate=1e-12, value_head_lr=1e-3, value_loss_weight=1.0),
+    "head_lr_balanced": dict(learning_rate=2e-5, value_head_lr=1e-3, value_loss_weight=0.1, value_balance=True),
 }
 
 

@@ -70,8 +70,12 @@ def _spans(prompt: str, steps: Sequence[str]) -> tuple[list[int], list[tuple[int
     return ends, engine
 
 
-def collate(examples: Sequence[Any], tokenizer, max_len: int) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[Any], tokenizer, max_len: int,
+            value_weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels, value_targets, value_mask.
+
+    `value_mask` holds each example's value weight (default 1) at its step ends: joint_loss's value
+    term is the weighted mean of the squared errors.
 
     Examples are dicts {"prompt", "steps", "q_values", "correct"} (or objects such as
     trainer_svc.examples.Example with `values`). The full text is tokenized once, as inference
@@ -84,7 +88,10 @@ def collate(examples: Sequence[Any], tokenizer, max_len: int) -> dict[str, torch
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
-    for ex in examples:
+    weights = [1.0] * len(examples) if value_weights is None else [float(w) for w in value_weights]
+    if len(weights) != len(examples):
+        raise ValueError(f"{len(weights)} value weights for {len(examples)} examples")
+    for ex, weight in zip(examples, weights):
         prompt, steps = _field(ex, "prompt"), list(_field(ex, "steps"))
         q = [float(v) for v in _field(ex, "q_values", "values")]
         correct = bool(_field(ex, "correct"))
@@ -103,7 +110,7 @@ def collate(examples: Sequence[Any], tokenizer, max_len: int) -> dict[str, torch
         for end, target in zip(ends, q):
             last = max((t for t, (_, b) in enumerate(offsets) if b <= end), default=None)
             if last is not None and offsets[last][1] > len(prompt) and enc["offset_mapping"][len(ids) - 1][1] >= end:
-                vt[last], vm[last] = target, 1.0
+                vt[last], vm[last] = target, weight
         rows.append((ids, labels, vt, vm))
     T = max(len(r[0]) for r in rows)
     out = {

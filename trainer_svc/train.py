@@ -58,6 +58,8 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     value_loss_weight: float = 0.1  # alpha
+    value_balance: bool = False     # weigh correct paths' step ends by n_wrong / n_correct in the value
+                                    # loss, so the few correct answers count as much as the many wrong
     max_grad_norm: float = 1.0
     max_len: int = 1024             # tokens per example
     max_examples: int | None = None
@@ -206,6 +208,7 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
         scheduler.load_state_dict(state["scheduler"])
         log.info("resuming %s at step %d/%d", output_dir, start_step, total)
 
+    weights = value_weights(examples, cfg.value_balance)
     t0 = time.perf_counter()
     last: Progress | None = None
     for step in range(start_step, total):
@@ -213,7 +216,8 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
         sums = torch.zeros(3)
         optimizer.zero_grad(set_to_none=True)
         for idx in micro:
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer, cfg.max_len).items()}
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer, cfg.max_len,
+                                                         [weights[i] for i in idx]).items()}
             if not batch["value_mask"].any():
                 log.warning("step %d: no step end within max_len=%d tokens in this batch; raise max_len",
                             step + 1, cfg.max_len)
@@ -277,6 +281,17 @@ class Candidate:
     trees: int
     examples: int          # of the trees `base` built (result.examples: those trained on, after max_examples)
     result: TrainResult
+
+
+def value_weights(examples: Sequence[Example], balance: bool) -> list[float]:
+    """Per-example weight of its step ends in the value loss. Balanced: a correct path weighs
+    n_wrong / n_correct (wrong paths 1), so the value loss sees as much "right" as "wrong"; a
+    data-generation round finds a correct answer on only a few of its paths."""
+    n_correct = sum(1 for e in examples if e.correct)
+    if not balance or n_correct in (0, len(examples)):
+        return [1.0] * len(examples)
+    w = (len(examples) - n_correct) / n_correct
+    return [w if e.correct else 1.0 for e in examples]
 
 
 def training_examples(examples: Sequence[Example], cfg: TrainConfig) -> list[Example]:
