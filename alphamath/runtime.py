@@ -20,9 +20,8 @@ def load_engine(model_dir: str | None = None, dtype: str | None = None, device: 
     `device`; the sandbox defaults to an Executor with the ALPHAMATH_SANDBOX_* limits."""
     from alphamath.lm import LocalLM
     from alphamath.model import embedded_checkpoint
-    from policy_svc.local import LocalPolicy
+    from alphamath.local import LocalPolicy, LocalValue
     from alphamath.sandbox.executor import Executor
-    from value_svc.local import LocalValue
 
     path = Path(model_dir) if model_dir else embedded_checkpoint()
     lm = LocalLM(path, dtype=dtype, device=device)
