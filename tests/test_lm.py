@@ -346,7 +346,7 @@ def test_rows_finishing_at_different_steps_keep_exact_kv_and_logprobs(lm):
 def test_sampler_draws_from_the_tempered_top_p_distribution():
     """_pick's inverse-CDF sampler: frequencies match softmax(logits / T), top-p never picks a dropped
     token, each row depends only on its own generator, and the logprob is the raw model's."""
-    from alphamath.lm.scheduler import _Decoding
+    from alphamath.lm.kv import _Decoding
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2, 1)
     def rows(seed):

@@ -8,8 +8,8 @@ radix tree keyed by token ids, so each token of the tree is run through the trun
 
 The package, one concern a module (in the manner of sglang's mem_cache/ and managers/):
 - `radix_cache`: the prefix cache (`PrefixCache`);
-- `kv`: cache layers with room to grow in place and the running decode batch;
-- `scheduler`: waiting requests, admission into the running batch, the decode loop;
+- `kv`: cache layers with room to grow in place, the running decode batch, its samples and requests;
+- `scheduler`: admission of waiting requests into the running batch, the decode loop;
 - `lock`: the fair lock around the model, the cache and the tokenizer;
 - `local_lm`: `LocalLM` itself (prefill, score, generate, sampling) and `load_local_lm`.
 """

@@ -1,23 +1,21 @@
-"""KV storage for decoding: rows with a cached prefix, cache layers with room, the running decode batch.
+"""KV storage for decoding: cache layers with room, rows with a cached prefix, the running decode batch
+and the samples and requests it holds.
 
 It exists so that decoding writes one KV column per step in place into preallocated buffers
 (transformers' DynamicLayer re-allocates the whole cache every token) and so that the samples of
 every admitted request live right-aligned in one batch that new requests can join between steps.
+It imports nothing else of the package but the KV type: the scheduler and LocalLM build on it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import threading
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alphamath.lm.radix_cache import KV
-
-if TYPE_CHECKING:
-    from alphamath.lm.local_lm import LocalLM
-    from alphamath.lm.scheduler import _Decoding
 
 
 class _RoomyLayer(DynamicLayer):
@@ -72,6 +70,45 @@ class _Row:
     values: torch.Tensor | None = None
     last_logits: torch.Tensor | None = None
 
+
+@dataclass(eq=False)
+class _Decoding:
+    """One sample being decoded."""
+
+    prompt: "_Row | None"  # the prompt's row: tokens, KV, values, last logits
+    seed_key: int  # sample index k
+    generator: torch.Generator | None
+    request: "_Request | None" = None
+    pair: int = 0  # which (prompt, seed) pair of its request it answers
+    tokens: list[int] = field(default_factory=list)
+    logprob: float = 0.0
+    text: str = ""
+    finish: str | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    """One generate() call, waiting for the decode loop to finish its samples."""
+
+    key: tuple  # (stop, temperature, top_p, max_new_tokens): rows decode together only when equal
+    texts: list[str]  # distinct prompts
+    prompts: list[list[int]]  # the same, as tokens
+    pairs: list[tuple[int, int]]  # distinct (prompt index, seed) pairs
+    n: int
+    samples: list[_Decoding] = field(default_factory=list)
+    left: int = 0
+    waited: int = 0  # decode steps spent waiting to join a running batch
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def per_pair(self) -> int:
+        """Samples decoded per pair: greedy decodes one and copies it n times."""
+        return 1 if self.key[1] == 0 else self.n
+
+    @property
+    def rows(self) -> int:
+        return len(self.pairs) * self.per_pair
 
 
 class _Batch:
@@ -139,8 +176,9 @@ class _Batch:
         # attention takes its unmasked path (no 4-D mask built).
         self.padded = not bool(self.mask[:, :W].all())
 
-    def step(self, lm: "LocalLM") -> bool:
-        """Sample one token for every live row, retire finished samples, feed the rest. False when empty."""
+    def step(self, lm) -> bool:
+        """Sample one token for every live row, retire finished samples, feed the rest. False when empty.
+        `lm` is the LocalLM that runs the batch: its model, sampler, stop test, prefix cache and usage."""
         stop, temperature, top_p, max_new_tokens = self.key
         live = [b for b in range(self.size) if self.alive[b]]  # rows of `logits`, in order
         toks, lps = lm._pick(self.logits, [self.samples[b] for b in live], temperature, top_p)

@@ -20,10 +20,10 @@ import torch
 from transformers import DynamicCache
 
 from alphamath.interfaces import Sample, Usage
-from alphamath.lm.kv import _Batch, _Row
+from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row
 from alphamath.lm.lock import _FairLock
 from alphamath.lm.radix_cache import DEFAULT_MAX_CACHED_TOKENS, PrefixCache
-from alphamath.lm.scheduler import DEFAULT_MAX_BATCH_KV_BYTES, DEFAULT_MAX_BATCH_ROWS, Scheduler, _Decoding, _Request
+from alphamath.lm.scheduler import DEFAULT_MAX_BATCH_KV_BYTES, DEFAULT_MAX_BATCH_ROWS, Scheduler
 from alphamath.model import ValueHeadModel
 
 DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x (past + new) per prefill forward, bounds activation memory

@@ -1,4 +1,4 @@
-"""Continuous batching for LocalLM.generate: waiting requests, admission at step boundaries, the decode loop.
+"""Continuous batching for LocalLM.generate: admission of waiting requests at step boundaries, the decode loop.
 
 It exists so that generate() calls from many threads (concurrent searches, RPC handlers) share every
 forward pass: a call queues a request, requests with the same sampling settings join the running
@@ -7,58 +7,16 @@ batch when the batch has room, and the loop runs on a calling thread, never a th
 from __future__ import annotations
 
 import hashlib
-import threading
-from dataclasses import dataclass, field
 
 import torch
 
-from alphamath.lm.kv import _Batch, _Row
+from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row
 
 DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once
 # KV of the running batch: rows x (width + room) slots, every row padded to the widest prompt. Joining
 # copies it once more, so the peak is about twice this. Without a bound, 16 concurrent MCTS searches
 # (80 rows of ~2k-token prompts, fp32) grew past 24 GB and were OOM-killed.
 DEFAULT_MAX_BATCH_KV_BYTES = 3 << 30
-
-
-@dataclass(eq=False)
-class _Decoding:
-    """One sample being decoded."""
-
-    prompt: "_Row | None"  # the prompt's row: tokens, KV, values, last logits
-    seed_key: int  # sample index k
-    generator: torch.Generator | None
-    request: "_Request | None" = None
-    pair: int = 0  # which (prompt, seed) pair of its request it answers
-    tokens: list[int] = field(default_factory=list)
-    logprob: float = 0.0
-    text: str = ""
-    finish: str | None = None
-
-
-@dataclass(eq=False)
-class _Request:
-    """One generate() call, waiting for the decode loop to finish its samples."""
-
-    key: tuple  # (stop, temperature, top_p, max_new_tokens): rows decode together only when equal
-    texts: list[str]  # distinct prompts
-    prompts: list[list[int]]  # the same, as tokens
-    pairs: list[tuple[int, int]]  # distinct (prompt index, seed) pairs
-    n: int
-    samples: list[_Decoding] = field(default_factory=list)
-    left: int = 0
-    waited: int = 0  # decode steps spent waiting to join a running batch
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def per_pair(self) -> int:
-        """Samples decoded per pair: greedy decodes one and copies it n times."""
-        return 1 if self.key[1] == 0 else self.n
-
-    @property
-    def rows(self) -> int:
-        return len(self.pairs) * self.per_pair
 
 
 def _sample_seed(seed: int, k: int, prompt: str) -> int:
