@@ -11,9 +11,9 @@ The package, one concern a module (in the manner of sglang's mem_cache/ and mana
 - `kv`: cache layers with room to grow in place, the running decode batch, its samples and requests;
 - `scheduler`: admission of waiting requests into the running batch, the decode loop;
 - `lock`: the fair lock around the model, the cache and the tokenizer;
-- `local_lm`: `LocalLM` itself (prefill, score, generate, sampling) and `load_local_lm`.
+- `local_lm`: `LocalLM` itself (prefill, score, generate, sampling).
 """
-from alphamath.lm.local_lm import LocalLM, load_local_lm
+from alphamath.lm.local_lm import LocalLM
 from alphamath.lm.radix_cache import PrefixCache
 
-__all__ = ["LocalLM", "PrefixCache", "load_local_lm"]
+__all__ = ["LocalLM", "PrefixCache"]

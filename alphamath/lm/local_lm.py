@@ -13,7 +13,6 @@ import os
 import secrets
 import threading
 from dataclasses import replace
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -274,10 +273,3 @@ def _cache_layers(cache: DynamicCache):
     if layers is None:
         raise RuntimeError("this transformers version's DynamicCache has no .layers; need transformers>=4.56")
     return [(layer.keys, layer.values) for layer in layers]
-
-
-def load_local_lm(model_dir: str | Path | None = None, dtype=None, device="cpu") -> LocalLM:
-    """LocalLM on `model_dir` or, by default, the embedded SmolLM2 checkpoint."""
-    from alphamath.model import embedded_checkpoint
-
-    return LocalLM(Path(model_dir) if model_dir else embedded_checkpoint(), dtype=dtype, device=device)
