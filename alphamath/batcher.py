@@ -80,9 +80,13 @@ class Batcher:
             self._cv.notify()
         return fut
 
-    def __call__(self, key: Hashable, payload: Any, size: int = 1, timeout: float | None = None):
-        """submit() and wait for the result; a timeout cancels the request if it has not started."""
+    def __call__(self, key: Hashable, payload: Any, size: int = 1, timeout: float | None = None,
+                 on_cancel: Callable[[Callable[[], Any]], Any] | None = None):
+        """submit() and wait for the result; a timeout cancels the request if it has not started.
+        `on_cancel(cancel)` hands the request's cancel to its caller (gRPC: `context.add_callback`)."""
         fut = self.submit(key, payload, size)
+        if on_cancel is not None:
+            on_cancel(fut.cancel)
         try:
             return fut.result(timeout)
         except TimeoutError:

@@ -132,14 +132,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         if temperature == 0:
             seed = None  # greedy ignores the seed: let all greedy requests share batches
         key = (n, tuple(stop), float(temperature), float(top_p), int(max_new_tokens))
-        fut = self.batcher.submit(key, (list(prompts), seed), size=len(prompts) * (1 if temperature == 0 else n))
-        if on_cancel is not None:
-            on_cancel(fut.cancel)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise
+        return self.batcher(key, (list(prompts), seed), size=len(prompts) * (1 if temperature == 0 else n),
+                            timeout=timeout, on_cancel=on_cancel)
 
     # ------------------------------------------------------------ gRPC
 

@@ -74,14 +74,7 @@ class ValueServicer(value_pb2_grpc.ValueServiceServicer):
                 raise InvalidArgument(f"states[{i}] is empty")
             if len(s) > self.limits.max_input_chars:
                 raise InvalidArgument(f"states[{i}] has {len(s)} characters; the limit is {self.limits.max_input_chars}")
-        fut = self.batcher.submit(None, list(states), size=len(states))
-        if on_cancel is not None:
-            on_cancel(fut.cancel)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise
+        return self.batcher(None, list(states), size=len(states), timeout=timeout, on_cancel=on_cancel)
 
     def Score(self, request, context):
         try:
