@@ -12,15 +12,8 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from alphamath.interfaces import Sample
-from alphamath.limits import (
-    EVENT_ID_CHARS,
-    GROUND_TRUTH_CHARS,
-    MAX_TREE_NODES,
-    QUESTION_CHARS,
-    check_finite,
-    check_id,
-    check_text,
-)
+from alphamath.limits import (EVENT_ID_CHARS, GROUND_TRUTH_CHARS, MAX_TREE_NODES, QUESTION_CHARS, check_finite,
+                              check_id, check_text)
 from alphamath.pb import common_pb2, events_pb2, policy_pb2, search_pb2
 from alphamath.tree import SCHEMA_VERSION, Node, Tree
 

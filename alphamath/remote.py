@@ -29,20 +29,8 @@ import grpc
 
 from alphamath.convert import completions_from_pb
 from alphamath.interfaces import ExecResult, Sample
-from alphamath.pb import (
-    policy_pb2,
-    policy_pb2_grpc,
-    sandbox_pb2,
-    sandbox_pb2_grpc,
-    value_pb2,
-    value_pb2_grpc,
-)
-from alphamath.service import (  # noqa: F401 - raised here
-    DependencyError,
-    DependencyUnavailable,
-    RequestCancelled,
-    RequestDeadlineExceeded,
-)
+from alphamath.pb import policy_pb2, policy_pb2_grpc, sandbox_pb2, sandbox_pb2_grpc, value_pb2, value_pb2_grpc
+from alphamath.service import DependencyError, DependencyUnavailable, RequestCancelled, RequestDeadlineExceeded  # noqa: F401 - raised here
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 

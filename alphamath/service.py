@@ -29,14 +29,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 ENV_PREFIX = "ALPHAMATH_"
 GRPC_PORTS = {"policy": 50051, "value": 50052, "search": 50053, "sandbox": 50054, "trainer": 50055}
@@ -68,6 +61,21 @@ def service_parser(service: str, description: str, *, grpc_port: int | None = No
     p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads")
     p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
     return p
+
+
+def add_model_server_flags(p: argparse.ArgumentParser, *, max_batch_size: int, unit: str,
+                           model_help: str) -> None:
+    """The flags the policy and value servers share: which checkpoint (and where it runs), how
+    requests are batched, and the Kafka cluster whose promotions the server follows."""
+    p.add_argument("--model-dir", default="", help=model_help)
+    p.add_argument("--checkpoint", default="", help="checkpoint id reported in Info/metrics (default: dir name)")
+    p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bf16 where the CPU is fast at it)")
+    p.add_argument("--device", default="cpu", help="torch device of the local model: cpu | cuda | cuda:N")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, help="batching window")
+    p.add_argument("--max-batch-size", type=int, default=max_batch_size, help=f"{unit} per batch")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--kafka-bootstrap", default="",
+                   help="follow promoted checkpoints on this Kafka cluster (local backend; empty: off)")
 
 
 def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,

@@ -10,13 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from alphamath.service import (
-    TGI_HTTP_PORT,
-    parse_config,
-    run_until_signal,
-    service_parser,
-    setup_logging,
-)
+from alphamath.service import (TGI_HTTP_PORT, add_model_server_flags, parse_config, run_until_signal, service_parser,
+                               setup_logging)
 
 log = logging.getLogger("policy_svc")
 
@@ -24,19 +19,12 @@ log = logging.getLogger("policy_svc")
 def build_parser():
     p = service_parser("policy", __doc__.splitlines()[0])
     p.add_argument("--backend", choices=["local", "tgi"], default="local")
-    p.add_argument("--model-dir", default="", help="HF model directory (default: the embedded SmolLM2 checkpoint)")
-    p.add_argument("--checkpoint", default="", help="checkpoint id reported in Info/metrics (default: dir name)")
-    p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bf16 where the CPU is fast at it)")
-    p.add_argument("--device", default="cpu", help="torch device of the local model: cpu | cuda | cuda:N")
+    add_model_server_flags(p, max_batch_size=64, unit="sequences",
+                           model_help="HF model directory (default: the embedded SmolLM2 checkpoint)")
     p.add_argument("--tgi-url", default="http://127.0.0.1:8080", help="TGI server (backend tgi)")
     p.add_argument("--tokenizer-dir", default="", help="tokenizer for the chat template (backend tgi)")
     p.add_argument("--http-port", type=int, default=TGI_HTTP_PORT,
                    help="TGI-compatible HTTP API port in local mode (-1 disables)")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="batching window")
-    p.add_argument("--max-batch-size", type=int, default=64, help="sequences per batch")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
-    p.add_argument("--kafka-bootstrap", default="",
-                   help="follow promoted checkpoints on this Kafka cluster (local backend; empty: off)")
     return p
 
 

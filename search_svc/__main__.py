@@ -5,13 +5,7 @@ import logging
 import sys
 
 from alphamath.remote import RetryPolicy
-from alphamath.service import (
-    GRPC_PORTS,
-    parse_config,
-    run_until_signal,
-    service_parser,
-    setup_logging,
-)
+from alphamath.service import GRPC_PORTS, parse_config, run_until_signal, service_parser, setup_logging
 from search_svc.server import SearchServer, SearchServerConfig
 
 log = logging.getLogger("search_svc")

@@ -31,14 +31,8 @@ from alphamath.limits import GROUND_TRUTH_CHARS, check_id, check_text
 from alphamath.pb import search_pb2, search_pb2_grpc
 from alphamath.remote import CallScope, Dependencies, RetryPolicy
 from alphamath.search_config import SearchConfig
-from alphamath.service import (
-    LATENCY_BUCKETS,
-    GrpcServer,
-    RequestCancelled,
-    RequestDeadlineExceeded,
-    ServiceMetrics,
-    status_for,
-)
+from alphamath.service import (LATENCY_BUCKETS, GrpcServer, RequestCancelled, RequestDeadlineExceeded, ServiceMetrics,
+                               status_for)
 from alphamath.tree import Tree
 from search_svc.engine import check_question, solve
 from search_svc.mcts import best_answer_node

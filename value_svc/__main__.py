@@ -8,27 +8,15 @@ import logging
 import sys
 from pathlib import Path
 
-from alphamath.service import (
-    parse_config,
-    run_until_signal,
-    service_parser,
-    setup_logging,
-)
+from alphamath.service import add_model_server_flags, parse_config, run_until_signal, service_parser, setup_logging
 
 log = logging.getLogger("value_svc")
 
 
 def build_parser():
     p = service_parser("value", __doc__.splitlines()[0])
-    p.add_argument("--model-dir", default="", help="HF model directory with value head (default: embedded)")
-    p.add_argument("--checkpoint", default="", help="checkpoint id reported in Info/metrics (default: dir name)")
-    p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bf16 where the CPU is fast at it)")
-    p.add_argument("--device", default="cpu", help="torch device of the local model: cpu | cuda | cuda:N")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="batching window")
-    p.add_argument("--max-batch-size", type=int, default=128, help="states per batch")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
-    p.add_argument("--kafka-bootstrap", default="",
-                   help="follow promoted checkpoints on this Kafka cluster (local backend; empty: off)")
+    add_model_server_flags(p, max_batch_size=128, unit="states",
+                           model_help="HF model directory with value head (default: embedded)")
     return p
 
 
