@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup model demo test test-faults test-under-load bench proto run stop round k8s-validate clean
+.PHONY: setup model demo test test-faults test-under-load bench bench-memory proto run stop round k8s-validate clean
 
 $(STAMP): pyproject.toml
 	@(command -v runsc && command -v bwrap && /usr/bin/python3 -c 'import numpy, sympy') >/dev/null 2>&1 || \
@@ -40,6 +40,9 @@ test-under-load: setup  ## the suite RUNS times in a row while every core runs a
 
 bench: model
 	$(BIN)/python -m tests.bench
+
+bench-memory: model  ## peak RSS of one process: SBS(3,5) at concurrency 8 and 16, MCTS(N=40) at 16 (target <= 6 GB)
+	$(BIN)/python -m tests.bench_memory
 
 proto: setup  ## regenerate the Python gRPC stubs from proto/
 	$(BIN)/python -m alphamath.protogen

@@ -126,7 +126,7 @@ def cmd_eval(a):
         # seconds_per_question is wall time over questions done: with --concurrency it is throughput,
         # while each question's own "seconds" is its latency
         row = dict(method=m, concurrency=a.concurrency, correct=0, n=len(problems), done=0,
-                   seconds_per_question=0.0, questions=[])
+                   seconds_per_question=0.0, memory_budget_mb=eng.lm.budget.total_bytes >> 20, questions=[])
         report.append(row)
         t0 = time.perf_counter()
         with _progress(len(problems), m) as bar:

@@ -259,6 +259,52 @@ def test_small_cache_budget_still_gives_right_values(head_model_dir):
     assert values == pytest.approx([full_value(small, s) for s in states], abs=1e-5)
 
 
+def test_a_small_prefill_budget_splits_the_forwards_and_gives_the_same_values(head_model_dir, monkeypatch):
+    """Beyond max_prefill_bytes the prompts are prefilled in more, smaller forwards (the work waits
+    its turn, memory stays bounded) and the values do not change."""
+    from alphamath.lm import local_lm
+    big = LocalLM(head_model_dir, dtype="fp32")
+    states = [short_prompt(big, f"What is {i} times 7?") for i in range(6)]
+    expected = big.score(states)
+    forwards = []
+    small = LocalLM(head_model_dir, dtype="fp32", max_prefill_bytes=1)  # every row alone
+    real = local_lm.LocalLM._extend_batch
+    monkeypatch.setattr(local_lm.LocalLM, "_extend_batch", lambda self, rows: (forwards.append(len(rows)), real(self, rows)))
+    assert small.score(states) == pytest.approx(expected, abs=1e-5)
+    assert forwards == [1] * 6
+    forwards.clear()
+    roomy = LocalLM(head_model_dir, dtype="fp32")
+    assert roomy.score(states) == pytest.approx(expected, abs=1e-5) and forwards == [6]
+
+
+def test_memory_budget_from_the_environment(monkeypatch):
+    from alphamath.lm.budget import DEFAULT_MEMORY_MB, MemoryBudget, prefill_bytes
+    monkeypatch.delenv("ALPHAMATH_MEMORY_MB", raising=False)
+    assert MemoryBudget.from_env().total_bytes == DEFAULT_MEMORY_MB << 20
+    monkeypatch.setenv("ALPHAMATH_MEMORY_MB", "1000")
+    b = MemoryBudget.from_env()
+    assert b.total_bytes == 1000 << 20
+    assert b.cached_tokens(1000) == int((1000 << 20) * 0.25) // 1000
+    assert b.batch_kv_bytes == int((1000 << 20) * 0.40) // 2  # joining copies the batch once
+    assert b.prefill_bytes == int((1000 << 20) * 0.35)
+    # 2 rows padded to 3 past + 2 new: KV twice, fp32 scores and probabilities, fp32 MLP activations
+    assert prefill_bytes(2, 3, 2, kv_bytes_per_token=10, heads=4, hidden=8, intermediate=16) == (
+        2 * 2 * 5 * 10 + 2 * 2 * 4 * 2 * 5 * 4 + 2 * 2 * (3 * 16 + 4 * 8) * 4)
+    for bad in ("lots", "100"):
+        monkeypatch.setenv("ALPHAMATH_MEMORY_MB", bad)
+        with pytest.raises(ValueError, match="ALPHAMATH_MEMORY_MB"):
+            MemoryBudget.from_env()
+
+
+def test_lm_takes_its_limits_from_the_budget(head_model_dir, monkeypatch):
+    from alphamath.lm.budget import configure_allocator
+    monkeypatch.setenv("ALPHAMATH_MEMORY_MB", "512")
+    lm = LocalLM(head_model_dir, dtype="fp32")
+    assert lm.cache.max_tokens == lm.budget.cached_tokens(lm._kv_bytes_per_slot)
+    assert lm.max_batch_kv_bytes == lm.budget.batch_kv_bytes and lm.max_prefill_bytes == lm.budget.prefill_bytes
+    assert configure_allocator() is True  # glibc: freed tensors go back to the OS
+
+
 # ---- Policy / Value adapters and the naive baseline ---------------------------------------------
 def test_local_policy_and_value_share_one_lm(lm):
     policy, value = LocalPolicy(lm), LocalValue(lm)

@@ -21,40 +21,42 @@ from transformers import DynamicCache
 from alphamath.interfaces import Sample, Usage
 from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row
 from alphamath.lm.lock import _FairLock
-from alphamath.lm.radix_cache import DEFAULT_MAX_CACHED_TOKENS, PrefixCache
-from alphamath.lm.scheduler import DEFAULT_MAX_BATCH_KV_BYTES, DEFAULT_MAX_BATCH_ROWS, Scheduler
+from alphamath.lm.budget import MemoryBudget, configure_allocator, prefill_bytes
+from alphamath.lm.radix_cache import PrefixCache
+from alphamath.lm.scheduler import DEFAULT_MAX_BATCH_ROWS, Scheduler
 from alphamath.model import ValueHeadModel
-
-DEFAULT_MAX_BATCH_TOKENS = 16384  # rows x (past + new) per prefill forward, bounds activation memory
 
 
 class LocalLM(Scheduler):
     """Policy and value from one `ValueHeadModel`, computing every token at most once (see module doc)."""
 
     def __init__(self, model: ValueHeadModel | str | os.PathLike, tokenizer=None, *, dtype=None,
-                 device: str | torch.device = "cpu", max_cached_tokens: int | None = None,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
-                 max_batch_kv_bytes: int = DEFAULT_MAX_BATCH_KV_BYTES):
+                 device: str | torch.device = "cpu", budget: MemoryBudget | None = None,
+                 max_cached_tokens: int | None = None, max_batch_kv_bytes: int | None = None,
+                 max_prefill_bytes: int | None = None, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS):
+        """Memory: `budget` (default: ALPHAMATH_MEMORY_MB, see alphamath/lm/budget.py) sets the prefix
+        cache, the decode batch's KV and the prefill's activations; the max_* arguments override one."""
         if not isinstance(model, ValueHeadModel):
             model = ValueHeadModel.from_pretrained(model, dtype=dtype, device=device)
         self.model = model.eval()
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
             raise ValueError("LocalLM needs a tokenizer (none was saved with the model)")
-        if max_cached_tokens is None:
-            max_cached_tokens = int(os.environ.get("ALPHAMATH_KV_CACHE_TOKENS", DEFAULT_MAX_CACHED_TOKENS))
-        self.cache = PrefixCache(max_cached_tokens)
-        self.max_batch_tokens = max_batch_tokens
+        configure_allocator()
+        cfg = self.model.lm.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._kv_bytes_per_slot = (2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+                                   * head_dim * torch.finfo(self.model.dtype).bits // 8)
+        self._shape = (cfg.num_attention_heads, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
+        self.budget = budget or MemoryBudget.from_env()
+        self.cache = PrefixCache(max_cached_tokens or self.budget.cached_tokens(self._kv_bytes_per_slot))
+        self.max_batch_kv_bytes = max_batch_kv_bytes or self.budget.batch_kv_bytes
+        self.max_prefill_bytes = max_prefill_bytes or self.budget.prefill_bytes
         self.usage = Usage()
         self.reused_tokens = 0  # tokens served from the prefix cache instead of being recomputed
         self.lock = _FairLock()  # the model, the prefix cache and the tokenizer
         self.eos_ids = self._eos_ids()
         self.max_batch_rows = max_batch_rows
-        self.max_batch_kv_bytes = max_batch_kv_bytes
-        cfg = self.model.lm.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self._kv_bytes_per_slot = (2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-                                   * head_dim * torch.finfo(self.model.dtype).bits // 8)
         self._queue: list[_Request] = []  # generate() calls waiting to join the decode batch
         self._cv = threading.Condition()
         self._batch: _Batch | None = None  # the running decode batch, stepped by the leading caller
@@ -93,12 +95,15 @@ class LocalLM(Scheduler):
         return _Row(tokens, m, kv, vals)
 
     def _extend(self, rows: list[_Row]) -> None:
-        """Compute the uncached tokens of all rows, in batches bounded by max_batch_tokens."""
+        """Compute the uncached tokens of all rows, in forwards whose estimated memory stays within
+        max_prefill_bytes (a row alone always runs)."""
         todo = sorted((r for r in rows if r.cached < len(r.tokens)), key=lambda r: len(r.tokens))
         batch: list[_Row] = []
         for row in todo:
-            width = max([len(r.tokens) for r in batch] + [len(row.tokens)])
-            if batch and (len(batch) + 1) * width > self.max_batch_tokens:
+            grown = batch + [row]
+            past = max(r.cached for r in grown)
+            new = max(len(r.tokens) - r.cached for r in grown)
+            if batch and prefill_bytes(len(grown), past, new, self._kv_bytes_per_slot, *self._shape) > self.max_prefill_bytes:
                 self._extend_batch(batch)
                 batch = []
             batch.append(row)

@@ -13,10 +13,9 @@ import torch
 from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row
 
 DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once
-# KV of the running batch: rows x (width + room) slots, every row padded to the widest prompt. Joining
-# copies it once more, so the peak is about twice this. Without a bound, 16 concurrent MCTS searches
-# (80 rows of ~2k-token prompts, fp32) grew past 24 GB and were OOM-killed.
-DEFAULT_MAX_BATCH_KV_BYTES = 3 << 30
+# The KV of the running batch (rows x (width + room) slots, every row padded to the widest prompt) is
+# bounded by the memory budget (alphamath/lm/budget.py); joining copies it once more. Without a bound,
+# 16 concurrent MCTS searches (80 rows of ~2k-token prompts, fp32) grew past 24 GB and were OOM-killed.
 
 
 def _sample_seed(seed: int, k: int, prompt: str) -> int:
