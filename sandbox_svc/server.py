@@ -30,11 +30,17 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from alphamath.admission import Admission
 from alphamath.pb import sandbox_pb2, sandbox_pb2_grpc
-from alphamath.service import LATENCY_BUCKETS, GrpcServer, Overloaded, ServiceMetrics
+from alphamath.service import (LATENCY_BUCKETS, GrpcServer, Overloaded, RequestCancelled, RequestDeadlineExceeded,
+                               ServiceMetrics, Unavailable, status_for)
 
 log = logging.getLogger("sandbox_svc")
 
 MAX_CELLS = 256
+
+
+# how an Execute that did not run counts in alphamath_sandbox_executions_total (a cancelled one does not)
+OUTCOMES = ((Overloaded, "overloaded"), (RequestDeadlineExceeded, "deadline"), (ValueError, "invalid"),
+            (Unavailable, "sandbox_error"))
 
 
 class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
@@ -130,28 +136,23 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         def check():
             """Give up waiting for a free sandbox once the deadline passed or the client left."""
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("the deadline passed while waiting for a free sandbox")
+                raise RequestDeadlineExceeded("the deadline passed while waiting for a free sandbox")
             if not context.is_active():
-                raise ConnectionAbortedError("the client went away while waiting")
+                raise RequestCancelled("the client went away while waiting")
 
         try:
             with self.gate.slot(check, deadline=deadline):
                 result = self.executor.execute(cells, **kwargs)
-        except Overloaded as e:
-            self.m_exec.labels(self.backend, "overloaded").inc()
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except TimeoutError as e:
-            self.m_exec.labels(self.backend, "deadline").inc()
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-        except ConnectionAbortedError as e:
-            context.abort(grpc.StatusCode.CANCELLED, str(e))
-        except (ValueError, TypeError) as e:
-            self.m_exec.labels(self.backend, "invalid").inc()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Exception as e:  # noqa: BLE001 - a sandbox that failed to boot: transient, retryable
-            self.m_exec.labels(self.backend, "sandbox_error").inc()
-            log.error("sandbox failed: %s", e)
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"sandbox could not run the code: {e}")
+        except Exception as e:  # noqa: BLE001 - every failure answers through the one status map
+            if isinstance(e, TypeError):
+                e = ValueError(str(e))
+            elif not isinstance(e, (Overloaded, RequestDeadlineExceeded, RequestCancelled, ValueError)):
+                log.error("sandbox failed: %s", e)  # a sandbox that failed to boot: transient, retryable
+                e = Unavailable(f"sandbox could not run the code: {e}")
+            label = next((name for kind, name in OUTCOMES if isinstance(e, kind)), None)
+            if label:
+                self.m_exec.labels(self.backend, label).inc()
+            context.abort(*status_for(e, "sandbox"))
         stdout = result.stdout
         if len(stdout) > out_chars:
             stdout = stdout[:out_chars] + "\n...[output truncated]"
