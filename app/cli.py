@@ -18,7 +18,7 @@ def _config(a) -> SearchConfig:
     return SearchConfig(iterations=a.iterations, n_children=a.n_children, temperature=a.temperature,
                         max_new_tokens=a.max_new_tokens, c_puct=a.c_puct, max_depth=a.max_depth,
                         beam_b1=a.b1, beam_b2=a.b2, majority_k=a.k, select_by=a.select_by,
-                        seed=a.seed).validate()
+                        leaves_per_call=a.leaves_per_call, seed=a.seed).validate()
 
 
 def _engine(a):
@@ -252,6 +252,8 @@ def _search_args(p: argparse.ArgumentParser, method_default: str | None = "mcts"
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--c-puct", type=float, default=d.c_puct)
     p.add_argument("--max-depth", type=int, default=d.max_depth)
+    p.add_argument("--leaves-per-call", type=int, default=d.leaves_per_call,
+                   help="MCTS: leaves selected (with a virtual loss) and expanded per model call; 1 is the paper's search")
     p.add_argument("--b1", type=int, default=d.beam_b1)
     p.add_argument("--b2", type=int, default=d.beam_b2)
     p.add_argument("--k", type=int, default=d.majority_k, help="majority vote samples")

@@ -97,6 +97,18 @@ def test_sample_round_trip():
         convert.sample_from_pb(policy_pb2.Sample())
 
 
+def test_every_search_setting_travels_in_search_parameters():
+    """SearchParameters mirrors alphamath.search_config.SearchConfig: a client can set every field
+    (batched MCTS's leaves_per_call included), and a non-default config survives the round trip."""
+    from dataclasses import asdict, fields
+
+    from alphamath.search_config import SearchConfig
+    names = {fd.name for fd in search_pb2.SearchParameters.DESCRIPTOR.fields}
+    assert {f.name for f in fields(SearchConfig)} <= names
+    cfg = {k: v for k, v in asdict(SearchConfig(leaves_per_call=4, iterations=12)).items()}
+    assert convert.parameters_to_overrides(convert.parameters_to_pb(cfg))["leaves_per_call"] == 4
+
+
 def test_search_parameters_only_set_fields():
     p = search_pb2.SearchParameters(iterations=0, c_puct=2.5, select_by=search_pb2.SELECT_BY_VISITS)
     assert convert.parameters_to_overrides(p) == {"iterations": 0, "c_puct": 2.5, "select_by": "visits"}

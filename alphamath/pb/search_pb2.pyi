@@ -32,7 +32,7 @@ SELECT_BY_VALUE: SelectBy
 SELECT_BY_VISITS: SelectBy
 
 class SearchParameters(_message.Message):
-    __slots__ = ("iterations", "n_children", "c_puct", "temperature", "top_p", "max_new_tokens", "max_depth", "max_code_errors", "beam_b1", "beam_b2", "majority_k", "select_by", "seed")
+    __slots__ = ("iterations", "n_children", "c_puct", "temperature", "top_p", "max_new_tokens", "max_depth", "max_code_errors", "beam_b1", "beam_b2", "majority_k", "select_by", "seed", "leaves_per_call")
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     N_CHILDREN_FIELD_NUMBER: _ClassVar[int]
     C_PUCT_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class SearchParameters(_message.Message):
     MAJORITY_K_FIELD_NUMBER: _ClassVar[int]
     SELECT_BY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_PER_CALL_FIELD_NUMBER: _ClassVar[int]
     iterations: int
     n_children: int
     c_puct: float
@@ -59,7 +60,8 @@ class SearchParameters(_message.Message):
     majority_k: int
     select_by: SelectBy
     seed: int
-    def __init__(self, iterations: _Optional[int] = ..., n_children: _Optional[int] = ..., c_puct: _Optional[float] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., max_depth: _Optional[int] = ..., max_code_errors: _Optional[int] = ..., beam_b1: _Optional[int] = ..., beam_b2: _Optional[int] = ..., majority_k: _Optional[int] = ..., select_by: _Optional[_Union[SelectBy, str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    leaves_per_call: int
+    def __init__(self, iterations: _Optional[int] = ..., n_children: _Optional[int] = ..., c_puct: _Optional[float] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., max_depth: _Optional[int] = ..., max_code_errors: _Optional[int] = ..., beam_b1: _Optional[int] = ..., beam_b2: _Optional[int] = ..., majority_k: _Optional[int] = ..., select_by: _Optional[_Union[SelectBy, str]] = ..., seed: _Optional[int] = ..., leaves_per_call: _Optional[int] = ...) -> None: ...
 
 class SolveRequest(_message.Message):
     __slots__ = ("question", "method", "parameters", "ground_truth", "question_id", "include_tree")
