@@ -1,7 +1,9 @@
 """alphamath: AlphaMath Almost Zero (arXiv 2405.03553) as a service system.
 
-The shared library holds what several services need: the step format, the tree schema,
-answer checking, the engine interfaces and the causal LM with a value head.
+The shared library holds what several services need: the step format, the tree schema, answer
+checking, the search protocols with their local backends (the prefix-cached LM with a value head,
+the gVisor sandbox) and gRPC clients, and the serving pieces every server shares. It imports no
+service and not the Face (`app/`); tests/test_layout.py checks that.
 """
 import os
 
