@@ -20,8 +20,7 @@ POLL_S = 0.05
 class Admission:
     """`what` names the unit in the refusal ("search is overloaded: 4 searches running ...")."""
 
-    def __init__(self, service: str, what: str, max_active: int, max_queued: int,
-                 queued_gauge=None, active_gauge=None):
+    def __init__(self, service: str, what: str, max_active: int, max_queued: int, queued_gauge, active_gauge):
         self.service, self.what = service, what
         self.max_active, self.max_queued = max_active, max_queued
         self._slots = threading.Semaphore(max_active)
@@ -42,21 +41,21 @@ class Admission:
                     raise Overloaded(f"{self.service} is overloaded: {self.max_active} {self.what} running and "
                                      f"{self.waiting} waiting (limit {self.max_queued}); retry later")
                 self.waiting += 1
-                _add(self._queued, 1)
+                self._queued.inc()
             try:
                 while not self._slots.acquire(timeout=_wait(deadline)):
                     check()
             finally:
                 with self._lock:
                     self.waiting -= 1
-                    _add(self._queued, -1)
+                    self._queued.dec()
         with self._lock:
             self.running += 1
-        _add(self._active, 1)
+        self._active.inc()
         try:
             yield
         finally:
-            _add(self._active, -1)
+            self._active.dec()
             with self._lock:
                 self.running -= 1
             self._slots.release()
@@ -64,8 +63,3 @@ class Admission:
 
 def _wait(deadline: float | None) -> float:
     return POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
-
-
-def _add(gauge, n: int) -> None:
-    if gauge is not None:
-        gauge.inc(n)

@@ -34,7 +34,6 @@ class ModelSlot:
     def __init__(self, loaded, *, on_swap: Callable[[object], None] | None = None, name: str = "model"):
         self._loaded, self._on_swap, self.name = loaded, on_swap, name
         self._load_lock = threading.Lock()  # one load at a time; readers never take it
-        self.swaps = 0
         if on_swap is not None:
             on_swap(loaded)
 
@@ -49,7 +48,6 @@ class ModelSlot:
     def swap(self, loaded) -> None:
         """Serve `loaded` from now on (an atomic reference swap); requests running finish on the old one."""
         old, self._loaded = self._loaded, loaded
-        self.swaps += 1
         if self._on_swap is not None:
             self._on_swap(loaded)
         log.info("%s checkpoint switched", self.name, extra={"old": old.checkpoint, "new": loaded.checkpoint})
