@@ -178,3 +178,28 @@ def test_grouped_attention_equals_transformers_sdpa_on_unpadded_decode_steps(mod
             r = plain(step, past_key_values=ref_cache, use_cache=True)
             torch.testing.assert_close(o.logits, r.logits, atol=1e-5, rtol=1e-4)
             cache, ref_cache = o.past_key_values, r.past_key_values
+
+
+def test_packed_linears_give_the_plain_model_exactly_and_fall_back_for_training(tiny_model_dir):
+    """LocalLM packs bf16 weights for oneDNN (alphamath/model/packed.py): the same numbers as the plain
+    layers, gradients through the plain path, and a weight changed in place is packed again."""
+    from alphamath.model.packed import PackedLinear, can_pack, pack_linears
+
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("this CPU's oneDNN has no native bf16 kernels, so LocalLM does not pack")
+    plain = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="bf16").eval()
+    packed = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="bf16").eval()
+    assert pack_linears(packed.lm) == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
+    assert set(packed.state_dict()) == set(plain.state_dict())  # checkpoints keep their keys
+    ids = _ids(plain)
+    with torch.inference_mode():
+        assert torch.equal(packed(ids).logits, plain(ids).logits)
+    out = packed(ids)  # grad enabled: the plain path, so training sees ordinary parameters
+    out.logits.float().sum().backward()
+    assert packed.lm.model.layers[0].self_attn.q_proj.weight.grad is not None
+    layer = packed.lm.model.layers[0].mlp.up_proj
+    assert isinstance(layer, PackedLinear)
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.mul_(2)
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))

@@ -25,6 +25,7 @@ from alphamath.lm.budget import MemoryBudget, configure_allocator, prefill_bytes
 from alphamath.lm.radix_cache import PrefixCache
 from alphamath.lm.scheduler import DEFAULT_MAX_BATCH_ROWS, Scheduler
 from alphamath.model import ValueHeadModel
+from alphamath.model.packed import can_pack, pack_linears
 
 
 class LocalLM(Scheduler):
@@ -39,6 +40,8 @@ class LocalLM(Scheduler):
         if not isinstance(model, ValueHeadModel):
             model = ValueHeadModel.from_pretrained(model, dtype=dtype, device=device)
         self.model = model.eval()
+        if can_pack(self.model.dtype, self.model.device):  # bf16 on CPU: oneDNN-packed weights (packed.py)
+            pack_linears(self.model.lm)
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
             raise ValueError("LocalLM needs a tokenizer (none was saved with the model)")
