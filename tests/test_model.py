@@ -180,26 +180,51 @@ def test_grouped_attention_equals_transformers_sdpa_on_unpadded_decode_steps(mod
             cache, ref_cache = o.past_key_values, r.past_key_values
 
 
-def test_packed_linears_give_the_plain_model_exactly_and_fall_back_for_training(tiny_model_dir):
-    """LocalLM packs bf16 weights for oneDNN (alphamath/model/packed.py): the same numbers as the plain
-    layers, gradients through the plain path, and a weight changed in place is packed again."""
-    from alphamath.model.packed import PackedLinear, can_pack, pack_linears
 
-    if not can_pack(torch.bfloat16, torch.device("cpu")):
-        pytest.skip("this CPU's oneDNN has no native bf16 kernels, so LocalLM does not pack")
-    plain = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="bf16").eval()
-    packed = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="bf16").eval()
-    assert pack_linears(packed.lm) == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
-    assert set(packed.state_dict()) == set(plain.state_dict())  # checkpoints keep their keys
-    ids = _ids(plain)
-    with torch.inference_mode():
-        assert torch.equal(packed(ids).logits, plain(ids).logits)
-    out = packed(ids)  # grad enabled: the plain path, so training sees ordinary parameters
-    out.logits.float().sum().backward()
-    assert packed.lm.model.layers[0].self_attn.q_proj.weight.grad is not None
-    layer = packed.lm.model.layers[0].mlp.up_proj
-    assert isinstance(layer, PackedLinear)
-    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
-    with torch.no_grad():
-        layer.weight.mul_(2)
-        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fast_llama_gives_the_hidden_states_and_cache_of_transformers_llama(tiny_model_dir, dtype):
+    """LocalLM's forward (alphamath/model/fast_llama.py) against transformers' on the cases LocalLM
+    runs: a prompt, a padded prefill after cached pasts, and padded and unpadded decode steps."""
+    from transformers import DynamicCache
+
+    from alphamath.model.fast_llama import FastLlama
+    from alphamath.model.packed import can_pack
+
+    model = ValueHeadModel.from_pretrained(tiny_model_dir, dtype=dtype).eval()
+    assert FastLlama.supports(model.lm)
+    fast = FastLlama(model.lm)
+    if dtype == "bf16":
+        assert fast.lm_head.packed == can_pack(torch.bfloat16, torch.device("cpu"))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == "fp32" else dict(atol=3e-2, rtol=3e-2)
+    torch.manual_seed(0)
+    V = model.config.vocab_size
+
+    def both(ids, mask=None, pos=None, caches=(None, None)):
+        with torch.inference_mode():
+            h_ref, c_ref = model.hidden(ids, attention_mask=mask, past_key_values=caches[0], position_ids=pos, use_cache=True)
+            h, c = fast.hidden(ids, attention_mask=mask, past_key_values=caches[1], position_ids=pos)
+        assert torch.allclose(h.float(), h_ref.float(), **tol), (h.float() - h_ref.float()).abs().max()
+        for layer_ref, layer in zip(c_ref.layers, c.layers):
+            assert torch.allclose(layer.keys.float(), layer_ref.keys.float(), **tol)
+            assert torch.allclose(layer.values.float(), layer_ref.values.float(), **tol)
+        return c_ref, c
+
+    prompt = torch.randint(0, V, (1, 7))
+    caches = both(prompt)  # a prompt: causal, nothing padded
+    both(torch.randint(0, V, (1, 1)), pos=torch.tensor([[7]]), caches=caches)  # an unpadded decode step
+    # Two rows after cached pasts of 3 and 5 tokens, left-padded to 5; 2 and 4 new tokens, right-padded.
+    past = [torch.randn(2, model.config.num_key_value_heads, 5, fast.head_dim).to(model.dtype) for _ in range(4)]
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    pos = torch.tensor([[3, 4, 0, 0], [5, 6, 7, 8]])
+    ids = torch.randint(0, V, (2, 4))
+    caches = []
+    for _ in range(2):
+        c = DynamicCache()
+        for layer in range(model.config.num_hidden_layers):
+            c.update(past[0].clone(), past[1].clone(), layer)
+        caches.append(c)
+    caches = both(ids, mask=mask, pos=pos, caches=tuple(caches))
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)  # a padded decode step
+    both(torch.randint(0, V, (2, 1)), mask=step_mask, pos=torch.tensor([[5], [9]]), caches=caches)
+    assert torch.allclose(fast.logits(torch.ones(1, model.config.hidden_size, dtype=model.dtype)).float(),
+                          model.lm_head(torch.ones(1, model.config.hidden_size, dtype=model.dtype)).float(), **tol)

@@ -210,13 +210,13 @@ class _Batch:
         dev = self.mask.device
         self.mask[:, self.width] = 1
         ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
-        h, _ = lm.model.hidden(ids, attention_mask=self.mask[:, :self.width + 1] if self.padded else None,
+        h, _ = lm._hidden(ids, attention_mask=self.mask[:, :self.width + 1] if self.padded else None,
                                past_key_values=self.cache, position_ids=self.pos, use_cache=True)
         self.head_values[:, self.width] = lm.model.values_from_hidden(h)[:, 0]
         self.width, self.pos = self.width + 1, self.pos + 1
         live = [b for b in range(self.size) if self.alive[b]]
         h_live = h[:, -1] if len(live) == self.size else h[torch.tensor(live, device=dev), -1]
-        self.logits = lm.model.lm_head(h_live).float()
+        self.logits = lm._logits(h_live)
         lm.usage.decode_tokens += self.size
         return True
 

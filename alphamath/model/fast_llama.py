@@ -1,0 +1,143 @@
+"""The Llama trunk's forward for LocalLM's inference: the same arithmetic as transformers' Llama, in
+fewer, larger operations.
+
+It exists because a decode step of the embedded 135M model is small enough that per-operation
+costs dominate it: transformers' module tree ran ~70 tensor operations per layer plus Python per
+module, and re-laid every bf16 weight out for oneDNN on each matmul. Here each layer is
+
+    x = x + o(attend(rope(qkv(norm(x)))))          qkv: q, k and v projections in one matmul
+    x = x + down(act(gate) * up),  gate|up = gate_up(norm(x))
+
+with weights packed once (packed.py), norms as one fused op, RoPE applied to q and k together,
+and grouped-query attention folded so K/V are never repeated (attention.py). The rotary embedding
+is transformers' own module, so every RoPE variant it knows is computed as it computes it.
+Training and every other caller use the transformers model; `tests/test_model.py` checks that
+both give the same hidden states.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers import DynamicCache
+
+from alphamath.model.packed import Linear
+
+
+@dataclass
+class _Layer:
+    norm1: torch.Tensor
+    qkv: Linear
+    o: Linear
+    norm2: torch.Tensor
+    gate_up: Linear
+    down: Linear
+    act: object
+
+
+def _cat_bias(*linears) -> torch.Tensor | None:
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in fp32, cast back, scale (one fused op for the first part)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class FastLlama:
+    """Inference forward of a transformers LlamaForCausalLM (see module doc). Build it once per loaded
+    model; it holds packed copies of the weights, so the model must not be trained while it is used."""
+
+    @staticmethod
+    def supports(lm) -> bool:
+        cfg = lm.config
+        return (getattr(cfg, "model_type", None) == "llama" and hasattr(lm, "model")
+                and hasattr(lm.model, "rotary_emb") and getattr(cfg, "hidden_act", "silu") in ("silu", "gelu"))
+
+    def __init__(self, lm):
+        m, cfg = lm.model, lm.config
+        self.embed = m.embed_tokens.weight.detach()
+        self.rotary = m.rotary_emb
+        self.hq, self.hk = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.hq
+        self.scale = self.head_dim ** -0.5
+        self.eps = cfg.rms_norm_eps
+        self.norm = m.norm.weight.detach()
+        self.layers = []
+        for layer in m.layers:
+            a, f = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                norm1=layer.input_layernorm.weight.detach(),
+                qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                           _cat_bias(a.q_proj, a.k_proj, a.v_proj)),
+                o=Linear(a.o_proj.weight, a.o_proj.bias),
+                norm2=layer.post_attention_layernorm.weight.detach(),
+                gate_up=Linear(torch.cat([f.gate_proj.weight, f.up_proj.weight]), _cat_bias(f.gate_proj, f.up_proj)),
+                down=Linear(f.down_proj.weight, f.down_proj.bias),
+                act=f.act_fn))
+        self.lm_head = Linear(lm.get_output_embeddings().weight)
+
+    def _mask(self, attention_mask, B: int, S: int, past: int) -> torch.Tensor | None:
+        """Boolean [B, 1, S, past + S]: key j is seen by new token s if it is real and j <= past + s.
+        None when nothing is masked but the causal structure SDPA applies itself."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        real = attention_mask[:, : past + S].bool()[:, None, None, :]
+        if S == 1:
+            return real
+        cols = torch.arange(past + S, device=real.device)
+        causal = cols[None, :] <= (past + torch.arange(S, device=real.device))[:, None]
+        return real & causal[None, None]
+
+    def _attend(self, q, k, v, mask, past: int) -> torch.Tensor:
+        """q [B, Hq, S, D], k/v [B, Hk, L, D] -> [B, S, Hq * D]."""
+        B, H, S, D = q.shape
+        g = H // self.hk
+        if mask is None and S > 1 and past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=g > 1)
+            return out.transpose(1, 2).reshape(B, S, H * D)
+        if mask is None and S > 1:  # cached past, nothing padded: causal over the new block
+            cols = torch.arange(past + S, device=q.device)
+            mask = (cols[None, :] <= (past + torch.arange(S, device=q.device))[:, None])[None, None]
+        # Fold query heads onto their KV head: q [B, Hk, g * S, D], exact, and K/V stay as they are.
+        qf = q.reshape(B, self.hk, g * S, D)
+        if mask is not None and S > 1 and g > 1:
+            mask = mask.repeat(1, 1, g, 1)
+        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=self.scale)
+        return out.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
+
+    @torch.inference_mode()
+    def hidden(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=True):
+        """Last hidden states after the final norm [B, S, hidden], and the cache (appended in place):
+        the same contract as ValueHeadModel.hidden."""
+        B, S = input_ids.shape
+        cache = past_key_values if past_key_values is not None else DynamicCache()
+        past = cache.get_seq_length()
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=input_ids.device)[None].expand(B, -1)
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(x, position_ids)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
+        mask = self._mask(attention_mask, B, S, past)
+        hq, hk, D = self.hq, self.hk, self.head_dim
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(_rms(x, layer.norm1, self.eps)).view(B, S, hq + 2 * hk, D)
+            qk = qkv[:, :, : hq + hk]
+            qk = qk * cos + _rotate_half(qk) * sin
+            q = qk[:, :, :hq].transpose(1, 2)
+            k, v = cache.update(qk[:, :, hq:].transpose(1, 2), qkv[:, :, hq + hk:].transpose(1, 2), i)
+            x = x + layer.o(self._attend(q, k, v, mask, past))
+            gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps)).chunk(2, dim=-1)
+            x = x + layer.down(layer.act(gate) * up)
+        return _rms(x, self.norm, self.eps), cache
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
