@@ -6,7 +6,9 @@ the search made the model read, as a token trie (a position is a token id after 
   - the prompt, once;
   - every generated token: a sample of g tokens costs g forwards, at the position of the prefix's
     last token (already counted) and at its own first g - 1 tokens (the last one is read only if a
-    state containing it is, which the next items count);
+    state containing it is, which the next items count). Samples the tree merged into an existing
+    child (the same step text) were generated all the same, because the search asked for n
+    samples: their g - 1 each are added outside the trie (`merged_sample_tokens`);
   - every scored state: its tokens beyond its parent's state (what the value head reads);
   - every expanded node's generation prefix (what the policy is given).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from typing import Callable, Collection, Iterable, Sequence
 
+from alphamath.interfaces import Sample
 from alphamath.tree import Tree
 
 Encode = Callable[[str], Sequence[int]]
@@ -65,9 +68,26 @@ def needed_sequences(tree: Tree, encode: Encode, scored: Collection[int]) -> lis
     return out
 
 
-def needed_tokens(tree: Tree, encode: Encode, scored: Collection[int]) -> int:
-    """Tokens the search needed: the size of the token trie of `needed_sequences`."""
-    return trie_size(needed_sequences(tree, encode, scored))
+def merged_sample_tokens(generations: Iterable[tuple[str, Sequence[Sample]]]) -> int:
+    """Generated tokens of the samples a tree does not hold: for (prompt, samples) pairs of every
+    policy call, each sample whose step text (stripped, as expansion compares them) an earlier sample
+    of the same prompt already had costs its token_count - 1 fed tokens, like any sample."""
+    seen: set[tuple[str, str]] = set()
+    extra = 0
+    for prompt, samples in generations:
+        for s in samples:
+            key = (prompt, s.text.strip())
+            if key in seen:
+                extra += max(s.token_count - 1, 0)
+            seen.add(key)
+    return extra
+
+
+def needed_tokens(tree: Tree, encode: Encode, scored: Collection[int],
+                  generations: Iterable[tuple[str, Sequence[Sample]]] = ()) -> int:
+    """Tokens the search needed: the size of the token trie of `needed_sequences`, plus the generated
+    tokens of merged samples when the policy calls (`generations`) are given."""
+    return trie_size(needed_sequences(tree, encode, scored)) + merged_sample_tokens(generations)
 
 
 def token_ratio(computed: int, needed: int) -> float:

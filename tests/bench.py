@@ -14,7 +14,8 @@
    the same sandbox and search work; its `generate` decodes as many tokens as the longest recorded
    sample. Both wall times are measured.
    Token ratio: tokens the model computed / tokens the search needed (alphamath.accounting: the
-   token trie of the prompt, the fed sample tokens, the scored states and the expanded prefixes).
+   token trie of the prompt, the fed sample tokens, the scored states and the expanded prefixes,
+   plus the fed tokens of samples the tree merged because an identical step was already there).
 3. The engine searching the problems at once (solve_many, decode batches shared between searches).
 4. The gRPC stack vs the in-process engine, like for like (tests/bench_grpc.py).
 Every row carries the peak RSS of the process that produced it (ru_maxrss, so far).
@@ -162,7 +163,9 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
         rec = Recorder(LocalPolicy(lm), LocalValue(lm))
         tree = solve(p.question, "mcts", rec, rec, sandbox, cfg, ground_truth=p.answer, question_id=p.id, rewards=True)
         states = [s for kind, texts, _, _ in rec.calls if kind == "score" for s in texts]
-        needed = needed_tokens(tree, lm.encode, scored_nodes(tree, states))
+        generations = [(prompt, samples) for kind, prompts, _, out in rec.calls if kind == "generate"
+                       for prompt, samples in zip(prompts, out)]
+        needed = needed_tokens(tree, lm.encode, scored_nodes(tree, states), generations)
         r = dict(id=p.id, nodes=len(tree.nodes) - 1, needed=needed)
         hf = HFReplay(lm, rec.calls)
         t0 = time.perf_counter()
@@ -298,7 +301,7 @@ def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
     print(f"\nllama.cpp (GGUF Q4_1, llama-cpp-python, {threads} threads) vs engine ({lm.model.dtype}), "
           f"{eng['prompt_tokens']}-token MCTS prompt ({cpp['prompt_tokens']} for llama.cpp's tokenizer), "
           f"{args.decode_tokens} tokens decoded per sequence")
-    print(f"| tokens/s | engine | llama.cpp | engine/llama.cpp | target |\n|---|---|---|---|---|")
+    print("| tokens/s | engine | llama.cpp | engine/llama.cpp | target |\n|---|---|---|---|---|")
     for key, label, target in (("prefill_tok_s", "prefill", ""), ("decode1_tok_s", "decode, batch 1", ">= 0.67"),
                                (f"decode{n}_tok_s", f"decode, n = {n} continuations", ">= 1")):
         print(f"| {label} | {eng[key]:.1f} | {cpp[key]:.1f} | {eng[key] / cpp[key]:.2f} | {target} |")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from alphamath.accounting import needed_tokens, scored_nodes, token_ratio, trie_size
+from alphamath.accounting import merged_sample_tokens, needed_tokens, scored_nodes, token_ratio, trie_size
+from alphamath.interfaces import Sample
 from alphamath.steps import STOP, Step, parse_step
 from alphamath.tree import Tree
 
@@ -53,6 +54,18 @@ def test_needed_never_exceeds_a_no_cache_engine_on_the_hand_tree():
     assert token_ratio(computed, needed) > 1
 
 
+def test_merged_samples_count_their_generated_tokens():
+    """Samples the tree merged (same stripped text for the same prompt, in one call or a later one)
+    were generated all the same: each adds token_count - 1; distinct texts and other prompts add 0."""
+    a, b = "<step>x = 1", "<step>x = 2"
+    calls = [("P", [Sample(a, 4, -1.0, "stop"), Sample(b, 5, -1.0, "stop"), Sample(a + " ", 6, -2.0, "stop")]),
+             ("P", [Sample(a, 3, -1.0, "stop"), Sample("<step>y", 2, -1.0, "stop")]),
+             ("Q", [Sample(a, 4, -1.0, "stop")])]
+    assert merged_sample_tokens(calls) == (6 - 1) + (3 - 1)
+    tree = hand_tree()
+    assert needed_tokens(tree, chars, {0}, calls) == needed_tokens(tree, chars, {0}) + 7
+
+
 def test_token_ratio_refuses_nonsense():
     with pytest.raises(ValueError):
         token_ratio(10, 0)
@@ -77,8 +90,11 @@ def test_engine_ratio_at_least_one_on_a_tree_it_built(tiny_model_dir, seed):
     tree = Tree(question="2+3?", prompt=render_prompt("What is 2 + 3?", lm.tokenizer))
     scored: set[int] = set()
 
+    generations = []
+
     def expand(node_id: int, n: int) -> list[int]:
         samples = lm.generate([tree.prefix(node_id)], n, stop=list(STOP), temperature=1.0, max_new_tokens=8, seed=seed)[0]
+        generations.append((tree.prefix(node_id), samples))
         return [tree.add_child(node_id, parse_step(s), 0.5, s.token_count).id for s in samples]
 
     def score(ids: list[int]) -> None:
@@ -90,7 +106,7 @@ def test_engine_ratio_at_least_one_on_a_tree_it_built(tiny_model_dir, seed):
     score(kids[:2])
     grandkids = expand(kids[0], 2)
     score(grandkids[:1])
-    needed = needed_tokens(tree, lm.encode, scored)
+    needed = needed_tokens(tree, lm.encode, scored, generations)
     generated = sum(n.token_count - 1 for n in tree.nodes[1:])
     assert needed > len(lm.encode(tree.prompt)) + generated // 2
     assert token_ratio(lm.usage.computed, needed) >= 1
