@@ -25,14 +25,27 @@ class _RoomyLayer(DynamicLayer):
     re-allocation was ~45% of decode time. Here `keys`/`values` are views of preallocated buffers.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, n: int):
+        """Adopt buffers [B, H, n + room, D] (not copied) whose first `n` columns are filled."""
         super().__init__()
-        B, H, L, D = keys.shape
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._k = keys.new_empty(B, H, L + room, D)
-        self._v = values.new_empty(B, H, L + room, D)
-        self._k[:, :, :L], self._v[:, :, :L] = keys, values
-        self._set(L)
+        self._k, self._v = keys, values
+        self._set(n)
+
+    @classmethod
+    def empty(cls, like: torch.Tensor, rows: int, width: int, room: int) -> "_RoomyLayer":
+        """Uninitialised [rows, H, width + room]: the caller writes every row's first `width` columns
+        (padding as zeros: masked keys still meet 0 * value, so it must be finite); the room is
+        written before it is read. Zeroing only the padding spared a memset of the whole batch."""
+        H, D = like.shape[-3], like.shape[-1]
+        k = like.new_empty(rows, H, width + room, D)
+        return cls(k, torch.empty_like(k), width)
+
+    def put(self, row: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Row `row`: zeros before `start`, then keys/values up to the filled width."""
+        self._k[row, :, :start].zero_()
+        self._v[row, :, :start].zero_()
+        self._k[row, :, start:self.n], self._v[row, :, start:self.n] = keys, values
 
     def _set(self, n: int) -> None:
         self.n = n
@@ -46,14 +59,14 @@ class _RoomyLayer(DynamicLayer):
         self._set(n + m)
         return self.keys, self.values
 
-    def select(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Keep batch `rows` and KV columns `cols` (a bool mask over the filled columns), keeping the room."""
-        n = int(cols.sum())
-        room = self._k.shape[2] - self.n
-        keep_k, keep_v = self.keys[rows][:, :, cols], self.values[rows][:, :, cols]
-        self._k = keep_k.new_empty(*keep_k.shape[:2], n + room, keep_k.shape[3])
-        self._v = torch.empty_like(self._k)
-        self._k[:, :, :n], self._v[:, :, :n] = keep_k, keep_v
+    def select(self, rows: torch.Tensor, start: int) -> None:
+        """Keep batch `rows` and the filled columns from `start` on, keeping the room (one copy)."""
+        n, room = self.n - start, self._k.shape[2] - self.n
+        k = self._k.new_empty(len(rows), self._k.shape[1], n + room, self._k.shape[3])
+        v = torch.empty_like(k)
+        k[:, :, :n] = self._k[rows, :, start:self.n]
+        v[:, :, :n] = self._v[rows, :, start:self.n]
+        self._k, self._v = k, v
         self._set(n)
 
 
@@ -142,21 +155,22 @@ class _Batch:
         """Append samples: their prompts' KV right-aligned at the width (widened on the left if needed)."""
         W = max(self.width, max(len(smp.prompt.tokens) for smp in new))
         shift = W - self.width
-        R, first = len(new), not self.samples
+        R, old = len(new), self.size
         for layer in range(len(new[0].prompt.kv)):
-            k0 = new[0].prompt.kv[layer][0]
-            keys = k0.new_zeros(R, k0.shape[0], W, k0.shape[2])
-            vals = torch.zeros_like(keys)
+            # One buffer for old and new rows, written once: the old rows' KV moves right by `shift`.
+            roomy = _RoomyLayer.empty(new[0].prompt.kv[layer][0], old + R, W, room)
+            if old:
+                prev = self.layers[layer]
+                roomy._k[:old, :, :shift].zero_()
+                roomy._v[:old, :, :shift].zero_()
+                roomy._k[:old, :, shift:W], roomy._v[:old, :, shift:W] = prev.keys, prev.values
             for b, smp in enumerate(new):
-                n = len(smp.prompt.tokens)
-                keys[b, :, W - n:], vals[b, :, W - n:] = smp.prompt.kv[layer]
-            if not first:
-                old = self.layers[layer]
-                keys = torch.cat([torch.nn.functional.pad(old.keys, (0, 0, shift, 0)), keys])
-                vals = torch.cat([torch.nn.functional.pad(old.values, (0, 0, shift, 0)), vals])
-                self.layers[layer] = _RoomyLayer(keys, vals, room)
+                roomy.put(old + b, W - len(smp.prompt.tokens), *smp.prompt.kv[layer])
+            if old:
+                self.layers[layer] = roomy
             else:
-                self.layers.append(_RoomyLayer(keys, vals, room))
+                self.layers.append(roomy)
+        first = not old
         mask = torch.zeros(R, W, dtype=torch.long, device=dev)
         head_values = torch.zeros(R, W, device=dev)
         for b, smp in enumerate(new):
@@ -224,13 +238,15 @@ class _Batch:
     def _select(self, keep: list[int]) -> None:
         """Keep rows `keep` only, and the KV columns they use."""
         idx = torch.tensor(keep, device=self.mask.device)
-        cols = self.mask[idx, :self.width].bool().any(0)
+        # Rows are right-aligned, so the columns any kept row uses are one range [start, width).
+        used = self.mask[idx, :self.width].bool().any(0)
+        start = int(used.nonzero()[0]) if bool(used.any()) else self.width
         room = self.mask.shape[1] - self.width
         for layer in self.layers:
-            layer.select(idx, cols)
-        self.mask = _with_room(self.mask[idx, :self.width][:, cols], room)
-        self.head_values = _with_room(self.head_values[idx, :self.width][:, cols], room)
-        self.pos, self.width = self.pos[idx], int(cols.sum())
+            layer.select(idx, start)
+        self.mask = _with_room(self.mask[idx, start:self.width], room)
+        self.head_values = _with_room(self.head_values[idx, start:self.width], room)
+        self.pos, self.width = self.pos[idx], self.width - start
         self.samples = [self.samples[b] for b in keep]
         self.alive = [True] * len(keep)
         self.padded = not bool(self.mask[:, :self.width].all())

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from alphamath.interfaces import Sample, Usage
-from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row
+from alphamath.lm.kv import _Batch, _Decoding, _Request, _RoomyLayer, _Row
 from alphamath.lm.lock import _FairLock
 from alphamath.lm.budget import MemoryBudget, configure_allocator, prefill_bytes
 from alphamath.lm.radix_cache import PrefixCache
@@ -139,16 +139,16 @@ class LocalLM(Scheduler):
             pos[i, :len(new)] = torch.arange(r.cached, len(r.tokens), device=dev)
             mask[i, M - r.cached:M + len(new)] = 1
         cache = DynamicCache()
-        if M:
+        if M:  # the cached pasts, written once into buffers with room for the new tokens
             template = next(r.past for r in rows if r.past is not None)
             for layer, (k0, _) in enumerate(template):
-                keys = k0.new_zeros(B, k0.shape[0], M, k0.shape[2])
-                vals = torch.zeros_like(keys)
+                roomy = _RoomyLayer.empty(k0, B, M, S)
                 for i, r in enumerate(rows):
                     if r.cached:
-                        keys[i, :, M - r.cached:] = r.past[layer][0]
-                        vals[i, :, M - r.cached:] = r.past[layer][1]
-                cache.update(keys, vals, layer)
+                        roomy.put(i, M - r.cached, *r.past[layer])
+                    else:
+                        roomy.put(i, M, k0[:, :0], k0[:, :0])
+                cache.layers.append(roomy)
         h, cache = self._hidden(ids, attention_mask=mask, past_key_values=cache, position_ids=pos, use_cache=True)
         values = self.model.values_from_hidden(h)
         last = torch.tensor([len(r.tokens) - r.cached - 1 for r in rows], device=dev)
