@@ -41,11 +41,13 @@ class _RoomyLayer(DynamicLayer):
         k = like.new_empty(rows, H, width + room, D)
         return cls(k, torch.empty_like(k), width)
 
-    def put(self, row: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Row `row`: zeros before `start`, then keys/values up to the filled width."""
-        self._k[row, :, :start].zero_()
-        self._v[row, :, :start].zero_()
-        self._k[row, :, start:self.n], self._v[row, :, start:self.n] = keys, values
+    def put(self, rows: int | slice, start: int, keys: torch.Tensor | None = None,
+            values: torch.Tensor | None = None) -> None:
+        """Rows `rows`: zeros before `start`, then keys/values (if given) up to the filled width."""
+        self._k[rows, :, :start].zero_()
+        self._v[rows, :, :start].zero_()
+        if keys is not None:
+            self._k[rows, :, start:self.n], self._v[rows, :, start:self.n] = keys, values
 
     def _set(self, n: int) -> None:
         self.n = n
@@ -156,21 +158,17 @@ class _Batch:
         W = max(self.width, max(len(smp.prompt.tokens) for smp in new))
         shift = W - self.width
         R, old = len(new), self.size
+        first = not old
+        layers = []
         for layer in range(len(new[0].prompt.kv)):
             # One buffer for old and new rows, written once: the old rows' KV moves right by `shift`.
             roomy = _RoomyLayer.empty(new[0].prompt.kv[layer][0], old + R, W, room)
             if old:
-                prev = self.layers[layer]
-                roomy._k[:old, :, :shift].zero_()
-                roomy._v[:old, :, :shift].zero_()
-                roomy._k[:old, :, shift:W], roomy._v[:old, :, shift:W] = prev.keys, prev.values
+                roomy.put(slice(0, old), shift, self.layers[layer].keys, self.layers[layer].values)
             for b, smp in enumerate(new):
                 roomy.put(old + b, W - len(smp.prompt.tokens), *smp.prompt.kv[layer])
-            if old:
-                self.layers[layer] = roomy
-            else:
-                self.layers.append(roomy)
-        first = not old
+            layers.append(roomy)
+        self.layers[:] = layers  # in place: `cache` holds this list
         mask = torch.zeros(R, W, dtype=torch.long, device=dev)
         head_values = torch.zeros(R, W, device=dev)
         for b, smp in enumerate(new):
@@ -239,8 +237,7 @@ class _Batch:
         """Keep rows `keep` only, and the KV columns they use."""
         idx = torch.tensor(keep, device=self.mask.device)
         # Rows are right-aligned, so the columns any kept row uses are one range [start, width).
-        used = self.mask[idx, :self.width].bool().any(0)
-        start = int(used.nonzero()[0]) if bool(used.any()) else self.width
+        start = self.width - int(self.mask[idx, :self.width].sum(1).max())
         room = self.mask.shape[1] - self.width
         for layer in self.layers:
             layer.select(idx, start)

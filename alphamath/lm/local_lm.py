@@ -144,10 +144,7 @@ class LocalLM(Scheduler):
             for layer, (k0, _) in enumerate(template):
                 roomy = _RoomyLayer.empty(k0, B, M, S)
                 for i, r in enumerate(rows):
-                    if r.cached:
-                        roomy.put(i, M - r.cached, *r.past[layer])
-                    else:
-                        roomy.put(i, M, k0[:, :0], k0[:, :0])
+                    roomy.put(i, M - r.cached, *(r.past[layer] if r.cached else ()))
                 cache.layers.append(roomy)
         h, cache = self._hidden(ids, attention_mask=mask, past_key_values=cache, position_ids=pos, use_cache=True)
         values = self.model.values_from_hidden(h)

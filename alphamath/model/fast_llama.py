@@ -59,8 +59,7 @@ class FastLlama:
     @staticmethod
     def supports(lm) -> bool:
         cfg = lm.config
-        return (getattr(cfg, "model_type", None) == "llama" and hasattr(lm, "model")
-                and hasattr(lm.model, "rotary_emb") and getattr(cfg, "hidden_act", "silu") in ("silu", "gelu"))
+        return getattr(cfg, "model_type", None) == "llama" and hasattr(getattr(lm, "model", None), "rotary_emb")
 
     def __init__(self, lm):
         m, cfg = lm.model, lm.config
@@ -85,28 +84,27 @@ class FastLlama:
                 act=f.act_fn))
         self.lm_head = Linear(lm.get_output_embeddings().weight)
 
-    def _mask(self, attention_mask, B: int, S: int, past: int) -> torch.Tensor | None:
-        """Boolean [B, 1, S, past + S]: key j is seen by new token s if it is real and j <= past + s.
-        None when nothing is masked but the causal structure SDPA applies itself."""
-        if attention_mask is None or bool(attention_mask.all()):
+    def _mask(self, attention_mask, S: int, past: int, device) -> torch.Tensor | None:
+        """Boolean [B or 1, 1, S, past + S]: key j is seen by new token s if it is real and
+        j <= past + s. None where SDPA needs none: nothing padded, and one new token (it sees every
+        key) or no past (SDPA's own causal mask)."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and (S == 1 or past == 0):
             return None
-        real = attention_mask[:, : past + S].bool()[:, None, None, :]
+        real = attention_mask[:, : past + S].bool()[:, None, None, :] if padded else None
         if S == 1:
             return real
-        cols = torch.arange(past + S, device=real.device)
-        causal = cols[None, :] <= (past + torch.arange(S, device=real.device))[:, None]
-        return real & causal[None, None]
+        cols = torch.arange(past + S, device=device)
+        causal = (cols[None, :] <= (past + torch.arange(S, device=device))[:, None])[None, None]
+        return causal if real is None else real & causal
 
-    def _attend(self, q, k, v, mask, past: int) -> torch.Tensor:
-        """q [B, Hq, S, D], k/v [B, Hk, L, D] -> [B, S, Hq * D]."""
+    def _attend(self, q, k, v, mask) -> torch.Tensor:
+        """q [B, Hq, S, D], k/v [B, Hk, L, D] -> [B, S, Hq * D]; `mask` from `_mask`."""
         B, H, S, D = q.shape
         g = H // self.hk
-        if mask is None and S > 1 and past == 0:
+        if mask is None and S > 1:  # a prompt with no past: causal, nothing padded
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=g > 1)
             return out.transpose(1, 2).reshape(B, S, H * D)
-        if mask is None and S > 1:  # cached past, nothing padded: causal over the new block
-            cols = torch.arange(past + S, device=q.device)
-            mask = (cols[None, :] <= (past + torch.arange(S, device=q.device))[:, None])[None, None]
         # Fold query heads onto their KV head: q [B, Hk, g * S, D], exact, and K/V stay as they are.
         qf = q.reshape(B, self.hk, g * S, D)
         if mask is not None and S > 1 and g > 1:
@@ -126,7 +124,7 @@ class FastLlama:
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary(x, position_ids)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
-        mask = self._mask(attention_mask, B, S, past)
+        mask = self._mask(attention_mask, S, past, input_ids.device)
         hq, hk, D = self.hq, self.hk, self.head_dim
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(_rms(x, layer.norm1, self.eps)).view(B, S, hq + 2 * hk, D)
@@ -134,7 +132,7 @@ class FastLlama:
             qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :, :hq].transpose(1, 2)
             k, v = cache.update(qk[:, :, hq:].transpose(1, 2), qkv[:, :, hq + hk:].transpose(1, 2), i)
-            x = x + layer.o(self._attend(q, k, v, mask, past))
+            x = x + layer.o(self._attend(q, k, v, mask))
             gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps)).chunk(2, dim=-1)
             x = x + layer.down(layer.act(gate) * up)
         return _rms(x, self.norm, self.eps), cache
