@@ -91,6 +91,19 @@ def test_prefix_cache_longest_prefix_partial_edges_and_shared_storage():
     assert c.match_length([1, 2, 3, 4, 5]) == 4
 
 
+def test_prefix_cache_insert_past_a_cached_prefix_takes_only_the_new_kv():
+    c = PrefixCache(max_tokens=100)
+    c.insert([1, 2, 3], _kv([1, 2, 3]), torch.tensor([.1, .2, .3]))
+    c.insert([1, 2, 3, 4, 5], _kv([4, 5]), torch.tensor([.4, .5]), start=3)  # kv covers tokens[3:]
+    m, kv, vals = c.match([1, 2, 3, 4, 5])
+    assert m == 5 and c.tokens == 5
+    assert torch.equal(kv[0][0][0, :, 0], torch.tensor([1., 2., 3., 4., 5.]))
+    assert torch.equal(vals, torch.tensor([.1, .2, .3, .4, .5]))
+    with pytest.raises(ValueError, match="only 0 of those tokens are cached"):
+        c.insert([9, 8, 7], _kv([7]), torch.tensor([.7]), start=2)
+    assert c.tokens == 5
+
+
 def test_prefix_cache_evicts_least_recently_used_leaves():
     c = PrefixCache(max_tokens=8)
     c.insert([1, 2, 3], _kv([1, 2, 3]), torch.zeros(3))
@@ -597,3 +610,73 @@ def test_requests_join_the_batch_only_within_its_kv_budget(head_model_dir, monke
     got = generate_from_workers_while_serving(lm, prompts)
     assert sizes and max(sizes) == 2  # one request (2 rows) at a time
     assert [[s.text for s in g[0]] for g in got] == [[s.text for s in w[0]] for w in want]
+
+
+def _stored_kv_matches_an_uncached_forward(lm, smp):
+    ids = smp.prompt.tokens + smp.tokens
+    with torch.no_grad():
+        ref = lm.model(torch.tensor([ids]))
+    logp = torch.log_softmax(ref.logits[0, len(smp.prompt.tokens) - 1:-1].float(), -1)
+    assert smp.logprob == pytest.approx(float(logp[torch.arange(len(smp.tokens)), torch.tensor(smp.tokens)].sum()), abs=1e-4)
+    m, kv, values = lm.cache.match(ids[:-1])
+    assert m == len(ids) - 1
+    torch.testing.assert_close(values, ref.values[0, :-1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        _, cache = lm.model.hidden(torch.tensor([ids[:-1]]), use_cache=True)
+    torch.testing.assert_close(kv[0][0], cache.layers[0].keys[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(kv[-1][1], cache.layers[-1].values[0], atol=1e-5, rtol=1e-4)
+
+
+def test_the_samples_of_a_prompt_hold_its_kv_once(lm, monkeypatch):
+    """n samples each of 2 prompts: the batch holds 2 prompts' KV, and each row only the columns it fed."""
+    seen, step = [], _Batch.step
+
+    def spy(batch, lm_):
+        seen.append((batch.shared.keys[0].shape[0], batch.prompt_len, batch.size, batch.layers[0].keys.shape[2]))
+        return step(batch, lm_)
+
+    monkeypatch.setattr(_Batch, "step", spy)
+    prompts = [short_prompt(lm), render_prompt(QUESTION, lm.tokenizer)]
+    lm.eos_ids = set()
+    lm.generate(prompts, 5, stop=[], temperature=1.0, max_new_tokens=6, seed=3)
+    assert seen[0] == (2, max(len(lm.encode(p)) for p in prompts), 10, 0)
+    assert [s[3] for s in seen] == [0, 1, 2, 3, 4, 5]  # own columns: one per fed token
+
+
+def test_a_finished_row_whose_prompt_left_the_cache_stores_it_whole(lm):
+    """A row's prompt normally stays in the prefix cache from admission on, so a finished row stores only
+    its own columns; if the prompt was evicted meanwhile, the row stores prompt and own columns."""
+    captured, admit = [], lm._admit
+
+    def evicting(batch, reqs):
+        out = admit(batch, reqs)
+        captured.extend(smp for r in reqs for smp in r.samples)
+        lm.cache.clear()
+        return out
+
+    lm._admit = evicting
+    lm.eos_ids = set()
+    lm.generate([render_prompt(QUESTION, lm.tokenizer)], 2, stop=[], temperature=1.0, max_new_tokens=6, seed=9)
+    assert len(captured) == 2
+    for smp in captured:
+        _stored_kv_matches_an_uncached_forward(lm, smp)
+
+
+def test_architectures_without_the_fast_forward_decode_the_same_samples(head_model_dir):
+    """LocalLM runs transformers' forward for models FastLlama does not cover; its decode steps join
+    each row's shared prompt and own columns, and must give what the fast forward gives."""
+    fast, slow = LocalLM(head_model_dir, dtype="fp32"), LocalLM(head_model_dir, dtype="fp32")
+    slow._fast = None
+    prompts = [short_prompt(fast), render_prompt(QUESTION, fast.tokenizer)]
+    for m in (fast, slow):
+        m.eos_ids = set(range(0, len(m.tokenizer), 5))  # rows finish at different steps
+    args = dict(stop=[], temperature=1.0, max_new_tokens=10, seed=4)
+    got = slow.generate(prompts, 3, **args)
+    assert len({s.token_count for ss in got for s in ss}) > 1
+    assert same(got, fast.generate(prompts, 3, **args))
+    captured, admit = [], slow._admit
+    slow._admit = lambda batch, reqs: (admit(batch, reqs), captured.extend(smp for r in reqs for smp in r.samples))[0]
+    slow.generate(prompts[1:], 2, **{**args, "seed": 5})
+    assert len(captured) == 2
+    for smp in captured:
+        _stored_kv_matches_an_uncached_forward(slow, smp)

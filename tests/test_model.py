@@ -228,3 +228,39 @@ def test_fast_llama_gives_the_hidden_states_and_cache_of_transformers_llama(tiny
     both(torch.randint(0, V, (2, 1)), mask=step_mask, pos=torch.tensor([[5], [9]]), caches=caches)
     assert torch.allclose(fast.logits(torch.ones(1, model.config.hidden_size, dtype=model.dtype)).float(),
                           model.lm_head(torch.ones(1, model.config.hidden_size, dtype=model.dtype)).float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prompt_attention_equals_softmax_over_each_rows_prompt_and_own_keys(dtype):
+    """attention.shared_prompt_attention against plain softmax attention over the row's own joined keys:
+    prompts of different lengths (padded), groups of different sizes, left-padded own columns."""
+    from alphamath.model.attention import SharedPrompts, shared_prompt_attention
+
+    torch.manual_seed(0)
+    Hk, g, D, L, W = 2, 3, 8, 7, 5
+    lens, group_of = [7, 3, 5], [0, 2, 0, 1, 0, 2]
+    own_lens = [5, 1, 3, 5, 2, 4]
+    B, G = len(group_of), len(lens)
+    pk, pv = torch.randn(G, Hk, L, D), torch.randn(G, Hk, L, D)
+    for gi, n in enumerate(lens):  # the buffers' padding is zero, as _Batch writes it
+        pk[gi, :, n:] = pv[gi, :, n:] = 0
+    q, k, v = torch.randn(B, Hk, g, D), torch.randn(B, Hk, W, D), torch.randn(B, Hk, W, D)
+    real = torch.tensor([[c >= W - n for c in range(W)] for n in own_lens])
+    rows = [[b for b in range(B) if group_of[b] == gi] for gi in range(G)]
+    R = max(map(len, rows))
+    members = torch.tensor([r + [B] * (R - len(r)) for r in rows])
+    slot = torch.empty(B, dtype=torch.long)
+    for gi, r in enumerate(rows):
+        slot[r] = gi * R + torch.arange(len(r))
+    pmask = torch.zeros(G, 1, 1, L).masked_fill((torch.arange(L)[None] >= torch.tensor(lens)[:, None])[:, None, None], float("-inf"))
+    omask = torch.zeros(B, 1, 1, W).masked_fill(~real[:, None, None], float("-inf"))
+    cast = [t.to(dtype) for t in (q, k, v, pk, pv, pmask, omask)]
+    prompts = SharedPrompts([cast[3]], [cast[4]], cast[5], members, slot)
+    got = shared_prompt_attention(cast[0], cast[1], cast[2], cast[6], prompts, 0, D ** -0.5)
+    for b in range(B):
+        gi, n = group_of[b], lens[group_of[b]]
+        keys = torch.cat([pk[gi, :, :n], k[b][:, real[b]]], 1)
+        vals = torch.cat([pv[gi, :, :n], v[b][:, real[b]]], 1)
+        want = torch.softmax(q[b] @ keys.transpose(1, 2) * D ** -0.5, -1) @ vals
+        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(got[b].float(), want, **tol)

@@ -2,9 +2,9 @@
 and the samples and requests it holds.
 
 It exists so that decoding writes one KV column per step in place into preallocated buffers
-(transformers' DynamicLayer re-allocates the whole cache every token) and so that the samples of
-every admitted request live right-aligned in one batch that new requests can join between steps.
-It imports nothing else of the package but the KV type: the scheduler and LocalLM build on it.
+(transformers' DynamicLayer re-allocates the whole cache every token), so that the samples of
+every admitted request live in one batch that new requests can join between steps, and so that
+the samples of one prompt hold its KV once. The scheduler and LocalLM build on it.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from alphamath.lm.radix_cache import KV
+from alphamath.lm.radix_cache import KV, PrefixCache
+from alphamath.model.attention import SharedPrompts
 
 
 class _RoomyLayer(DynamicLayer):
@@ -129,65 +130,97 @@ class _Request:
 class _Batch:
     """The running decode batch: the samples of every admitted request with one sampling key.
 
-    Along the KV axis every row is right-aligned at `width` (left padding is masked out) in buffers
-    with room for more columns, so a step writes one column in place. When a sample finishes, the KV
-    of everything fed through the model (prompt + all tokens but the last) goes to the prefix cache,
-    so scoring the child state only computes what follows. A finished row stays, ignored, until an
-    eighth of the rows are finished (in a batch of up to 8, at once): dropping rows copies the whole
-    cache, while every idle row carried is a token computed for nothing each step (with a quarter,
-    an MCTS expansion's 5 rows carried an idle row until a second one finished).
+    Each distinct prompt's KV is held once (`shared`: the n samples of an MCTS expansion or an SBS
+    beam continue one prompt), and each row holds only the columns it has fed since its prompt,
+    right-aligned at `width` (left padding masked out) in buffers with room for more, so a step
+    writes one column in place. A step attends each row to its prompt's shared KV and to its own
+    columns (attention.shared_prompt_attention). When a sample finishes, the KV of everything fed
+    through the model (prompt + all tokens but the last) goes to the prefix cache, so scoring the
+    child state only computes what follows. A finished row stays, ignored, until an eighth of the
+    rows are finished (in a batch of up to 8, at once): dropping rows copies the rows' KV, while
+    every idle row carried is a token computed for nothing each step.
     """
 
     def __init__(self, key: tuple, window: int):
         self.key, self.window = key, window
         self.samples: list[_Decoding] = []
         self.alive: list[bool] = []
-        self.layers: list[_RoomyLayer] = []  # replaced in place, so `cache` always sees the current ones
+        self.layers: list[_RoomyLayer] = []  # own columns; replaced in place, so `cache` sees the current ones
         self.cache = DynamicCache()
         self.cache.layers = self.layers
         self.mask = self.head_values = self.pos = self.logits = None
-        self.width = 0
+        self.width = 0  # own columns of the widest row
         self.padded = False
+        self.prompts: list[_Row] = []  # distinct prompts (group g), their tokens and values
+        self.group_of: list[int] = []  # each row's prompt
+        self.prompt_len = 0  # columns of the shared prompt buffers
+        self.shared: SharedPrompts | None = None
 
     @property
     def size(self) -> int:
         return len(self.samples)
 
     def add(self, new: list[_Decoding], room: int, dev) -> None:
-        """Append samples: their prompts' KV right-aligned at the width (widened on the left if needed)."""
-        W = max(self.width, max(len(smp.prompt.tokens) for smp in new))
-        shift = W - self.width
-        R, old = len(new), self.size
-        first = not old
-        layers = []
-        for layer in range(len(new[0].prompt.kv)):
-            # One buffer for old and new rows, written once: the old rows' KV moves right by `shift`.
-            roomy = _RoomyLayer.empty(new[0].prompt.kv[layer][0], old + R, W, room)
+        """Append samples: their prompts' KV joins the shared prompts, once per distinct prompt; their
+        own columns start empty (left padding at the current width)."""
+        fresh = list({id(smp.prompt): smp.prompt for smp in new}.values())
+        G0, R, old = len(self.prompts), len(new), self.size
+        group = {id(row): G0 + j for j, row in enumerate(fresh)}
+        L = max([self.prompt_len] + [len(row.tokens) for row in fresh])
+        keys, values, layers = [], [], []
+        for layer in range(len(fresh[0].kv)):
+            like = fresh[0].kv[layer][0]  # [Hk, n, D]
+            k = like.new_zeros(G0 + len(fresh), like.shape[0], L, like.shape[-1])  # zeros: masked keys still meet 0 * value
+            v = torch.zeros_like(k)
+            if G0:
+                k[:G0, :, :self.prompt_len] = self.shared.keys[layer]
+                v[:G0, :, :self.prompt_len] = self.shared.values[layer]
+            for j, row in enumerate(fresh):
+                n = len(row.tokens)
+                k[G0 + j, :, :n], v[G0 + j, :, :n] = row.kv[layer]
+            keys.append(k)
+            values.append(v)
+            # One buffer for old and new rows' own columns: old rows copied, new rows all padding.
+            roomy = _RoomyLayer.empty(like, old + R, self.width, room)
             if old:
-                roomy.put(slice(0, old), shift, self.layers[layer].keys, self.layers[layer].values)
-            for b, smp in enumerate(new):
-                roomy.put(old + b, W - len(smp.prompt.tokens), *smp.prompt.kv[layer])
+                roomy.put(slice(0, old), 0, self.layers[layer].keys, self.layers[layer].values)
+            roomy.put(slice(old, old + R), self.width)
             layers.append(roomy)
         self.layers[:] = layers  # in place: `cache` holds this list
-        mask = torch.zeros(R, W, dtype=torch.long, device=dev)
-        head_values = torch.zeros(R, W, device=dev)
-        for b, smp in enumerate(new):
-            n = len(smp.prompt.tokens)
-            mask[b, W - n:] = 1
-            head_values[b, W - n:] = smp.prompt.values
+        self.prompts += fresh
+        self.prompt_len = L
+        self.group_of += [group[id(smp.prompt)] for smp in new]
+        self._share(keys, values, dev)
+        W = self.width
         pos = torch.tensor([[len(smp.prompt.tokens)] for smp in new], device=dev)  # of the next fed token
         logits = torch.stack([smp.prompt.last_logits for smp in new])
-        if not first:
-            mask = torch.cat([torch.nn.functional.pad(self.mask[:, :self.width], (shift, 0)), mask])
-            head_values = torch.cat([torch.nn.functional.pad(self.head_values[:, :self.width], (shift, 0)), head_values])
+        mask, head_values = torch.zeros(R, W, dtype=torch.long, device=dev), torch.zeros(R, W, device=dev)
+        if old:
+            mask, head_values = torch.cat([self.mask[:, :W], mask]), torch.cat([self.head_values[:, :W], head_values])
             pos, logits = torch.cat([self.pos, pos]), torch.cat([self.logits, logits])
         self.mask, self.head_values = _with_room(mask, room), _with_room(head_values, room)
-        self.pos, self.logits, self.width = pos, logits, W
+        self.pos, self.logits = pos, logits
         self.samples += new
         self.alive += [True] * R
-        # With no padding (all samples of one prompt: every MCTS expansion) no mask is passed, so
-        # attention takes its unmasked path (no 4-D mask built).
+        # With no padding (rows that started together: every MCTS expansion) no mask is passed.
         self.padded = not bool(self.mask[:, :W].all())
+
+    def _share(self, keys: list, values: list, dev) -> None:
+        """SharedPrompts over prompt buffers `keys`/`values` (group g = self.prompts[g])."""
+        G, B, L = len(self.prompts), len(self.group_of), self.prompt_len
+        rows = [[] for _ in range(G)]
+        for b, g in enumerate(self.group_of):
+            rows[g].append(b)
+        R = max(len(r) for r in rows)
+        members = torch.full((G, R), B, dtype=torch.long)
+        slot = torch.empty(B, dtype=torch.long)
+        for g, r in enumerate(rows):
+            members[g, :len(r)] = torch.tensor(r, dtype=torch.long)
+            slot[r] = g * R + torch.arange(len(r))
+        lens = torch.tensor([len(p.tokens) for p in self.prompts], device=dev)
+        mask = torch.zeros(G, 1, 1, L, dtype=keys[0].dtype, device=dev)
+        mask.masked_fill_((torch.arange(L, device=dev)[None] >= lens[:, None])[:, None, None], float("-inf"))
+        self.shared = SharedPrompts(keys, values, mask, members.to(dev), slot.to(dev))
 
     def step(self, lm) -> bool:
         """Sample one token for every live row, retire finished samples, feed the rest. False when empty.
@@ -202,11 +235,7 @@ class _Batch:
             smp.logprob += lp
             if lm._finished(smp, tok, stop, max_new_tokens, self.window):
                 self.alive[b] = False
-                # A live row's KV is its last `fed` columns (left padding before them): views, not
-                # copies; insert() copies only what the prefix cache lacks.
-                fed, W = len(smp.prompt.tokens) + len(smp.tokens) - 1, self.width
-                kv = [(layer.keys[b][:, W - fed:W], layer.values[b][:, W - fed:W]) for layer in self.layers]
-                lm.cache.insert(smp.prompt.tokens + smp.tokens[:-1], kv, self.head_values[b, W - fed:W])
+                self._store(b, lm.cache)
                 req = smp.request
                 req.left -= 1
                 if req.left == 0:
@@ -224,7 +253,7 @@ class _Batch:
         self.mask[:, self.width] = 1
         ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
         h, _ = lm._hidden(ids, attention_mask=self.mask[:, :self.width + 1] if self.padded else None,
-                               past_key_values=self.cache, position_ids=self.pos, use_cache=True)
+                          past_key_values=self.cache, position_ids=self.pos, use_cache=True, prompts=self.shared)
         self.head_values[:, self.width] = lm.model.values_from_hidden(h)[:, 0]
         self.width, self.pos = self.width + 1, self.pos + 1
         live = [b for b in range(self.size) if self.alive[b]]
@@ -233,9 +262,26 @@ class _Batch:
         lm.usage.decode_tokens += self.size
         return True
 
+    def _store(self, b: int, cache: PrefixCache) -> None:
+        """Put finished row b's KV (prompt + every fed token) into the prefix cache. The prompt went
+        there at admission, so normally only the row's own columns (views, not copies) are passed;
+        if it was evicted since, it is joined from the shared buffers."""
+        smp, W, g = self.samples[b], self.width, self.group_of[b]
+        P, fed = len(smp.prompt.tokens), len(smp.tokens) - 1
+        tokens = smp.prompt.tokens + smp.tokens[:-1]
+        own = [(layer.keys[b][:, W - fed:W], layer.values[b][:, W - fed:W]) for layer in self.layers]
+        own_values = self.head_values[b, W - fed:W]
+        if cache.match_length(tokens[:P]) == P:
+            cache.insert(tokens, own, own_values, start=P)
+            return
+        kv = [(torch.cat([k[g, :, :P], ok], 1), torch.cat([v[g, :, :P], ov], 1))
+              for k, v, (ok, ov) in zip(self.shared.keys, self.shared.values, own)]
+        cache.insert(tokens, kv, torch.cat([self.prompts[g].values, own_values]))
+
     def _select(self, keep: list[int]) -> None:
-        """Keep rows `keep` only, and the KV columns they use."""
-        idx = torch.tensor(keep, device=self.mask.device)
+        """Keep rows `keep` only, the own columns they use and the prompts they continue."""
+        dev = self.mask.device
+        idx = torch.tensor(keep, device=dev)
         # Rows are right-aligned, so the columns any kept row uses are one range [start, width).
         start = self.width - int(self.mask[idx, :self.width].sum(1).max())
         room = self.mask.shape[1] - self.width
@@ -247,6 +293,17 @@ class _Batch:
         self.samples = [self.samples[b] for b in keep]
         self.alive = [True] * len(keep)
         self.padded = not bool(self.mask[:, :self.width].all())
+        used = sorted({self.group_of[b] for b in keep})
+        renumber = {g: j for j, g in enumerate(used)}
+        self.group_of = [renumber[self.group_of[b]] for b in keep]
+        keys, values = self.shared.keys, self.shared.values
+        if len(used) < len(self.prompts):  # drop the prompts no row continues, and their columns
+            self.prompts = [self.prompts[g] for g in used]
+            self.prompt_len = max(len(p.tokens) for p in self.prompts)
+            gi = torch.tensor(used, device=dev)
+            keys = [k[gi, :, :self.prompt_len].contiguous() for k in keys]
+            values = [v[gi, :, :self.prompt_len].contiguous() for v in values]
+        self._share(keys, values, dev)
 
 
 def _with_room(x: torch.Tensor, room: int) -> torch.Tensor:

@@ -73,9 +73,35 @@ class LocalLM(Scheduler):
                 ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
         return ids
 
-    def _hidden(self, ids, **kw):
-        """The trunk's last hidden states and cache (ValueHeadModel.hidden's contract)."""
-        return (self._fast or self.model).hidden(ids, **kw)
+    def _hidden(self, ids, prompts=None, **kw):
+        """The trunk's last hidden states and cache (ValueHeadModel.hidden's contract); `prompts`: a
+        decode step over shared prompts (kv.py's _Batch)."""
+        if self._fast is not None:
+            return self._fast.hidden(ids, prompts=prompts, **kw)
+        if prompts is not None:
+            return self._joined_hidden(ids, prompts, **kw)
+        return self.model.hidden(ids, **kw)
+
+    def _joined_hidden(self, ids, prompts, attention_mask, past_key_values, position_ids, use_cache=True):
+        """A shared-prompt decode step through transformers' own forward (architectures FastLlama does
+        not cover): each row's prompt columns and own columns are joined into one cache (a copy per
+        step, slower but the same numbers), and the new column is written back to the row's own."""
+        own, (B, W) = past_key_values.layers, (ids.shape[0], past_key_values.get_seq_length())
+        group = torch.div(prompts.slot, prompts.members.shape[1], rounding_mode="floor")
+        L = prompts.mask.shape[-1]
+        joined = DynamicCache()
+        for i, layer in enumerate(own):
+            roomy = _RoomyLayer.empty(layer.keys[0], B, L + W, 1)
+            roomy.put(slice(None), 0, torch.cat([prompts.keys[i][group], layer.keys], 2),
+                      torch.cat([prompts.values[i][group], layer.values], 2))
+            joined.layers.append(roomy)
+        own_mask = attention_mask if attention_mask is not None else torch.ones(B, W + 1, dtype=torch.long, device=ids.device)
+        mask = torch.cat([(prompts.mask[group, 0, 0] == 0).long(), own_mask], 1)
+        h, _ = self.model.hidden(ids, attention_mask=mask, past_key_values=joined, position_ids=position_ids,
+                                 use_cache=True)
+        for layer, new in zip(own, joined.layers):
+            layer.update(new.keys[:, :, -1:], new.values[:, :, -1:])
+        return h, past_key_values
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return (self._fast.logits(h) if self._fast is not None else self.model.lm_head(h)).float()

@@ -90,14 +90,18 @@ class PrefixCache:
         values = torch.cat([node.values[:n] for node, n in path])
         return m, kv, values
 
-    def insert(self, tokens: Sequence[int], kv: KV, values: torch.Tensor) -> None:
-        """Store the KV of `tokens` (kv covers all of them); only the uncached suffix is kept."""
+    def insert(self, tokens: Sequence[int], kv: KV, values: torch.Tensor, start: int = 0) -> None:
+        """Store the KV of `tokens`: kv and values cover tokens[start:], and tokens[:start] must be cached
+        already (a decode row passes only what it computed past its cached prompt). Only the uncached
+        suffix is kept."""
         tokens = list(tokens)
         node, i = self.root, 0
         while i < len(tokens):
             child = node.children.get(tokens[i])
             if child is None:
-                leaf = _Node(tokens[i:], _slice_kv(kv, i, copy=True), values[i:].clone(), node)
+                if i < start:
+                    raise ValueError(f"insert(start={start}): only {i} of those tokens are cached")
+                leaf = _Node(tokens[i:], _slice_kv(kv, i - start, copy=True), values[i - start:].clone(), node)
                 node.children[tokens[i]] = leaf
                 self.tokens += len(leaf.tokens)
                 node = leaf

@@ -13,7 +13,7 @@ import torch
 from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row
 
 DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once
-# The KV of the running batch (rows x (width + room) slots, every row padded to the widest prompt) is
+# The KV of the running batch (its distinct prompts, and rows x (width + room) own slots) is
 # bounded by the memory budget (alphamath/lm/budget.py); joining copies it once more. Without a bound,
 # 16 concurrent MCTS searches (80 rows of ~2k-token prompts, fp32) grew past 24 GB and were OOM-killed.
 
@@ -114,13 +114,16 @@ class Scheduler:
                 return []
         admit, rows = [], batch.size if batch is not None else 0
         width = batch.width if batch is not None else 0
+        groups, plen = (len(batch.prompts), batch.prompt_len) if batch is not None else (0, 0)
         for r in same:  # an empty batch takes its first request whatever its size
-            w = max([width] + [len(t) for t in r.prompts])
-            kv_bytes = (rows + r.rows) * (w + key[3]) * self._kv_bytes_per_slot
+            # KV slots: each distinct prompt once (padded to the longest), and each row's own columns
+            # (padded to the widest row) with room for max_new_tokens.
+            g, p = groups + len(r.prompts), max([plen] + [len(t) for t in r.prompts])
+            kv_bytes = (g * p + (rows + r.rows) * (width + key[3])) * self._kv_bytes_per_slot
             if (rows + r.rows > self.max_batch_rows or kv_bytes > self.max_batch_kv_bytes) and (admit or batch is not None):
                 break
             admit.append(r)
-            rows, width = rows + r.rows, w
+            rows, groups, plen = rows + r.rows, g, p
         for r in admit:
             self._queue.remove(r)
         return admit
@@ -151,5 +154,5 @@ class Scheduler:
             batch = _Batch(reqs[0].key, max((len(self.encode(st)) for st in stop), default=0) + 4)
         batch.add(new, max_new_tokens, self.device)
         for r in distinct.values():  # copied into the batch: do not hold a second copy per prompt
-            r.kv = r.past = r.values = r.past_values = None
+            r.kv = r.past = r.past_values = None
         return batch

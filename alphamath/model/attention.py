@@ -1,10 +1,13 @@
-"""An attention kernel for grouped-query attention that never repeats K/V, registered with transformers.
+"""Attention kernels: grouped-query attention that never repeats K/V (registered with transformers),
+and a decode step's attention over prompts shared by many rows (used by fast_llama.py).
 
-It exists because transformers' SDPA path copies every cached key and value once per query group
+The first exists because transformers' SDPA path copies every cached key and value once per query group
 whenever a mask is passed, which dominated the decode steps of LocalLM's padded batches; models
 load with `attn_implementation=GROUPED_SDPA` (see value_head.py).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -49,3 +52,48 @@ def register_attention() -> None:
 
     AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
     AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+
+
+@dataclass
+class SharedPrompts:
+    """The KV of a decode batch's distinct prompts, held once for every row that continues one.
+
+    The n samples of an MCTS expansion or an SBS beam continue one prompt: holding its KV once per
+    row multiplied the batch's KV (and each step's reads of it) by n. Here each row holds only the
+    tokens it has fed since its prompt, and attends to its prompt through these:
+      keys, values  per layer [G, Hk, L, D]: prompt g in columns [0, len g), zeros after it;
+      mask          [G, 1, 1, L] additive, 0 on a prompt's tokens and -inf after, in the KV dtype;
+      members       [G, R] the rows continuing each prompt, padded with B (an all-zero query row);
+      slot          [B] where each row sits in members.flatten().
+    """
+
+    keys: list
+    values: list
+    mask: torch.Tensor
+    members: torch.Tensor
+    slot: torch.Tensor
+
+
+_flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (out, logsumexp)
+
+
+def shared_prompt_attention(q, k, v, own_mask, prompts: SharedPrompts, layer: int, scale: float) -> torch.Tensor:
+    """One decode step's attention over each row's prompt (shared) and own columns.
+
+    q [B, Hk, g, D] (query heads folded onto their KV head, one new token per row); k/v [B, Hk, W, D]
+    each row's own columns; own_mask [B, 1, 1, W] additive or None. Softmax over the union of both key
+    sets, computed as two attentions merged by their log-sum-exps l1, l2 (as flash-decoding merges
+    splits):  out = o_own + sigmoid(l1 - l2) * (o_prompt - o_own).
+    The prompt pass stacks the queries of all rows of a prompt into one [R * g]-query attention, so
+    each prompt's keys are read once per step however many rows continue it.
+    """
+    B, Hk, g, D = q.shape
+    G, R = prompts.members.shape
+    qpad = torch.cat([q, q.new_zeros(1, Hk, g, D)])
+    qg = qpad[prompts.members].permute(0, 2, 1, 3, 4).reshape(G, Hk, R * g, D)
+    o1, l1 = _flash_with_lse(qg, prompts.keys[layer], prompts.values[layer], attn_mask=prompts.mask, scale=scale)
+    o1 = o1.reshape(G, Hk, R, g, D).permute(0, 2, 1, 3, 4).reshape(G * R, Hk, g, D)[prompts.slot]
+    l1 = l1.reshape(G, Hk, R, g).permute(0, 2, 1, 3).reshape(G * R, Hk, g)[prompts.slot]
+    o2, l2 = _flash_with_lse(q, k, v, attn_mask=own_mask, scale=scale)
+    w = torch.sigmoid(l1 - l2).unsqueeze(-1)
+    return torch.lerp(o2.float(), o1.float(), w).to(q.dtype)

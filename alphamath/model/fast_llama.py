@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
+from alphamath.model.attention import SharedPrompts, shared_prompt_attention
 from alphamath.model.packed import Linear
 
 
@@ -113,10 +114,15 @@ class FastLlama:
         return out.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
 
     @torch.inference_mode()
-    def hidden(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=True):
+    def hidden(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=True,
+               prompts: SharedPrompts | None = None):
         """Last hidden states after the final norm [B, S, hidden], and the cache (appended in place):
-        the same contract as ValueHeadModel.hidden."""
+        the same contract as ValueHeadModel.hidden. With `prompts` (a decode step, S = 1) the cache and
+        `attention_mask` hold each row's own columns only, and each row also attends to its prompt's
+        shared KV (attention.shared_prompt_attention); positions must then be given."""
         B, S = input_ids.shape
+        if prompts is not None and (S != 1 or position_ids is None):
+            raise ValueError("shared prompts serve decode steps: one new token per row, explicit positions")
         cache = past_key_values if past_key_values is not None else DynamicCache()
         past = cache.get_seq_length()
         if position_ids is None:
@@ -125,6 +131,8 @@ class FastLlama:
         cos, sin = self.rotary(x, position_ids)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
         mask = self._mask(attention_mask, S, past, input_ids.device)
+        if prompts is not None and mask is not None:  # the flash kernel takes an additive mask of the KV dtype
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         hq, hk, D = self.hq, self.hk, self.head_dim
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(_rms(x, layer.norm1, self.eps)).view(B, S, hq + 2 * hk, D)
@@ -132,7 +140,11 @@ class FastLlama:
             qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :, :hq].transpose(1, 2)
             k, v = cache.update(qk[:, :, hq:].transpose(1, 2), qkv[:, :, hq + hk:].transpose(1, 2), i)
-            x = x + layer.o(self._attend(q, k, v, mask))
+            if prompts is None:
+                x = x + layer.o(self._attend(q, k, v, mask))
+            else:
+                o = shared_prompt_attention(q.reshape(B, hk, hq // hk, D), k, v, mask, prompts, i, self.scale)
+                x = x + layer.o(o.reshape(B, 1, hq * D))
             gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps)).chunk(2, dim=-1)
             x = x + layer.down(layer.act(gate) * up)
         return _rms(x, self.norm, self.eps), cache
