@@ -248,7 +248,7 @@ def test_shared_prompt_attention_equals_softmax_over_each_rows_prompt_and_own_ke
     real = torch.tensor([[c >= W - n for c in range(W)] for n in own_lens])
     rows = [[b for b in range(B) if group_of[b] == gi] for gi in range(G)]
     R = max(map(len, rows))
-    members = torch.tensor([r + [B] * (R - len(r)) for r in rows])
+    members = torch.tensor([r + [r[0]] * (R - len(r)) for r in rows])
     slot = torch.empty(B, dtype=torch.long)
     for gi, r in enumerate(rows):
         slot[r] = gi * R + torch.arange(len(r))

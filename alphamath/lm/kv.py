@@ -212,10 +212,10 @@ class _Batch:
         for b, g in enumerate(self.group_of):
             rows[g].append(b)
         R = max(len(r) for r in rows)
-        members = torch.full((G, R), B, dtype=torch.long)
+        members = torch.empty((G, R), dtype=torch.long)
         slot = torch.empty(B, dtype=torch.long)
         for g, r in enumerate(rows):
-            members[g, :len(r)] = torch.tensor(r, dtype=torch.long)
+            members[g] = torch.tensor(r + [r[0]] * (R - len(r)), dtype=torch.long)
             slot[r] = g * R + torch.arange(len(r))
         lens = torch.tensor([len(p.tokens) for p in self.prompts], device=dev)
         mask = torch.zeros(G, 1, 1, L, dtype=keys[0].dtype, device=dev)

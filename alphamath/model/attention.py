@@ -63,7 +63,7 @@ class SharedPrompts:
     tokens it has fed since its prompt, and attends to its prompt through these:
       keys, values  per layer [G, Hk, L, D]: prompt g in columns [0, len g), zeros after it;
       mask          [G, 1, 1, L] additive, 0 on a prompt's tokens and -inf after, in the KV dtype;
-      members       [G, R] the rows continuing each prompt, padded with B (an all-zero query row);
+      members       [G, R] the rows continuing each prompt, padded by repeating its first row;
       slot          [B] where each row sits in members.flatten().
     """
 
@@ -89,8 +89,7 @@ def shared_prompt_attention(q, k, v, own_mask, prompts: SharedPrompts, layer: in
     """
     B, Hk, g, D = q.shape
     G, R = prompts.members.shape
-    qpad = torch.cat([q, q.new_zeros(1, Hk, g, D)])
-    qg = qpad[prompts.members].permute(0, 2, 1, 3, 4).reshape(G, Hk, R * g, D)
+    qg = q[prompts.members].permute(0, 2, 1, 3, 4).reshape(G, Hk, R * g, D)  # padding rows: repeats, not read back
     o1, l1 = _flash_with_lse(qg, prompts.keys[layer], prompts.values[layer], attn_mask=prompts.mask, scale=scale)
     o1 = o1.reshape(G, Hk, R, g, D).permute(0, 2, 1, 3, 4).reshape(G * R, Hk, g, D)[prompts.slot]
     l1 = l1.reshape(G, Hk, R, g).permute(0, 2, 1, 3).reshape(G * R, Hk, g)[prompts.slot]
