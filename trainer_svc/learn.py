@@ -11,6 +11,8 @@ model and for every round's candidate:
   greedy        the policy alone
   sbs           SBS(B1, B2) guided by the candidate's value head
   sbs_zero      the same SBS with the head zeroed at the same checkpoint: the head's own contribution
+                (after the last round; every round with --zero-head-every-round, at one more SBS
+                evaluation per round)
 and the value head as a PRM (alphamath.metrics.value_report): checkpoint k's head on round k+1's
 fresh trees (it never trained on them; free), and each candidate's head on its round's held-out
 trees. Coverage: the share of training trees with a correct path, at budgets N/2 and N (and 10,
@@ -47,6 +49,8 @@ class LearnConfig:
     b2: int = 5
     eval_limit: int | None = None  # problems per held-out set (None: all, 60 each)
     concurrency: int = 8
+    zero_head_every_round: bool = False  # SBS with a zeroed head costs a full SBS evaluation; by default
+                                         # it runs after the last round only (and free at the base)
     dir: str = "var/learn"
     gsm8k_train: str = str(REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl")
     arith_train: str = str(REPO / "data" / "arith" / "train.jsonl")
@@ -238,7 +242,9 @@ def run(cfg: LearnConfig, say=print) -> dict:
         prev["value_next"] = {k: v for k, v in value_metrics(base_engine.value, trees).items() if k != "tree_sq"}
         del base_engine
         cand_engine = load_engine(cand_path, cfg.dtype)
-        outcomes = {**rep.after["outcomes"], **evaluate_zero_head(cand_engine, eval_problems, ecfg, say)}
+        outcomes = dict(rep.after["outcomes"])
+        if cfg.zero_head_every_round or rnd == cfg.rounds:
+            outcomes.update(evaluate_zero_head(cand_engine, eval_problems, ecfg, say))
         row = {"round": rnd, "checkpoint": rep.candidate, "base": rep.base, "promoted": rep.promoted,
                "gate": rep.reasons, "acc": split(outcomes, ids), "outcomes": outcomes,
                "trees": rep.trees, "examples": rep.examples, "correct_trees": rep.correct_trees,
@@ -261,6 +267,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer_svc.learn", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(d).items():
+        if isinstance(value, bool):
+            ap.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=value)
+            continue
         typ = type(value) if value is not None else (str if name in ("model", "dtype") else int)
         ap.add_argument("--" + name.replace("_", "-"), type=typ, default=value)
     a = ap.parse_args(argv)
