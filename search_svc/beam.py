@@ -3,6 +3,11 @@
 SBS: the root samples B1*B2 children, every later beam node B2; all children are scored by the
 value head and the top B1 - |final| kept. A kept terminal with an answer moves to the final set,
 which shrinks the beam. The answer is the final node with the highest value.
+
+Unlike the paper's code: when the beam ends with no final answer (every kept path ran into the
+depth limit or failed), the answer is the highest-valued answer the search generated but did not
+keep. A head that rates open states above answer states (most training answers are wrong, so it
+learns "an answer is worth -1") otherwise returns nothing although answers were on the table.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ def sbs(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchC
         step += 1
         if on_progress:
             on_progress(step, tree)
+    if not final:  # the beam ran out without keeping an answer: fall back to the best one seen
+        final = [n for n in tree.nodes if n.terminal_reason == "answer" and n.value is not None]
+        tree.meta["fallback"] = bool(final)
     best = max(final, key=lambda c: c.value) if final else None
     tree.meta["iterations_done"] = step
     return finish(tree, best, check)

@@ -158,6 +158,23 @@ def test_sbs_keeps_top_b1_and_final_answers_shrink_the_beam():
     assert all(c[1] == 2 for c in policy.calls[1:])
 
 
+def test_sbs_with_no_kept_answer_falls_back_to_the_best_answer_it_generated():
+    # The head rates open states above answers: the beam keeps "a" paths until the depth limit.
+    policy = ScriptedPolicy({(): [sample("a</step>"), sample("x \\boxed{x}</step>")],
+                             ("a",): [sample("a</step>"), sample("y \\boxed{y}</step>")],
+                             ("a", "a"): [sample("a</step>"), sample("b</step>")]})
+    value = ConstValue(0.0, by_text={"a<": 0.5, "x \\": -0.9, "y \\": -0.2})
+    cfg = SearchConfig(beam_b1=1, beam_b2=2, max_depth=3)
+    t = solve("q", "sbs", policy, value, ScriptedSandbox(), cfg, ground_truth="y", check=exact)
+    assert sorted(n.answer for n in t.nodes if n.terminal_reason == "answer") == ["x", "y"]
+    assert {n.terminal_reason for n in t.nodes if n.depth == 3} == {"max_depth"}  # the beam ran out of depth
+    assert t.meta["answer"] == "y" and t.meta["correct"] is True and t.meta["fallback"] is True
+    # With no answer generated at all, there is still none to give.
+    policy = ScriptedPolicy({(): [sample("a</step>")], ("a",): [sample("a</step>")], ("a", "a"): [sample("a</step>")]})
+    t = solve("q", "sbs", policy, value, ScriptedSandbox(), cfg, ground_truth="y", check=exact)
+    assert t.meta.get("answer") is None and t.meta["fallback"] is False
+
+
 def test_greedy_and_majority():
     policy = ScriptedPolicy({(): [RIGHT, RIGHT, WRONG, RIGHT, BROKEN]})
     t = solve("q", "greedy", policy, ConstValue(0.2), ScriptedSandbox(), SearchConfig(),
