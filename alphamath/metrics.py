@@ -94,8 +94,10 @@ def expected_calibration_error(bins: Sequence[dict]) -> float | None:
 
 
 def sign_test(a: Sequence[bool], b: Sequence[bool]) -> dict:
-    """Exact two-sided sign test on paired binary outcomes (McNemar's exact test): only problems
-    that one model solves and the other does not carry information."""
+    """Exact sign test on paired binary outcomes (McNemar's exact test): only problems that one
+    model solves and the other does not carry information. `p_value` is two-sided; `p_a_worse` is
+    one-sided, P(a wins at most a_only of the discordant problems | no difference): the test for
+    "is a worse than b?", which is what a promotion gate asks."""
     if len(a) != len(b):
         raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
     a_only = sum(1 for x, y in zip(a, b) if x and not y)
@@ -103,7 +105,8 @@ def sign_test(a: Sequence[bool], b: Sequence[bool]) -> dict:
     n = a_only + b_only
     k = min(a_only, b_only)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return {"a_only": a_only, "b_only": b_only, "p_value": p}
+    worse = sum(math.comb(n, i) for i in range(a_only + 1)) / 2 ** n if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": p, "p_a_worse": worse}
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10_000,

@@ -42,6 +42,10 @@ def test_reliability_bins_and_ece():
 def test_sign_test_exact_p_values():
     r = sign_test([False] * 6 + [True] * 4, [True] * 6 + [True] * 4)
     assert (r["a_only"], r["b_only"]) == (0, 6) and r["p_value"] == pytest.approx(2 / 64)
+    assert r["p_a_worse"] == pytest.approx(1 / 64)
+    r = sign_test([True] + [False] * 7, [False] + [True] * 7)  # 1 vs 7: one-sided (1 + 8) / 256
+    assert r["p_a_worse"] == pytest.approx(9 / 256) and r["p_value"] == pytest.approx(18 / 256)
+    assert sign_test([True] * 7 + [False], [False] * 7 + [True])["p_a_worse"] == pytest.approx(1 - 1 / 256)
     assert sign_test([True, False], [True, False])["p_value"] == 1.0  # no discordant pair
     r = sign_test([True, False, True], [False, True, False])  # 2 vs 1: p = 2 * (1 + 3) / 8 = 1
     assert r["p_value"] == 1.0

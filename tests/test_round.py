@@ -94,12 +94,18 @@ def test_gate_uses_a_paired_sign_test_and_the_value_head():
     ids = [f"p{i}" for i in range(50)]
     cur = {"greedy_acc": 0.2, "sbs_acc": 0.2, "outcomes": {m: {i: n < 10 for n, i in enumerate(ids)}
                                                          for m in ("greedy", "sbs")}}
-    # two problems fewer solved by the candidate: 4 points, but p = 0.5 -> not a reason to keep it back
+    # two problems fewer solved by the candidate: 4 points, but one-sided p = 1/4 -> not a reason to keep it back
     near = {"greedy_acc": 0.16, "sbs_acc": 0.2, "outcomes": {"greedy": {i: n < 8 for n, i in enumerate(ids)},
                                                              "sbs": cur["outcomes"]["sbs"]}}
     d = gate(near, cur)
-    assert d.promote and "p = 0.500" in d.reasons[0]
-    # eight fewer: p = 2 / 2^8 = 0.0078 -> significantly worse
+    assert d.promote and "one-sided p = 0.250" in d.reasons[0]
+    # eight fewer: p = 1 / 2^8 = 0.0039 -> significantly worse
+    # (session 10's round 1: SBS 1 vs 7 problems, one-sided p = 9/256 = 0.035, two-sided 0.070: the
+    # two-sided test let a candidate through that a gate asking "is it worse?" blocks)
+    seven = {**near, "sbs_acc": 0.08, "outcomes": {**near["outcomes"], "sbs": {i: n < 10 and n not in range(3, 10)
+                                                                                or n == 20 for n, i in enumerate(ids)}}}
+    d = gate(seven, cur)
+    assert not d.promote and "1 vs 7 problems, one-sided p = 0.035" in d.reasons[1]
     far = {**near, "greedy_acc": 0.04, "outcomes": {**near["outcomes"],
                                                     "greedy": {i: n < 2 for n, i in enumerate(ids)}}}
     d = gate(far, cur)

@@ -10,8 +10,8 @@ Both are evaluated on the same fixed evaluation set with ground truth:
 
 The gate separates signal from noise (eval sets of >= 50 problems: one problem <= 2 points):
   - an accuracy blocks promotion only when the candidate is worse by more than `threshold` AND an
-    exact two-sided sign test on the paired per-problem outcomes gives p <= alpha (0.05; alpha 1
-    gates on the drop alone): a
+    exact one-sided sign test on the paired per-problem outcomes ("is the candidate worse?") gives
+    p <= alpha (0.05; alpha 1 gates on the drop alone): a
     candidate is not kept back for a difference that one or two problems explain;
   - the candidate's value head blocks it when it is no better than the best constant predictor on
     the held-out trees (MSE ratio >= 1), or when its squared error is significantly higher than the
@@ -165,8 +165,8 @@ def gate(candidate: dict, current: dict, threshold: float = THRESHOLD, metrics: 
         if paired is not None:
             from alphamath.metrics import sign_test
             st = sign_test(*paired)
-            test = f", sign test {st['a_only']} vs {st['b_only']} problems, p = {st['p_value']:.3f}"
-            worse = worse and st["p_value"] <= alpha
+            test = f", sign test {st['a_only']} vs {st['b_only']} problems, one-sided p = {st['p_a_worse']:.3f}"
+            worse = worse and st["p_a_worse"] <= alpha
         ok &= not worse
         reasons.append(f"{m}: {candidate[m]:.3f} vs {current[m]:.3f}{test} "
                        f"({'significantly worse' if worse and paired else 'worse by more than ' + format(threshold, '.3f') if worse else 'ok'})")
