@@ -160,3 +160,28 @@ def test_trainer_service_ingests_and_runs_a_training_job(tiny_model_dir, tmp_pat
     finally:
         server.stop()
         store.close()
+
+
+def test_sigterm_unwinds_the_cli_so_its_broker_is_stopped():
+    """kill (SIGTERM) of `make round` / `make learn` runs the finally blocks that stop the local
+    broker; session 10 found an orphaned tansu after killing `make learn`, which had no handler."""
+    import os
+    import signal
+
+    import pytest
+
+    from trainer_svc.round import run_cli
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+
+    def run(cfg):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            cleaned.append("not reached")
+        finally:
+            cleaned.append("broker stopped")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(run, None)
+    assert e.value.code == 143 and cleaned == ["broker stopped"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back

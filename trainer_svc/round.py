@@ -265,12 +265,19 @@ def quiet_logging() -> None:
 
 
 def run_cli(run: Callable, cfg) -> int:
-    """`run(cfg)` as the round and learning CLIs end: 0, or 1 with the error on stderr."""
+    """`run(cfg)` as the round and learning CLIs end: 0, or 1 with the error on stderr.
+
+    SIGTERM (kill, a Job's deletion) unwinds like Ctrl-C, as SystemExit(143), so the `finally`
+    blocks run and the tansu broker a round started is stopped, not orphaned."""
+    import signal
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         run(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -305,8 +312,6 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     quiet_logging()
-    import signal
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the broker this round started
     if a.bootstrap is None:
         from alphamath.broker import DEFAULT_BOOTSTRAP, port_open
         host, port = DEFAULT_BOOTSTRAP.split(":")
