@@ -103,11 +103,12 @@ def tree_rows(tree, feats) -> dict:
         n = tree.nodes[i]
         return n.Q if n.N else (1.0 if n.correct else -1.0)
 
-    ids = sorted(set(answers) | set(steps) | (capped_node_ids(tree) & set(feats)))
+    capped = capped_node_ids(tree) & set(feats)
+    ids = sorted(set(answers) | set(steps) | capped)
     return {"X": np.stack([feats[i] for i in ids]) if ids else np.zeros((0, 1)), "ids": ids,
             "y": np.array([target(i) for i in ids]), "answer": np.array([i in answers for i in ids]),
             "correct": np.array([bool(tree.nodes[i].correct) for i in ids]),
-            "step": np.array([i in steps for i in ids]), "capped": np.array([i in capped_node_ids(tree) for i in ids])}
+            "step": np.array([i in steps for i in ids]), "capped": np.array([i in capped for i in ids])}
 
 
 def training_data(rows, which: str):

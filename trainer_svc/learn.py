@@ -241,17 +241,17 @@ def run(cfg: LearnConfig, say=print) -> dict:
         base_engine = load_engine(base_path, cfg.dtype)
         prev["value_next"] = {k: v for k, v in value_metrics(base_engine.value, trees).items() if k != "tree_sq"}
         del base_engine
-        cand_engine = load_engine(cand_path, cfg.dtype)
         outcomes = dict(rep.after["outcomes"])
-        if cfg.zero_head_every_round or rnd == cfg.rounds:
+        if cfg.zero_head_every_round or rnd == cfg.rounds:  # the candidate is loaded only for this
+            cand_engine = load_engine(cand_path, cfg.dtype)
             outcomes.update(evaluate_zero_head(cand_engine, eval_problems, ecfg, say))
+            del cand_engine
         row = {"round": rnd, "checkpoint": rep.candidate, "base": rep.base, "promoted": rep.promoted,
                "gate": rep.reasons, "acc": split(outcomes, ids), "outcomes": outcomes,
                "trees": rep.trees, "examples": rep.examples, "correct_trees": rep.correct_trees,
                "coverage": coverage(trees, budgets),
                "value_held": {k: v for k, v in (rep.after.get("value") or {}).items() if k != "tree_sq"},
                "round_seconds": rep.seconds}
-        del cand_engine
         report["rows"].append(row)
         report["seconds"][f"round{rnd}"] = round(time.perf_counter() - t, 1)
         save()
