@@ -8,6 +8,11 @@ A value head is a process reward model, so it is judged the way PRMs are:
                   below 1 means the head knows something about *which* step is good, not just the
                   base rate
   calibration     a reliability diagram: predicted value bins against the observed share correct
+  per question    the pooled AUC also rewards a head that only knows which questions are easy, so
+                  the answers to one question are judged on their own too: the mean AUC over trees
+                  holding right and wrong answers, and best-of-N selection (the share of trees
+                  whose highest-valued answer is right) beside a random pick and a majority vote
+                  over the same answers, as PRMs are compared with self-consistency
 
 Accuracy differences between two models on the same problems are paired, so they are tested as
 paired outcomes (an exact sign test and a paired bootstrap), not as two independent proportions.
@@ -141,6 +146,11 @@ class ValueReport:
     ece: float | None
     reliability: list[dict] = field(default_factory=list)
     per_tree: list[dict] = field(default_factory=list)   # for paired comparisons between heads
+    within_auc: float | None = None   # mean AUC over the trees that hold right and wrong answers
+    within_trees: int = 0             # how many trees that is
+    best_of_n: float | None = None    # share of trees whose highest-valued answer is right
+    random_pick: float | None = None  # the same for a uniformly random answer (a constant head)
+    majority: float | None = None     # the same for the most frequent answer (self-consistency)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,7 +159,36 @@ class ValueReport:
         f = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
         return (f"{self.trees} trees: AUC {f(self.auc)} on {self.answers} answers ({self.answers_correct} correct); "
                 f"MSE {f(self.mse)} vs constant {f(self.constant_mse)} (ratio {f(self.mse_ratio)}) "
-                f"on {self.steps} steps; ECE {f(self.ece)}")
+                f"on {self.steps} steps; ECE {f(self.ece)}; per question: AUC {f(self.within_auc)} "
+                f"({self.within_trees} trees), best-of-N {f(self.best_of_n)} vs random {f(self.random_pick)} "
+                f"and majority {f(self.majority)}")
+
+
+def per_question(rows: Sequence[Sequence[tuple[float, bool, str]]]) -> dict:
+    """Within-question metrics from each tree's answers as (value, correct, answer text).
+
+    Ties are counted in expectation (a random pick among the tied), so a constant head scores
+    best_of_n == random_pick and within_auc 0.5 exactly. Trees without answers are left out."""
+    rows = [r for r in rows if r]
+    aucs = [a for a in (roc_auc([v for v, _, _ in r], [c for _, c, _ in r]) for r in rows) if a is not None]
+
+    def expected_correct(group) -> float:
+        return sum(c for _, c, _ in group) / len(group)
+
+    best, rand, vote = [], [], []
+    for r in rows:
+        top = max(v for v, _, _ in r)
+        best.append(expected_correct([x for x in r if x[0] == top]))
+        rand.append(expected_correct(r))
+        counts: dict[str, list] = {}
+        for x in r:
+            counts.setdefault(x[2], []).append(x)
+        most = max(len(g) for g in counts.values())
+        vote.append(sum(expected_correct(g) for g in counts.values() if len(g) == most)
+                    / sum(1 for g in counts.values() if len(g) == most))
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"within_auc": mean(aucs), "within_trees": len(aucs), "best_of_n": mean(best),
+            "random_pick": mean(rand), "majority": mean(vote)}
 
 
 def scored_nodes(tree: Tree) -> tuple[list[int], list[int]]:
@@ -184,7 +223,7 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
         for i in answers:
             preds_a.append(got[i])
             labels_a.append(bool(tree.nodes[i].correct))
-            row["answers"].append([got[i], bool(tree.nodes[i].correct)])
+            row["answers"].append([got[i], bool(tree.nodes[i].correct), tree.nodes[i].answer or ""])
         for i in steps:
             preds_s.append(got[i])
             targets_s.append(tree.nodes[i].Q)
@@ -199,7 +238,8 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
     rel = reliability(preds_a, labels_a, bins)
     return ValueReport(trees=n_trees, answers=len(preds_a), answers_correct=sum(labels_a), auc=auc,
                        steps=len(preds_s), mse=m, constant=c, constant_mse=cm, mse_ratio=ratio,
-                       ece=expected_calibration_error(rel), reliability=rel, per_tree=per_tree)
+                       ece=expected_calibration_error(rel), reliability=rel, per_tree=per_tree,
+                       **per_question([[tuple(a) for a in row["answers"]] for row in per_tree]))
 
 
 def plot_reliability(report: ValueReport, path: str, title: str = "value head reliability") -> None:

@@ -92,4 +92,30 @@ def test_value_report_scores_states_and_never_reads_stored_rewards():
     # a head that predicts each stored reward would have MSE 0 at the answers; this one does not
     assert rep.mse > 0 and rep.mse_ratio < 1.0
     assert [len(rep.per_tree[0]["answers"]), len(rep.per_tree[0]["steps"])] == [3, 4]
+    assert rep.within_auc == 1.0 and rep.within_trees == 1 and rep.best_of_n == 1.0 and rep.random_pick < 1.0
     assert not math.isnan(rep.ece)
+
+
+def test_per_question_metrics_on_hand_built_answers():
+    from alphamath.metrics import per_question
+    a = [(0.9, True, "7"), (0.1, False, "8"), (0.0, False, "8")]   # head ranks the right answer first
+    b = [(0.5, False, "3"), (-0.2, True, "4"), (0.5, True, "4")]   # a tie at the top: half right
+    c = [(0.3, False, "1"), (0.2, False, "2")]                      # no right answer: no AUC
+    m = per_question([a, b, c, []])
+    # AUC: a 1.0; b: positives -0.2 and 0.5 against 0.5 -> (0 + 0.5) / 2 = 0.25; mean 0.625 over 2 trees
+    assert m["within_auc"] == pytest.approx(0.625) and m["within_trees"] == 2
+    assert m["best_of_n"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert m["random_pick"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    # majority: a -> "8" (wrong); b -> "4" (right); c -> a tie of "1" and "2", both wrong
+    assert m["majority"] == pytest.approx(1 / 3)
+
+
+def test_a_constant_head_picks_at_random_and_reads_half_within_questions():
+    from alphamath.metrics import per_question
+    rows = [[(0.0, True, "1"), (0.0, False, "2"), (0.0, False, "2"), (0.0, False, "3")],
+            [(0.0, True, "5"), (0.0, True, "5"), (0.0, False, "6")]]
+    m = per_question(rows)
+    assert m["within_auc"] == 0.5 and m["best_of_n"] == pytest.approx(m["random_pick"])
+    assert m["majority"] == pytest.approx((0.0 + 1.0) / 2)
+    assert per_question([]) == {"within_auc": None, "within_trees": 0, "best_of_n": None,
+                                "random_pick": None, "majority": None}

@@ -145,14 +145,14 @@ def table(report: dict) -> str:
     def num(v):
         return "  n/a" if v is None else f"{v:5.3f}"
     head = (f"{'round':<6}{'checkpoint':<22}{'arith g':>8}{'sbs':>6}{'sbs0':>6}{'hand g':>8}{'sbs':>6}{'sbs0':>6}"
-            f"{'AUC':>7}{'MSE/c':>7}{'cover':>7}  promoted")
+            f"{'AUC':>7}{'AUC/q':>7}{'MSE/c':>7}{'cover':>7}  promoted")
     lines = [head]
     for r in report["rows"]:
         a, v = r["acc"], r.get("value_next") or r.get("value_held") or {}
         cov = r.get("coverage", {}).get(f"N={report['config']['iterations']}")
         lines.append(f"{r['round']:<6}{r['checkpoint'][:21]:<22}{pct(a.get('arith_greedy')):>8}{pct(a.get('arith_sbs')):>6}"
                      f"{pct(a.get('arith_sbs_zero')):>6}{pct(a.get('hand_greedy')):>8}{pct(a.get('hand_sbs')):>6}"
-                     f"{pct(a.get('hand_sbs_zero')):>6}{num(v.get('auc')):>7}{num(v.get('mse_ratio')):>7}"
+                     f"{pct(a.get('hand_sbs_zero')):>6}{num(v.get('auc')):>7}{num(v.get('within_auc')):>7}{num(v.get('mse_ratio')):>7}"
                      f"{pct(cov):>7}  {r.get('promoted', '')}")
     return "\n".join(lines)
 

@@ -189,7 +189,8 @@ def value_metrics(value, trees) -> dict:
             tree_sq[row["question_id"]] = sum((p - t) ** 2 for p, t in row["steps"]) / len(row["steps"])
     return {"trees": rep.trees, "auc": rep.auc, "mse": rep.mse, "constant_mse": rep.constant_mse,
             "mse_ratio": rep.mse_ratio, "ece": rep.ece, "steps": rep.steps, "answers": rep.answers,
-            "tree_sq": tree_sq}
+            "within_auc": rep.within_auc, "best_of_n": rep.best_of_n, "random_pick": rep.random_pick,
+            "majority": rep.majority, "tree_sq": tree_sq}
 
 
 def publish_promotion(store, checkpoint_id: str, bootstrap: str | None, topic: str | None = None,
