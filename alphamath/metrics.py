@@ -183,9 +183,8 @@ def per_question(rows: Sequence[Sequence[tuple[float, bool, str]]]) -> dict:
         counts: dict[str, list] = {}
         for x in r:
             counts.setdefault(x[2], []).append(x)
-        most = max(len(g) for g in counts.values())
-        vote.append(sum(expected_correct(g) for g in counts.values() if len(g) == most)
-                    / sum(1 for g in counts.values() if len(g) == most))
+        most = max(len(g) for g in counts.values())  # tied groups are the same size, so pooling them
+        vote.append(expected_correct([x for g in counts.values() if len(g) == most for x in g]))  # is their mean
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"within_auc": mean(aucs), "within_trees": len(aucs), "best_of_n": mean(best),
             "random_pick": mean(rand), "majority": mean(vote)}
@@ -239,7 +238,7 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
     return ValueReport(trees=n_trees, answers=len(preds_a), answers_correct=sum(labels_a), auc=auc,
                        steps=len(preds_s), mse=m, constant=c, constant_mse=cm, mse_ratio=ratio,
                        ece=expected_calibration_error(rel), reliability=rel, per_tree=per_tree,
-                       **per_question([[tuple(a) for a in row["answers"]] for row in per_tree]))
+                       **per_question([row["answers"] for row in per_tree]))
 
 
 def plot_reliability(report: ValueReport, path: str, title: str = "value head reliability") -> None:
