@@ -1,7 +1,7 @@
 """The learning benchmark end to end on the tiny random Llama: one round, two problems per set."""
 import json
 
-from trainer_svc.learn import LearnConfig, coverage, run, split
+from trainer_svc.learn import LearnConfig, coverage, paired, run, split, table
 from alphamath.tree import Tree
 
 
@@ -11,6 +11,31 @@ def test_split_and_coverage_arithmetic():
     assert acc == {"arith_greedy": 0.5, "arith_sbs": 0.0, "hand_greedy": 1.0, "hand_sbs": 1.0}
     trees = [Tree(question="q", prompt="p", meta={"first_correct_iteration": f}) for f in (3, 12, None, 25)]
     assert coverage(trees, [10, 20, 40]) == {"N=10": 0.25, "N=20": 0.5, "N=40": 0.75}
+
+
+def test_paired_comparisons_count_discordant_problems():
+    ids = [f"q{i}" for i in range(10)]
+    base = {"greedy": {i: k < 2 for k, i in enumerate(ids)}, "sbs": {i: k < 3 for k, i in enumerate(ids)}}
+    base["sbs_zero"] = base["sbs"]
+    r1 = {"greedy": {i: k < 6 for k, i in enumerate(ids)},     # +4 problems, none lost
+          "sbs": {i: 1 <= k < 4 for k, i in enumerate(ids)},   # wins q3, loses q0: net 0
+          "sbs_zero": {i: k < 1 for k, i in enumerate(ids)}}
+    report = {"rows": [{"round": 0, "outcomes": base}, {"round": 1, "outcomes": r1}]}
+    got = {(c["round"], c["a"], c["b"]): c for c in paired(report)}
+    assert set(got) == {(0, "sbs", "greedy"), (1, "greedy", "round 0 greedy"), (1, "sbs", "round 0 sbs"),
+                        (1, "sbs_zero", "round 0 sbs_zero"), (1, "sbs", "sbs_zero"), (1, "sbs", "greedy")}
+    g = got[(1, "greedy", "round 0 greedy")]
+    assert (g["a_only"], g["b_only"], g["n"], g["points"]) == (4, 0, 10, 40.0)
+    assert g["p_value"] == 2 / 16  # all 4 discordant problems on one side: 2 * (1/2)^4
+    s = got[(1, "sbs", "round 0 sbs")]
+    assert (s["a_only"], s["b_only"], s["points"], s["p_value"]) == (1, 1, 0.0, 1.0)
+    z = got[(1, "sbs", "sbs_zero")]
+    assert (z["a_only"], z["b_only"], z["points"]) == (3, 1, 20.0)
+    assert got[(1, "sbs", "greedy")]["points"] == -30.0
+    report.update(config={"iterations": 2}, sets={"arith": 5, "hand": 5})
+    for r in report["rows"]:
+        r.update(checkpoint="c", acc={})
+    assert "round 1: greedy vs round 0 greedy: +40.0 points (4 won, 0 lost of 10), p = 0.125" in table(report)
 
 
 def test_one_round_writes_report_and_learning_curve(tiny_model_dir, tmp_path):
@@ -27,6 +52,7 @@ def test_one_round_writes_report_and_learning_curve(tiny_model_dir, tmp_path):
     assert rows[0]["value_next"]["trees"] == 2  # the base head on round 1's fresh trees
     assert rows[1]["trees"] == 2 and set(rows[1]["coverage"]) == {"N=1", "N=2"}
     assert (tmp_path / "learn" / "learning.png").stat().st_size > 0
+    assert {(c["round"], c["a"], c["b"]) for c in report["paired"]} >= {(1, "greedy", "round 0 greedy"), (1, "sbs", "sbs_zero")}
     saved = json.loads((tmp_path / "learn" / "report.json").read_text())
     assert [r["round"] for r in saved["rows"]] == [0, 1]
     again = run(cfg, say=lines.append)  # resumable: a finished stage is not run again

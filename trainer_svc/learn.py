@@ -138,6 +138,33 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def paired(report: dict) -> list[dict]:
+    """Which differences are more than noise: every round against round 0 (same method), and within
+    a round SBS against greedy and against the zero head, over all held-out problems together. An
+    exact sign test (alphamath.metrics.sign_test) sees only the problems one side solves and the
+    other does not; `points` is the change in accuracy (one problem = 100 / n points)."""
+    from alphamath.metrics import sign_test
+    rows = report["rows"]
+    base = next((r for r in rows if r["round"] == 0), None)
+    out = []
+    for r in rows:
+        o = r["outcomes"]
+        pairs = [] if base is None or r is base else [(m, m, base["outcomes"]) for m in ("greedy", "sbs", "sbs_zero")]
+        if r is not base:  # at round 0 the head is zero already: sbs_zero is sbs
+            pairs += [("sbs", "sbs_zero", o)]
+        pairs += [("sbs", "greedy", o)]
+        for a_name, b_name, other in pairs:
+            a, b = o.get(a_name), other.get(b_name)
+            if not a or not b:
+                continue
+            ids = sorted(set(a) & set(b))
+            t = sign_test([a[i] for i in ids], [b[i] for i in ids])
+            out.append({"round": r["round"], "a": a_name, "b": ("round 0 " if other is not o else "") + b_name,
+                        "n": len(ids), "points": 100 * (sum(a[i] for i in ids) - sum(b[i] for i in ids)) / len(ids),
+                        **t})
+    return out
+
+
 def table(report: dict) -> str:
     def pct(v):
         return "  n/a" if v is None else f"{100 * v:5.1f}"
@@ -154,6 +181,9 @@ def table(report: dict) -> str:
                      f"{pct(a.get('arith_sbs_zero')):>6}{pct(a.get('hand_greedy')):>8}{pct(a.get('hand_sbs')):>6}"
                      f"{pct(a.get('hand_sbs_zero')):>6}{num(v.get('auc')):>7}{num(v.get('within_auc')):>7}{num(v.get('mse_ratio')):>7}"
                      f"{pct(cov):>7}  {r.get('promoted', '')}")
+    lines.append("paired, all held-out problems (exact sign test, two-sided p):")
+    lines += [f"  round {c['round']}: {c['a']} vs {c['b']}: {c['points']:+.1f} points "
+              f"({c['a_only']} won, {c['b_only']} lost of {c['n']}), p = {c['p_value']:.3g}" for c in paired(report)]
     return "\n".join(lines)
 
 
@@ -256,6 +286,8 @@ def run(cfg: LearnConfig, say=print) -> dict:
         report["seconds"][f"round{rnd}"] = round(time.perf_counter() - t, 1)
         save()
         say(table(report))
+    report["paired"] = paired(report)
+    save()
     plot(report, root / "learning.png")
     say(table(report))
     say(f"report: {report_path}; learning curve: {root / 'learning.png'}")
