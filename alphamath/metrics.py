@@ -3,7 +3,8 @@
 A value head is a process reward model, so it is judged the way PRMs are:
   discrimination  ROC AUC of the head's value at answer nodes against their correctness
                   (0.5: no better than a coin; a constant head reads exactly 0.5)
-  regression      MSE of the head's value against each visited step's MCTS Q, beside the MSE of
+  regression      MSE of the head's value against each visited step's mean outcome (its training
+                  target, Tree.outcome_values), beside the MSE of
                   the best constant predictor on the same steps (the targets' variance): a ratio
                   below 1 means the head knows something about *which* step is good, not just the
                   base rate
@@ -191,10 +192,12 @@ def per_question(rows: Sequence[Sequence[tuple[float, bool, str]]]) -> dict:
 
 
 def scored_nodes(tree: Tree) -> tuple[list[int], list[int]]:
-    """Ids of the answer nodes whose correctness is known, and of the visited non-root steps.
-    The root (the question alone) is left out: training never supervises a value there."""
+    """Ids of the answer nodes whose correctness is known, and of the visited non-root steps with
+    a finished path below them (those have a value target, Tree.outcome_values). The root (the
+    question alone) is left out: training never supervises a value there."""
     answers = [n.id for n in tree.nodes if n.terminal_reason == "answer" and n.correct is not None]
-    steps = [n.id for n in tree.nodes if n.id != 0 and n.N > 0]
+    outcomes = tree.outcome_values()
+    steps = [n.id for n in tree.nodes if n.id != 0 and n.N > 0 and n.id in outcomes]
     return answers, steps
 
 
@@ -202,7 +205,7 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
                  check: Callable[[str | None, str], bool] | None = None,
                  progress: Callable[[int], None] | None = None) -> ValueReport:
     """Score every answer node and every visited step of each tree with `value` (fresh states,
-    never the values stored in the tree) and measure AUC, MSE against Q and calibration."""
+    never the values stored in the tree) and measure AUC, MSE against the value target and calibration."""
     preds_a, labels_a, preds_s, targets_s, per_tree = [], [], [], [], []
     n_trees = 0
     for tree in trees:
@@ -212,6 +215,7 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
                 if n.terminal_reason == "answer" and n.correct is None:
                     n.correct = bool(check(n.answer, tree.ground_truth))
         answers, steps = scored_nodes(tree)
+        target = tree.outcome_values()
         ids = sorted(set(answers) | set(steps))
         states = [tree.state(i) for i in ids]
         got: dict[int, float] = {}
@@ -225,8 +229,8 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
             row["answers"].append([got[i], bool(tree.nodes[i].correct), tree.nodes[i].answer or ""])
         for i in steps:
             preds_s.append(got[i])
-            targets_s.append(tree.nodes[i].Q)
-            row["steps"].append([got[i], tree.nodes[i].Q])
+            targets_s.append(target[i])
+            row["steps"].append([got[i], target[i]])
         per_tree.append(row)
         if progress:
             progress(n_trees)

@@ -22,6 +22,25 @@ def test_paths_are_labelled_and_carry_each_steps_q():
     assert right.step_end_chars() == [len(t.state(1)), len(t.state(2))]
 
 
+def test_value_targets_are_mean_outcomes_not_the_heads_own_backups():
+    t = Tree(question="q", prompt="P<step>", ground_truth="7", question_id="q1")
+    a = t.add_child(0, Step("think", "text"), 0.5)
+    right = t.add_child(a.id, answer_step("7"), 0.5)
+    wrong = t.add_child(a.id, answer_step("5"), 0.5)
+    bad = t.add_child(a.id, Step("garbage", "malformed"), 0.5)
+    open_ = t.add_child(a.id, Step("more", "text"), 0.5)       # expanded, never finished
+    ungraded = t.add_child(0, answer_step("9"), 0.5)            # an answer nobody graded
+    for n, reason, ok, r in ((right, "answer", True, 1.0), (wrong, "answer", False, -1.0), (bad, "malformed", None, -1.0)):
+        n.terminal_reason, n.correct = reason, ok
+        backup(t, n.id, r)
+    backup(t, open_.id, 0.0)  # a zero head's estimate: what pulls Q towards 0
+    ungraded.terminal_reason = "answer"
+    assert a.Q == pytest.approx(-1 / 4)
+    out = t.outcome_values()
+    assert out == {0: pytest.approx(-1 / 3), a.id: pytest.approx(-1 / 3), right.id: 1.0, wrong.id: -1.0, bad.id: -1.0}
+    assert {e.correct: e.values for e in extract_examples(t)}[True] == (pytest.approx(-1 / 3), 1.0)
+
+
 def test_unfinished_leaves_and_failed_terminals():
     t = make_tree(answers=("4",))
     open_leaf = t.add_child(0, Step("Think.", "text"), prior=0.1)  # never expanded: no label

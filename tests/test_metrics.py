@@ -79,8 +79,9 @@ def test_value_report_of_a_zero_head_reads_auc_half_and_ratio_at_least_one():
     assert (rep.trees, rep.answers, rep.answers_correct, rep.steps) == (1, 3, 1, 4)
     assert rep.auc == 0.5
     assert rep.mse_ratio >= 1.0
-    # targets: a (Q = (1 - 1 + 0.2) / 3), right 1, wrong -1, b -1
-    targets = [0.2 / 3, 1.0, -1.0, -1.0]
+    # targets: a's mean outcome (1 - 1) / 2 = 0 (not its Q, (1 - 1 + 0.2) / 3, which averages in the
+    # head's own 0.2), right 1, wrong -1, b -1
+    targets = [0.0, 1.0, -1.0, -1.0]
     assert rep.mse == pytest.approx(sum(t * t for t in targets) / 4)
     assert rep.constant_mse == pytest.approx(constant_predictor(targets)[1])
 

@@ -26,13 +26,13 @@ def test_features_equal_a_lone_forward_of_each_state(tiny_model_dir):
 def test_supervision_sets_and_balanced_weights():
     t = make_tree(answers=("4", "5", "6", "7", "8", "9"))  # 1 correct, 5 wrong answers
     extra = t.add_child(0, Step("Think.", "text"), prior=0.1)
-    backup(t, extra.id, -0.5)  # visited, never finished: only the "all" set supervises it
+    backup(t, extra.id, -0.5)  # visited, never finished: no target, so no set supervises it
     feats = {n.id: np.full(3, float(n.id)) for n in t.nodes if n.id != 0}
     rows = [tree_rows(t, feats)]
     capped = capped_node_ids(t)
     assert extra.id not in capped and len(capped) == 1 + 1 + 4  # the code step, 1 correct + 4 of 5 wrong
     X, y, w = training_data(rows, "all")
-    assert len(y) == len(feats) and np.all(w == 1)
+    assert len(y) == len(feats) - 1 and np.all(w == 1)
     X, y, w = training_data(rows, "all_balanced")
     assert w[y > 0.999].sum() == w[y < -0.999].sum() == 5  # the one correct leaf weighs as the five wrong
     X, y, w = training_data(rows, "capped")

@@ -99,9 +99,10 @@ def tree_rows(tree, feats) -> dict:
     answers, steps = scored_nodes(tree)
     answers, steps = [a for a in answers if a in feats], [s for s in steps if s in feats]
 
+    outcomes = tree.outcome_values()  # the training target (every scored or capped node has one)
+
     def target(i):
-        n = tree.nodes[i]
-        return n.Q if n.N else (1.0 if n.correct else -1.0)
+        return outcomes[i]
 
     capped = capped_node_ids(tree) & set(feats)
     ids = sorted(set(answers) | set(steps) | capped)

@@ -6,7 +6,7 @@ Both are evaluated on the same fixed evaluation set with ground truth:
   value_acc   how often the value head's sign on a finished solution (> 0: "correct") agrees with
               the ground truth, over every answer node the evaluation searches produced (reported)
   value       each head on held-out data-generation trees that neither was trained on
-              (alphamath.metrics.value_report: AUC, MSE against Q, MSE of the best constant)
+              (alphamath.metrics.value_report: AUC, MSE against the value target, MSE of the best constant)
 
 The gate separates signal from noise (eval sets of >= 50 problems: one problem <= 2 points):
   - an accuracy blocks promotion only when the candidate is worse by more than `threshold` AND an
@@ -179,7 +179,7 @@ def gate(candidate: dict, current: dict, threshold: float = THRESHOLD, metrics: 
 
 def value_metrics(value, trees) -> dict:
     """What the gate needs of a head on held-out trees: value_report's summary plus each tree's
-    mean squared error against Q (for the paired comparison)."""
+    mean squared error against the value target (for the paired comparison)."""
     from alphamath.metrics import value_report
     from search_svc.engine import default_checker
     rep = value_report(trees, value, check=default_checker())
