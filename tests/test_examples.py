@@ -39,6 +39,11 @@ def test_value_targets_are_mean_outcomes_not_the_heads_own_backups():
     out = t.outcome_values()
     assert out == {0: pytest.approx(-1 / 3), a.id: pytest.approx(-1 / 3), right.id: 1.0, wrong.id: -1.0, bad.id: -1.0}
     assert {e.correct: e.values for e in extract_examples(t)}[True] == (pytest.approx(-1 / 3), 1.0)
+    from tests.q_targets import counts
+    c = counts([t])  # a: Q -1/4 (the zero head's 0 averaged in), the finished paths below it -1/3
+    assert (c["right_answers"], c["wrong_answers"], c["open_steps"], c["open_with_outcome"]) == (1, 1, 2, 1)
+    assert c["their_q"] == pytest.approx(-1 / 4) and c["their_outcome"] == pytest.approx(-1 / 3)
+    assert (c["sibling_groups"], c["open_above_wrong_answer"]) == (1, 1)  # "more" (Q 0) above the wrong answer
 
 
 def test_unfinished_leaves_and_failed_terminals():
