@@ -191,12 +191,13 @@ def per_question(rows: Sequence[Sequence[tuple[float, bool, str]]]) -> dict:
             "random_pick": mean(rand), "majority": mean(vote)}
 
 
-def scored_nodes(tree: Tree) -> tuple[list[int], list[int]]:
+def scored_nodes(tree: Tree, outcomes: dict[int, float] | None = None) -> tuple[list[int], list[int]]:
     """Ids of the answer nodes whose correctness is known, and of the visited non-root steps with
     a finished path below them (those have a value target, Tree.outcome_values). The root (the
-    question alone) is left out: training never supervises a value there."""
+    question alone) is left out: training never supervises a value there. `outcomes`: the tree's
+    outcome_values, when the caller has them already."""
     answers = [n.id for n in tree.nodes if n.terminal_reason == "answer" and n.correct is not None]
-    outcomes = tree.outcome_values()
+    outcomes = tree.outcome_values() if outcomes is None else outcomes
     steps = [n.id for n in tree.nodes if n.id != 0 and n.N > 0 and n.id in outcomes]
     return answers, steps
 
@@ -205,7 +206,8 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
                  check: Callable[[str | None, str], bool] | None = None,
                  progress: Callable[[int], None] | None = None) -> ValueReport:
     """Score every answer node and every visited step of each tree with `value` (fresh states,
-    never the values stored in the tree) and measure AUC, MSE against the value target and calibration."""
+    never the values stored in the tree) and measure AUC, MSE against the value target and
+    calibration."""
     preds_a, labels_a, preds_s, targets_s, per_tree = [], [], [], [], []
     n_trees = 0
     for tree in trees:
@@ -214,8 +216,8 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
             for n in tree.nodes:
                 if n.terminal_reason == "answer" and n.correct is None:
                     n.correct = bool(check(n.answer, tree.ground_truth))
-        answers, steps = scored_nodes(tree)
         target = tree.outcome_values()
+        answers, steps = scored_nodes(tree, target)
         ids = sorted(set(answers) | set(steps))
         states = [tree.state(i) for i in ids]
         got: dict[int, float] = {}

@@ -96,18 +96,14 @@ def features(model, tok, tree, batch: int = 8) -> dict[int, np.ndarray]:
 def tree_rows(tree, feats) -> dict:
     """The probe's view of one tree: features, targets and which supervision set each node is in."""
     from alphamath.metrics import scored_nodes
-    answers, steps = scored_nodes(tree)
-    answers, steps = [a for a in answers if a in feats], [s for s in steps if s in feats]
-
     outcomes = tree.outcome_values()  # the training target (every scored or capped node has one)
-
-    def target(i):
-        return outcomes[i]
+    answers, steps = scored_nodes(tree, outcomes)
+    answers, steps = [a for a in answers if a in feats], [s for s in steps if s in feats]
 
     capped = capped_node_ids(tree) & set(feats)
     ids = sorted(set(answers) | set(steps) | capped)
     return {"X": np.stack([feats[i] for i in ids]) if ids else np.zeros((0, 1)), "ids": ids,
-            "y": np.array([target(i) for i in ids]), "answer": np.array([i in answers for i in ids]),
+            "y": np.array([outcomes[i] for i in ids]), "answer": np.array([i in answers for i in ids]),
             "correct": np.array([bool(tree.nodes[i].correct) for i in ids]),
             "step": np.array([i in steps for i in ids]), "capped": np.array([i in capped for i in ids])}
 

@@ -4,7 +4,8 @@ Each example is a root-to-leaf path ending in a terminal step: it is *correct* w
 answer matches the ground truth and *wrong* otherwise (wrong answer, malformed step, too deep,
 too many code errors). Every step carries its mean outcome as the value-head target: the average
 reward (+1 / -1) of the finished paths below it (alphamath.tree.Tree.outcome_values explains why
-not MCTS's Q, a deliberate difference from the paper's code). The LM loss uses only correct paths; the value loss uses all of them.
+not MCTS's Q, a deliberate difference from the paper's code). The LM loss uses only correct paths;
+the value loss uses all of them.
 
 Per question at most 4 correct and 4 wrong paths are kept (a seeded sample, reproducible per
 question), identical paths are kept once, and paths whose every code step failed are dropped:
@@ -88,16 +89,6 @@ def all_code_failed(path: list[Node]) -> bool:
     return bool(code) and all(n.code_error for n in path if n.code is not None)
 
 
-def step_target(node: Node, outcomes: dict[int, float]) -> float:
-    """The step's mean outcome (Tree.outcome_values: the rewards of the finished paths below it,
-    never the head's own estimates); every step on a finished path has one. Q is the fallback."""
-    if node.id in outcomes:
-        return outcomes[node.id]
-    if node.N:
-        return node.Q
-    return float(node.value) if node.value is not None else 0.0
-
-
 def extract_examples(tree: Tree, max_correct: int = MAX_CORRECT, max_wrong: int = MAX_WRONG,
                      seed: int = 0) -> list[Example]:
     """Correct paths first, then wrong ones; each group a reproducible sample of at most max_* paths."""
@@ -105,7 +96,7 @@ def extract_examples(tree: Tree, max_correct: int = MAX_CORRECT, max_wrong: int 
         return []
     qid = tree.question_id or hashlib.sha256(tree.question.encode()).hexdigest()[:16]
     by_label: dict[bool, dict[str, Example]] = {True: {}, False: {}}
-    outcomes = tree.outcome_values()
+    outcomes = tree.outcome_values()  # value targets: every step on a finished path has one
     for leaf in tree.leaves():
         label = path_label(tree, leaf)
         if label is None:
@@ -115,7 +106,7 @@ def extract_examples(tree: Tree, max_correct: int = MAX_CORRECT, max_wrong: int 
             continue
         ex = Example(question_id=qid, prompt=tree.prompt,
                      steps=tuple(render_step(n.step()) for n in path),
-                     values=tuple(step_target(n, outcomes) for n in path), correct=label)
+                     values=tuple(outcomes[n.id] for n in path), correct=label)
         by_label[label].setdefault(ex.key, ex)  # the first of identical paths wins
     rng = random.Random(f"{seed}:{qid}")
     out = []

@@ -149,10 +149,11 @@ def paired(report: dict) -> list[dict]:
     out = []
     for r in rows:
         o = r["outcomes"]
-        pairs = [] if base is None or r is base else [(m, m, base["outcomes"]) for m in ("greedy", "sbs", "sbs_zero")]
+        pairs = [("sbs", "greedy", o)]
         if r is not base:  # at round 0 the head is zero already: sbs_zero is sbs
-            pairs += [("sbs", "sbs_zero", o)]
-        pairs += [("sbs", "greedy", o)]
+            pairs = [("sbs", "sbs_zero", o)] + pairs
+            if base is not None:
+                pairs = [(m, m, base["outcomes"]) for m in ("greedy", "sbs", "sbs_zero")] + pairs
         for a_name, b_name, other in pairs:
             a, b = o.get(a_name), other.get(b_name)
             if not a or not b:

@@ -1,9 +1,10 @@
 """AlphaMath's joint objective: policy SFT on correct paths + value regression on all paths.
 
-    L = CE(policy tokens of correct paths) + alpha * mean_i (V(s_i) - Q(s_i))^2
+    L = CE(policy tokens of correct paths) + alpha * mean_i (V(s_i) - target(s_i))^2
 
 The value head is read at the last token of each state s_i = prompt + steps[0..i] (the same token
-`LocalLM.score(render_state(...))` reads at inference), and regressed onto the step's mean outcome (examples.py).
+`LocalLM.score(render_state(...))` reads at inference), and regressed onto the step's mean
+outcome (examples.py).
 The LM loss covers only what the policy writes: the prompt is excluded, and so is what the engine
 appends after a code cell (the <output> block and the closing </step>), which the model never
 generates and must not learn to hallucinate.
