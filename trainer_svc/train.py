@@ -61,6 +61,8 @@ class TrainConfig:
     value_balance: bool = False     # weigh correct paths' step ends by n_wrong / n_correct in the value
                                     # loss, so the few correct answers count as much as the many wrong
     max_grad_norm: float = 1.0
+    fit_value_head: bool = True     # after the joint steps, refit the head to convergence on the final
+                                    # trunk's features (trainer_svc.head_fit: why)
     max_len: int = 1024             # tokens per example
     max_examples: int | None = None
     value_holdout: float = 0.25     # share of questions (by id hash) whose trees are kept out of
@@ -242,13 +244,14 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
             fault_point("after_state_save")
 
     model.eval()
+    value_fit = refit_value_head(model, examples, weights, cfg, compute_dtype, device) if cfg.fit_value_head else None
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer)
     final = history[-1] if history else {}
     info = {"steps": total, "examples": len(examples), "base": str(base_dir), "config": asdict(cfg),
             "loss": final.get("loss"), "lm_loss": final.get("lm_loss"), "value_loss": final.get("value_loss"),
-            "history": history}
+            "history": history, "value_fit": value_fit}
     (tmp / DONE_FILE).write_text(json.dumps(info, indent=1))
     if output_dir.exists():
         shutil.rmtree(output_dir)
@@ -256,6 +259,30 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
     shutil.rmtree(state_dir, ignore_errors=True)
     return TrainResult(output_dir, total, len(examples), final.get("loss"), final.get("lm_loss"),
                        final.get("value_loss"), time.perf_counter() - t0, start_step, history)
+
+
+def refit_value_head(model, examples: Sequence[Example], weights: Sequence[float], cfg: TrainConfig,
+                     compute_dtype: torch.dtype, device: torch.device) -> dict:
+    """Replace the jointly trained head by one fit to convergence on the trained trunk's features
+    (trainer_svc.head_fit), its L2 strength chosen by cross-validation over questions."""
+    from trainer_svc.head_fit import choose_l2, fit_head, step_features
+
+    t0 = time.perf_counter()
+    with _autocast(compute_dtype, device):
+        feats = step_features(model, examples, cfg.max_len, weights)
+    l2, table = choose_l2(feats)
+    w, b = fit_head(feats, l2)
+    with torch.no_grad():
+        model.value_head.weight.copy_(w.view(1, -1).to(model.value_head.weight))
+        model.value_head.bias.fill_(b)
+    y, wt = feats.y, feats.w / feats.w.sum()
+    const_mse = float((wt * (y - (wt * y).sum()) ** 2).sum())
+    info = {"states": len(y), "questions": len(set(feats.groups)), "l2": l2,
+            "cv_mse": {str(k): v for k, v in table.items()}, "constant_mse": const_mse,
+            "seconds": time.perf_counter() - t0}
+    log.info("value head refit on %d states of %d questions: l2 %g, cross-validated MSE %.4f (constant %.4f)",
+             info["states"], info["questions"], l2, table[l2], const_mse)
+    return info
 
 
 def load_examples(path: str | Path) -> list[Example]:

@@ -1,0 +1,73 @@
+"""Fitting the value head on frozen trunk features: folds keep questions whole, the fit recovers a
+signal that is there, the L2 strength is chosen on held-out questions, and features are read at
+the token the joint loss reads."""
+from __future__ import annotations
+
+import torch
+
+from alphamath.model import ValueHeadModel
+from tests.pipeline import make_tree
+from trainer_svc.examples import extract_examples
+from trainer_svc.head_fit import Features, choose_l2, cv_mse, fit_head, folds, predict, step_features
+from trainer_svc.loss import collate
+
+
+def synthetic(n_q=20, per_q=10, dim=8, noise=0.0, seed=0) -> Features:
+    """Targets tanh(2 * x[0]) (+ noise): dimension 0 carries the signal, the rest is noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_q * per_q, dim, generator=g) * 3 + 5  # offset and scale: standardisation matters
+    y = torch.tanh(2 * (x[:, 0] - 5) / 3) + noise * torch.randn(len(x), generator=g)
+    return Features(x, y.clamp(-1, 1), torch.ones(len(x)), [f"q{i // per_q}" for i in range(len(x))],
+                    ["s"] * len(x))
+
+
+def test_folds_hold_whole_questions_and_cover_every_row():
+    groups = [f"q{i % 7}" for i in range(40)]
+    parts = folds(groups, 3)
+    assert sorted(i for p in parts for i in p) == list(range(40))
+    owner = {}
+    for k, p in enumerate(parts):
+        for i in p:
+            assert owner.setdefault(groups[i], k) == k  # a question never spans two folds
+    assert parts == folds(groups, 3) and len(folds(["a", "a"], 5)) == 1  # empty folds are dropped
+
+
+def test_fit_recovers_the_signal_in_raw_coordinates():
+    f = synthetic()
+    w, b = fit_head(f, l2=1e-4)
+    err = float(((predict(f.x, w, b) - f.y) ** 2).mean())
+    const = float(((f.y - f.y.mean()) ** 2).mean())
+    assert err < 0.02 * const
+    assert w[0].abs() > 10 * w[1:].abs().max()  # the weight sits on the informative dimension
+
+
+def test_a_constant_target_gives_the_constant():
+    f = synthetic()
+    f.y = torch.full_like(f.y, -0.6)
+    w, b = fit_head(f, l2=1e-2)
+    assert torch.allclose(predict(f.x, w, b), torch.full_like(f.y, -0.6), atol=1e-3)
+
+
+def test_l2_is_chosen_on_held_out_questions():
+    # few questions, many noise dimensions: without a penalty the fit memorises the training folds
+    f = synthetic(n_q=12, per_q=4, dim=40, noise=0.5, seed=3)
+    best, table = choose_l2(f, grid=(1e-6, 1.0), k=4)
+    assert set(table) == {1e-6, 1.0} and table[best] == min(table.values())
+    assert best == 1.0 and table[1.0] < table[1e-6]
+    assert cv_mse(f, 1.0, k=4) == table[1.0]
+
+
+def test_features_are_read_at_the_step_ends_the_joint_loss_supervises(tiny_model_dir):
+    model = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32")
+    trees = [make_tree("q1", answers=("4", "5")), make_tree("q2", answers=("4", "7", "9"))]
+    exs = [e for t in trees for e in extract_examples(t)]
+    f = step_features(model, exs, max_len=256, batch_size=2)
+    # the shared code step is kept once per question: q1 has 1 + 2 states, q2 has 1 + 3
+    assert f.groups.count("q1") == 3 and f.groups.count("q2") == 4
+    assert torch.allclose(f.y.sort().values, torch.tensor(sorted([0.0, 1.0, -1.0, -1 / 3, 1.0, -1.0, -1.0])))
+    ex = exs[0]
+    batch = collate([ex], model.tokenizer, 256)
+    h, _ = model.hidden(batch["input_ids"], attention_mask=batch["attention_mask"])
+    pos = batch["value_mask"][0].nonzero().flatten()
+    assert torch.allclose(f.x[0], h[0, pos[0]].float(), atol=1e-5)
+    assert f.last_steps[0] == ex.steps[0]

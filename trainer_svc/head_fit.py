@@ -1,0 +1,133 @@
+"""Fit the value head to convergence on the trunk it will run with.
+
+Why: joint training gives the head a few dozen noisy Adam steps on a few hundred step ends, and
+measured in session 11/12 it did not even fit its own training data (in-sample AUC 0.535-0.676).
+Here the trunk is frozen, so each state's last hidden state h is computed once and the head,
+still V(s) = tanh(w.h + b), is fit by full-batch L-BFGS on the weighted squared error against the
+step's mean outcome plus an L2 penalty on w. The penalty's strength is chosen by cross-validation
+over *questions* (a fold never splits one question's states), because the head is used on
+questions it never saw. This step is a deliberate difference from the paper's code, where the head
+only learns jointly with the policy.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class Features:
+    """One row per distinct state (prompt + steps up to a step end) of the examples' paths."""
+    x: torch.Tensor                      # [M, H] float32 last hidden states at the step ends
+    y: torch.Tensor                      # [M] value targets (mean outcome)
+    w: torch.Tensor                      # [M] weights (example weights, e.g. class balance)
+    groups: list[str]                    # [M] question id of each row
+    last_steps: list[str] = field(default_factory=list)  # [M] the state's last (rendered) step
+
+    def take(self, idx: Sequence[int]) -> "Features":
+        ix = torch.as_tensor(list(idx), dtype=torch.long)
+        return Features(self.x[ix], self.y[ix], self.w[ix], [self.groups[i] for i in idx],
+                        [self.last_steps[i] for i in idx] if self.last_steps else [])
+
+
+@torch.no_grad()
+def step_features(model, examples: Sequence, max_len: int, weights: Sequence[float] | None = None,
+                  batch_size: int = 4) -> Features:
+    """Last hidden states at every step end of `examples` (trainer_svc.examples.Example), read at
+    the token the joint loss reads (trainer_svc.loss.collate). A state shared by several paths
+    (a common prefix) is kept once per question."""
+    from trainer_svc.loss import collate
+
+    weights = [1.0] * len(examples) if weights is None else list(weights)
+    seen: set[str] = set()
+    xs, ys, ws, gs, last = [], [], [], [], []
+    for s in range(0, len(examples), batch_size):
+        chunk = list(examples[s:s + batch_size])
+        batch = collate(chunk, model.tokenizer, max_len)
+        h, _ = model.hidden(batch["input_ids"].to(model.device),
+                            attention_mask=batch["attention_mask"].to(model.device))
+        h = h.float().cpu()
+        for r, ex in enumerate(chunk):
+            pos = batch["value_mask"][r].nonzero().flatten().tolist()
+            for k, t in enumerate(pos):
+                key = hashlib.sha256("\x00".join((ex.question_id, ex.prompt, *ex.steps[:k + 1])).encode()).hexdigest()
+                if key in seen:
+                    continue
+                seen.add(key)
+                xs.append(h[r, t])
+                ys.append(float(batch["value_targets"][r, t]))
+                ws.append(weights[s + r])
+                gs.append(ex.question_id)
+                last.append(ex.steps[k])
+    if not xs:
+        raise ValueError("no step end within max_len in any example")
+    return Features(torch.stack(xs), torch.tensor(ys), torch.tensor(ws, dtype=torch.float32), gs, last)
+
+
+def fit_head(f: Features, l2: float, iters: int = 200) -> tuple[torch.Tensor, float]:
+    """(w [H], b) minimising sum_i w_i (tanh(w.x_i + b) - y_i)^2 / sum_i w_i + l2 |w_std|^2, with x
+    standardised per dimension for conditioning (the result is mapped back to raw x)."""
+    x = f.x.double()
+    mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mu) / sd
+    y, wt = f.y.double(), f.w.double() / f.w.double().sum()
+    a = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    mean_y = float((wt * y).sum().clamp(-0.999, 0.999))
+    b = torch.tensor(0.5 * torch.log(torch.tensor((1 + mean_y) / (1 - mean_y))).item(), dtype=torch.float64,
+                     requires_grad=True)  # start at the best constant: atanh(mean target)
+    opt = torch.optim.LBFGS([a, b], lr=1, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (wt * (torch.tanh(z @ a + b) - y) ** 2).sum() + l2 * (a * a).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w_raw = (a.detach() / sd)
+    return w_raw.float(), float(b.detach() - (w_raw * mu).sum())
+
+
+def predict(x: torch.Tensor, w: torch.Tensor, b: float) -> torch.Tensor:
+    return torch.tanh(x.float() @ w + b)
+
+
+def folds(groups: Sequence[str], k: int, seed: int = 0) -> list[list[int]]:
+    """Row indices of k folds, each holding whole questions (a reproducible shuffle)."""
+    qs = sorted(set(groups))
+    random.Random(seed).shuffle(qs)
+    fold_of = {q: i % k for i, q in enumerate(qs)}
+    out: list[list[int]] = [[] for _ in range(k)]
+    for i, g in enumerate(groups):
+        out[fold_of[g]].append(i)
+    return [f for f in out if f]
+
+
+def cv_mse(f: Features, l2: float, k: int = 5, seed: int = 0) -> float:
+    """Weighted held-out squared error of the head fit with `l2`, over question folds."""
+    parts = folds(f.groups, k, seed)
+    err, tot = 0.0, 0.0
+    for i, test in enumerate(parts):
+        train = [j for p, part in enumerate(parts) if p != i for j in part]
+        if not train:
+            continue
+        w, b = fit_head(f.take(train), l2)
+        t = f.take(test)
+        err += float((t.w * (predict(t.x, w, b) - t.y) ** 2).sum())
+        tot += float(t.w.sum())
+    return err / tot if tot else float("inf")
+
+
+def choose_l2(f: Features, grid: Sequence[float] = L2_GRID, k: int = 5, seed: int = 0) -> tuple[float, dict]:
+    """The grid's L2 strength with the lowest cross-validated error, and the error of each. With
+    fewer than two questions nothing can be held out: the strongest penalty, untested."""
+    if len(set(f.groups)) < 2:
+        return max(grid), {max(grid): float("nan")}
+    table = {l2: cv_mse(f, l2, k, seed) for l2 in grid}
+    return min(table, key=table.get), table
