@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from alphamath.model import ValueHeadModel
+from alphamath.steps import STEP_OPEN
 from tests.pipeline import make_tree
 from trainer_svc.examples import extract_examples
 from trainer_svc.head_fit import Features, choose_l2, cv_mse, fit_head, folds, predict, step_features
@@ -71,3 +72,29 @@ def test_features_are_read_at_the_step_ends_the_joint_loss_supervises(tiny_model
     pos = batch["value_mask"][0].nonzero().flatten()
     assert torch.allclose(f.x[0], h[0, pos[0]].float(), atol=1e-5)
     assert f.last_steps[0] == ex.steps[0]
+
+
+def test_a_fitted_checkpoint_scores_states_at_inference_as_the_fit_predicted(tiny_model_dir, tmp_path):
+    """Training reads features from the whole path's tokenization; inference (LocalLM.score)
+    tokenizes each state on its own. The fitted head must give the same value both ways."""
+    from alphamath.lm import LocalLM
+    from trainer_svc.head_fit import fit_checkpoint
+
+    trees = [make_tree(f"q{i}", answers=("4", str(i + 5))) for i in range(6)]
+    info = fit_checkpoint(str(tiny_model_dir), trees, str(tmp_path / "fit"), max_len=256, holdout=0.0,
+                          dtype="fp32")
+    assert info["questions"] == 6 and info["paths"] == 12 and info["states"] == 18
+    model = ValueHeadModel.from_pretrained(tmp_path / "fit", dtype="fp32")
+    assert model.value_head.weight.abs().sum() > 0
+    exs = [e for t in trees for e in extract_examples(t)]
+    f = step_features(model, exs, max_len=256)
+    with torch.no_grad():
+        expected = predict(f.x, model.value_head.weight[0].float(), float(model.value_head.bias))
+    rows = {}  # the feature rows' states, in step_features' order (first occurrence per question)
+    for ex in exs:
+        for k in range(len(ex.steps)):
+            rows.setdefault((ex.question_id, ex.prompt + STEP_OPEN.join(ex.steps[:k + 1])), None)
+    states = [s for _, s in rows]
+    assert len(states) == 18 and set(states) == {t.state(n.id) for t in trees for n in t.nodes if n.id != 0}
+    got = LocalLM(tmp_path / "fit", dtype="fp32").score(states)
+    assert torch.allclose(torch.tensor(got), expected, atol=1e-4)

@@ -131,3 +131,60 @@ def choose_l2(f: Features, grid: Sequence[float] = L2_GRID, k: int = 5, seed: in
         return max(grid), {max(grid): float("nan")}
     table = {l2: cv_mse(f, l2, k, seed) for l2 in grid}
     return min(table, key=table.get), table
+
+
+def fit_checkpoint(base: str, trees, out: str, max_len: int = 1024, holdout: float = 0.25,
+                   dtype: str | None = None) -> dict:
+    """A value head for an existing checkpoint, the policy untouched: fit on every finished path
+    of the trees' training questions (those `trainer_svc.examples.held_out` keeps out of training
+    are left for judging it) and write base + head to `out`."""
+    from alphamath.model import ValueHeadModel
+    from trainer_svc.examples import extract_examples, held_out
+
+    examples = [e for t in trees if not held_out(t.question_id or "", holdout)
+                for e in extract_examples(t, 10 ** 6, 10 ** 6)]
+    if not examples:
+        raise ValueError("no finished path with ground truth in the training questions' trees")
+    model = ValueHeadModel.from_pretrained(base, dtype=dtype)
+    feats = step_features(model, examples, max_len)
+    l2, table = choose_l2(feats)
+    w, b = fit_head(feats, l2)
+    with torch.no_grad():
+        model.value_head.weight.copy_(w.view(1, -1).to(model.value_head.weight))
+        model.value_head.bias.fill_(b)
+    model.save_pretrained(out)
+    return {"paths": len(examples), "states": len(feats.y), "questions": len(set(feats.groups)), "l2": l2,
+            "cv_mse": {str(k): v for k, v in table.items()}}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from alphamath.model import embedded_checkpoint
+    from alphamath.tree import Tree
+
+    ap = argparse.ArgumentParser(description="Fit a value head for a checkpoint on data-generation trees "
+                                             "(the policy is not trained).")
+    ap.add_argument("--trees", required=True, help="JSON lines of finished trees with ground truth")
+    ap.add_argument("--out", required=True, help="directory for the checkpoint with its new head")
+    ap.add_argument("--model", default=None, help="base checkpoint (default: the embedded model)")
+    ap.add_argument("--holdout", type=float, default=0.25, help="share of questions kept out (by id hash)")
+    ap.add_argument("--max-len", type=int, default=1024)
+    a = ap.parse_args(argv)
+    lines = Path(a.trees).read_text().splitlines()
+    trees = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                trees.append(Tree.from_json(line))
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"{a.trees}:{i}: not a tree: {e}")
+    info = fit_checkpoint(a.model or str(embedded_checkpoint()), trees, a.out, a.max_len, a.holdout)
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
