@@ -61,11 +61,9 @@ def evaluate(f, balanced: bool, outer: int = 4) -> dict:
 
 
 def main(argv=None) -> int:
-    import torch
-
     from alphamath.model import ValueHeadModel, embedded_checkpoint
     from alphamath.tree import Tree
-    from trainer_svc.head_fit import step_features
+    from trainer_svc.head_fit import state_key, step_features
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trees", required=True)
@@ -76,21 +74,20 @@ def main(argv=None) -> int:
     trees = [Tree.from_json(line) for line in Path(a.trees).read_text().splitlines() if line.strip()]
     model = ValueHeadModel.from_pretrained(a.model or str(embedded_checkpoint()))
     report = {"trees": len(trees), "variants": []}
+    t0 = time.perf_counter()
+    exs = _examples(trees, None)
+    feats = step_features(model, exs, a.max_len)
+    print(f"{len(exs)} paths, {len(feats.y)} states, features {time.perf_counter() - t0:.0f}s", flush=True)
+    capped = {state_key(e, k) for e in _examples(trees, 4) for k in range(len(e.steps))}
     for cap in (None, 4):
-        exs = _examples(trees, cap)
-        t0 = time.perf_counter()
-        feats = step_features(model, exs, a.max_len)
-        print(f"cap {cap}: {len(exs)} paths, {len(feats.y)} states, features {time.perf_counter() - t0:.0f}s",
-              flush=True)
+        f = feats if cap is None else feats.take([i for i, key in enumerate(feats.keys) if key in capped])
         for balanced in (False, True):
-            r = evaluate(feats, balanced)
+            r = evaluate(f, balanced)
             r["cap"] = cap
             report["variants"].append(r)
-            print(json.dumps({k: v for k, v in r.items()}), flush=True)
+            print(json.dumps(r), flush=True)
             if a.out:
                 Path(a.out).write_text(json.dumps(report, indent=1))
-        del feats
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return 0
 
 

@@ -29,11 +29,17 @@ class Features:
     w: torch.Tensor                      # [M] weights (example weights, e.g. class balance)
     groups: list[str]                    # [M] question id of each row
     last_steps: list[str] = field(default_factory=list)  # [M] the state's last (rendered) step
+    keys: list[str] = field(default_factory=list)        # [M] state_key of each row
 
     def take(self, idx: Sequence[int]) -> "Features":
         ix = torch.as_tensor(list(idx), dtype=torch.long)
-        return Features(self.x[ix], self.y[ix], self.w[ix], [self.groups[i] for i in idx],
-                        [self.last_steps[i] for i in idx] if self.last_steps else [])
+        pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
+        return Features(self.x[ix], self.y[ix], self.w[ix], pick(self.groups), pick(self.last_steps), pick(self.keys))
+
+
+def state_key(example, k: int) -> str:
+    """Identity of the state after step k of an example path: question, prompt and steps so far."""
+    return hashlib.sha256("\x00".join((example.question_id, example.prompt, *example.steps[:k + 1])).encode()).hexdigest()
 
 
 @torch.no_grad()
@@ -46,7 +52,7 @@ def step_features(model, examples: Sequence, max_len: int, weights: Sequence[flo
 
     weights = [1.0] * len(examples) if weights is None else list(weights)
     seen: set[str] = set()
-    xs, ys, ws, gs, last = [], [], [], [], []
+    xs, ys, ws, gs, last, keys = [], [], [], [], [], []
     for s in range(0, len(examples), batch_size):
         chunk = list(examples[s:s + batch_size])
         batch = collate(chunk, model.tokenizer, max_len)
@@ -56,7 +62,7 @@ def step_features(model, examples: Sequence, max_len: int, weights: Sequence[flo
         for r, ex in enumerate(chunk):
             pos = batch["value_mask"][r].nonzero().flatten().tolist()
             for k, t in enumerate(pos):
-                key = hashlib.sha256("\x00".join((ex.question_id, ex.prompt, *ex.steps[:k + 1])).encode()).hexdigest()
+                key = state_key(ex, k)
                 if key in seen:
                     continue
                 seen.add(key)
@@ -65,9 +71,10 @@ def step_features(model, examples: Sequence, max_len: int, weights: Sequence[flo
                 ws.append(weights[s + r])
                 gs.append(ex.question_id)
                 last.append(ex.steps[k])
+                keys.append(key)
     if not xs:
         raise ValueError("no step end within max_len in any example")
-    return Features(torch.stack(xs), torch.tensor(ys), torch.tensor(ws, dtype=torch.float32), gs, last)
+    return Features(torch.stack(xs), torch.tensor(ys), torch.tensor(ws, dtype=torch.float32), gs, last, keys)
 
 
 def fit_head(f: Features, l2: float, iters: int = 200) -> tuple[torch.Tensor, float]:
