@@ -56,6 +56,8 @@ def test_l2_is_chosen_on_held_out_questions():
     assert set(table) == {1e-6, 1.0} and table[best] == min(table.values())
     assert best == 1.0 and table[1.0] < table[1e-6]
     assert cv_mse(f, 1.0, k=4) == table[1.0]
+    assert table[1.0] < cv_mse(f, None, k=4)  # the signal on dimension 0 beats the constant predictor
+    assert abs(cv_mse(f, 1e6, k=4) - cv_mse(f, None, k=4)) < 1e-3  # all penalty: the constant
 
 
 def test_features_are_read_at_the_step_ends_the_joint_loss_supervises(tiny_model_dir):

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
 @dataclass
@@ -116,17 +116,22 @@ def folds(groups: Sequence[str], k: int, seed: int = 0) -> list[list[int]]:
     return [f for f in out if f]
 
 
-def cv_mse(f: Features, l2: float, k: int = 5, seed: int = 0) -> float:
-    """Weighted held-out squared error of the head fit with `l2`, over question folds."""
+def cv_mse(f: Features, l2: float | None, k: int = 5, seed: int = 0) -> float:
+    """Weighted held-out squared error of the head fit with `l2` over question folds; l2 None:
+    of the constant predictor (the training folds' weighted mean target), the bar to clear."""
     parts = folds(f.groups, k, seed)
     err, tot = 0.0, 0.0
     for i, test in enumerate(parts):
         train = [j for p, part in enumerate(parts) if p != i for j in part]
         if not train:
             continue
-        w, b = fit_head(f.take(train), l2)
-        t = f.take(test)
-        err += float((t.w * (predict(t.x, w, b) - t.y) ** 2).sum())
+        tr, t = f.take(train), f.take(test)
+        if l2 is None:
+            pred = ((tr.w * tr.y).sum() / tr.w.sum()).expand(len(t.y))
+        else:
+            w, b = fit_head(tr, l2)
+            pred = predict(t.x, w, b)
+        err += float((t.w * (pred - t.y) ** 2).sum())
         tot += float(t.w.sum())
     return err / tot if tot else float("inf")
 
@@ -161,7 +166,7 @@ def fit_checkpoint(base: str, trees, out: str, max_len: int = 1024, holdout: flo
         model.value_head.bias.fill_(b)
     model.save_pretrained(out)
     return {"paths": len(examples), "states": len(feats.y), "questions": len(set(feats.groups)), "l2": l2,
-            "cv_mse": {str(k): v for k, v in table.items()}}
+            "cv_mse": {str(k): v for k, v in table.items()}, "cv_constant_mse": cv_mse(feats, None)}
 
 
 def main(argv=None) -> int:

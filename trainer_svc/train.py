@@ -265,7 +265,7 @@ def refit_value_head(model, examples: Sequence[Example], weights: Sequence[float
                      compute_dtype: torch.dtype, device: torch.device) -> dict:
     """Replace the jointly trained head by one fit to convergence on the trained trunk's features
     (trainer_svc.head_fit), its L2 strength chosen by cross-validation over questions."""
-    from trainer_svc.head_fit import choose_l2, fit_head, step_features
+    from trainer_svc.head_fit import choose_l2, cv_mse, fit_head, step_features
 
     t0 = time.perf_counter()
     with _autocast(compute_dtype, device):
@@ -275,10 +275,9 @@ def refit_value_head(model, examples: Sequence[Example], weights: Sequence[float
     with torch.no_grad():
         model.value_head.weight.copy_(w.view(1, -1).to(model.value_head.weight))
         model.value_head.bias.fill_(b)
-    y, wt = feats.y, feats.w / feats.w.sum()
-    const_mse = float((wt * (y - (wt * y).sum()) ** 2).sum())
-    info = {"states": len(y), "questions": len(set(feats.groups)), "l2": l2,
-            "cv_mse": {str(k): v for k, v in table.items()}, "constant_mse": const_mse,
+    const_mse = cv_mse(feats, None)
+    info = {"states": len(feats.y), "questions": len(set(feats.groups)), "l2": l2,
+            "cv_mse": {str(k): v for k, v in table.items()}, "cv_constant_mse": const_mse,
             "seconds": time.perf_counter() - t0}
     log.info("value head refit on %d states of %d questions: l2 %g, cross-validated MSE %.4f (constant %.4f)",
              info["states"], info["questions"], l2, table[l2], const_mse)
