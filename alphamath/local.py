@@ -3,6 +3,7 @@ state's value is read from the KV its decoding already built. The policy and val
 these; the CLI, the trainer's round and the benchmarks use them in-process."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from alphamath import steps
@@ -40,3 +41,12 @@ class LocalValue:
 
     def score(self, states: Sequence[str]) -> list[float]:
         return self.lm.score(states)
+
+    @property
+    def constant(self) -> float | None:
+        """tanh(bias) when the head's weights are all zero (an untrained head says the same of every
+        state), else None: judging such a head needs no forward pass (alphamath.metrics.value_report)."""
+        head = self.lm.model.value_head
+        if bool(head.weight.detach().ne(0).any()):
+            return None
+        return math.tanh(float(head.bias.detach().float().sum()))

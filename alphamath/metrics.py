@@ -210,6 +210,7 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
     calibration."""
     preds_a, labels_a, preds_s, targets_s, per_tree = [], [], [], [], []
     n_trees = 0
+    fixed = getattr(value, "constant", None)  # a head that says one value everywhere needs no forward
     for tree in trees:
         n_trees += 1
         if check is not None and tree.ground_truth is not None:  # grade answers the tree left ungraded
@@ -220,8 +221,8 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
         answers, steps = scored_nodes(tree, target)
         ids = sorted(set(answers) | set(steps))
         states = [tree.state(i) for i in ids]
-        got: dict[int, float] = {}
-        for s in range(0, len(states), batch):
+        got: dict[int, float] = {i: float(fixed) for i in ids} if fixed is not None else {}
+        for s in range(0, len(states) if fixed is None else 0, batch):
             for i, v in zip(ids[s:s + batch], value.score(states[s:s + batch])):
                 got[i] = float(v)
         row = {"question_id": tree.question_id, "answers": [], "steps": []}

@@ -98,5 +98,9 @@ def test_a_fitted_checkpoint_scores_states_at_inference_as_the_fit_predicted(tin
             rows.setdefault((ex.question_id, ex.prompt + STEP_OPEN.join(ex.steps[:k + 1])), None)
     states = [s for _, s in rows]
     assert len(states) == 18 and set(states) == {t.state(n.id) for t in trees for n in t.nodes if n.id != 0}
-    got = LocalLM(tmp_path / "fit", dtype="fp32").score(states)
+    lm = LocalLM(tmp_path / "fit", dtype="fp32")
+    got = lm.score(states)
     assert torch.allclose(torch.tensor(got), expected, atol=1e-4)
+    # a fitted head is not constant; the untrained (zero) head of the base is, and says 0
+    from alphamath.local import LocalValue
+    assert LocalValue(lm).constant is None and LocalValue(LocalLM(tiny_model_dir, dtype="fp32")).constant == 0.0

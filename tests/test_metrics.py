@@ -86,6 +86,14 @@ def test_value_report_of_a_zero_head_reads_auc_half_and_ratio_at_least_one():
     assert rep.constant_mse == pytest.approx(constant_predictor(targets)[1])
 
 
+def test_a_head_that_declares_itself_constant_is_judged_without_a_forward_pass():
+    scored, fixed = ConstValue(-0.3), ConstValue(-0.3)
+    fixed.constant = -0.3  # as LocalValue says of a head whose weights are all zero
+    a, b = value_report([_tree()], scored), value_report([_tree()], fixed)
+    assert scored.calls == 4 and fixed.calls == 0
+    assert (a.auc, a.mse, a.mse_ratio, a.per_tree) == (b.auc, b.mse, b.mse_ratio, b.per_tree)
+
+
 def test_value_report_scores_states_and_never_reads_stored_rewards():
     oracle = ConstValue(-0.5, by_text={"boxed{7}": 0.9})
     rep = value_report([_tree()], oracle)
