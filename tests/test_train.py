@@ -133,3 +133,17 @@ def test_job_mode_trains_the_next_round_from_the_database(tiny_model_dir, tmp_pa
         store.close()
     assert _main(["--base", str(tiny_model_dir)]) == 2  # offline mode needs all three paths
     assert "go together" in capsys.readouterr().err
+
+
+def test_the_head_is_refit_on_every_finished_path_not_the_capped_sample(tiny_model_dir, tmp_path):
+    from trainer_svc.train import value_fit_examples
+
+    t = make_tree("q0", answers=("4", "5", "6", "7", "8", "9"))  # 1 right, 5 wrong
+    capped = extract_examples(t)
+    assert sum(not e.correct for e in capped) == 4  # the training sample keeps 4 wrong paths
+    every = value_fit_examples([t], TrainConfig(value_holdout=0.0))
+    assert len(every) == 6 and value_fit_examples([t], TrainConfig(value_holdout=0.999999)) == []
+    train(tiny_model_dir, capped, tmp_path / "c", TrainConfig(epochs=1, batch_size=8, max_len=256, dtype="fp32"),
+          value_examples=every)
+    fit = json.loads((tmp_path / "c" / "training.json").read_text())["value_fit"]
+    assert fit["states"] == 7 and fit["questions"] == 1  # the code step and all six answers

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from trainer_svc.examples import Example, cap_per_question, held_out
+from trainer_svc.examples import Example, cap_per_question, extract_examples, held_out
 from trainer_svc.faults import fault_point
 from trainer_svc.registry import base_checkpoint, candidate_id, checkpoint_root
 
@@ -159,9 +159,11 @@ def _save_state(state_dir: Path, model, optimizer, scheduler, step: int, fp: str
 
 def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | Path,
           cfg: TrainConfig | None = None, on_progress: Callable[[Progress], None] | None = None,
-          device: str | torch.device = "cpu") -> TrainResult:
+          device: str | torch.device = "cpu", value_examples: Sequence[Example] | None = None) -> TrainResult:
     """Train `base_dir` on `examples` on `device`; write the checkpoint to `output_dir` (resuming if
-    interrupted; a saved state resumes on any device)."""
+    interrupted; a saved state resumes on any device). `value_examples`: the paths the head is
+    refit on (default: `examples`); every finished path of the trees keeps the head calibrated to
+    the states search meets, where the 4 + 4 cap over-represents correct paths."""
     from alphamath.model import ValueHeadModel, default_dtype
     from trainer_svc.loss import collate, joint_loss
 
@@ -244,7 +246,10 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
             fault_point("after_state_save")
 
     model.eval()
-    value_fit = refit_value_head(model, examples, weights, cfg, compute_dtype, device) if cfg.fit_value_head else None
+    value_fit = None
+    if cfg.fit_value_head:
+        fit_on = list(value_examples) if value_examples else examples
+        value_fit = refit_value_head(model, fit_on, value_weights(fit_on, cfg.value_balance), cfg, compute_dtype, device)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer)
@@ -320,6 +325,13 @@ def value_weights(examples: Sequence[Example], balance: bool) -> list[float]:
     return [w if e.correct else 1.0 for e in examples]
 
 
+def value_fit_examples(trees, cfg: TrainConfig) -> list[Example]:
+    """Every distinct finished path of the trees of questions not held out: what the value head is
+    refit on (no per-question cap, see train)."""
+    return [e for t in trees if not held_out(t.question_id or "", cfg.value_holdout)
+            for e in extract_examples(t, 10 ** 6, 10 ** 6, seed=cfg.seed)]
+
+
 def training_examples(examples: Sequence[Example], cfg: TrainConfig) -> list[Example]:
     """Every example of the base's trees, less the held-out questions, capped per question."""
     kept = [e for e in examples if not held_out(e.question_id, cfg.value_holdout)]
@@ -355,7 +367,8 @@ def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfi
                              value_loss=p.value_loss)
             if on_progress:
                 on_progress(p)
-        res = train(base.path, examples, out, cfg, on_progress=progress, device=device)
+        res = train(base.path, examples, out, cfg, on_progress=progress, device=device,
+                    value_examples=value_fit_examples(store.trees(base.id), cfg))
         trees = store.counts(base.id)["trees"]
         store.add_checkpoint(cand, str(out), rnd, parent=base.id, trees=trees, examples=len(examples))
         store.set_metrics(cand, {"value_holdout": cfg.value_holdout})  # the gate judges its head on those
