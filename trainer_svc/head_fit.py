@@ -12,6 +12,7 @@ only learns jointly with the policy.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -86,8 +87,7 @@ def fit_head(f: Features, l2: float, iters: int = 200) -> tuple[torch.Tensor, fl
     y, wt = f.y.double(), f.w.double() / f.w.double().sum()
     a = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
     mean_y = float((wt * y).sum().clamp(-0.999, 0.999))
-    b = torch.tensor(0.5 * torch.log(torch.tensor((1 + mean_y) / (1 - mean_y))).item(), dtype=torch.float64,
-                     requires_grad=True)  # start at the best constant: atanh(mean target)
+    b = torch.tensor(math.atanh(mean_y), dtype=torch.float64, requires_grad=True)  # start at the best constant
     opt = torch.optim.LBFGS([a, b], lr=1, max_iter=iters, line_search_fn="strong_wolfe")
 
     def closure():
@@ -145,28 +145,43 @@ def choose_l2(f: Features, grid: Sequence[float] = L2_GRID, k: int = 5, seed: in
     return min(table, key=table.get), table
 
 
-def fit_checkpoint(base: str, trees, out: str, max_len: int = 1024, holdout: float = 0.25,
-                   dtype: str | None = None) -> dict:
-    """A value head for an existing checkpoint, the policy untouched: fit on every finished path
-    of the trees' training questions (those `trainer_svc.examples.held_out` keeps out of training
-    are left for judging it) and write base + head to `out`."""
-    from alphamath.model import ValueHeadModel
+def finished_paths(trees, holdout: float, seed: int = 0) -> list:
+    """Every distinct finished path of the trees of questions `trainer_svc.examples.held_out` does
+    not keep out: what a head is fit on (no per-question cap: the head must see states as search
+    meets them)."""
     from trainer_svc.examples import extract_examples, held_out
 
-    examples = [e for t in trees if not held_out(t.question_id or "", holdout)
-                for e in extract_examples(t, 10 ** 6, 10 ** 6)]
-    if not examples:
-        raise ValueError("no finished path with ground truth in the training questions' trees")
-    model = ValueHeadModel.from_pretrained(base, dtype=dtype)
-    feats = step_features(model, examples, max_len)
+    return [e for t in trees if not held_out(t.question_id or "", holdout)
+            for e in extract_examples(t, 10 ** 6, 10 ** 6, seed=seed)]
+
+
+def refit(model, examples: Sequence, max_len: int, weights: Sequence[float] | None = None) -> dict:
+    """Replace `model`'s value head by one fit on its own trunk's features at the examples' step
+    ends, L2 chosen by cross-validation over questions; returns what was chosen and why."""
+    feats = step_features(model, examples, max_len, weights)
     l2, table = choose_l2(feats)
     w, b = fit_head(feats, l2)
     with torch.no_grad():
         model.value_head.weight.copy_(w.view(1, -1).to(model.value_head.weight))
         model.value_head.bias.fill_(b)
-    model.save_pretrained(out)
-    return {"paths": len(examples), "states": len(feats.y), "questions": len(set(feats.groups)), "l2": l2,
+    return {"states": len(feats.y), "questions": len(set(feats.groups)), "l2": l2,
             "cv_mse": {str(k): v for k, v in table.items()}, "cv_constant_mse": cv_mse(feats, None)}
+
+
+def fit_checkpoint(base: str, trees, out: str, max_len: int = 1024, holdout: float = 0.25,
+                   dtype: str | None = None) -> dict:
+    """A value head for an existing checkpoint, the policy untouched: fit on every finished path
+    of the trees' training questions (the held-out ones are left for judging it) and write base +
+    head to `out`."""
+    from alphamath.model import ValueHeadModel
+
+    examples = finished_paths(trees, holdout)
+    if not examples:
+        raise ValueError("no finished path with ground truth in the training questions' trees")
+    model = ValueHeadModel.from_pretrained(base, dtype=dtype)
+    info = refit(model, examples, max_len)
+    model.save_pretrained(out)
+    return {"paths": len(examples), **info}
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from trainer_svc.examples import Example, cap_per_question, extract_examples, held_out
+from trainer_svc.examples import Example, cap_per_question, held_out
 from trainer_svc.faults import fault_point
 from trainer_svc.registry import base_checkpoint, candidate_id, checkpoint_root
 
@@ -270,22 +270,14 @@ def refit_value_head(model, examples: Sequence[Example], weights: Sequence[float
                      compute_dtype: torch.dtype, device: torch.device) -> dict:
     """Replace the jointly trained head by one fit to convergence on the trained trunk's features
     (trainer_svc.head_fit), its L2 strength chosen by cross-validation over questions."""
-    from trainer_svc.head_fit import choose_l2, cv_mse, fit_head, step_features
+    from trainer_svc.head_fit import refit
 
     t0 = time.perf_counter()
     with _autocast(compute_dtype, device):
-        feats = step_features(model, examples, cfg.max_len, weights)
-    l2, table = choose_l2(feats)
-    w, b = fit_head(feats, l2)
-    with torch.no_grad():
-        model.value_head.weight.copy_(w.view(1, -1).to(model.value_head.weight))
-        model.value_head.bias.fill_(b)
-    const_mse = cv_mse(feats, None)
-    info = {"states": len(feats.y), "questions": len(set(feats.groups)), "l2": l2,
-            "cv_mse": {str(k): v for k, v in table.items()}, "cv_constant_mse": const_mse,
-            "seconds": time.perf_counter() - t0}
+        info = refit(model, examples, cfg.max_len, weights)
+    info["seconds"] = time.perf_counter() - t0
     log.info("value head refit on %d states of %d questions: l2 %g, cross-validated MSE %.4f (constant %.4f)",
-             info["states"], info["questions"], l2, table[l2], const_mse)
+             info["states"], info["questions"], info["l2"], info["cv_mse"][str(info["l2"])], info["cv_constant_mse"])
     return info
 
 
@@ -328,8 +320,8 @@ def value_weights(examples: Sequence[Example], balance: bool) -> list[float]:
 def value_fit_examples(trees, cfg: TrainConfig) -> list[Example]:
     """Every distinct finished path of the trees of questions not held out: what the value head is
     refit on (no per-question cap, see train)."""
-    return [e for t in trees if not held_out(t.question_id or "", cfg.value_holdout)
-            for e in extract_examples(t, 10 ** 6, 10 ** 6, seed=cfg.seed)]
+    from trainer_svc.head_fit import finished_paths
+    return finished_paths(trees, cfg.value_holdout, cfg.seed)
 
 
 def training_examples(examples: Sequence[Example], cfg: TrainConfig) -> list[Example]:
