@@ -122,6 +122,25 @@ def test_gate_uses_a_paired_sign_test_and_the_value_head():
     assert not d.promote and "significantly worse than the current head" in d.reasons[-1]
 
 
+def test_gate_tests_each_named_set_as_well_as_the_pool():
+    """Session 13's round 2: pooled greedy 19 -> 12 of 100 (5 won, 12 lost, one-sided p 0.072)
+    passed, while the hand-written set fell 5 -> 0 of 50 (0 won, 5 lost, p 1/32 = 0.031)."""
+    arith, hand = [f"arith-{i}" for i in range(50)], [f"hand-{i}" for i in range(50)]
+    cur = {**{i: n < 14 for n, i in enumerate(arith)}, **{i: n < 5 for n, i in enumerate(hand)}}
+    # arith: 5 problems won (14..18), 7 lost (7..13); hand: the 5 it solved, lost
+    cand = {**{i: n < 7 or 14 <= n < 19 for n, i in enumerate(arith)}, **{i: False for i in hand}}
+    same = {"greedy": cur, "sbs": cur}
+    current = {"greedy_acc": 0.19, "sbs_acc": 0.19, "outcomes": same}
+    candidate = {"greedy_acc": 0.12, "sbs_acc": 0.19, "outcomes": {"greedy": cand, "sbs": cur}}
+    pooled = gate(candidate, current)
+    assert pooled.promote and "5 vs 12 problems, one-sided p = 0.072" in pooled.reasons[0]
+    d = gate(candidate, current, sets={"arith": arith, "hand": hand})
+    assert not d.promote
+    by_set = {r.split(":")[0]: r for r in d.reasons}
+    assert "0 vs 5 problems, one-sided p = 0.031 (significantly worse)" in by_set["greedy_acc on hand"]
+    assert by_set["greedy_acc on arith"].endswith("(ok)") and by_set["sbs_acc on hand"].endswith("(ok)")
+
+
 def test_trainer_service_ingests_and_runs_a_training_job(tiny_model_dir, tmp_path, broker, topics):
     import time
 

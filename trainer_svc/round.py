@@ -52,6 +52,7 @@ class RoundConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     threshold: float = THRESHOLD             # tolerated accuracy drop per gated metric
     alpha: float = ALPHA                     # significance of the gate's paired sign test
+    eval_sets: dict | None = None            # name -> problem ids: the gate also tests within each set
     ingest_timeout_s: float = 120.0          # how long the round waits for its own trees in the store
     model_dir: str | None = None             # base when the DB has no promoted checkpoint (default: embedded)
     checkpoint_dir: str | None = None        # where candidates are written
@@ -231,7 +232,7 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
             before = {**before, "value": value_metrics(engine.value, held)}
             after = {**after, "value": value_metrics(cand_engine.value, held)}
         secs["eval_after"] = time.perf_counter() - t
-        decision = gate(after, before, cfg.threshold, alpha=cfg.alpha)
+        decision = gate(after, before, cfg.threshold, alpha=cfg.alpha, sets=cfg.eval_sets)
 
         # ---- 5. promote and reload -----------------------------------------------------------------
         reloaded = False

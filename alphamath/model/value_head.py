@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 from alphamath.model.attention import GROUPED_SDPA, register_attention
@@ -79,7 +80,12 @@ class ValueHeadModel(nn.Module):
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
 
     def values_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.value_head(h.to(self.value_head.weight.dtype))).squeeze(-1).float()
+        """tanh(w·h + b) in float32, also under bf16 autocast: in bf16, tanh rounds to exactly -1 once
+        w·h + b < -3.8, so a head that leans "wrong" reads a loss and a gradient of exactly 0 on every
+        wrong path (session 13's joint steps: value loss 0.0000 on wrong-only batches)."""
+        w, b = self.value_head.weight.float(), self.value_head.bias.float()
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.tanh(F.linear(h.float(), w, b)).squeeze(-1)
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None,
                 use_cache=False, logits_positions: torch.Tensor | None = None) -> ValueHeadOutput:
