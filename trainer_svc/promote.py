@@ -185,6 +185,7 @@ def gate(candidate: dict, current: dict, threshold: float = THRESHOLD, metrics: 
     Why per set: a pooled test hides a collapse on the smaller, harder set (session 13, round 2:
     hand-written greedy 10% -> 0%, 5 lost and 0 won, p 0.031, while the pooled 100 read p 0.072)."""
     reasons, ok = [], True
+    named = {name: set(ids) for name, ids in (sets or {}).items()}
     for m in metrics:
         if m not in candidate or m not in current:
             raise KeyError(f"metric {m!r} missing (candidate has {sorted(candidate)}, current {sorted(current)})")
@@ -192,8 +193,8 @@ def gate(candidate: dict, current: dict, threshold: float = THRESHOLD, metrics: 
         worse, text = _worse(candidate, current, method, threshold, alpha)
         ok &= not worse
         reasons.append(f"{m}: {text}")
-        for name, ids in (sets or {}).items():
-            worse, text = _worse(candidate, current, method, threshold, alpha, set(ids))
+        for name, ids in named.items():
+            worse, text = _worse(candidate, current, method, threshold, alpha, ids)
             ok &= not worse
             reasons.append(f"{m} on {name}: {text}")
     if "value" in candidate and "value" in current:
