@@ -243,16 +243,6 @@ def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return src.numel() * src.element_size() / best / 1e9
 
 
-def weight_bytes(model) -> int:
-    """Bytes of distinct parameters: every decode step reads all of them (tied embeddings count once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
-
 def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6) -> dict:
     """The engine's prefill and decode tokens/s on `prompt`, measured as llama.cpp's are (EOS ignored)."""
     eos, lm.eos_ids = lm.eos_ids, set()
@@ -275,8 +265,8 @@ def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6)
     out = {"prompt_tokens": len(ids), "prefill_tok_s": len(ids) / prefill_s,
            "decode1_tok_s": sum(s.token_count for s in one) / decode1_s,
            f"decode{n}_tok_s": sum(s.token_count for s in many) / decode_n_s, "rss_mb": peak_rss_mb()}
-    # The weight-bandwidth limit of a decode step: all weights read once from memory.
-    out["weight_mb"] = weight_bytes(lm.model) / 1e6
+    # The weight-bandwidth limit of a decode step: the weights it reads (int8 or float), read once from memory.
+    out["weight_mb"] = lm.step_weight_bytes(1) / 1e6
     out["bandwidth_gbs"] = memory_bandwidth_gbs()
     out["step_floor_ms"] = out["weight_mb"] / out["bandwidth_gbs"]
     out["decode1_step_ms"] = 1000 / out["decode1_tok_s"]
@@ -297,19 +287,32 @@ def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
         raise RuntimeError(f"llama.cpp bench failed ({proc.returncode}): {proc.stderr[-2000:]}")
     cpp = json.loads(proc.stdout.strip().splitlines()[-1])
     eng = engine_rates(lm, prompt, args.decode_tokens, args.n_children)
+    # The same engine with float weights in every matmul, where the default reads int8 (model/packed.py):
+    # what the int8 decode weights moved, measured in the same run.
+    exact = None
+    if lm.step_weight_bytes(1) < lm.step_weight_bytes(1 << 20):
+        from alphamath.lm import LocalLM
+
+        exact = engine_rates(LocalLM(lm.model, decode_weights="float"), prompt, args.decode_tokens, args.n_children)
     n = args.n_children
     print(f"\nllama.cpp (GGUF Q4_1, llama-cpp-python, {threads} threads) vs engine ({lm.model.dtype}), "
           f"{eng['prompt_tokens']}-token MCTS prompt ({cpp['prompt_tokens']} for llama.cpp's tokenizer), "
           f"{args.decode_tokens} tokens decoded per sequence")
-    print("| tokens/s | engine | llama.cpp | engine/llama.cpp | target |\n|---|---|---|---|---|")
+    head = "| tokens/s | engine | llama.cpp | engine/llama.cpp | target |"
+    if exact:
+        head += " engine, float weights | its ratio |"
+    print(head + "\n" + "|---" * head.count(" | ") + "|---|")
     for key, label, target in (("prefill_tok_s", "prefill", ""), ("decode1_tok_s", "decode, batch 1", ">= 0.67"),
                                (f"decode{n}_tok_s", f"decode, n = {n} continuations", ">= 1")):
-        print(f"| {label} | {eng[key]:.1f} | {cpp[key]:.1f} | {eng[key] / cpp[key]:.2f} | {target} |")
+        row = f"| {label} | {eng[key]:.1f} | {cpp[key]:.1f} | {eng[key] / cpp[key]:.2f} | {target} |"
+        print(row + (f" {exact[key]:.1f} | {exact[key] / cpp[key]:.2f} |" if exact else ""))
     print(f"| peak RSS MB | {eng['rss_mb']:.0f} (this process) | {cpp['rss_mb']:.0f} (its process) | | |")
-    print(f"engine decode step at batch 1: {eng['decode1_step_ms']:.1f} ms = {eng['decode1_step_ms'] / eng['step_floor_ms']:.1f}x "
-          f"the weight-bandwidth floor ({eng['weight_mb']:.0f} MB of weights / {eng['bandwidth_gbs']:.1f} GB/s read "
-          f"bandwidth = {eng['step_floor_ms']:.2f} ms)")
-    return {"engine": eng, "llama_cpp": cpp,
+    for name, e in (("engine", eng), ("engine, float weights", exact)):
+        if e:
+            print(f"{name}: decode step at batch 1 {e['decode1_step_ms']:.1f} ms = {e['decode1_step_ms'] / e['step_floor_ms']:.1f}x "
+                  f"the weight-bandwidth floor ({e['weight_mb']:.0f} MB of weights read / {e['bandwidth_gbs']:.1f} GB/s "
+                  f"read bandwidth = {e['step_floor_ms']:.2f} ms)")
+    return {"engine": eng, "engine_float_weights": exact, "llama_cpp": cpp,
             "decode1_ratio": eng["decode1_tok_s"] / cpp["decode1_tok_s"],
             f"decode{n}_ratio": eng[f"decode{n}_tok_s"] / cpp[f"decode{n}_tok_s"]}
 

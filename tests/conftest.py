@@ -1,8 +1,15 @@
 """Shared fixtures: a tiny randomly initialised Llama with the real SmolLM2 tokenizer."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The suite checks that caching, batching and scoring give transformers' own numbers, so its models read
+# float weights in every matmul. The int8 decode weights (alphamath/model/packed.py, the default where a
+# CPU computes fp32) have their own tests, which ask for them explicitly.
+os.environ.setdefault("ALPHAMATH_DECODE_WEIGHTS", "float")
 
 
 @pytest.fixture(scope="session")

@@ -69,6 +69,26 @@ def full_value(lm, text):
     return float(out.values[0, -1])
 
 
+
+def test_int8_decode_weights_generate_and_score_with_the_same_token_accounting(head_model_dir):
+    """LocalLM reading int8 weights in decode steps (the fp32 CPU default): it reads under a third of the
+    float weight bytes per step, computes exactly the tokens the float engine computes, and a child
+    scored on KV its int8 decode steps wrote stays close to an uncached full forward."""
+    i8 = LocalLM(head_model_dir, dtype="fp32", decode_weights="int8")
+    fp = LocalLM(head_model_dir, dtype="fp32", decode_weights="float")
+    assert i8.step_weight_bytes(1) < fp.step_weight_bytes(1) / 3
+    assert i8.step_weight_bytes(1 << 10) == fp.step_weight_bytes(1 << 10)  # prefills read the float weights
+    prompt = short_prompt(i8)
+    outs = [lm.generate([prompt], 3, stop=[], temperature=1.0, max_new_tokens=8, seed=5)[0] for lm in (i8, fp)]
+    assert [s.token_count for s in outs[0]] == [s.token_count for s in outs[1]] == [8, 8, 8]
+    assert i8.usage.prefill_tokens == fp.usage.prefill_tokens and i8.usage.decode_tokens == fp.usage.decode_tokens
+    child = prompt + outs[0][0].text + "\n<output>\n5\n</output>\n</step>\n"
+    before = i8.usage.prefill_tokens
+    [v] = i8.score([child])
+    assert i8.usage.prefill_tokens - before <= len(i8.encode("\n<output>\n5\n</output>\n</step>\n")) + 2
+    assert v == pytest.approx(full_value(i8, child), abs=0.05)
+    assert fp.score([child]) == [pytest.approx(full_value(fp, child), abs=1e-5)]  # nothing cached: a float prefill
+
 # ---- prefix cache data structure -----------------------------------------------------------------
 def _kv(tokens, layers=2):
     """Fake KV whose entries encode the token id, so slices can be checked by value."""

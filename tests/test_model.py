@@ -192,7 +192,7 @@ def test_fast_llama_gives_the_hidden_states_and_cache_of_transformers_llama(tiny
 
     model = ValueHeadModel.from_pretrained(tiny_model_dir, dtype=dtype).eval()
     assert FastLlama.supports(model.lm)
-    fast = FastLlama(model.lm)
+    fast = FastLlama(model.lm, decode_weights="float")
     if dtype == "bf16":
         assert fast.lm_head.packed == can_pack(torch.bfloat16, torch.device("cpu"))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == "fp32" else dict(atol=3e-2, rtol=3e-2)
@@ -228,6 +228,76 @@ def test_fast_llama_gives_the_hidden_states_and_cache_of_transformers_llama(tiny
     both(torch.randint(0, V, (2, 1)), mask=step_mask, pos=torch.tensor([[5], [9]]), caches=caches)
     assert torch.allclose(fast.logits(torch.ones(1, model.config.hidden_size, dtype=model.dtype)).float(),
                           model.lm_head(torch.ones(1, model.config.hidden_size, dtype=model.dtype)).float(), **tol)
+
+
+def test_int8_decode_weights_serve_few_row_calls_of_fp32_cpu_models_only(monkeypatch):
+    """packed.int8_below_rows: int8 only where the CPU computes fp32; "float" (argument or env) turns it
+    off; anything else is a clear error."""
+    from alphamath.model.packed import INT8_BELOW_ROWS, int8_below_rows
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("ALPHAMATH_DECODE_WEIGHTS", raising=False)
+    assert int8_below_rows(torch.float32, cpu) == INT8_BELOW_ROWS > 1
+    assert int8_below_rows(torch.bfloat16, cpu) == 0
+    assert int8_below_rows(torch.float32, torch.device("cuda")) == 0
+    assert int8_below_rows(torch.float32, cpu, "float") == 0
+    monkeypatch.setenv("ALPHAMATH_DECODE_WEIGHTS", "float")
+    assert int8_below_rows(torch.float32, cpu) == 0
+    assert int8_below_rows(torch.float32, cpu, "int8") == INT8_BELOW_ROWS
+    with pytest.raises(ValueError, match="int4"):
+        int8_below_rows(torch.float32, cpu, "int4")
+
+
+def test_int8_linear_is_close_on_few_rows_and_exact_from_the_threshold_on():
+    """packed.Linear with an int8 copy: below `int8_below` rows it is within the quantisation error's
+    bound (half a step per weight, plus bf16 rounding of inputs and outputs); from there on it is the
+    float matmul itself; the bias is added either way."""
+    from alphamath.model.packed import Linear, quantize_int8
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64), torch.randn(96)
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and (q.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6
+    lin = Linear(w, b, int8_below=4)
+    for rows in (1, 3):
+        x = torch.randn(1, rows, 64) if rows == 3 else torch.randn(rows, 64)  # 3-d input: rows = all but the last dim
+        ref = torch.nn.functional.linear(x, w, b)
+        got = lin(x)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        # per output j: s_j / 2 per weight, plus bf16 inputs (2^-8 of |x_i| |w_ij| <= 127 s_j / 256 |x_i|)
+        bound = scale * x.abs().sum(-1, keepdim=True) + 2 ** -7 * ref.abs() + 1e-4
+        assert ((got - ref).abs() <= bound).all()
+        assert not torch.equal(got, ref)  # it really read the int8 copy
+    x = torch.randn(4, 64)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, w, b))
+
+
+def test_fast_llama_with_int8_decode_weights_keeps_prefills_exact_and_decode_steps_close(tiny_model_dir):
+    """FastLlama in fp32 with int8 decode weights: a prompt (>= the threshold's rows) gives transformers'
+    hidden states exactly as before; a decode step reads int8 weights and stays close to them."""
+    from alphamath.model.fast_llama import FastLlama
+    from alphamath.model.packed import INT8_BELOW_ROWS
+
+    model = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32").eval()
+    fast = FastLlama(model.lm, decode_weights="int8")
+    assert fast.lm_head.int8_below == fast.layers[0].qkv.int8_below == INT8_BELOW_ROWS
+    torch.manual_seed(0)
+    V = model.config.vocab_size
+    prompt = torch.randint(0, V, (1, INT8_BELOW_ROWS + 2))
+    step = torch.randint(0, V, (1, 1))
+    pos = torch.tensor([[prompt.shape[1]]])
+    with torch.inference_mode():
+        h_ref, c_ref = model.hidden(prompt, use_cache=True)
+        h, c = fast.hidden(prompt)
+        torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+        s_ref, _ = model.hidden(step, past_key_values=c_ref, position_ids=pos, use_cache=True)
+        s, _ = fast.hidden(step, past_key_values=c, position_ids=pos)
+        assert not torch.equal(s, s_ref)
+        torch.testing.assert_close(s, s_ref, atol=0.1, rtol=0.05)
+        cos = torch.nn.functional.cosine_similarity(s.flatten(), s_ref.flatten(), dim=0)
+        assert cos > 0.999, cos
+        logits, ref = fast.logits(s).float(), model.lm_head(s_ref).float()
+        assert torch.nn.functional.cosine_similarity(logits.flatten(), ref.flatten(), dim=0) > 0.999
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -34,14 +34,18 @@ class LocalLM(Scheduler):
     def __init__(self, model: ValueHeadModel | str | os.PathLike, tokenizer=None, *, dtype=None,
                  device: str | torch.device = "cpu", budget: MemoryBudget | None = None,
                  max_cached_tokens: int | None = None, max_batch_kv_bytes: int | None = None,
-                 max_prefill_bytes: int | None = None, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS):
+                 max_prefill_bytes: int | None = None, max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+                 decode_weights: str | None = None):
         """Memory: `budget` (default: ALPHAMATH_MEMORY_MB, see alphamath/lm/budget.py) sets the prefix
-        cache, the decode batch's KV and the prefill's activations; the max_* arguments override one."""
+        cache, the decode batch's KV and the prefill's activations; the max_* arguments override one.
+        `decode_weights` ("int8" or "float", default ALPHAMATH_DECODE_WEIGHTS, else int8): the weights
+        a few-row matmul reads where the CPU computes fp32 (model/packed.py)."""
         if not isinstance(model, ValueHeadModel):
             model = ValueHeadModel.from_pretrained(model, dtype=dtype, device=device)
         self.model = model.eval()
-        # Llama trunks run model/fast_llama.py's forward (same numbers, far fewer operations per step).
-        self._fast = FastLlama(self.model.lm) if FastLlama.supports(self.model.lm) else None
+        # Llama trunks run model/fast_llama.py's forward (far fewer operations per step; few-row matmuls
+        # read int8 weights where the CPU computes fp32, see model/packed.py).
+        self._fast = FastLlama(self.model.lm, decode_weights) if FastLlama.supports(self.model.lm) else None
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
             raise ValueError("LocalLM needs a tokenizer (none was saved with the model)")
@@ -102,6 +106,13 @@ class LocalLM(Scheduler):
         for layer, new in zip(own, joined.layers):
             layer.update(new.keys[:, :, -1:], new.values[:, :, -1:])
         return h, past_key_values
+
+    def step_weight_bytes(self, rows: int = 1) -> int:
+        """Bytes of weights a forward of `rows` rows reads (all parameters where FastLlama does not run)."""
+        if self._fast is not None:
+            return self._fast.step_weight_bytes(rows)
+        distinct = {p.data_ptr(): p for p in self.model.lm.parameters()}  # tied embeddings count once
+        return sum(p.numel() * p.element_size() for p in distinct.values())
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return (self._fast.logits(h) if self._fast is not None else self.model.lm_head(h)).float()

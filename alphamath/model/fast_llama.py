@@ -8,7 +8,8 @@ module, and re-laid every bf16 weight out for oneDNN on each matmul. Here each l
     x = x + o(attend(rope(qkv(norm(x)))))          qkv: q, k and v projections in one matmul
     x = x + down(act(gate) * up),  gate|up = gate_up(norm(x))
 
-with weights packed once (packed.py), norms as one fused op, RoPE applied to q and k together,
+with weights laid out once (packed.py: oneDNN's bf16 layout, or an int8 copy for the few-row matmuls
+of decode steps where the CPU computes fp32), norms as one fused op, RoPE applied to q and k together,
 and grouped-query attention folded so K/V are never repeated (attention.py). The rotary embedding
 is transformers' own module, so every RoPE variant it knows is computed as it computes it.
 Training and every other caller use the transformers model; `tests/test_model.py` checks that
@@ -23,7 +24,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from alphamath.model.attention import SharedPrompts, shared_prompt_attention
-from alphamath.model.packed import Linear
+from alphamath.model.packed import Linear, int8_below_rows
 
 
 @dataclass
@@ -62,8 +63,10 @@ class FastLlama:
         cfg = lm.config
         return getattr(cfg, "model_type", None) == "llama" and hasattr(getattr(lm, "model", None), "rotary_emb")
 
-    def __init__(self, lm):
+    def __init__(self, lm, decode_weights: str | None = None):
+        """`decode_weights`: "int8" or "float" for few-row matmuls (packed.int8_below_rows)."""
         m, cfg = lm.model, lm.config
+        r = int8_below_rows(lm.dtype, lm.device, decode_weights)
         self.embed = m.embed_tokens.weight.detach()
         self.rotary = m.rotary_emb
         self.hq, self.hk = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -77,13 +80,13 @@ class FastLlama:
             self.layers.append(_Layer(
                 norm1=layer.input_layernorm.weight.detach(),
                 qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                           _cat_bias(a.q_proj, a.k_proj, a.v_proj)),
-                o=Linear(a.o_proj.weight, a.o_proj.bias),
+                           _cat_bias(a.q_proj, a.k_proj, a.v_proj), r),
+                o=Linear(a.o_proj.weight, a.o_proj.bias, r),
                 norm2=layer.post_attention_layernorm.weight.detach(),
-                gate_up=Linear(torch.cat([f.gate_proj.weight, f.up_proj.weight]), _cat_bias(f.gate_proj, f.up_proj)),
-                down=Linear(f.down_proj.weight, f.down_proj.bias),
+                gate_up=Linear(torch.cat([f.gate_proj.weight, f.up_proj.weight]), _cat_bias(f.gate_proj, f.up_proj), r),
+                down=Linear(f.down_proj.weight, f.down_proj.bias, r),
                 act=f.act_fn))
-        self.lm_head = Linear(lm.get_output_embeddings().weight)
+        self.lm_head = Linear(lm.get_output_embeddings().weight, None, r)
 
     def _mask(self, attention_mask, S: int, past: int, device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, S, past + S]: key j is seen by new token s if it is real and
@@ -148,6 +151,13 @@ class FastLlama:
             gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps)).chunk(2, dim=-1)
             x = x + layer.down(layer.act(gate) * up)
         return _rms(x, self.norm, self.eps), cache
+
+    def step_weight_bytes(self, rows: int) -> int:
+        """Bytes of weights a forward of `rows` rows reads (matmuls and norms; one embedding row each)."""
+        mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
+        norms = [self.norm] + [n for layer in self.layers for n in (layer.norm1, layer.norm2)]
+        return (sum(m.bytes_read(rows) for m in mats) + sum(n.numel() * n.element_size() for n in norms)
+                + rows * self.embed.shape[1] * self.embed.element_size())
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
