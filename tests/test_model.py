@@ -230,60 +230,60 @@ def test_fast_llama_gives_the_hidden_states_and_cache_of_transformers_llama(tiny
                           model.lm_head(torch.ones(1, model.config.hidden_size, dtype=model.dtype)).float(), **tol)
 
 
-def test_int8_decode_weights_serve_few_row_calls_of_fp32_cpu_models_only(monkeypatch):
-    """packed.int8_below_rows: int8 only where the CPU computes fp32; "float" (argument or env) turns it
+def test_fp16_decode_weights_serve_few_row_calls_of_fp32_cpu_models_only(monkeypatch):
+    """packed.fp16_below_rows: fp16 only where the CPU computes fp32; "float" (argument or env) turns it
     off; anything else is a clear error."""
-    from alphamath.model.packed import INT8_BELOW_ROWS, int8_below_rows
+    from alphamath.model.packed import FP16_BELOW_ROWS, fp16_below_rows
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("ALPHAMATH_DECODE_WEIGHTS", raising=False)
-    assert int8_below_rows(torch.float32, cpu) == INT8_BELOW_ROWS > 1
-    assert int8_below_rows(torch.bfloat16, cpu) == 0
-    assert int8_below_rows(torch.float32, torch.device("cuda")) == 0
-    assert int8_below_rows(torch.float32, cpu, "float") == 0
+    assert fp16_below_rows(torch.float32, cpu) == FP16_BELOW_ROWS > 1
+    assert fp16_below_rows(torch.bfloat16, cpu) == 0
+    assert fp16_below_rows(torch.float32, torch.device("cuda")) == 0
+    assert fp16_below_rows(torch.float32, cpu, "float") == 0
     monkeypatch.setenv("ALPHAMATH_DECODE_WEIGHTS", "float")
-    assert int8_below_rows(torch.float32, cpu) == 0
-    assert int8_below_rows(torch.float32, cpu, "int8") == INT8_BELOW_ROWS
+    assert fp16_below_rows(torch.float32, cpu) == 0
+    assert fp16_below_rows(torch.float32, cpu, "fp16") == FP16_BELOW_ROWS
     with pytest.raises(ValueError, match="int4"):
-        int8_below_rows(torch.float32, cpu, "int4")
+        fp16_below_rows(torch.float32, cpu, "int4")
 
 
-def test_int8_linear_is_close_on_few_rows_and_exact_from_the_threshold_on():
-    """packed.Linear with an int8 copy: below `int8_below` rows it is within the quantisation error's
-    bound (half a step per weight, plus bf16 rounding of inputs and outputs); from there on it is the
-    float matmul itself; the bias is added either way."""
-    from alphamath.model.packed import Linear, quantize_int8
+def test_fp16_linear_is_within_fp16_rounding_on_few_rows_and_exact_from_the_threshold_on():
+    """packed.Linear with an fp16 copy: below `fp16_below` rows each output is within fp16's rounding of
+    the weights (2^-11 of sum |x_i w_ij|); from there on it is the float matmul itself; the bias is
+    added either way. A weight fp16 cannot hold keeps the float path."""
+    from alphamath.model.packed import Linear
 
     torch.manual_seed(0)
     w, b = torch.randn(96, 64), torch.randn(96)
-    q, scale = quantize_int8(w)
-    assert q.dtype == torch.int8 and (q.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6
-    lin = Linear(w, b, int8_below=4)
-    for rows in (1, 3):
-        x = torch.randn(1, rows, 64) if rows == 3 else torch.randn(rows, 64)  # 3-d input: rows = all but the last dim
+    lin = Linear(w, b, fp16_below=4)
+    assert lin.bytes_read(1) == 96 * 64 * 2 + 96 * 4 and lin.bytes_read(4) == 96 * 64 * 4 + 96 * 4
+    for x in (torch.randn(1, 64), torch.randn(1, 3, 64)):  # 3-d input: rows = all but the last dim
         ref = torch.nn.functional.linear(x, w, b)
         got = lin(x)
         assert got.shape == ref.shape and got.dtype == torch.float32
-        # per output j: s_j / 2 per weight, plus bf16 inputs (2^-8 of |x_i| |w_ij| <= 127 s_j / 256 |x_i|)
-        bound = scale * x.abs().sum(-1, keepdim=True) + 2 ** -7 * ref.abs() + 1e-4
+        bound = 2 ** -11 * (x.abs() @ w.abs().T) + 1e-5
         assert ((got - ref).abs() <= bound).all()
-        assert not torch.equal(got, ref)  # it really read the int8 copy
+        assert not torch.equal(got, ref)  # it really read the fp16 copy
     x = torch.randn(4, 64)
     assert torch.equal(lin(x), torch.nn.functional.linear(x, w, b))
+    huge = Linear(w * 1e5, None, fp16_below=4)
+    assert huge.fp16_below == 0 and torch.equal(huge(x[:1]), torch.nn.functional.linear(x[:1], w * 1e5))
 
 
-def test_fast_llama_with_int8_decode_weights_keeps_prefills_exact_and_decode_steps_close(tiny_model_dir):
-    """FastLlama in fp32 with int8 decode weights: a prompt (>= the threshold's rows) gives transformers'
-    hidden states exactly as before; a decode step reads int8 weights and stays close to them."""
+def test_fast_llama_with_fp16_decode_weights_keeps_long_prefills_exact_and_decode_steps_close(tiny_model_dir):
+    """FastLlama in fp32 with fp16 decode weights: a prompt of at least the threshold's rows gives
+    transformers' hidden states exactly; a decode step reads fp16 weights and stays within ~2e-3 of them
+    (this random model amplifies rounding more than the embedded one)."""
     from alphamath.model.fast_llama import FastLlama
-    from alphamath.model.packed import INT8_BELOW_ROWS
+    from alphamath.model.packed import FP16_BELOW_ROWS
 
     model = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32").eval()
-    fast = FastLlama(model.lm, decode_weights="int8")
-    assert fast.lm_head.int8_below == fast.layers[0].qkv.int8_below == INT8_BELOW_ROWS
+    fast = FastLlama(model.lm, decode_weights="fp16")
+    assert fast.lm_head.fp16_below == fast.layers[0].qkv.fp16_below == FP16_BELOW_ROWS
     torch.manual_seed(0)
     V = model.config.vocab_size
-    prompt = torch.randint(0, V, (1, INT8_BELOW_ROWS + 2))
+    prompt = torch.randint(0, V, (1, FP16_BELOW_ROWS + 2))
     step = torch.randint(0, V, (1, 1))
     pos = torch.tensor([[prompt.shape[1]]])
     with torch.inference_mode():
@@ -293,23 +293,23 @@ def test_fast_llama_with_int8_decode_weights_keeps_prefills_exact_and_decode_ste
         s_ref, _ = model.hidden(step, past_key_values=c_ref, position_ids=pos, use_cache=True)
         s, _ = fast.hidden(step, past_key_values=c, position_ids=pos)
         assert not torch.equal(s, s_ref)
-        torch.testing.assert_close(s, s_ref, atol=0.1, rtol=0.05)
-        cos = torch.nn.functional.cosine_similarity(s.flatten(), s_ref.flatten(), dim=0)
-        assert cos > 0.999, cos
-        logits, ref = fast.logits(s).float(), model.lm_head(s_ref).float()
-        assert torch.nn.functional.cosine_similarity(logits.flatten(), ref.flatten(), dim=0) > 0.999
+        logits, ref = fast.logits(s), model.lm_head(s_ref)
+        for got, want in ((s, s_ref), (logits, ref)):  # relative to the whole vector: fp16 rounds each weight by <= 2^-11
+            assert float((got - want).norm() / want.norm()) < 5e-3, float((got - want).norm() / want.norm())
 
 
+@pytest.mark.parametrize("one_each", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shared_prompt_attention_equals_softmax_over_each_rows_prompt_and_own_keys(dtype):
+def test_shared_prompt_attention_equals_softmax_over_each_rows_prompt_and_own_keys(dtype, one_each):
     """attention.shared_prompt_attention against plain softmax attention over the row's own joined keys:
-    prompts of different lengths (padded), groups of different sizes, left-padded own columns."""
+    prompts of different lengths (padded), groups of different sizes, left-padded own columns; and the
+    path with no gathering, where every row continues its own prompt in order."""
     from alphamath.model.attention import SharedPrompts, shared_prompt_attention
 
     torch.manual_seed(0)
     Hk, g, D, L, W = 2, 3, 8, 7, 5
-    lens, group_of = [7, 3, 5], [0, 2, 0, 1, 0, 2]
-    own_lens = [5, 1, 3, 5, 2, 4]
+    lens, group_of = [7, 3, 5], ([0, 1, 2] if one_each else [0, 2, 0, 1, 0, 2])
+    own_lens = [5, 1, 3, 5, 2, 4][: len(group_of)]
     B, G = len(group_of), len(lens)
     pk, pv = torch.randn(G, Hk, L, D), torch.randn(G, Hk, L, D)
     for gi, n in enumerate(lens):  # the buffers' padding is zero, as _Batch writes it
@@ -325,7 +325,7 @@ def test_shared_prompt_attention_equals_softmax_over_each_rows_prompt_and_own_ke
     pmask = torch.zeros(G, 1, 1, L).masked_fill((torch.arange(L)[None] >= torch.tensor(lens)[:, None])[:, None, None], float("-inf"))
     omask = torch.zeros(B, 1, 1, W).masked_fill(~real[:, None, None], float("-inf"))
     cast = [t.to(dtype) for t in (q, k, v, pk, pv, pmask, omask)]
-    prompts = SharedPrompts([cast[3]], [cast[4]], cast[5], members, slot)
+    prompts = SharedPrompts([cast[3]], [cast[4]], cast[5], members, slot, one_each=one_each)
     got = shared_prompt_attention(cast[0], cast[1], cast[2], cast[6], prompts, 0, D ** -0.5)
     for b in range(B):
         gi, n = group_of[b], lens[group_of[b]]

@@ -220,7 +220,8 @@ class _Batch:
         lens = torch.tensor([len(p.tokens) for p in self.prompts], device=dev)
         mask = torch.zeros(G, 1, 1, L, dtype=keys[0].dtype, device=dev)
         mask.masked_fill_((torch.arange(L, device=dev)[None] >= lens[:, None])[:, None, None], float("-inf"))
-        self.shared = SharedPrompts(keys, values, mask, members.to(dev), slot.to(dev))
+        one_each = rows == [[b] for b in range(B)]  # row b continues prompt b: nothing to gather
+        self.shared = SharedPrompts(keys, values, mask, members.to(dev), slot.to(dev), one_each)
 
     def step(self, lm) -> bool:
         """Sample one token for every live row, retire finished samples, feed the rest. False when empty.

@@ -38,13 +38,13 @@ class LocalLM(Scheduler):
                  decode_weights: str | None = None):
         """Memory: `budget` (default: ALPHAMATH_MEMORY_MB, see alphamath/lm/budget.py) sets the prefix
         cache, the decode batch's KV and the prefill's activations; the max_* arguments override one.
-        `decode_weights` ("int8" or "float", default ALPHAMATH_DECODE_WEIGHTS, else int8): the weights
+        `decode_weights` ("fp16" or "float", default ALPHAMATH_DECODE_WEIGHTS, else fp16): the weights
         a few-row matmul reads where the CPU computes fp32 (model/packed.py)."""
         if not isinstance(model, ValueHeadModel):
             model = ValueHeadModel.from_pretrained(model, dtype=dtype, device=device)
         self.model = model.eval()
         # Llama trunks run model/fast_llama.py's forward (far fewer operations per step; few-row matmuls
-        # read int8 weights where the CPU computes fp32, see model/packed.py).
+        # read fp16 weights where the CPU computes fp32, see model/packed.py).
         self._fast = FastLlama(self.model.lm, decode_weights) if FastLlama.supports(self.model.lm) else None
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:

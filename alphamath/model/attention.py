@@ -64,7 +64,9 @@ class SharedPrompts:
       keys, values  per layer [G, Hk, L, D]: prompt g in columns [0, len g), zeros after it;
       mask          [G, 1, 1, L] additive, 0 on a prompt's tokens and -inf after, in the KV dtype;
       members       [G, R] the rows continuing each prompt, padded by repeating its first row;
-      slot          [B] where each row sits in members.flatten().
+      slot          [B] where each row sits in members.flatten();
+      one_each      every row continues its own prompt, in order (G = B, R = 1: batch-1 and greedy
+                    decoding), so queries and outputs need no gathering.
     """
 
     keys: list
@@ -72,6 +74,7 @@ class SharedPrompts:
     mask: torch.Tensor
     members: torch.Tensor
     slot: torch.Tensor
+    one_each: bool = False
 
 
 _flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (out, logsumexp)
@@ -89,6 +92,10 @@ def shared_prompt_attention(q, k, v, own_mask, prompts: SharedPrompts, layer: in
     """
     B, Hk, g, D = q.shape
     G, R = prompts.members.shape
+    if prompts.one_each:
+        o1, l1 = _flash_with_lse(q, prompts.keys[layer], prompts.values[layer], attn_mask=prompts.mask, scale=scale)
+        o2, l2 = _flash_with_lse(q, k, v, attn_mask=own_mask, scale=scale)
+        return torch.lerp(o2.float(), o1.float(), torch.sigmoid(l1 - l2).unsqueeze(-1)).to(q.dtype)
     qg = q[prompts.members].permute(0, 2, 1, 3, 4).reshape(G, Hk, R * g, D)  # padding rows: repeats, not read back
     o1, l1 = _flash_with_lse(qg, prompts.keys[layer], prompts.values[layer], attn_mask=prompts.mask, scale=scale)
     o1 = o1.reshape(G, Hk, R, g, D).permute(0, 2, 1, 3, 4).reshape(G * R, Hk, g, D)[prompts.slot]

@@ -8,7 +8,7 @@ module, and re-laid every bf16 weight out for oneDNN on each matmul. Here each l
     x = x + o(attend(rope(qkv(norm(x)))))          qkv: q, k and v projections in one matmul
     x = x + down(act(gate) * up),  gate|up = gate_up(norm(x))
 
-with weights laid out once (packed.py: oneDNN's bf16 layout, or an int8 copy for the few-row matmuls
+with weights laid out once (packed.py: oneDNN's bf16 layout, or an fp16 copy for the few-row matmuls
 of decode steps where the CPU computes fp32), norms as one fused op, RoPE applied to q and k together,
 and grouped-query attention folded so K/V are never repeated (attention.py). The rotary embedding
 is transformers' own module, so every RoPE variant it knows is computed as it computes it.
@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from alphamath.model.attention import SharedPrompts, shared_prompt_attention
-from alphamath.model.packed import Linear, int8_below_rows
+from alphamath.model.packed import Linear, fp16_below_rows
 
 
 @dataclass
@@ -64,9 +64,9 @@ class FastLlama:
         return getattr(cfg, "model_type", None) == "llama" and hasattr(getattr(lm, "model", None), "rotary_emb")
 
     def __init__(self, lm, decode_weights: str | None = None):
-        """`decode_weights`: "int8" or "float" for few-row matmuls (packed.int8_below_rows)."""
+        """`decode_weights`: "fp16" or "float" for few-row matmuls (packed.fp16_below_rows)."""
         m, cfg = lm.model, lm.config
-        r = int8_below_rows(lm.dtype, lm.device, decode_weights)
+        r = fp16_below_rows(lm.dtype, lm.device, decode_weights)
         self.embed = m.embed_tokens.weight.detach()
         self.rotary = m.rotary_emb
         self.hq, self.hk = cfg.num_attention_heads, cfg.num_key_value_heads

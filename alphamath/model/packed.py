@@ -5,12 +5,13 @@ its speed is the speed of reading weights:
 - torch's bf16 `F.linear` on CPU re-lays the weight out for oneDNN on every call (a decode step spent
   33 of its 44 ms in matmuls, ~8 GB/s against the machine's ~37 GB/s). Packing once (what inductor's
   weight freezing does) gives bit-identical outputs in about half the time per matmul.
-- CPUs without native bf16 compute in fp32, so a step reads 4 bytes per weight (2.9x the bandwidth
-  floor on an AVX2-only EPYC). There, calls of a few rows read an int8 copy instead (symmetric,
-  per output channel; `torch.ops.aten._weight_int8pack_mm` with bf16 activations, as gpt-fast does):
-  2.5-3x faster at 1-5 rows, slower from ~40 rows on (`python -m tests.bench_weights`), so prefills
-  and wide batches keep the float weight and its exact numbers.
-Elsewhere (GPUs, ALPHAMATH_DECODE_WEIGHTS=float) it is a plain `F.linear`.
+- CPUs without native bf16 compute in fp32, so a step read 4 bytes per weight (2.9x the bandwidth
+  floor on an AVX2-only EPYC). There, calls of up to FP16_BELOW_ROWS rows (every decode step) read an
+  fp16 copy through fbgemm's packed fp16 GEMM (`torch.ops.quantized.linear_dynamic_fp16`, fp32 in and
+  out): 2.6x faster at 1 row, 3-4x at 2-15 rows, 1.2x at 120, with errors of ~2e-4 of the largest
+  output. Weight-only int8 was 9% faster at 1 row but slower from 5 rows on, and 40x less exact
+  (`python -m tests.bench_weights`). Prefills of more rows keep the fp32 weight and its exact numbers.
+Elsewhere (GPUs, no fbgemm, ALPHAMATH_DECODE_WEIGHTS=float) it is a plain `F.linear`.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import os
 
 import torch
 
-DECODE_WEIGHTS = ("int8", "float")
-INT8_BELOW_ROWS = 16  # calls of fewer rows read int8 weights (1.4x faster at 15 rows, even at ~24 on the AVX2 EPYC)
+DECODE_WEIGHTS = ("fp16", "float")
+FP16_BELOW_ROWS = 256  # fbgemm's fp16 GEMM was 1.15-1.17x fp32's at 120-400 rows and 0.96x at 1000
+FP16_MAX = 65504.0
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -28,49 +30,39 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def int8_below_rows(dtype: torch.dtype, device: torch.device, decode_weights: str | None = None) -> int:
-    """Rows below which a call reads int8 weights: INT8_BELOW_ROWS for fp32 on CPU, 0 (never) otherwise.
-    `decode_weights` (default ALPHAMATH_DECODE_WEIGHTS, else "int8") set to "float" keeps every call exact."""
-    choice = (decode_weights or os.environ.get("ALPHAMATH_DECODE_WEIGHTS") or "int8").strip().lower()
+def fp16_below_rows(dtype: torch.dtype, device: torch.device, decode_weights: str | None = None) -> int:
+    """Rows below which a call reads fp16 weights: FP16_BELOW_ROWS for fp32 on a CPU with fbgemm, else 0.
+    `decode_weights` (default ALPHAMATH_DECODE_WEIGHTS, else "fp16") set to "float" keeps every call exact."""
+    choice = (decode_weights or os.environ.get("ALPHAMATH_DECODE_WEIGHTS") or "fp16").strip().lower()
     if choice not in DECODE_WEIGHTS:
         raise ValueError(f"decode weights {choice!r}: expected one of {DECODE_WEIGHTS}")
-    return INT8_BELOW_ROWS if choice == "int8" and device.type == "cpu" and dtype == torch.float32 else 0
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: weight ~= q * scale[:, None], |error| <= scale / 2 per entry."""
-    w = weight.detach().float()
-    scale = w.abs().amax(1).clamp(min=1e-12) / 127
-    return torch.round(w / scale[:, None]).to(torch.int8).contiguous(), scale
+    usable = device.type == "cpu" and dtype == torch.float32 and "fbgemm" in torch.backends.quantized.supported_engines
+    return FP16_BELOW_ROWS if choice == "fp16" and usable else 0
 
 
 class Linear:
     """y = x W^T + b for inference, from a weight [out, in] it copies (packed where `can_pack`; with an
-    int8 copy read by calls of fewer than `int8_below` rows)."""
+    fp16 copy read by calls of fewer than `fp16_below` rows)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8_below: int = 0):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fp16_below: int = 0):
         weight = weight.detach()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.bias = None if bias is None else bias.detach()
         self.packed = can_pack(weight.dtype, weight.device)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
-        self.int8_below = int8_below
-        if int8_below:
-            self.q, scale = quantize_int8(weight)
-            self.scale = scale.to(torch.bfloat16)  # the kernel takes scales in the activations' dtype
+        # A weight fp16 cannot hold keeps the float path (fbgemm would saturate it).
+        self.fp16_below = fp16_below if float(weight.abs().max()) <= FP16_MAX else 0
+        if self.fp16_below:
+            self.fp16 = torch.ops.quantized.linear_prepack_fp16(weight.float(), self.bias)
 
     def bytes_read(self, rows: int) -> int:
         """Bytes of weight (and bias) a call of `rows` rows reads: the floor of its time is these over bandwidth."""
-        w = self.q.numel() + self.scale.numel() * 2 if rows < self.int8_below else self.weight.numel() * self.weight.element_size()
-        return w + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+        per = 2 if rows < self.fp16_below else self.weight.element_size()
+        return self.in_features * self.out_features * per + (0 if self.bias is None else self.bias.numel() * 4)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8_below and x.numel() < self.int8_below * self.in_features:
-            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                                     self.q, self.scale).to(x.dtype)
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*x.shape[:-1], self.out_features)
+        if self.fp16_below and x.numel() < self.fp16_below * self.in_features:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.fp16)
         if not self.packed:
             return torch.nn.functional.linear(x, self.weight, self.bias)
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias,
