@@ -45,7 +45,10 @@ def _cat_bias(*linears) -> torch.Tensor | None:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalise in fp32, cast back, scale (one fused op for the first part)."""
+    """transformers' LlamaRMSNorm: normalise in fp32, cast back, scale (one fused op for the first part;
+    in fp32 the scale joins it too: the same numbers, a third less time per call at batch 1)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
