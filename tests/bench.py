@@ -265,7 +265,7 @@ def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6)
     out = {"prompt_tokens": len(ids), "prefill_tok_s": len(ids) / prefill_s,
            "decode1_tok_s": sum(s.token_count for s in one) / decode1_s,
            f"decode{n}_tok_s": sum(s.token_count for s in many) / decode_n_s, "rss_mb": peak_rss_mb()}
-    # The weight-bandwidth limit of a decode step: the weights it reads (int8 or float), read once from memory.
+    # The weight-bandwidth limit of a decode step: the weights it reads (fp16 or float), read once from memory.
     out["weight_mb"] = lm.step_weight_bytes(1) / 1e6
     out["bandwidth_gbs"] = memory_bandwidth_gbs()
     out["step_floor_ms"] = out["weight_mb"] / out["bandwidth_gbs"]
@@ -287,8 +287,8 @@ def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
         raise RuntimeError(f"llama.cpp bench failed ({proc.returncode}): {proc.stderr[-2000:]}")
     cpp = json.loads(proc.stdout.strip().splitlines()[-1])
     eng = engine_rates(lm, prompt, args.decode_tokens, args.n_children)
-    # The same engine with float weights in every matmul, where the default reads int8 (model/packed.py):
-    # what the int8 decode weights moved, measured in the same run.
+    # The same engine with float weights in every matmul, where the default reads fp16 (model/packed.py):
+    # what the fp16 decode weights moved, measured in the same run.
     exact = None
     if lm.step_weight_bytes(1) < lm.step_weight_bytes(1 << 20):
         from alphamath.lm import LocalLM

@@ -8,7 +8,7 @@ its speed is the speed of reading weights:
 - CPUs without native bf16 compute in fp32, so a step read 4 bytes per weight (2.9x the bandwidth
   floor on an AVX2-only EPYC). There, calls of up to FP16_BELOW_ROWS rows (every decode step) read an
   fp16 copy through fbgemm's packed fp16 GEMM (`torch.ops.quantized.linear_dynamic_fp16`, fp32 in and
-  out): 2.6x faster at 1 row, 3-4x at 2-15 rows, 1.2x at 120, with errors of ~2e-4 of the largest
+  out): 2.6x faster at 1 row, 3-4x at 2-15 rows, 1.1x at 120, with errors of ~2e-4 of the largest
   output. Weight-only int8 was 9% faster at 1 row but slower from 5 rows on, and 40x less exact
   (`python -m tests.bench_weights`). Prefills of more rows keep the fp32 weight and its exact numbers.
 Elsewhere (GPUs, no fbgemm, ALPHAMATH_DECODE_WEIGHTS=float) it is a plain `F.linear`.
@@ -20,7 +20,7 @@ import os
 import torch
 
 DECODE_WEIGHTS = ("fp16", "float")
-FP16_BELOW_ROWS = 256  # fbgemm's fp16 GEMM was 1.15-1.17x fp32's at 120-400 rows and 0.96x at 1000
+FP16_BELOW_ROWS = 256  # whole-model prefills were 1.2-2.1x faster at 64-255 rows; fbgemm's fp16 was 0.96x at 1000
 FP16_MAX = 65504.0
 
 
