@@ -96,10 +96,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     ws = [torch.randn(o, i) for _ in range(LAYERS) for (o, i) in SHAPES]
     wts = [w.t().contiguous() for w in ws]
-    qs = [(q, s.to(torch.bfloat16)) for q, s in map(quantize, ws)]
+    quantized = [quantize(w) for w in ws]
+    qs = [(q, s.to(torch.bfloat16)) for q, s in quantized]
     f16 = [torch.ops.quantized.linear_prepack_fp16(w, None) for w in ws]
     dyn = [torch.ops.quantized.linear_prepack(torch.quantize_per_channel(
-        w, s.double(), torch.zeros(len(s), dtype=torch.long), 0, torch.qint8), None) for w, (_, s) in zip(ws, map(quantize, ws))]
+        w, s.double(), torch.zeros(len(s), dtype=torch.long), 0, torch.qint8), None) for w, (_, s) in zip(ws, quantized)]
     mb = sum(w.numel() for w in ws) * 4 / 1e6
     out = {"weights_fp32_mb": round(mb, 1), "threads": torch.get_num_threads(), "rows": {}}
     print(f"{len(ws)} matmuls, {mb:.0f} MB of fp32 weights, {torch.get_num_threads()} threads")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 # The suite checks that caching, batching and scoring give transformers' own numbers, so its models read
-# float weights in every matmul. The int8 decode weights (alphamath/model/packed.py, the default where a
+# float weights in every matmul. The fp16 decode weights (alphamath/model/packed.py, the default where a
 # CPU computes fp32) have their own tests, which ask for them explicitly.
 os.environ.setdefault("ALPHAMATH_DECODE_WEIGHTS", "float")
 

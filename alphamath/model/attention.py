@@ -92,14 +92,13 @@ def shared_prompt_attention(q, k, v, own_mask, prompts: SharedPrompts, layer: in
     """
     B, Hk, g, D = q.shape
     G, R = prompts.members.shape
-    if prompts.one_each:
+    if prompts.one_each:  # row b's queries are prompt b's: nothing to gather or scatter
         o1, l1 = _flash_with_lse(q, prompts.keys[layer], prompts.values[layer], attn_mask=prompts.mask, scale=scale)
-        o2, l2 = _flash_with_lse(q, k, v, attn_mask=own_mask, scale=scale)
-        return torch.lerp(o2.float(), o1.float(), torch.sigmoid(l1 - l2).unsqueeze(-1)).to(q.dtype)
-    qg = q[prompts.members].permute(0, 2, 1, 3, 4).reshape(G, Hk, R * g, D)  # padding rows: repeats, not read back
-    o1, l1 = _flash_with_lse(qg, prompts.keys[layer], prompts.values[layer], attn_mask=prompts.mask, scale=scale)
-    o1 = o1.reshape(G, Hk, R, g, D).permute(0, 2, 1, 3, 4).reshape(G * R, Hk, g, D)[prompts.slot]
-    l1 = l1.reshape(G, Hk, R, g).permute(0, 2, 1, 3).reshape(G * R, Hk, g)[prompts.slot]
+    else:
+        qg = q[prompts.members].permute(0, 2, 1, 3, 4).reshape(G, Hk, R * g, D)  # padding rows: repeats, not read back
+        o1, l1 = _flash_with_lse(qg, prompts.keys[layer], prompts.values[layer], attn_mask=prompts.mask, scale=scale)
+        o1 = o1.reshape(G, Hk, R, g, D).permute(0, 2, 1, 3, 4).reshape(G * R, Hk, g, D)[prompts.slot]
+        l1 = l1.reshape(G, Hk, R, g).permute(0, 2, 1, 3).reshape(G * R, Hk, g)[prompts.slot]
     o2, l2 = _flash_with_lse(q, k, v, attn_mask=own_mask, scale=scale)
     w = torch.sigmoid(l1 - l2).unsqueeze(-1)
     return torch.lerp(o2.float(), o1.float(), w).to(q.dtype)

@@ -51,14 +51,14 @@ class Linear:
         self.packed = can_pack(weight.dtype, weight.device)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
         # A weight fp16 cannot hold keeps the float path (fbgemm would saturate it).
-        self.fp16_below = fp16_below if float(weight.abs().max()) <= FP16_MAX else 0
+        self.fp16_below = fp16_below if fp16_below and float(weight.abs().max()) <= FP16_MAX else 0
         if self.fp16_below:
             self.fp16 = torch.ops.quantized.linear_prepack_fp16(weight.float(), self.bias)
 
     def bytes_read(self, rows: int) -> int:
         """Bytes of weight (and bias) a call of `rows` rows reads: the floor of its time is these over bandwidth."""
         per = 2 if rows < self.fp16_below else self.weight.element_size()
-        return self.in_features * self.out_features * per + (0 if self.bias is None else self.bias.numel() * 4)
+        return self.in_features * self.out_features * per + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp16_below and x.numel() < self.fp16_below * self.in_features:
