@@ -1,22 +1,29 @@
 """Token accounting of one search: tokens the model computed against tokens the search needed.
 
-`make bench` reports computed / needed. The denominator is the number of distinct token positions
-the search made the model read, as a token trie (a position is a token id after a given prefix):
+`make bench` reports computed / needed. The denominator counts, as a token trie (a position is a
+token id after a given prefix), the positions the search made the model read:
 
   - the prompt, once;
-  - every generated token: a sample of g tokens costs g forwards, at the position of the prefix's
-    last token (already counted) and at its own first g - 1 tokens (the last one is read only if a
-    state containing it is, which the next items count). Samples the tree merged into an existing
-    child (the same step text) were generated all the same, because the search asked for n
+  - every generated token, per sample: a sample of g tokens costs g forwards, at the position of
+    the prefix's last token (already counted) and at its own first g - 1 tokens (the last one is read
+    only if a state containing it is, which the next items count). Samples the tree merged into an
+    existing child (the same step text) were generated all the same, because the search asked for n
     samples: their g - 1 each are added outside the trie (`merged_sample_tokens`);
   - every scored state: its tokens beyond its parent's state (what the value head reads);
   - every expanded node's generation prefix (what the policy is given).
 
-Shared prefixes are counted once, so an engine that computes every position it uses at least once
-computes at least this many tokens: computed / needed >= 1 for any engine, and 1 for a perfect one.
-Wasted work (recomputed prefixes, idle batch rows, the same prompt prefilled for every sample)
-raises the ratio. Trees store step texts, not sampled token ids, so a sample's tokens are recovered
-by encoding its state; this is exact when the tokenizer round-trips what the model sampled.
+A position belongs to the node whose step wrote it (the prompt's to the root), so the prefixes the
+search shares (the prompt, a parent's state below its children) count once, and each sample counts
+its own tokens even where two siblings happen to start alike: n independent samples are n
+generations. An engine that computes every position it uses at least once therefore computes at
+least this many tokens: computed / needed >= 1 for any engine, and 1 for a perfect one. Wasted work
+(recomputed prefixes, idle batch rows, the same prompt prefilled for every sample) raises the ratio.
+
+`distinct_positions` is the stricter count without owners: siblings' identical first tokens count
+once, which only an engine that decodes identical sample prefixes once could reach (ours does not).
+
+Trees store step texts, not sampled token ids, so a sample's tokens are recovered by encoding its
+state; this is exact when the tokenizer round-trips what the model sampled.
 """
 from __future__ import annotations
 
@@ -43,28 +50,39 @@ def trie_size(sequences: Iterable[Sequence[int]]) -> int:
     return count
 
 
-def needed_sequences(tree: Tree, encode: Encode, scored: Collection[int]) -> list[list[int]]:
-    """The token sequences the search made the model read (see the module doc): the prompt; for every
-    node, its parent's prefix followed by its first token_count - 1 tokens; the state of every node
-    in `scored` (node ids the value head read); the generation prefix of every expanded node."""
+def needed_sequences(tree: Tree, encode: Encode, scored: Collection[int]) -> list[list[tuple[int, int]]]:
+    """The token sequences the search made the model read (see the module doc), as (owner, token id)
+    pairs, the owner being the node whose step wrote the position: the prompt; for every node, its
+    parent's prefix followed by its first token_count - 1 tokens; the state of every node in `scored`
+    (node ids the value head read); the generation prefix of every expanded node."""
     prefix_len: dict[int, int] = {}
 
-    def prefix_tokens(node_id: int) -> list[int]:
-        toks = list(encode(tree.prefix(node_id)))
-        prefix_len[node_id] = len(toks)
-        return toks
+    def start(node_id: int) -> int:
+        """First position the node's step wrote: the length of its parent's generation prefix."""
+        parent = tree.nodes[node_id].parent
+        if parent not in prefix_len:
+            prefix_len[parent] = len(encode(tree.prefix(parent)))
+        return prefix_len[parent]
 
-    out = [list(encode(tree.prompt))]
+    def owned(tokens: Sequence[int], node_id: int) -> list[tuple[int, int]]:
+        """Each position tagged with the deepest node on the path to node_id that wrote it."""
+        owners = [0] * len(tokens)
+        for node in tree.path(node_id):
+            s = start(node.id)
+            owners[s:] = [node.id] * max(len(tokens) - s, 0)
+        return list(zip(owners, tokens))
+
+    out = [owned(encode(tree.prompt), 0)]
     for node in tree.nodes:
         if node.children:
-            out.append(prefix_tokens(node.id))
+            toks = encode(tree.prefix(node.id))
+            prefix_len[node.id] = len(toks)
+            out.append(owned(toks, node.id))
         if node.id in scored:
-            out.append(list(encode(tree.state(node.id))))
+            out.append(owned(encode(tree.state(node.id)), node.id))
         if node.parent is not None:
-            base = prefix_len.get(node.parent)
-            if base is None:
-                base = len(prefix_tokens(node.parent))
-            out.append(list(encode(tree.state(node.id)))[: base + max(node.token_count - 1, 0)])
+            fed = start(node.id) + max(node.token_count - 1, 0)
+            out.append(owned(encode(tree.state(node.id))[:fed], node.id))
     return out
 
 
@@ -85,9 +103,16 @@ def merged_sample_tokens(generations: Iterable[tuple[str, Sequence[Sample]]]) ->
 
 def needed_tokens(tree: Tree, encode: Encode, scored: Collection[int],
                   generations: Iterable[tuple[str, Sequence[Sample]]] = ()) -> int:
-    """Tokens the search needed: the size of the token trie of `needed_sequences`, plus the generated
-    tokens of merged samples when the policy calls (`generations`) are given."""
+    """Tokens the search needed: the size of the trie of `needed_sequences` (positions with their
+    owners), plus the generated tokens of merged samples when the policy calls (`generations`) are given."""
     return trie_size(needed_sequences(tree, encode, scored)) + merged_sample_tokens(generations)
+
+
+def distinct_positions(tree: Tree, encode: Encode, scored: Collection[int],
+                       generations: Iterable[tuple[str, Sequence[Sample]]] = ()) -> int:
+    """The stricter count: the same positions without owners, so identical sibling prefixes count once."""
+    seqs = needed_sequences(tree, encode, scored)
+    return trie_size([tok for _, tok in seq] for seq in seqs) + merged_sample_tokens(generations)
 
 
 def token_ratio(computed: int, needed: int) -> float:

@@ -14,8 +14,9 @@
    the same sandbox and search work; its `generate` decodes as many tokens as the longest recorded
    sample. Both wall times are measured.
    Token ratio: tokens the model computed / tokens the search needed (alphamath.accounting: the
-   token trie of the prompt, the fed sample tokens, the scored states and the expanded prefixes,
-   plus the fed tokens of samples the tree merged because an identical step was already there).
+   token trie of the prompt, every sample's fed tokens, the scored states and the expanded
+   prefixes, plus the fed tokens of samples the tree merged because an identical step was already
+   there); beside it the stricter ratio to distinct positions (siblings' identical first tokens once).
 3. The engine searching the problems at once (solve_many, decode batches shared between searches).
 4. The gRPC stack vs the in-process engine, like for like (tests/bench_grpc.py).
 Every row carries the peak RSS of the process that produced it (ru_maxrss, so far).
@@ -30,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from alphamath.accounting import needed_tokens, scored_nodes, token_ratio
+from alphamath.accounting import distinct_positions, needed_tokens, scored_nodes, token_ratio
 from alphamath.data import load_problems
 from alphamath.runtime import peak_rss_mb
 from alphamath.tree import Tree
@@ -165,8 +166,10 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
         states = [s for kind, texts, _, _ in rec.calls if kind == "score" for s in texts]
         generations = [(prompt, samples) for kind, prompts, _, out in rec.calls if kind == "generate"
                        for prompt, samples in zip(prompts, out)]
-        needed = needed_tokens(tree, lm.encode, scored_nodes(tree, states), generations)
-        r = dict(id=p.id, nodes=len(tree.nodes) - 1, needed=needed)
+        scored = scored_nodes(tree, states)
+        needed = needed_tokens(tree, lm.encode, scored, generations)
+        r = dict(id=p.id, nodes=len(tree.nodes) - 1, needed=needed,
+                 distinct=distinct_positions(tree, lm.encode, scored, generations))
         hf = HFReplay(lm, rec.calls)
         t0 = time.perf_counter()
         try:
@@ -206,6 +209,7 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
     out = {"problems": len(rows), "config": cfg.to_dict(), "rows": rows,
            "engine_computed_over_needed": token_ratio(total("engine_computed"), total("needed")),
            "hf_computed_over_needed": token_ratio(total("hf_computed"), total("needed")),
+           "engine_computed_over_distinct": token_ratio(total("engine_computed"), total("distinct")),
            "engine_s_per_problem": total("engine_wall_s") / len(rows),
            "hf_s_per_problem": total("hf_wall_s") / len(rows),
            "model_s_ratio": total("hf_model_s") / max(total("engine_model_s"), 1e-9),
@@ -222,6 +226,8 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
           f"HF/engine {out['model_s_ratio']:.2f}x | |")
     print(f"| tokens computed / needed | {out['engine_computed_over_needed']:.3f} | "
           f"{out['hf_computed_over_needed']:.3f} | (engine target <= 1.1) | |")
+    print(f"| tokens computed / distinct positions (siblings' identical first tokens once) | "
+          f"{out['engine_computed_over_distinct']:.3f} | | | |")
     print(f"| seconds per problem, the {len(rows)} searched at once ({out['concurrent_nodes']} nodes vs "
           f"{total('nodes')} one by one) | {conc_s:.1f} | | HF/engine {out['hf_over_concurrent']:.2f}x | "
           f"{out['concurrent_rss_mb']:.0f} |")

@@ -1,9 +1,10 @@
-"""The bench's token ratio: computed / needed, with needed counted once per token position."""
+"""The bench's token ratio: computed / needed, with needed counted once per token position and sample."""
 from __future__ import annotations
 
 import pytest
 
-from alphamath.accounting import merged_sample_tokens, needed_tokens, scored_nodes, token_ratio, trie_size
+from alphamath.accounting import (distinct_positions, merged_sample_tokens, needed_tokens, scored_nodes, token_ratio,
+                                  trie_size)
 from alphamath.interfaces import Sample
 from alphamath.steps import STOP, Step, parse_step
 from alphamath.tree import Tree
@@ -29,14 +30,28 @@ def test_trie_size_counts_shared_prefixes_once():
 
 
 def test_needed_tokens_by_hand():
-    """prompt 2; A fed "ab</step" 8; B fed "c</step" 7 ("Q:a" shared); A scored adds ">\\n" 2;
-    A expanded adds "<step>" 6; D fed "d</step" 7. The root's state is the prompt: nothing new."""
+    """prompt 2; A fed "ab</step" 8; B fed "ac</step" 8 (its own sample: the "a" it shares with A
+    counts again); A scored adds ">\\n" 2; A expanded adds "<step>" 6; D fed "d</step" 7. The root's
+    state is the prompt: nothing new."""
     tree = hand_tree()
-    assert needed_tokens(tree, chars, scored={0, 1}) == 2 + 8 + 7 + 2 + 6 + 7
+    assert needed_tokens(tree, chars, scored={0, 1}) == 2 + 8 + 8 + 2 + 6 + 7
     # A's state lies inside its generation prefix: scoring it reads nothing new.
-    assert needed_tokens(tree, chars, scored={0}) == 2 + 8 + 7 + 2 + 6 + 7
-    # B is an unscored leaf: its last sampled token (">") was never fed. Scoring B reads ">\n".
-    assert needed_tokens(tree, chars, scored={0, 2}) == 2 + 8 + 7 + 2 + 6 + 7 + 2
+    assert needed_tokens(tree, chars, scored={0}) == 2 + 8 + 8 + 2 + 6 + 7
+    # B is an unscored leaf: its last sampled token (">") was never fed. Scoring B reads ">\\n".
+    assert needed_tokens(tree, chars, scored={0, 2}) == 2 + 8 + 8 + 2 + 6 + 7 + 2
+
+
+def test_distinct_positions_count_identical_sibling_prefixes_once():
+    """Without owners, B's "a" is A's: 1 less than needed. Two samples with the same first tokens
+    are two generations (needed), one position (distinct)."""
+    tree = hand_tree()
+    assert distinct_positions(tree, chars, scored={0, 1}) == needed_tokens(tree, chars, scored={0, 1}) - 1
+    twins = Tree(question="q", prompt="Q:")
+    for text in ("xy1", "xy2"):
+        twins.add_child(0, Step(text, "text"), 0.5, token_count=len(text + "</step>"))
+    # prompt 2; each sample fed its text and "</step" (9 each); only the "xy" of the second is shared.
+    assert needed_tokens(twins, chars, scored=set()) == 2 + 9 + 9
+    assert distinct_positions(twins, chars, scored=set()) == 2 + 9 + 7
 
 
 def test_needed_never_exceeds_a_no_cache_engine_on_the_hand_tree():
@@ -52,6 +67,7 @@ def test_needed_never_exceeds_a_no_cache_engine_on_the_hand_tree():
             computed += len(chars(tree.state(node.id)))
     needed = needed_tokens(tree, chars, scored)
     assert token_ratio(computed, needed) > 1
+    assert needed >= distinct_positions(tree, chars, scored)
 
 
 def test_merged_samples_count_their_generated_tokens():
