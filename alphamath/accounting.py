@@ -19,7 +19,7 @@ generations. An engine that computes every position it uses at least once theref
 least this many tokens: computed / needed >= 1 for any engine, and 1 for a perfect one. Wasted work
 (recomputed prefixes, idle batch rows, the same prompt prefilled for every sample) raises the ratio.
 
-`distinct_positions` is the stricter count without owners: siblings' identical first tokens count
+`token_counts(...).distinct` is the stricter count without owners: siblings' identical first tokens count
 once, which only an engine that decodes identical sample prefixes once could reach (ours does not).
 
 Trees store step texts, not sampled token ids, so a sample's tokens are recovered by encoding its
@@ -27,7 +27,7 @@ state; this is exact when the tokenizer round-trips what the model sampled.
 """
 from __future__ import annotations
 
-from typing import Callable, Collection, Iterable, Sequence
+from typing import Callable, Collection, Iterable, NamedTuple, Sequence
 
 from alphamath.interfaces import Sample
 from alphamath.tree import Tree
@@ -78,11 +78,12 @@ def needed_sequences(tree: Tree, encode: Encode, scored: Collection[int]) -> lis
             toks = encode(tree.prefix(node.id))
             prefix_len[node.id] = len(toks)
             out.append(owned(toks, node.id))
-        if node.id in scored:
-            out.append(owned(encode(tree.state(node.id)), node.id))
-        if node.parent is not None:
-            fed = start(node.id) + max(node.token_count - 1, 0)
-            out.append(owned(encode(tree.state(node.id))[:fed], node.id))
+        if node.id in scored or node.parent is not None:
+            state = owned(encode(tree.state(node.id)), node.id)  # encoded once for both uses
+            if node.id in scored:
+                out.append(state)
+            if node.parent is not None:
+                out.append(state[: start(node.id) + max(node.token_count - 1, 0)])
     return out
 
 
@@ -101,18 +102,24 @@ def merged_sample_tokens(generations: Iterable[tuple[str, Sequence[Sample]]]) ->
     return extra
 
 
+class TokenCounts(NamedTuple):
+    needed: int    # positions with their owners: every sample counts its own tokens
+    distinct: int  # the stricter count without owners: identical sibling prefixes once
+
+
+def token_counts(tree: Tree, encode: Encode, scored: Collection[int],
+                 generations: Iterable[tuple[str, Sequence[Sample]]] = ()) -> TokenCounts:
+    """Both counts from one pass over the tree: the tries of `needed_sequences` with and without owners,
+    each plus the generated tokens of merged samples when the policy calls (`generations`) are given."""
+    seqs = needed_sequences(tree, encode, scored)
+    merged = merged_sample_tokens(generations)
+    return TokenCounts(trie_size(seqs) + merged, trie_size([tok for _, tok in seq] for seq in seqs) + merged)
+
+
 def needed_tokens(tree: Tree, encode: Encode, scored: Collection[int],
                   generations: Iterable[tuple[str, Sequence[Sample]]] = ()) -> int:
-    """Tokens the search needed: the size of the trie of `needed_sequences` (positions with their
-    owners), plus the generated tokens of merged samples when the policy calls (`generations`) are given."""
-    return trie_size(needed_sequences(tree, encode, scored)) + merged_sample_tokens(generations)
-
-
-def distinct_positions(tree: Tree, encode: Encode, scored: Collection[int],
-                       generations: Iterable[tuple[str, Sequence[Sample]]] = ()) -> int:
-    """The stricter count: the same positions without owners, so identical sibling prefixes count once."""
-    seqs = needed_sequences(tree, encode, scored)
-    return trie_size([tok for _, tok in seq] for seq in seqs) + merged_sample_tokens(generations)
+    """Tokens the search needed (`token_counts(...).needed`)."""
+    return token_counts(tree, encode, scored, generations).needed
 
 
 def token_ratio(computed: int, needed: int) -> float:

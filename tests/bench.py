@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from alphamath.accounting import distinct_positions, needed_tokens, scored_nodes, token_ratio
+from alphamath.accounting import scored_nodes, token_counts, token_ratio
 from alphamath.data import load_problems
 from alphamath.runtime import peak_rss_mb
 from alphamath.tree import Tree
@@ -166,10 +166,8 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
         states = [s for kind, texts, _, _ in rec.calls if kind == "score" for s in texts]
         generations = [(prompt, samples) for kind, prompts, _, out in rec.calls if kind == "generate"
                        for prompt, samples in zip(prompts, out)]
-        scored = scored_nodes(tree, states)
-        needed = needed_tokens(tree, lm.encode, scored, generations)
-        r = dict(id=p.id, nodes=len(tree.nodes) - 1, needed=needed,
-                 distinct=distinct_positions(tree, lm.encode, scored, generations))
+        needed, distinct = token_counts(tree, lm.encode, scored_nodes(tree, states), generations)
+        r = dict(id=p.id, nodes=len(tree.nodes) - 1, needed=needed, distinct=distinct)
         hf = HFReplay(lm, rec.calls)
         t0 = time.perf_counter()
         try:

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from alphamath.accounting import (distinct_positions, merged_sample_tokens, needed_tokens, scored_nodes, token_ratio,
-                                  trie_size)
+from alphamath.accounting import merged_sample_tokens, needed_tokens, scored_nodes, token_counts, token_ratio, trie_size
 from alphamath.interfaces import Sample
 from alphamath.steps import STOP, Step, parse_step
 from alphamath.tree import Tree
@@ -45,13 +44,13 @@ def test_distinct_positions_count_identical_sibling_prefixes_once():
     """Without owners, B's "a" is A's: 1 less than needed. Two samples with the same first tokens
     are two generations (needed), one position (distinct)."""
     tree = hand_tree()
-    assert distinct_positions(tree, chars, scored={0, 1}) == needed_tokens(tree, chars, scored={0, 1}) - 1
+    assert token_counts(tree, chars, scored={0, 1}).distinct == needed_tokens(tree, chars, scored={0, 1}) - 1
     twins = Tree(question="q", prompt="Q:")
     for text in ("xy1", "xy2"):
         twins.add_child(0, Step(text, "text"), 0.5, token_count=len(text + "</step>"))
     # prompt 2; each sample fed its text and "</step" (9 each); only the "xy" of the second is shared.
     assert needed_tokens(twins, chars, scored=set()) == 2 + 9 + 9
-    assert distinct_positions(twins, chars, scored=set()) == 2 + 9 + 7
+    assert token_counts(twins, chars, scored=set()).distinct == 2 + 9 + 7
 
 
 def test_needed_never_exceeds_a_no_cache_engine_on_the_hand_tree():
@@ -67,7 +66,7 @@ def test_needed_never_exceeds_a_no_cache_engine_on_the_hand_tree():
             computed += len(chars(tree.state(node.id)))
     needed = needed_tokens(tree, chars, scored)
     assert token_ratio(computed, needed) > 1
-    assert needed >= distinct_positions(tree, chars, scored)
+    assert needed >= token_counts(tree, chars, scored).distinct
 
 
 def test_merged_samples_count_their_generated_tokens():
