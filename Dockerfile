@@ -21,7 +21,7 @@ FROM ${BASE_IMAGE} AS build
 ARG TORCH_INDEX_URL=
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update -qq \
- && apt-get install -y -qq --no-install-recommends python3 python3-venv python3-dev gcc \
+ && apt-get install -y -qq --no-install-recommends python3 python3-venv python3-dev gcc g++ \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/alphamath
 ENV PATH=/opt/alphamath/bin:$PATH
@@ -40,6 +40,9 @@ COPY sandbox_svc ./sandbox_svc
 COPY trainer_svc ./trainer_svc
 COPY app ./app
 RUN pip install . && python -c "import alphamath, app, policy_svc, value_svc, search_svc, sandbox_svc, trainer_svc"
+# The bf16 decode-attention kernel, compiled here (pods have no compiler and a read-only root filesystem);
+# it is used only on CPUs with AVX512-BF16 (alphamath/model/decode_attention.py).
+RUN python -m alphamath.model.decode_attention /opt/alphamath/kernels
 
 # The sandbox service's own dependencies only (no torch): the optional slim `sandbox` target.
 FROM ${BASE_IMAGE} AS build-sandbox
@@ -101,7 +104,8 @@ ENV PATH=/opt/alphamath/bin:$PATH \
     HOME=/tmp \
     HF_HOME=/tmp/huggingface \
     HF_HUB_OFFLINE=1 \
-    ALPHAMATH_CACHE=/tmp/alphamath
+    ALPHAMATH_CACHE=/tmp/alphamath \
+    ALPHAMATH_KERNEL_DIR=/opt/alphamath/kernels
 # Pods run with a read-only root filesystem; /tmp (and /checkpoints) are volumes.
 USER 10001:10001
 WORKDIR /tmp

@@ -334,3 +334,53 @@ def test_shared_prompt_attention_equals_softmax_over_each_rows_prompt_and_own_ke
         want = torch.softmax(q[b] @ keys.transpose(1, 2) * D ** -0.5, -1) @ vals
         tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
         torch.testing.assert_close(got[b].float(), want, **tol)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("one_each", [False, True])
+def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_keys(one_each, head_dim):
+    """decode_attention.cpp against plain fp32 softmax attention over each row's joined keys: prompts of
+    odd lengths (not multiples of the kernel's 16-key blocks), groups of different sizes, left-padded own
+    columns read through strided views of a wider buffer (as _RoomyLayer holds them), and a group no row
+    continues. Runs where the kernel can (bf16 with AVX512-BF16); elsewhere the torch path is used."""
+    from alphamath.model import decode_attention as kernel
+
+    if not kernel.usable(torch.zeros(1, dtype=torch.bfloat16), head_dim):
+        pytest.skip(f"decode attention kernel not usable here: {kernel._failed}")
+    torch.manual_seed(0)
+    Hk, g, D, L, W = 3, 3, head_dim, 37, 21
+    lens, group_of = [37, 1, 20, 5], ([0, 1, 2] if one_each else [0, 2, 0, 1, 0, 2, 0])
+    own_lens = [21, 1, 3, 17, 2, 4, 9][: len(group_of)]
+    B, G = len(group_of), len(lens)
+    pk, pv = torch.randn(G, Hk, L, D).bfloat16(), torch.randn(G, Hk, L, D).bfloat16()
+    q = torch.randn(B, Hk, g, D).bfloat16()
+    k = torch.randn(B, Hk, W + 11, D).bfloat16()[:, :, :W]  # views of a buffer with room, as in decoding
+    v = torch.randn(B, Hk, W + 11, D).bfloat16()[:, :, :W]
+    real = torch.tensor([[c >= W - n for c in range(W)] for n in own_lens])
+    for valid in (real, None):
+        got = kernel.decode_attention(q, k, v, valid, pk, pv, torch.tensor(lens), torch.tensor(group_of), D ** -0.5)
+        assert got.shape == q.shape and got.dtype == torch.bfloat16
+        for b in range(B):
+            gi, n = group_of[b], lens[group_of[b]]
+            cols = real[b] if valid is not None else torch.ones(W, dtype=torch.bool)
+            keys = torch.cat([pk[gi, :, :n], k[b][:, cols]], 1).float()
+            vals = torch.cat([pv[gi, :, :n], v[b][:, cols]], 1).float()
+            want = torch.softmax(q[b].float() @ keys.transpose(1, 2) * D ** -0.5, -1) @ vals
+            torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_decode_attention_kernel_rejects_what_it_cannot_compute():
+    """Wrong dtypes or shapes are a clear error from the kernel, never a wrong answer."""
+    from alphamath.model import decode_attention as kernel
+
+    if not kernel.usable(torch.zeros(1, dtype=torch.bfloat16), 64):
+        pytest.skip(f"decode attention kernel not usable here: {kernel._failed}")
+    q, kv = torch.zeros(2, 3, 3, 64).bfloat16(), torch.zeros(2, 3, 4, 64).bfloat16()
+    pk = torch.zeros(1, 3, 5, 64).bfloat16()
+    ok = dict(own_valid=None, prompt_len=torch.tensor([5]), group_of=torch.tensor([0, 0]))
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernel.decode_attention(q.float(), kv, kv, ok["own_valid"], pk, pk, ok["prompt_len"], ok["group_of"], 0.125)
+    with pytest.raises(RuntimeError, match="group_of out of range"):
+        kernel.decode_attention(q, kv, kv, None, pk, pk, ok["prompt_len"], torch.tensor([0, 1]), 0.125)
+    with pytest.raises(RuntimeError, match="prompt_len out of range"):
+        kernel.decode_attention(q, kv, kv, None, pk, pk, torch.tensor([6]), ok["group_of"], 0.125)

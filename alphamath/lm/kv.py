@@ -221,7 +221,8 @@ class _Batch:
         mask = torch.zeros(G, 1, 1, L, dtype=keys[0].dtype, device=dev)
         mask.masked_fill_((torch.arange(L, device=dev)[None] >= lens[:, None])[:, None, None], float("-inf"))
         one_each = rows == [[b] for b in range(B)]  # row b continues prompt b: nothing to gather
-        self.shared = SharedPrompts(keys, values, mask, members.to(dev), slot.to(dev), one_each)
+        self.shared = SharedPrompts(keys, values, mask, members.to(dev), slot.to(dev), one_each, lens,
+                                    torch.tensor(self.group_of, dtype=torch.long, device=dev))
 
     def step(self, lm) -> bool:
         """Sample one token for every live row, retire finished samples, feed the rest. False when empty.

@@ -66,7 +66,9 @@ class SharedPrompts:
       members       [G, R] the rows continuing each prompt, padded by repeating its first row;
       slot          [B] where each row sits in members.flatten();
       one_each      every row continues its own prompt, in order (G = B, R = 1: batch-1 and greedy
-                    decoding), so queries and outputs need no gathering.
+                    decoding), so queries and outputs need no gathering;
+      lengths, group  [G] each prompt's length and [B] each row's prompt (decode_attention.cpp's view
+                    of the same layout: it needs no mask and no gathering).
     """
 
     keys: list
@@ -75,6 +77,8 @@ class SharedPrompts:
     members: torch.Tensor
     slot: torch.Tensor
     one_each: bool = False
+    lengths: torch.Tensor | None = None
+    group: torch.Tensor | None = None
 
 
 _flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (out, logsumexp)

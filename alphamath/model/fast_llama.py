@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
+from alphamath.model import decode_attention as kernel
 from alphamath.model.attention import SharedPrompts, shared_prompt_attention
 from alphamath.model.packed import Linear, fp16_below_rows
 
@@ -137,7 +138,10 @@ class FastLlama:
         cos, sin = self.rotary(x, position_ids)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
         mask = self._mask(attention_mask, S, past, input_ids.device)
-        if prompts is not None and mask is not None:  # the flash kernel takes an additive mask of the KV dtype
+        fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode_attention.cpp: bf16 with AVX512-BF16
+        if fused:
+            own_valid = None if mask is None else mask[:, 0, 0]
+        elif prompts is not None and mask is not None:  # the flash kernel takes an additive mask of the KV dtype
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         hq, hk, D = self.hq, self.hk, self.head_dim
         for i, layer in enumerate(self.layers):
@@ -148,6 +152,10 @@ class FastLlama:
             k, v = cache.update(qk[:, :, hq:].transpose(1, 2), qkv[:, :, hq + hk:].transpose(1, 2), i)
             if prompts is None:
                 x = x + layer.o(self._attend(q, k, v, mask))
+            elif fused:
+                o = kernel.decode_attention(q.reshape(B, hk, hq // hk, D), k, v, own_valid, prompts.keys[i],
+                                            prompts.values[i], prompts.lengths, prompts.group, self.scale)
+                x = x + layer.o(o.reshape(B, 1, hq * D))
             else:
                 o = shared_prompt_attention(q.reshape(B, hk, hq // hk, D), k, v, mask, prompts, i, self.scale)
                 x = x + layer.o(o.reshape(B, 1, hq * D))

@@ -1,0 +1,241 @@
+// One decode step's attention over shared prompts and each row's own columns, for bf16 on CPUs with
+// AVX512-BF16 (see decode_attention.py for why it exists and how it is built and checked).
+//
+// A task is one (prompt group, KV head). Its queries are the g folded query heads of every row that
+// continues the prompt, M = rows * g. For each query i
+//     s_ij = scale * q_i . k_j     over the prompt's keys j < len(group) and the row's valid own keys
+//     o_i  = sum_j softmax(s_i)_j v_j
+// in three passes over a scratch row of scores (prompt keys, then own keys): scores, softmax, P.V.
+// The prompt's keys are read once per task whatever M is: they are laid out as bf16 pairs by key
+// (Kt[p][j] = k_j[2p:2p+2]) so one vdpbf16ps multiplies a query pair into 16 keys at once.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = at::BFloat16;
+constexpr int QC = 8;  // queries per block of the score kernel (8 accumulators)
+
+inline __m512 load16(const bf16* p) {  // 16 bf16 -> 16 fp32 (exact: bf16 is fp32's upper half)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+inline __m512 exp16(__m512 x) {  // e^x for x <= 0: 2^n * 2^f, n = round(x log2 e), |f| <= 1/2, degree-7 Taylor
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059840e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381609e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <int D>
+void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
+          const bf16* q, const int64_t* qs,                       // q [B, Hk, g, D] contiguous
+          const bf16* pk, const bf16* pv, const int64_t* ps, int64_t plen,  // prompt K/V [G, Hk, L, D]
+          const bf16* ok, const bf16* ov, const int64_t* os, int64_t W,     // own K/V [B, Hk, W, D]
+          const bool* valid, int64_t vs,                        // own columns in use [B, W] or null
+          bf16* out) {
+  constexpr int P = D / 2, V16 = D / 16, VC = D == 64 ? 6 : 2;  // VC queries per P.V pass: VC * V16 accumulators
+  const int64_t R = (int64_t)rows.size(), M = R * g, Mp = (M + QC - 1) / QC * QC;
+  const int64_t Lp = (plen + 15) / 16 * 16, Wp = (W + 15) / 16 * 16, S = Lp + Wp;
+  std::vector<uint32_t> kt((size_t)P * Lp, 0), qp((size_t)Mp * P, 0);
+  std::vector<float> sc((size_t)M * S), o((size_t)M * D, 0.f), qf((size_t)M * D);
+  auto qrow = [&](int64_t i) { return q + rows[i / g] * qs[0] + h * qs[1] + (i % g) * qs[2]; };
+  for (int64_t i = 0; i < M; ++i) {
+    std::memcpy(&qp[i * P], qrow(i), D * sizeof(bf16));
+    for (int v = 0; v < V16; ++v) _mm512_storeu_ps(&qf[i * D + 16 * v], load16(qrow(i) + 16 * v));
+  }
+  // ---- scores against the prompt: Kt laid out by pair, 16 keys per vdpbf16ps ----
+  const bf16* pkb = pk + grp * ps[0] + h * ps[1];
+  for (int64_t j = 0; j < plen; ++j) {
+    const uint32_t* kj = (const uint32_t*)(pkb + j * ps[2]);
+    for (int p = 0; p < P; ++p) kt[p * Lp + j] = kj[p];
+  }
+  const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  for (int64_t i0 = 0; i0 < Mp; i0 += QC) {
+    for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
+      __m512 acc[QC];
+      for (int c = 0; c < QC; ++c) acc[c] = _mm512_setzero_ps();
+      for (int p = 0; p < P; ++p) {
+        __m512bh kv = (__m512bh)_mm512_loadu_si512(&kt[p * Lp + j0]);
+        for (int c = 0; c < QC; ++c)
+          acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_set1_epi32((int)qp[(i0 + c) * P + p]), kv);
+      }
+      const __mmask16 in = (j0 + 16 <= plen) ? (__mmask16)0xFFFF : (__mmask16)((1u << std::max<int64_t>(plen - j0, 0)) - 1);
+      for (int c = 0; c < QC && i0 + c < M; ++c)
+        _mm512_storeu_ps(&sc[(i0 + c) * S + j0], _mm512_mask_mul_ps(ninf, in, acc[c], vscale));
+    }
+  }
+  // ---- scores against each row's own columns (a few per row: plain dot products) ----
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = rows[r];
+    const bf16* okb = ok + b * os[0] + h * os[1];
+    for (int64_t w = 0; w < Wp; ++w) {
+      const bool use = w < W && (valid == nullptr || valid[b * vs + w]);
+      if (!use) {
+        for (int64_t qi = 0; qi < g; ++qi) sc[(r * g + qi) * S + Lp + w] = -INFINITY;
+        continue;
+      }
+      __m512 kf[V16];
+      for (int v = 0; v < V16; ++v) kf[v] = load16(okb + w * os[2] + 16 * v);
+      for (int64_t qi = 0; qi < g; ++qi) {
+        const float* qq = &qf[(r * g + qi) * D];
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qq), kf[0]);
+        for (int v = 1; v < V16; ++v) a = _mm512_fmadd_ps(_mm512_loadu_ps(qq + 16 * v), kf[v], a);
+        sc[(r * g + qi) * S + Lp + w] = _mm512_reduce_add_ps(a) * scale;
+      }
+    }
+  }
+  // ---- softmax, in place; l = the normaliser ----
+  std::vector<float> inv_l(M);
+  for (int64_t i = 0; i < M; ++i) {
+    float* s = &sc[i * S];
+    __m512 m = ninf;
+    for (int64_t j = 0; j < S; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 l = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; j += 16) {
+      __m512 x = _mm512_loadu_ps(s + j);
+      __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(x, mx)));
+      _mm512_storeu_ps(s + j, e);
+      l = _mm512_add_ps(l, e);
+    }
+    inv_l[i] = 1.0f / _mm512_reduce_add_ps(l);
+  }
+  // ---- P.V over the prompt: bf16 pairs of keys, so one vdpbf16ps adds two keys' values into 16 dims ----
+  // Interleaving rows v_j, v_j+1 with unpack{lo,hi}_epi16 (within 128-bit lanes) makes lane 4k+m of
+  // `lo` hold dim 8k+m and of `hi` dim 8k+4+m (per 32 dims); the permutes at the end undo that.
+  const int64_t Lh = Lp / 2;
+  std::vector<uint32_t> pp((size_t)M * Lh);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < Lp; j += 16)  // 16 probabilities -> 8 pairs (key j in the low half)
+      _mm256_storeu_si256((__m256i*)&pp[i * Lh + j / 2], (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(&sc[i * S + j])));
+  static const bf16 zeros[D] = {};
+  const __m512i ia = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i ib = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const bf16* pvb = pv + grp * ps[0] + h * ps[1];
+  for (int64_t i0 = 0; i0 < M; i0 += VC) {
+    const int C = (int)std::min<int64_t>(VC, M - i0);
+    __m512 acc[VC][V16];
+    for (int c = 0; c < VC; ++c)
+      for (int v = 0; v < V16; ++v) acc[c][v] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < plen; j += 2) {
+      const bf16* va = pvb + j * ps[2];
+      const bf16* vb = j + 1 < plen ? va + ps[2] : zeros;
+      __m512i vv[V16];
+      for (int hh = 0; hh < V16 / 2; ++hh) {
+        const __m512i x = _mm512_loadu_si512(va + 32 * hh), y = _mm512_loadu_si512(vb + 32 * hh);
+        vv[2 * hh] = _mm512_unpacklo_epi16(x, y);
+        vv[2 * hh + 1] = _mm512_unpackhi_epi16(x, y);
+      }
+      for (int c = 0; c < VC; ++c) {
+        if (c >= C) break;
+        const __m512bh pj = (__m512bh)_mm512_set1_epi32((int)pp[(i0 + c) * Lh + j / 2]);
+        for (int v = 0; v < V16; ++v) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], pj, (__m512bh)vv[v]);
+      }
+    }
+    for (int c = 0; c < C; ++c)
+      for (int hh = 0; hh < V16 / 2; ++hh) {
+        float* oo = &o[(i0 + c) * D + 32 * hh];
+        _mm512_storeu_ps(oo, _mm512_permutex2var_ps(acc[c][2 * hh], ia, acc[c][2 * hh + 1]));
+        _mm512_storeu_ps(oo + 16, _mm512_permutex2var_ps(acc[c][2 * hh], ib, acc[c][2 * hh + 1]));
+      }
+  }
+  // ---- P.V over each row's own columns, normalise, write bf16 ----
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = rows[r];
+    const bf16* ovb = ov + b * os[0] + h * os[1];
+    for (int64_t w = 0; w < W; ++w) {
+      if (valid != nullptr && !valid[b * vs + w]) continue;
+      __m512 vf[V16];
+      for (int v = 0; v < V16; ++v) vf[v] = load16(ovb + w * os[2] + 16 * v);
+      for (int64_t qi = 0; qi < g; ++qi) {
+        float* oo = &o[(r * g + qi) * D];
+        const __m512 pj = _mm512_set1_ps(sc[(r * g + qi) * S + Lp + w]);
+        for (int v = 0; v < V16; ++v) _mm512_storeu_ps(oo + 16 * v, _mm512_fmadd_ps(pj, vf[v], _mm512_loadu_ps(oo + 16 * v)));
+      }
+    }
+    for (int64_t qi = 0; qi < g; ++qi) {
+      const int64_t i = r * g + qi;
+      bf16* dst = out + b * qs[0] + h * qs[1] + qi * qs[2];  // out is laid out as q
+      const __m512 il = _mm512_set1_ps(inv_l[i]);
+      for (int v = 0; v < V16; ++v)
+        _mm256_storeu_si256((__m256i*)(dst + 16 * v), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&o[i * D + 16 * v]), il)));
+    }
+  }
+}
+
+}  // namespace
+
+// q [B, Hk, g, D]; own_k/own_v [B, Hk, W, D] (last dim contiguous); own_valid [B, W] bool or empty;
+// prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B]. Returns [B, Hk, g, D], all bf16.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tensor own_v, torch::Tensor own_valid,
+                               torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
+                               torch::Tensor group_of, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && own_k.scalar_type() == at::kBFloat16 &&
+              prompt_k.scalar_type() == at::kBFloat16, "decode_attention computes bf16");
+  TORCH_CHECK(own_v.scalar_type() == at::kBFloat16 && prompt_v.scalar_type() == at::kBFloat16, "bf16 values");
+  q = q.contiguous();
+  const int64_t B = q.size(0), Hk = q.size(1), g = q.size(2), D = q.size(3), G = prompt_k.size(0), W = own_k.size(2);
+  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
+  TORCH_CHECK(own_k.size(0) == B && own_k.size(1) == Hk && own_k.size(3) == D && own_k.stride(3) == 1, "own_k shape");
+  TORCH_CHECK(own_v.sizes() == own_k.sizes() && own_v.strides() == own_k.strides(), "own_v must be laid out as own_k");
+  TORCH_CHECK(prompt_k.size(1) == Hk && prompt_k.size(3) == D && prompt_k.stride(3) == 1, "prompt_k shape");
+  TORCH_CHECK(prompt_v.sizes() == prompt_k.sizes() && prompt_v.strides() == prompt_k.strides(), "prompt_v layout");
+  TORCH_CHECK(prompt_len.numel() == G && group_of.numel() == B, "prompt_len [G], group_of [B]");
+  auto plen = prompt_len.to(at::kLong).contiguous();
+  auto grp = group_of.to(at::kLong).contiguous();
+  const int64_t* pl = plen.data_ptr<int64_t>();
+  const int64_t* go = grp.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> rows(G);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(go[b] >= 0 && go[b] < G, "group_of out of range");
+    rows[go[b]].push_back(b);
+  }
+  for (int64_t i = 0; i < G; ++i) TORCH_CHECK(pl[i] >= 0 && pl[i] <= prompt_k.size(2), "prompt_len out of range");
+  const bool* valid = nullptr;
+  int64_t vs = 0;
+  torch::Tensor vmask;
+  if (own_valid.numel()) {
+    vmask = own_valid.to(at::kBool).contiguous();
+    TORCH_CHECK(vmask.size(0) == B && vmask.size(1) == W, "own_valid [B, W]");
+    valid = vmask.data_ptr<bool>();
+    vs = W;
+  }
+  auto out = torch::empty_like(q);
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  const int64_t ps[3] = {prompt_k.stride(0), prompt_k.stride(1), prompt_k.stride(2)};
+  const int64_t os[3] = {own_k.stride(0), own_k.stride(1), own_k.stride(2)};
+  const bf16 *qp = q.data_ptr<bf16>(), *pk = prompt_k.data_ptr<bf16>(), *pv = prompt_v.data_ptr<bf16>();
+  const bf16 *ok = own_k.data_ptr<bf16>(), *ov = own_v.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, G * Hk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t gi = t / Hk, h = t % Hk;
+      if (rows[gi].empty()) continue;
+      if (D == 64)
+        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, vs, op);
+      else
+        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, vs, op);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "shared-prompt decode attention (bf16, AVX512-BF16)");
+}

@@ -1,0 +1,100 @@
+"""A decode step's attention over shared prompts as one C++ kernel (decode_attention.cpp), for bf16 on
+CPUs with AVX512-BF16.
+
+It exists because torch's CPU flash kernel spent ~37% of a large decode step (SBS at 8 problems:
+120 rows, 24 prompts) on two small attentions per layer, at ~55 GFLOP/s where the packed linears
+reach ~370: per call it packs every key block afresh for only 15 queries, then attention.py merges
+the prompt and own-column halves by their log-sum-exps. The kernel does the whole softmax over both
+key sets in one pass per (prompt, KV head), reads each prompt's keys once for all rows that continue
+it, and writes the output rows in place (no gather, no merge).
+
+It is compiled on first use with torch.utils.cpp_extension (g++ and ninja; cached under
+TORCH_EXTENSIONS_DIR); the Docker image builds it into ALPHAMATH_KERNEL_DIR
+(`python -m alphamath.model.decode_attention DIR`). Where it cannot be used (fp32, no
+AVX512-BF16, head_dim not 64/128, no compiler) attention.shared_prompt_attention computes the same
+numbers with torch ops; ALPHAMATH_DECODE_KERNEL=0 forces that path (the side-by-side benchmark).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from alphamath.model.dtype import cpu_has_fast_bf16
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_suffix(".cpp")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+_lock = threading.Lock()
+_module = None
+_failed: str | None = None
+
+
+NAME = "alphamath_decode_attention"
+
+
+def build(directory: str | None = None):
+    """Compile (or load the cached build of) the kernel; raises if the toolchain cannot."""
+    from torch.utils.cpp_extension import load
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    return load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=directory, verbose=False)
+
+
+def _prebuilt():
+    """The module built into ALPHAMATH_KERNEL_DIR at image build time (pods have a read-only root
+    filesystem and no compiler), or None."""
+    import importlib.util
+    directory = os.environ.get("ALPHAMATH_KERNEL_DIR")
+    found = sorted(Path(directory).glob(f"{NAME}*.so")) if directory else []
+    if not found:
+        return None
+    spec = importlib.util.spec_from_file_location(NAME, found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel():
+    """The compiled module, or None where it cannot run here (said once, in the log, with the reason)."""
+    global _module, _failed
+    if _module is not None or _failed is not None:
+        return _module
+    with _lock:
+        if _module is not None or _failed is not None:
+            return _module
+        if os.environ.get("ALPHAMATH_DECODE_KERNEL", "1") == "0":
+            _failed = "ALPHAMATH_DECODE_KERNEL=0"
+        elif not cpu_has_fast_bf16():
+            _failed = "this CPU has no AVX512-BF16"
+        else:
+            try:
+                _module = _prebuilt() or build()
+            except Exception as e:  # no compiler, no ninja: the torch path computes the same numbers
+                _failed = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                log.warning("decode attention kernel unavailable (%s); using torch's flash attention", _failed)
+        if _failed is not None:
+            log.info("decode attention: torch path (%s)", _failed)
+        return _module
+
+
+def usable(x: torch.Tensor, head_dim: int) -> bool:
+    """Can the kernel compute attention for activations like `x` (bf16 on the CPU) here?"""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and head_dim in (64, 128) and kernel() is not None
+
+
+def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group_of, scale: float) -> torch.Tensor:
+    """q [B, Hk, g, D]; own_k/own_v [B, Hk, W, D]; own_valid [B, W] bool or None (every column);
+    keys/values [G, Hk, L, D]; prompt_len [G]; group_of [B] -> [B, Hk, g, D]."""
+    empty = torch.empty(0, dtype=torch.bool)
+    return kernel().decode_attention(q, own_k, own_v, empty if own_valid is None else own_valid, keys, values,
+                                     prompt_len, group_of, float(scale))
+
+
+if __name__ == "__main__":  # the Docker build: python -m alphamath.model.decode_attention DIR
+    import sys
+    print(build(sys.argv[1] if len(sys.argv) > 1 else None).__file__)
