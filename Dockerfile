@@ -40,9 +40,9 @@ COPY sandbox_svc ./sandbox_svc
 COPY trainer_svc ./trainer_svc
 COPY app ./app
 RUN pip install . && python -c "import alphamath, app, policy_svc, value_svc, search_svc, sandbox_svc, trainer_svc"
-# The bf16 decode-attention kernel, compiled here (pods have no compiler and a read-only root filesystem);
-# it is used only on CPUs with AVX512-BF16 (alphamath/model/decode_attention.py).
-RUN python -m alphamath.model.decode_attention /opt/alphamath/kernels
+# The decode kernels (bf16 attention, sampling), compiled here (pods have no compiler and a read-only root filesystem);
+# it is used only on CPUs with AVX512-BF16 (alphamath/model/decode.py).
+RUN python -m alphamath.model.decode /opt/alphamath/kernels
 
 # The sandbox service's own dependencies only (no torch): the optional slim `sandbox` target.
 FROM ${BASE_IMAGE} AS build-sandbox

@@ -339,11 +339,11 @@ def test_shared_prompt_attention_equals_softmax_over_each_rows_prompt_and_own_ke
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("one_each", [False, True])
 def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_keys(one_each, head_dim):
-    """decode_attention.cpp against plain fp32 softmax attention over each row's joined keys: prompts of
+    """decode.cpp against plain fp32 softmax attention over each row's joined keys: prompts of
     odd lengths (not multiples of the kernel's 16-key blocks), groups of different sizes, left-padded own
     columns read through strided views of a wider buffer (as _RoomyLayer holds them), and a group no row
     continues. Runs where the kernel can (bf16 with AVX512-BF16); elsewhere the torch path is used."""
-    from alphamath.model import decode_attention as kernel
+    from alphamath.model import decode as kernel
 
     if not kernel.usable(torch.zeros(1, dtype=torch.bfloat16), head_dim):
         pytest.skip(f"decode attention kernel not usable here: {kernel._failed}")
@@ -371,7 +371,7 @@ def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_ke
 
 def test_decode_attention_kernel_rejects_what_it_cannot_compute():
     """Wrong dtypes or shapes are a clear error from the kernel, never a wrong answer."""
-    from alphamath.model import decode_attention as kernel
+    from alphamath.model import decode as kernel
 
     if not kernel.usable(torch.zeros(1, dtype=torch.bfloat16), 64):
         pytest.skip(f"decode attention kernel not usable here: {kernel._failed}")
@@ -384,3 +384,32 @@ def test_decode_attention_kernel_rejects_what_it_cannot_compute():
         kernel.decode_attention(q, kv, kv, None, pk, pk, ok["prompt_len"], torch.tensor([0, 1]), 0.125)
     with pytest.raises(RuntimeError, match="prompt_len out of range"):
         kernel.decode_attention(q, kv, kv, None, pk, pk, torch.tensor([6]), ok["group_of"], 0.125)
+
+
+def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob():
+    """decode.cpp's sampler against torch's inverse CDF over softmax(logits / T): the same token for the
+    same uniform (away from a boundary, where fp32 sums in another order may round either way), its exact
+    log-prob, a vocabulary that is not a multiple of the kernel's 16-wide blocks, and u at both ends."""
+    from alphamath.model import decode
+
+    if decode.kernel() is None:
+        pytest.skip(f"decode kernels not usable here: {decode._failed}")
+    torch.manual_seed(0)
+    B, V = 64, 1003
+    logits = torch.randn(B, V) * 3
+    logits[0, 7] = 40.0  # one token holds nearly all the mass
+    for T in (1.0, 0.7, 1.3):
+        u = torch.rand(B)
+        u[1], u[2] = 0.0, 1.0 - 2 ** -24
+        toks, logp = decode.sample(logits, u, T)
+        probs = torch.softmax(logits.double() / T, -1)
+        cdf = probs.cumsum(-1)
+        want = torch.searchsorted(cdf, u.double().unsqueeze(1), right=True).squeeze(1).clamp(max=V - 1)
+        gap = (cdf - u.double().unsqueeze(1)).abs().min(-1).values  # distance of u to the nearest boundary
+        clear = gap > 1e-5
+        assert clear.sum() > B // 2
+        assert torch.equal(toks[clear], want[clear])
+        torch.testing.assert_close(logp.double(), probs.log().gather(1, toks.unsqueeze(1)).squeeze(1), atol=1e-4, rtol=1e-5)
+        assert toks[0] == 7 and toks[1] == probs[1].nonzero()[0]
+    with pytest.raises(RuntimeError, match="temperature > 0"):
+        decode.sample(logits, u, 0.0)

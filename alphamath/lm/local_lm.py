@@ -24,7 +24,7 @@ from alphamath.lm.lock import _FairLock
 from alphamath.lm.budget import MemoryBudget, configure_allocator, prefill_bytes
 from alphamath.lm.radix_cache import PrefixCache
 from alphamath.lm.scheduler import DEFAULT_MAX_BATCH_ROWS, Scheduler
-from alphamath.model import ValueHeadModel
+from alphamath.model import ValueHeadModel, decode
 from alphamath.model.fast_llama import FastLlama
 
 
@@ -280,18 +280,20 @@ class LocalLM(Scheduler):
             toks = torch.argmax(logits, dim=-1)
             picked = logits.gather(1, toks.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
             return toks.tolist(), picked.tolist()
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-                drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p  # never drops the top token
-                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-            # Inverse-CDF sampling: one uniform per row from the row's own generator (so a sample does
-            # not depend on its batch-mates), then one batched search of the cumulative distribution.
-            cdf = torch.cumsum(probs, dim=-1)
-            u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
-            toks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
-            toks = toks.clamp_(max=logits.shape[-1] - 1)
+        # Inverse-CDF sampling: one uniform per row from the row's own generator (so a sample does not
+        # depend on its batch-mates), then one batched search of the cumulative distribution.
+        u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
+        if top_p == 1.0 and logits.device.type == "cpu" and decode.kernel() is not None:  # decode.cpp: the same draw
+            toks, picked = decode.sample(logits.float(), u, temperature)
+            return toks.tolist(), picked.tolist()
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+            drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p  # never drops the top token
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        cdf = torch.cumsum(probs, dim=-1)
+        toks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        toks = toks.clamp_(max=logits.shape[-1] - 1)
         picked = torch.log(probs.gather(1, toks.unsqueeze(1)).squeeze(1) / probs.sum(dim=-1))
         return toks.tolist(), picked.tolist()
 

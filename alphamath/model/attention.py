@@ -67,7 +67,7 @@ class SharedPrompts:
       slot          [B] where each row sits in members.flatten();
       one_each      every row continues its own prompt, in order (G = B, R = 1: batch-1 and greedy
                     decoding), so queries and outputs need no gathering;
-      lengths, group  [G] each prompt's length and [B] each row's prompt (decode_attention.cpp's view
+      lengths, group  [G] each prompt's length and [B] each row's prompt (decode.cpp's view
                     of the same layout: it needs no mask and no gathering).
     """
 

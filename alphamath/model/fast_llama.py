@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
-from alphamath.model import decode_attention as kernel
+from alphamath.model import decode as kernel
 from alphamath.model.attention import SharedPrompts, shared_prompt_attention
 from alphamath.model.packed import Linear, fp16_below_rows
 
@@ -138,7 +138,7 @@ class FastLlama:
         cos, sin = self.rotary(x, position_ids)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
         mask = self._mask(attention_mask, S, past, input_ids.device)
-        fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode_attention.cpp: bf16 with AVX512-BF16
+        fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode.cpp: bf16 with AVX512-BF16
         if fused:
             own_valid = None if mask is None else mask[:, 0, 0]
         elif prompts is not None and mask is not None:  # the flash kernel takes an additive mask of the KV dtype

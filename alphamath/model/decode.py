@@ -1,18 +1,22 @@
-"""A decode step's attention over shared prompts as one C++ kernel (decode_attention.cpp), for bf16 on
-CPUs with AVX512-BF16.
+"""A decode step's two hot spots beside the matmuls as C++ kernels (decode.cpp), for CPUs with
+AVX512-BF16: attention over shared prompts (bf16), and sampling.
 
-It exists because torch's CPU flash kernel spent ~37% of a large decode step (SBS at 8 problems:
-120 rows, 24 prompts) on two small attentions per layer, at ~55 GFLOP/s where the packed linears
-reach ~370: per call it packs every key block afresh for only 15 queries, then attention.py merges
-the prompt and own-column halves by their log-sum-exps. The kernel does the whole softmax over both
-key sets in one pass per (prompt, KV head), reads each prompt's keys once for all rows that continue
-it, and writes the output rows in place (no gather, no merge).
+Attention: torch's CPU flash kernel spent ~37% of a large decode step (SBS at 8 problems: 120 rows,
+24 prompts) on two small attentions per layer, at ~55 GFLOP/s where the packed linears reach ~370:
+per call it packs every key block afresh for only 15 queries, then attention.py merges the prompt
+and own-column halves by their log-sum-exps. The kernel does the whole softmax over both key sets in
+one pass per (prompt, KV head), reads each prompt's keys once for all rows that continue it, and
+writes the output rows in place (no gather, no merge).
 
-It is compiled on first use with torch.utils.cpp_extension (g++ and ninja; cached under
-TORCH_EXTENSIONS_DIR); the Docker image builds it into ALPHAMATH_KERNEL_DIR
-(`python -m alphamath.model.decode_attention DIR`). Where it cannot be used (fp32, no
-AVX512-BF16, head_dim not 64/128, no compiler) attention.shared_prompt_attention computes the same
-numbers with torch ops; ALPHAMATH_DECODE_KERNEL=0 forces that path (the side-by-side benchmark).
+Sampling: softmax, cumsum, searchsorted and a gather over [rows, 49k] fp32 took ~28 ms of a 120-row
+step (13%); three vectorised passes per row over the logits pick the same token (inverse CDF with
+the row's own uniform) and its log-prob in ~2 ms.
+
+Both are compiled on first use with torch.utils.cpp_extension (g++ and ninja; cached under
+TORCH_EXTENSIONS_DIR); the Docker image builds them into ALPHAMATH_KERNEL_DIR
+(`python -m alphamath.model.decode DIR`). Where they cannot be used (fp32 attention, no AVX512-BF16,
+head_dim not 64/128, no compiler) torch ops compute the same numbers (attention.shared_prompt_attention,
+LocalLM._pick); ALPHAMATH_DECODE_KERNEL=0 forces that path (the side-by-side benchmark).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ _module = None
 _failed: str | None = None
 
 
-NAME = "alphamath_decode_attention"
+NAME = "alphamath_decode"
 
 
 def build(directory: str | None = None):
@@ -76,9 +80,9 @@ def kernel():
                 _module = _prebuilt() or build()
             except Exception as e:  # no compiler, no ninja: the torch path computes the same numbers
                 _failed = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                log.warning("decode attention kernel unavailable (%s); using torch's flash attention", _failed)
+                log.warning("decode kernels unavailable (%s); using torch ops", _failed)
         if _failed is not None:
-            log.info("decode attention: torch path (%s)", _failed)
+            log.info("decode kernels: torch path (%s)", _failed)
         return _module
 
 
@@ -95,6 +99,13 @@ def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group
                                      prompt_len, group_of, float(scale))
 
 
-if __name__ == "__main__":  # the Docker build: python -m alphamath.model.decode_attention DIR
+def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] fp32, u [B] uniforms -> (tokens [B], log-probs [B]) of softmax(logits / T) by
+    inverse CDF: the first token whose cumulative probability exceeds u."""
+    return tuple(kernel().sample(logits, u, float(temperature)))
+
+
+if __name__ == "__main__":  # the Docker build: python -m alphamath.model.decode DIR
     import sys
     print(build(sys.argv[1] if len(sys.argv) > 1 else None).__file__)
+
