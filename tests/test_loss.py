@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alphamath.steps import STEP_OPEN
-from trainer_svc.loss import IGNORE, collate, joint_loss
+from trainer_svc.loss import IGNORE, collate, joint_loss, lm_positions, policy_value_pass
 
 PROMPT = "<|im_start|>user\nWhat is 3 * 12 - 7?<|im_end|>\n<|im_start|>assistant\n<step>"
 STEPS = [
@@ -21,13 +21,18 @@ def _batch(labels, targets, mask):
             "value_mask": torch.tensor([mask])}
 
 
+def _at_labels(logits, batch):
+    """Full [B, T, V] logits cut to joint_loss's rows (what policy_value_pass computes)."""
+    return logits[:, :-1][lm_positions(batch)]
+
+
 def test_joint_loss_hand_computed():
     # vocab 2; logits at t predict the label at t+1. Only the token at t=1 is labelled (id 1),
     # predicted by logits[0] = [0, ln 3] -> p = 3/4.
     logits = torch.tensor([[[0.0, math.log(3)], [5.0, -5.0], [1.0, 2.0]]])
     values = torch.tensor([[0.5, 0.0, -0.5]])
     batch = _batch([IGNORE, 1, IGNORE], [0.9, 1.0, 0.0], [0, 1, 1])
-    out = joint_loss(logits, values, batch, alpha=0.1)
+    out = joint_loss(_at_labels(logits, batch), values, batch, alpha=0.1)
     lm = -math.log(0.75)
     value = ((0.0 - 1.0) ** 2 + (-0.5 - 0.0) ** 2) / 2  # position 0 is masked out
     assert out.lm_loss.item() == pytest.approx(lm, rel=1e-6)
@@ -41,7 +46,7 @@ def test_joint_loss_averages_over_labelled_tokens_and_rows():
     batch = {"labels": torch.tensor([[IGNORE, 1, 2], [IGNORE, IGNORE, 3]]),
              "value_targets": torch.tensor([[0.0, 0.0, 1.0], [0.0, -1.0, 0.0]]),
              "value_mask": torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])}
-    out = joint_loss(logits, values, batch, alpha=1.0)
+    out = joint_loss(_at_labels(logits, batch), values, batch, alpha=1.0)
     assert out.lm_loss.item() == pytest.approx(math.log(4))
     assert out.value_loss.item() == pytest.approx(1.0)
 
@@ -49,7 +54,8 @@ def test_joint_loss_averages_over_labelled_tokens_and_rows():
 def test_only_wrong_paths_gives_zero_lm_loss_and_value_gradient():
     logits = torch.randn(1, 3, 5, requires_grad=True)
     values = torch.tensor([[0.2, 0.4, 0.6]], requires_grad=True)
-    out = joint_loss(logits, values, _batch([IGNORE] * 3, [0.0, 0.0, -1.0], [0, 0, 1]), alpha=0.5)
+    batch = _batch([IGNORE] * 3, [0.0, 0.0, -1.0], [0, 0, 1])
+    out = joint_loss(_at_labels(logits, batch), values, batch, alpha=0.5)
     assert out.lm_loss.item() == 0.0 and not torch.isnan(out.loss)
     out.loss.backward()
     # d/dv of 0.5 * (v - t)^2 at the one masked-in position = 0.5 * 2 * (0.6 + 1)
@@ -94,7 +100,7 @@ def test_value_weights_make_the_value_loss_a_weighted_mean(tiny_tokenizer):
     assert b["value_mask"][0].sum() == 3.0 and b["value_mask"][1].sum() == 1.0
     values = torch.zeros(b["value_mask"].shape)  # a zero head: squared error 1 on both rows
     values[0][b["value_mask"][0] > 0] = 0.5     # row 0 off by 0.5: squared error 0.25
-    jl = joint_loss(torch.zeros(*b["input_ids"].shape, 8), values, {**b, "labels": torch.full_like(b["labels"], IGNORE)})
+    jl = joint_loss(torch.zeros(0, 8), values, {**b, "labels": torch.full_like(b["labels"], IGNORE)})
     assert jl.value_loss.item() == pytest.approx((3 * 0.25 + 1 * 1.0) / 4)
     with pytest.raises(ValueError, match="2 value weights for 1 examples"):
         collate(examples[:1], tiny_tokenizer, 512, value_weights=[1.0, 1.0])
@@ -122,8 +128,14 @@ def test_collate_accepts_trainer_examples_and_trains_end_to_end(tiny_model_dir, 
     ex = Example(question_id="q", prompt=PROMPT, steps=tuple(STEPS), values=(0.5, 1.0), correct=True)
     b = collate([ex], tiny_tokenizer, max_len=256)
     model = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32").train()
-    out = model(b["input_ids"], attention_mask=b["attention_mask"])
-    loss = joint_loss(out.logits, out.values, b)
+    loss = joint_loss(*policy_value_pass(model, b), b)
     loss.loss.backward()
     assert torch.isfinite(loss.loss) and loss.lm_loss > 0 and loss.value_loss > 0
     assert model.value_head.weight.grad.abs().sum() > 0  # zero-init head still gets gradient
+    # the LM head at labelled positions only is the same loss as over full logits
+    with torch.no_grad():
+        out = model(b["input_ids"], attention_mask=b["attention_mask"])
+        full = torch.nn.functional.cross_entropy(out.logits[0, :-1], b["labels"][0, 1:], ignore_index=IGNORE)
+    assert loss.lm_loss.item() == pytest.approx(full.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="logits rows for"):
+        joint_loss(out.logits[0], out.values, b)

@@ -27,21 +27,40 @@ class JointLoss(NamedTuple):
     value_loss: torch.Tensor  # mean squared error over step ends (0 if none)
 
 
-def joint_loss(model_out_logits: torch.Tensor, values: torch.Tensor, batch: dict, alpha: float = 0.1) -> JointLoss:
-    """logits [B, T, V] and values [B, T] from one ValueHeadModel pass over batch["input_ids"].
+def lm_positions(batch: dict) -> torch.Tensor:
+    """[B, T - 1] bool: the positions t whose logits predict a labelled token t + 1 (row-major order is
+    the order of joint_loss's `lm_logits`)."""
+    return batch["labels"][:, 1:] != IGNORE
+
+
+def policy_value_pass(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One trunk pass of a ValueHeadModel: (logits at lm_positions [N, vocab], values [B, T]).
+
+    The LM head runs only where a token is labelled: wrong paths, prompts and engine-written outputs
+    carry no LM loss, and [B, T, vocab] logits (49k wide for SmolLM2) were a fifth of the forward's
+    FLOPs and its largest tensor (fp32 logits of 4 x 600 tokens: 470 MB, and as much again for
+    their gradient)."""
+    h, _ = model.hidden(batch["input_ids"], attention_mask=batch["attention_mask"])
+    values = model.values_from_hidden(h)
+    return model.lm_head(h[:, :-1][lm_positions(batch).to(h.device)]), values
+
+
+def joint_loss(lm_logits: torch.Tensor, values: torch.Tensor, batch: dict, alpha: float = 0.1) -> JointLoss:
+    """lm_logits [N, V] at lm_positions(batch) (policy_value_pass) and values [B, T], from one
+    ValueHeadModel pass over batch["input_ids"].
 
     batch["labels"] [B, T] holds token ids where the LM is trained (IGNORE elsewhere), aligned with
     input_ids (logits at t predict labels at t+1); batch["value_targets"] / ["value_mask"] [B, T]
     hold Q targets at step-end positions. A batch of only wrong paths has lm_loss 0, not NaN.
     """
-    labels = batch["labels"].to(model_out_logits.device)
-    shift_logits = model_out_logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    if (shift_labels != IGNORE).any():
-        lm = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                             ignore_index=IGNORE)
+    labels = batch["labels"].to(lm_logits.device)
+    targets_lm = labels[:, 1:][labels[:, 1:] != IGNORE]
+    if lm_logits.shape[0] != targets_lm.shape[0]:
+        raise ValueError(f"{lm_logits.shape[0]} logits rows for {targets_lm.shape[0]} labelled tokens")
+    if targets_lm.numel():
+        lm = F.cross_entropy(lm_logits.float(), targets_lm)
     else:
-        lm = shift_logits.sum() * 0.0  # keeps the graph (and DDP) happy without contributing
+        lm = lm_logits.sum() * 0.0  # keeps the graph (and DDP) happy without contributing
     mask = batch["value_mask"].to(values.device, torch.float32)
     targets = batch["value_targets"].to(values.device, torch.float32)
     sq = (values.float() - targets) ** 2 * mask

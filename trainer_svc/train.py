@@ -165,7 +165,7 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
     refit on (default: `examples`); every finished path of the trees keeps the head calibrated to
     the states search meets, where the 4 + 4 cap over-represents correct paths."""
     from alphamath.model import ValueHeadModel, default_dtype
-    from trainer_svc.loss import collate, joint_loss
+    from trainer_svc.loss import collate, joint_loss, policy_value_pass
 
     cfg = (cfg or TrainConfig()).validate()
     base_dir, output_dir = Path(base_dir), Path(output_dir)
@@ -226,8 +226,7 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
                 log.warning("step %d: no step end within max_len=%d tokens in this batch; raise max_len",
                             step + 1, cfg.max_len)
             with _autocast(compute_dtype, device):
-                out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-                jl = joint_loss(out.logits, out.values, batch, alpha=cfg.value_loss_weight)
+                jl = joint_loss(*policy_value_pass(model, batch), batch, alpha=cfg.value_loss_weight)
             (jl.loss / len(micro)).backward()
             sums += torch.tensor([jl.loss.item(), jl.lm_loss.item(), jl.value_loss.item()]) / len(micro)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
