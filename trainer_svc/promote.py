@@ -62,7 +62,8 @@ THRESHOLD = 0.0    # tolerated accuracy drop per gated metric
 class EvalConfig:
     methods: tuple[str, ...] = ("greedy", "sbs")
     search: dict = field(default_factory=lambda: {"beam_b1": 2, "beam_b2": 3, "max_new_tokens": 192})
-    concurrency: int = 8   # problems searched at once (their model calls share decode batches)
+    concurrency: int = 8   # problems searched at once (their model calls share decode batches); greedy,
+                           # one row per problem, runs B1 * B2 times as many: the rows of an SBS batch
 
     def search_config(self) -> SearchConfig:
         return SearchConfig(**self.search).validate()
@@ -100,8 +101,9 @@ def evaluate(engine, problems: Sequence, cfg: EvalConfig | None = None, check=No
                     judged += 1
             if progress:
                 progress(method, len(outcomes), len(problems))
+        rows = scfg.beam_b1 * scfg.beam_b2 if method == "greedy" else 1
         solve_many(problems, method, engine.policy, engine.value, engine.sandbox, scfg, done,
-                   concurrency=cfg.concurrency, serve=getattr(getattr(engine, "lm", None), "serve", None), check=check)
+                   concurrency=cfg.concurrency * rows, serve=getattr(getattr(engine, "lm", None), "serve", None), check=check)
         metrics[f"{method}_acc"] = sum(outcomes.values()) / len(problems) if problems else 0.0
     metrics["value_acc"] = agree / judged if judged else 0.0
     metrics["value_judged"] = float(judged)
