@@ -1,7 +1,9 @@
 """ValueHeadModel: one trunk pass for logits and values, checkpoints with and without a head, dtypes."""
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from alphamath.model import VALUE_HEAD_FILE, ValueHeadModel, default_dtype
 from alphamath.model.dtype import cpu_has_fast_bf16
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
@@ -413,3 +417,24 @@ def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob():
         assert toks[0] == 7 and toks[1] == probs[1].nonzero()[0]
     with pytest.raises(RuntimeError, match="temperature > 0"):
         decode.sample(logits, u, 0.0)
+
+
+def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):
+    """Pods have no compiler and a read-only root: a process given ALPHAMATH_KERNEL_DIR loads the image's
+    build from there (here with an empty torch extensions cache, where a JIT build would land)."""
+    import subprocess
+    import sys
+
+    from alphamath.model import decode
+
+    if decode.kernel() is None:
+        pytest.skip(f"decode kernels not usable here: {decode._failed}")
+    (tmp_path / "image").mkdir()
+    shutil.copy(decode.kernel().__file__, tmp_path / "image" / f"{decode.NAME}.so")
+    code = ("import torch; from alphamath.model import decode; m = decode.kernel(); "
+            "t, _ = m.sample(torch.tensor([[0.0, 50.0, 0.0]]), torch.tensor([0.5]), 1.0); print(m.__file__, t.item())")
+    env = {**os.environ, "ALPHAMATH_KERNEL_DIR": str(tmp_path / "image"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "jit")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tmp_path / "image" / f"{decode.NAME}.so"), "1"]
+    assert not (tmp_path / "jit").exists()  # nothing was compiled
