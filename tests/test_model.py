@@ -15,6 +15,17 @@ from alphamath.model.dtype import cpu_has_fast_bf16
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def decode_kernels_or_skip():
+    """The decode kernels where this CPU can run them. A CPU without AVX512-BF16 (or
+    ALPHAMATH_DECODE_KERNEL=0) skips; a CPU with it whose build failed is a failure, not a skip."""
+    from alphamath.model import decode
+
+    if os.environ.get("ALPHAMATH_DECODE_KERNEL", "1") == "0" or not cpu_has_fast_bf16():
+        pytest.skip("decode kernels need AVX512-BF16 (and ALPHAMATH_DECODE_KERNEL unset)")
+    assert decode.kernel() is not None, f"decode kernels did not load on an AVX512-BF16 CPU: {decode._failed}"
+    return decode
+
+
 @pytest.fixture()
 def model(tiny_model_dir):
     return ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32")
@@ -347,10 +358,7 @@ def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_ke
     odd lengths (not multiples of the kernel's 16-key blocks), groups of different sizes, left-padded own
     columns read through strided views of a wider buffer (as _RoomyLayer holds them), and a group no row
     continues. Runs where the kernel can (bf16 with AVX512-BF16); elsewhere the torch path is used."""
-    from alphamath.model import decode as kernel
-
-    if not kernel.usable(torch.zeros(1, dtype=torch.bfloat16), head_dim):
-        pytest.skip(f"decode attention kernel not usable here: {kernel._failed}")
+    kernel = decode_kernels_or_skip()
     torch.manual_seed(0)
     Hk, g, D, L, W = 3, 3, head_dim, 37, 21
     lens, group_of = [37, 1, 20, 5], ([0, 1, 2] if one_each else [0, 2, 0, 1, 0, 2, 0])
@@ -375,10 +383,7 @@ def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_ke
 
 def test_decode_attention_kernel_rejects_what_it_cannot_compute():
     """Wrong dtypes or shapes are a clear error from the kernel, never a wrong answer."""
-    from alphamath.model import decode as kernel
-
-    if not kernel.usable(torch.zeros(1, dtype=torch.bfloat16), 64):
-        pytest.skip(f"decode attention kernel not usable here: {kernel._failed}")
+    kernel = decode_kernels_or_skip()
     q, kv = torch.zeros(2, 3, 3, 64).bfloat16(), torch.zeros(2, 3, 4, 64).bfloat16()
     pk = torch.zeros(1, 3, 5, 64).bfloat16()
     ok = dict(own_valid=None, prompt_len=torch.tensor([5]), group_of=torch.tensor([0, 0]))
@@ -394,10 +399,7 @@ def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob():
     """decode.cpp's sampler against torch's inverse CDF over softmax(logits / T): the same token for the
     same uniform (away from a boundary, where fp32 sums in another order may round either way), its exact
     log-prob, a vocabulary that is not a multiple of the kernel's 16-wide blocks, and u at both ends."""
-    from alphamath.model import decode
-
-    if decode.kernel() is None:
-        pytest.skip(f"decode kernels not usable here: {decode._failed}")
+    decode = decode_kernels_or_skip()
     torch.manual_seed(0)
     B, V = 64, 1003
     logits = torch.randn(B, V) * 3
@@ -425,10 +427,7 @@ def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):
     import subprocess
     import sys
 
-    from alphamath.model import decode
-
-    if decode.kernel() is None:
-        pytest.skip(f"decode kernels not usable here: {decode._failed}")
+    decode = decode_kernels_or_skip()
     (tmp_path / "image").mkdir()
     shutil.copy(decode.kernel().__file__, tmp_path / "image" / f"{decode.NAME}.so")
     code = ("import torch; from alphamath.model import decode; m = decode.kernel(); "

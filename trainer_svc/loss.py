@@ -54,7 +54,7 @@ def joint_loss(lm_logits: torch.Tensor, values: torch.Tensor, batch: dict, alpha
     hold Q targets at step-end positions. A batch of only wrong paths has lm_loss 0, not NaN.
     """
     labels = batch["labels"].to(lm_logits.device)
-    targets_lm = labels[:, 1:][labels[:, 1:] != IGNORE]
+    targets_lm = labels[:, 1:][lm_positions(batch).to(lm_logits.device)]
     if lm_logits.shape[0] != targets_lm.shape[0]:
         raise ValueError(f"{lm_logits.shape[0]} logits rows for {targets_lm.shape[0]} labelled tokens")
     if targets_lm.numel():

@@ -55,8 +55,17 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   constexpr int P = D / 2, V16 = D / 16, VC = D == 64 ? 6 : 2;  // VC queries per P.V pass: VC * V16 accumulators
   const int64_t R = (int64_t)rows.size(), M = R * g, Mp = (M + QC - 1) / QC * QC;
   const int64_t Lp = (plen + 15) / 16 * 16, Wp = (W + 15) / 16 * 16, S = Lp + Wp;
-  std::vector<uint32_t> kt((size_t)P * Lp, 0), qp((size_t)Mp * P, 0);
-  std::vector<float> sc((size_t)M * S), o((size_t)M * D, 0.f), qf((size_t)M * D);
+  // Scratch kept per thread across tasks and steps (a step runs G * Hk tasks per layer): sized, not
+  // reallocated; kt and qp are zeroed because their padding is read.
+  thread_local std::vector<uint32_t> kt, qp, pp;
+  thread_local std::vector<float> sc, o, qf, inv_l;
+  kt.assign((size_t)P * Lp, 0);
+  qp.assign((size_t)Mp * P, 0);
+  sc.resize((size_t)M * S);
+  o.resize((size_t)M * D);
+  qf.resize((size_t)M * D);
+  inv_l.resize(M);
+  pp.resize((size_t)M * (Lp / 2));
   auto qrow = [&](int64_t i) { return q + rows[i / g] * qs[0] + h * qs[1] + (i % g) * qs[2]; };
   for (int64_t i = 0; i < M; ++i) {
     std::memcpy(&qp[i * P], qrow(i), D * sizeof(bf16));
@@ -104,7 +113,6 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     }
   }
   // ---- softmax, in place; l = the normaliser ----
-  std::vector<float> inv_l(M);
   for (int64_t i = 0; i < M; ++i) {
     float* s = &sc[i * S];
     __m512 m = ninf;
@@ -123,7 +131,6 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   // Interleaving rows v_j, v_j+1 with unpack{lo,hi}_epi16 (within 128-bit lanes) makes lane 4k+m of
   // `lo` hold dim 8k+m and of `hi` dim 8k+4+m (per 32 dims); the permutes at the end undo that.
   const int64_t Lh = Lp / 2;
-  std::vector<uint32_t> pp((size_t)M * Lh);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < Lp; j += 16)  // 16 probabilities -> 8 pairs (key j in the low half)
       _mm256_storeu_si256((__m256i*)&pp[i * Lh + j / 2], (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(&sc[i * S + j])));
