@@ -61,7 +61,8 @@ def evaluate(f, balanced: bool, outer: int = 4) -> dict:
 
 
 def main(argv=None) -> int:
-    from alphamath.model import ValueHeadModel, embedded_checkpoint
+    from alphamath.lm import LocalLM
+    from alphamath.model import embedded_checkpoint
     from alphamath.tree import Tree
     from trainer_svc.head_fit import state_key, step_features
 
@@ -69,14 +70,13 @@ def main(argv=None) -> int:
     ap.add_argument("--trees", required=True)
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--max-len", type=int, default=1024)
     a = ap.parse_args(argv)
     trees = [Tree.from_json(line) for line in Path(a.trees).read_text().splitlines() if line.strip()]
-    model = ValueHeadModel.from_pretrained(a.model or str(embedded_checkpoint()))
+    lm = LocalLM(a.model or str(embedded_checkpoint()))
     report = {"trees": len(trees), "variants": []}
     t0 = time.perf_counter()
     exs = _examples(trees, None)
-    feats = step_features(model, exs, a.max_len)
+    feats = step_features(lm, exs)
     print(f"{len(exs)} paths, {len(feats.y)} states, features {time.perf_counter() - t0:.0f}s", flush=True)
     capped = {state_key(e, k) for e in _examples(trees, 4) for k in range(len(e.steps))}
     for cap in (None, 4):

@@ -1,16 +1,14 @@
 """Fitting the value head on frozen trunk features: folds keep questions whole, the fit recovers a
-signal that is there, the L2 strength is chosen on held-out questions, and features are read at
-the token the joint loss reads."""
+signal that is there, the L2 strength is chosen on held-out questions, and features are what the
+engine gives the head at inference."""
 from __future__ import annotations
 
 import torch
 
-from alphamath.model import ValueHeadModel
 from alphamath.steps import STEP_OPEN
 from tests.pipeline import make_tree
 from trainer_svc.examples import extract_examples
-from trainer_svc.head_fit import Features, choose_l2, cv_mse, fit_head, folds, predict, step_features
-from trainer_svc.loss import collate
+from trainer_svc.head_fit import Features, choose_l2, cv_mse, fit_head, folds, predict, state_key, step_features
 
 
 def synthetic(n_q=20, per_q=10, dim=8, noise=0.0, seed=0) -> Features:
@@ -60,45 +58,49 @@ def test_l2_is_chosen_on_held_out_questions():
     assert abs(cv_mse(f, 1e6, k=4) - cv_mse(f, None, k=4)) < 1e-3  # all penalty: the constant
 
 
-def test_features_are_read_at_the_step_ends_the_joint_loss_supervises(tiny_model_dir):
-    model = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32")
+def test_features_are_the_engines_input_to_the_head_at_each_state(tiny_model_dir):
+    """step_features reads each distinct state once, through LocalLM.features: the trunk's output at
+    the state's own last token, as `score` reads it, whether or not its prefix was cached."""
+    from alphamath.lm import LocalLM
+
     trees = [make_tree("q1", answers=("4", "5")), make_tree("q2", answers=("4", "7", "9"))]
     exs = [e for t in trees for e in extract_examples(t)]
-    f = step_features(model, exs, max_len=256, batch_size=2)
+    lm = LocalLM(tiny_model_dir, dtype="fp32")
+    f = step_features(lm, exs, chunk=2)
     # the shared code step is kept once per question: q1 has 1 + 2 states, q2 has 1 + 3
-    assert f.groups.count("q1") == 3 and f.groups.count("q2") == 4
+    assert f.groups.count("q1") == 3 and f.groups.count("q2") == 4 and len(set(f.keys)) == 7
     assert torch.allclose(f.y.sort().values, torch.tensor(sorted([0.0, 1.0, -1.0, -1 / 3, 1.0, -1.0, -1.0])))
-    ex = exs[0]
-    batch = collate([ex], model.tokenizer, 256)
-    h, _ = model.hidden(batch["input_ids"], attention_mask=batch["attention_mask"])
-    pos = batch["value_mask"][0].nonzero().flatten()
-    assert torch.allclose(f.x[0], h[0, pos[0]].float(), atol=1e-5)
-    assert f.last_steps[0] == ex.steps[0]
+    assert lm.reused_tokens > 0  # children found their parents (and every state its prompt) cached
+    model = lm.model
+    for i in (0, len(f.y) - 1):  # a first step and a deepest state, recomputed from nothing
+        ex = next(e for e in exs if any(state_key(e, k) == f.keys[i] for k in range(len(e.steps))))
+        k = next(k for k in range(len(ex.steps)) if state_key(ex, k) == f.keys[i])
+        ids = torch.tensor([lm.encode(ex.prompt + STEP_OPEN.join(ex.steps[:k + 1]))])
+        with torch.no_grad():
+            h, _ = model.hidden(ids)
+        assert torch.allclose(f.x[i], h[0, -1].float(), atol=1e-4)
+        assert f.last_steps[i] == ex.steps[k] and f.y[i] == ex.values[k]
 
 
 def test_a_fitted_checkpoint_scores_states_at_inference_as_the_fit_predicted(tiny_model_dir, tmp_path):
-    """Training reads features from the whole path's tokenization; inference (LocalLM.score)
-    tokenizes each state on its own. The fitted head must give the same value both ways."""
+    """The fit and inference read the same features: the head written to the checkpoint gives,
+    through LocalLM.score, the values the fit predicted."""
     from alphamath.lm import LocalLM
     from trainer_svc.head_fit import fit_checkpoint
 
     trees = [make_tree(f"q{i}", answers=("4", str(i + 5))) for i in range(6)]
-    info = fit_checkpoint(str(tiny_model_dir), trees, str(tmp_path / "fit"), max_len=256, holdout=0.0,
-                          dtype="fp32")
+    info = fit_checkpoint(str(tiny_model_dir), trees, str(tmp_path / "fit"), holdout=0.0, dtype="fp32")
     assert info["questions"] == 6 and info["paths"] == 12 and info["states"] == 18
-    model = ValueHeadModel.from_pretrained(tmp_path / "fit", dtype="fp32")
-    assert model.value_head.weight.abs().sum() > 0
-    exs = [e for t in trees for e in extract_examples(t)]
-    f = step_features(model, exs, max_len=256)
-    with torch.no_grad():
-        expected = predict(f.x, model.value_head.weight[0].float(), float(model.value_head.bias))
-    rows = {}  # the feature rows' states, in step_features' order (first occurrence per question)
-    for ex in exs:
-        for k in range(len(ex.steps)):
-            rows.setdefault((ex.question_id, ex.prompt + STEP_OPEN.join(ex.steps[:k + 1])), None)
-    states = [s for _, s in rows]
-    assert len(states) == 18 and set(states) == {t.state(n.id) for t in trees for n in t.nodes if n.id != 0}
     lm = LocalLM(tmp_path / "fit", dtype="fp32")
+    assert lm.model.value_head.weight.abs().sum() > 0
+    exs = [e for t in trees for e in extract_examples(t)]
+    f = step_features(LocalLM(tiny_model_dir, dtype="fp32"), exs)
+    head = lm.model.value_head
+    with torch.no_grad():
+        expected = predict(f.x, head.weight[0].float(), float(head.bias))
+    states = [next(e.prompt + STEP_OPEN.join(e.steps[:k + 1]) for e in exs for k in range(len(e.steps))
+                   if state_key(e, k) == key) for key in f.keys]
+    assert len(states) == 18 and set(states) == {t.state(n.id) for t in trees for n in t.nodes if n.id != 0}
     got = lm.score(states)
     assert torch.allclose(torch.tensor(got), expected, atol=1e-4)
     # a fitted head is not constant; the untrained (zero) head of the base is, and says 0

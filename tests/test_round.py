@@ -79,6 +79,9 @@ def test_a_round_after_a_kept_back_round_trains_on_its_own_new_trees(tiny_model_
     assert first.before["value"]["trees"] == first.after["value"]["trees"] == 1  # a2's tree, both heads
     second = run_round(RoundConfig(**{**cfg.__dict__, "offset": 1}), say=lines.append)
     assert second.base == "embedded" and second.candidate != first.candidate
+    # a2 was searched by round A with this checkpoint: round B searches only a3
+    assert any("1 of this round's trees are stored already for embedded; searching the other 1" in x for x in lines)
+    assert [x for x in lines if x.lstrip().startswith("tree ")][-1].lstrip().startswith("tree 1/1 a3")
     store = Store(url)
     try:
         from trainer_svc.round import stored_question_ids

@@ -43,39 +43,35 @@ def state_key(example, k: int) -> str:
     return hashlib.sha256("\x00".join((example.question_id, example.prompt, *example.steps[:k + 1])).encode()).hexdigest()
 
 
-@torch.no_grad()
-def step_features(model, examples: Sequence, max_len: int, weights: Sequence[float] | None = None,
-                  batch_size: int = 4) -> Features:
-    """Last hidden states at every step end of `examples` (trainer_svc.examples.Example), read at
-    the token the joint loss reads (trainer_svc.loss.collate). A state shared by several paths
-    (a common prefix) is kept once per question."""
-    from trainer_svc.loss import collate
+def step_features(lm, examples: Sequence, weights: Sequence[float] | None = None, chunk: int = 64) -> Features:
+    """The value head's input at every distinct state of `examples`' paths (trainer_svc.examples.Example),
+    read by the serving engine (alphamath.lm.LocalLM.features): the head is fit on exactly the
+    numbers `score` will apply it to, state by state as inference tokenizes them. A state shared by
+    several paths (a common prefix) is one row per question. Prompts go first, then states by depth,
+    so every state finds its parent in the prefix cache: a tree's prompt and shared steps are
+    computed once, not once per path as a forward of each path would."""
+    from alphamath.steps import STEP_OPEN
 
     weights = [1.0] * len(examples) if weights is None else list(weights)
-    seen: set[str] = set()
-    xs, ys, ws, gs, last, keys = [], [], [], [], [], []
-    for s in range(0, len(examples), batch_size):
-        chunk = list(examples[s:s + batch_size])
-        batch = collate(chunk, model.tokenizer, max_len)
-        h, _ = model.hidden(batch["input_ids"].to(model.device),
-                            attention_mask=batch["attention_mask"].to(model.device))
-        h = h.float().cpu()
-        for r, ex in enumerate(chunk):
-            pos = batch["value_mask"][r].nonzero().flatten().tolist()
-            for k, t in enumerate(pos):
-                key = state_key(ex, k)
-                if key in seen:
-                    continue
-                seen.add(key)
-                xs.append(h[r, t])
-                ys.append(float(batch["value_targets"][r, t]))
-                ws.append(weights[s + r])
-                gs.append(ex.question_id)
-                last.append(ex.steps[k])
-                keys.append(key)
-    if not xs:
-        raise ValueError("no step end within max_len in any example")
-    return Features(torch.stack(xs), torch.tensor(ys), torch.tensor(ws, dtype=torch.float32), gs, last, keys)
+    rows: dict[str, tuple] = {}  # state key -> (depth, state, target, weight, question, last step)
+    for ex, wt in zip(examples, weights):
+        for k in range(len(ex.steps)):
+            key = state_key(ex, k)
+            if key not in rows:
+                rows[key] = (k, ex.prompt + STEP_OPEN.join(ex.steps[:k + 1]), ex.values[k], wt, ex.question_id,
+                             ex.steps[k])
+    if not rows:
+        raise ValueError("no step in any example")
+    prompts = list(dict.fromkeys(ex.prompt for ex in examples))
+    for i in range(0, len(prompts), chunk):
+        lm.features(prompts[i:i + chunk])
+    keys = sorted(rows, key=lambda k: rows[k][0])  # parents before children (stable: first-seen order)
+    xs = []
+    for i in range(0, len(keys), chunk):
+        xs.append(lm.features([rows[k][1] for k in keys[i:i + chunk]]))
+    col = lambda j: [rows[k][j] for k in keys]  # noqa: E731
+    return Features(torch.cat(xs), torch.tensor(col(2), dtype=torch.float32), torch.tensor(col(3), dtype=torch.float32),
+                    col(4), col(5), keys)
 
 
 def fit_head(f: Features, l2: float, iters: int = 200) -> tuple[torch.Tensor, float]:
@@ -155,10 +151,18 @@ def finished_paths(trees, holdout: float, seed: int = 0) -> list:
             for e in extract_examples(t, 10 ** 6, 10 ** 6, seed=seed)]
 
 
-def refit(model, examples: Sequence, max_len: int, weights: Sequence[float] | None = None) -> dict:
-    """Replace `model`'s value head by one fit on its own trunk's features at the examples' step
-    ends, L2 chosen by cross-validation over questions; returns what was chosen and why."""
-    feats = step_features(model, examples, max_len, weights)
+def refit(model, examples: Sequence, weights: Sequence[float] | None = None, dtype: str | None = None) -> dict:
+    """Replace `model`'s value head by one fit on its trunk's features at the examples' states, as
+    the engine computes them in `dtype` (default: the serving dtype), L2 chosen by cross-validation
+    over questions; returns what was chosen and why."""
+    import copy
+
+    from alphamath.lm import LocalLM
+    from alphamath.model import ValueHeadModel, default_dtype
+
+    serving = ValueHeadModel(copy.deepcopy(model.lm).to(default_dtype(dtype, model.device)), model.tokenizer)
+    feats = step_features(LocalLM(serving), examples, weights)
+    del serving
     l2, table = choose_l2(feats)
     w, b = fit_head(feats, l2)
     with torch.no_grad():
@@ -168,8 +172,7 @@ def refit(model, examples: Sequence, max_len: int, weights: Sequence[float] | No
             "cv_mse": {str(k): v for k, v in table.items()}, "cv_constant_mse": cv_mse(feats, None)}
 
 
-def fit_checkpoint(base: str, trees, out: str, max_len: int = 1024, holdout: float = 0.25,
-                   dtype: str | None = None) -> dict:
+def fit_checkpoint(base: str, trees, out: str, holdout: float = 0.25, dtype: str | None = None) -> dict:
     """A value head for an existing checkpoint, the policy untouched: fit on every finished path
     of the trees' training questions (the held-out ones are left for judging it) and write base +
     head to `out`."""
@@ -179,7 +182,7 @@ def fit_checkpoint(base: str, trees, out: str, max_len: int = 1024, holdout: flo
     if not examples:
         raise ValueError("no finished path with ground truth in the training questions' trees")
     model = ValueHeadModel.from_pretrained(base, dtype=dtype)
-    info = refit(model, examples, max_len)
+    info = refit(model, examples, dtype=dtype)
     model.save_pretrained(out)
     return {"paths": len(examples), **info}
 
@@ -198,7 +201,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="directory for the checkpoint with its new head")
     ap.add_argument("--model", default=None, help="base checkpoint (default: the embedded model)")
     ap.add_argument("--holdout", type=float, default=0.25, help="share of questions kept out (by id hash)")
-    ap.add_argument("--max-len", type=int, default=1024)
     a = ap.parse_args(argv)
     lines = Path(a.trees).read_text().splitlines()
     trees = []
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
                 trees.append(Tree.from_json(line))
             except (ValueError, KeyError, TypeError) as e:
                 raise SystemExit(f"{a.trees}:{i}: not a tree: {e}")
-    info = fit_checkpoint(a.model or str(embedded_checkpoint()), trees, a.out, a.max_len, a.holdout)
+    info = fit_checkpoint(a.model or str(embedded_checkpoint()), trees, a.out, a.holdout)
     print(json.dumps(info))
     return 0
 

@@ -182,22 +182,28 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
             store.set_metrics(current.id, before)
             secs["eval_before"] = time.perf_counter() - t
 
-        # ---- 1. GenerateTrees -> Kafka ------------------------------------------------------------
+        # ---- 1. GenerateTrees -> Kafka (only the trees the store does not hold yet: a round run
+        #      again after an interruption resumes, and a problem searched already is not redone) ----
         scfg = SearchConfig(iterations=cfg.iterations, n_children=cfg.n_children,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + rnd).validate()
-        t, correct_trees, built = time.perf_counter(), 0, 0
+        stored = stored_question_ids(store, current.id)
+        todo = [p for p in train_problems if p.id not in stored]
+        if len(todo) < len(train_problems):
+            say(f"  {len(train_problems) - len(todo)} of this round's trees are stored already for {current.id}; "
+                f"searching the other {len(todo)}")
+        t, built = time.perf_counter(), 0
         with TreePublisher(bootstrap, topic=cfg.topics["trees"]) as pub:
             def publish(p, tree, _secs):
-                nonlocal correct_trees, built
+                nonlocal built
                 tree.meta["checkpoint"] = current.id
                 pub.publish(tree, current.id, scfg.to_dict())
-                correct_trees += any(n.correct for n in tree.nodes)
                 built += 1
-                say(f"  tree {built}/{len(train_problems)} {p.id}: {len(tree.nodes) - 1} steps, "
+                say(f"  tree {built}/{len(todo)} {p.id}: {len(tree.nodes) - 1} steps, "
                     f"answer {tree.meta.get('answer')!r} ({'correct' if tree.meta.get('correct') else 'wrong'})")
-            solve_many(train_problems, "mcts", engine.policy, engine.value, engine.sandbox, scfg, publish,
-                       concurrency=cfg.eval.concurrency, serve=getattr(getattr(engine, "lm", None), "serve", None),
-                       rewards=True)
+            if todo:
+                solve_many(todo, "mcts", engine.policy, engine.value, engine.sandbox, scfg, publish,
+                           concurrency=cfg.eval.concurrency, serve=getattr(getattr(engine, "lm", None), "serve", None),
+                           rewards=True)
         secs["generate"] = time.perf_counter() - t
 
         # ---- 2. ingest -----------------------------------------------------------------------------
@@ -205,6 +211,9 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         with Ingestor(store, bootstrap, topic=cfg.topics["trees"], dlq_topic=cfg.topics["dlq"]) as ing:
             wait_for_trees(store, ing, current.id, {p.id for p in train_problems}, cfg.ingest_timeout_s)
         counts = store.counts(current.id)
+        ids = {p.id for p in train_problems}
+        correct_trees = sum(1 for tr in store.trees(current.id)
+                            if tr.question_id in ids and any(n.correct for n in tr.nodes))
         secs["ingest"] = time.perf_counter() - t
         say(f"ingested: {counts['trees']} trees, {counts['examples']} examples "
             f"({counts['correct_examples']} correct paths) for checkpoint {current.id}")
@@ -223,9 +232,11 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         # ---- 4. evaluate and gate ------------------------------------------------------------------
         t = time.perf_counter()
         cand_engine = make_engine(str(out_dir), cfg.dtype)
-        say(f"evaluating {cand_id} on {len(eval_problems)} problems")
-        after = {**evaluate(cand_engine, eval_problems, cfg.eval, progress=eval_progress), "eval_set": fp}
-        store.set_metrics(cand_id, after)
+        after = dict(store.checkpoint(cand_id).metrics or {})
+        if after.get("eval_set") != fp:  # else: evaluated on this set before the round was interrupted
+            say(f"evaluating {cand_id} on {len(eval_problems)} problems")
+            after = {**evaluate(cand_engine, eval_problems, cfg.eval, progress=eval_progress), "eval_set": fp}
+            store.set_metrics(cand_id, after)
         held = held_out_trees(store, current.id, cfg.train.value_holdout)
         if held:  # both heads on the trees the candidate was not trained on
             say(f"value heads on {len(held)} held-out trees")

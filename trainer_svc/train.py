@@ -268,12 +268,12 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
 def refit_value_head(model, examples: Sequence[Example], weights: Sequence[float], cfg: TrainConfig,
                      compute_dtype: torch.dtype, device: torch.device) -> dict:
     """Replace the jointly trained head by one fit to convergence on the trained trunk's features
-    (trainer_svc.head_fit), its L2 strength chosen by cross-validation over questions."""
+    as the serving engine computes them in the compute dtype (trainer_svc.head_fit), its L2
+    strength chosen by cross-validation over questions."""
     from trainer_svc.head_fit import refit
 
     t0 = time.perf_counter()
-    with _autocast(compute_dtype, device):
-        info = refit(model, examples, cfg.max_len, weights)
+    info = refit(model, examples, weights, dtype=compute_dtype)
     info["seconds"] = time.perf_counter() - t0
     log.info("value head refit on %d states of %d questions: l2 %g, cross-validated MSE %.4f (constant %.4f)",
              info["states"], info["questions"], info["l2"], info["cv_mse"][str(info["l2"])], info["cv_constant_mse"])

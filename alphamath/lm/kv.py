@@ -85,6 +85,7 @@ class _Row:
     kv: KV | None = None
     values: torch.Tensor | None = None
     last_logits: torch.Tensor | None = None
+    last_hidden: torch.Tensor | None = None  # the trunk's output at the last token (the value head's input)
 
 
 @dataclass(eq=False)

@@ -187,7 +187,8 @@ class LocalLM(Scheduler):
         h, cache = self._hidden(ids, attention_mask=mask, past_key_values=cache, position_ids=pos, use_cache=True)
         values = self.model.values_from_hidden(h)
         last = torch.tensor([len(r.tokens) - r.cached - 1 for r in rows], device=dev)
-        logits = self._logits(h[torch.arange(B, device=dev), last])
+        last_h = h[torch.arange(B, device=dev), last]
+        logits = self._logits(last_h)
         layers = _cache_layers(cache)
         for i, r in enumerate(rows):
             n = len(r.tokens) - r.cached
@@ -195,6 +196,7 @@ class LocalLM(Scheduler):
             new_vals = values[i, :n]
             r.values = new_vals if r.past_values is None else torch.cat([r.past_values, new_vals])
             r.last_logits = logits[i]
+            r.last_hidden = last_h[i]
             self.usage.prefill_tokens += n
 
     # -- value ------------------------------------------------------------------------------------
@@ -219,6 +221,28 @@ class LocalLM(Scheduler):
                 else:
                     r.values = r.past_values
             return [float(rows[s].values[-1]) for s in states]
+
+    @torch.inference_mode()
+    def features(self, states: Sequence[str]) -> torch.Tensor:
+        """[len(states), H] float32: the trunk's output at the last token of each state, the input
+        `score` gives the value head. A head fit on these (trainer_svc.head_fit) sees exactly what it
+        will be read on. Cached prefixes are reused and the KV is stored, so a caller who passes a
+        tree's states parents first computes each token of the tree once; the last token is always
+        recomputed (the cache keeps KV and values, not hidden states)."""
+        if not states:
+            return torch.empty(0, self.model.config.hidden_size)
+        with self.lock:
+            self._count("features")
+            rows = {}
+            for s in dict.fromkeys(states):
+                tokens = self.encode(s)
+                if not tokens:
+                    raise ValueError("cannot read the features of an empty state")
+                rows[s] = self._lookup(tokens, need_logits=True)
+            self._extend(list(rows.values()))
+            for r in rows.values():
+                self.cache.insert(r.tokens, r.kv, r.values)
+            return torch.stack([rows[s].last_hidden.float() for s in states])
 
     # -- policy -----------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], n: int, *, stop: Sequence[str] = (), temperature: float = 1.0,
