@@ -139,3 +139,37 @@ def test_collate_accepts_trainer_examples_and_trains_end_to_end(tiny_model_dir, 
     assert loss.lm_loss.item() == pytest.approx(full.item(), rel=1e-5)
     with pytest.raises(ValueError, match="logits rows for"):
         joint_loss(out.logits[0], out.values, b)
+
+
+def test_a_shared_prefix_computed_once_gives_the_full_passs_loss_and_gradients(tiny_model_dir, tiny_tokenizer):
+    """Rows that start alike compute the common tokens once (trunk_pass); rows of unequal length
+    (right padding) and a wrong path among correct ones; loss and every gradient as the plain pass."""
+    from alphamath.model import ValueHeadModel
+    from alphamath.steps import render_prompt
+    from trainer_svc.examples import Example
+    from trainer_svc.loss import MIN_SHARED, shared_prefix
+
+    exs = [Example("a", render_prompt("What is 3 * 12 - 7?"), tuple(STEPS), (0.5, 1.0), True),
+           Example("b", render_prompt("A pen costs 4 dollars. How much do 5 pens cost?"),
+                   ("Five pens cost 5 * 4 = 20. The answer is \\boxed{20}.</step>\n",), (-1.0,), False),
+           Example("c", render_prompt("What is 2 + 2?"), ("2 + 2 = 4. The answer is \\boxed{4}.</step>\n",), (1.0,), True)]
+    b = collate(exs, tiny_tokenizer, max_len=1024, value_weights=[1.0, 2.0, 1.0])
+    n = shared_prefix(b)
+    assert n >= MIN_SHARED and (b["input_ids"][:, :n] == b["input_ids"][:1, :n]).all()
+    assert not (b["input_ids"][:, n] == b["input_ids"][0, n]).all()
+    model = ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32").train()
+    with torch.no_grad():  # a head that is not zero, so the value term's gradient reaches the trunk
+        model.value_head.weight.normal_(0, 0.05)
+    runs = []
+    for share in (False, True):
+        model.zero_grad()
+        loss = joint_loss(*policy_value_pass(model, b, share=share), b)
+        loss.loss.backward()
+        runs.append((loss, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (plain, g0), (shared, g1) = runs
+    assert shared.lm_loss.item() == pytest.approx(plain.lm_loss.item(), rel=1e-5)
+    assert shared.value_loss.item() == pytest.approx(plain.value_loss.item(), rel=1e-5, abs=1e-7)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for k in g0:
+        assert torch.allclose(g1[k], g0[k], rtol=1e-3, atol=1e-6), k
+    assert shared_prefix(collate(exs[:1], tiny_tokenizer, 1024)) == 0  # one row: nothing to share

@@ -33,14 +33,49 @@ def lm_positions(batch: dict) -> torch.Tensor:
     return batch["labels"][:, 1:] != IGNORE
 
 
-def policy_value_pass(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One trunk pass of a ValueHeadModel: (logits at lm_positions [N, vocab], values [B, T]).
+MIN_SHARED = 32  # shorter common prefixes are not worth a second forward
+
+
+def shared_prefix(batch: dict) -> int:
+    """Tokens at the start that every row of a right-padded batch has in common, leaving each row
+    at least one token of its own (0 for a single row)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    if ids.shape[0] < 2:
+        return 0
+    same = ((ids == ids[:1]) & mask).all(0)
+    return min(int(same.long().cumprod(0).sum()), int(mask.sum(1).min()) - 1)
+
+
+def trunk_pass(model, batch: dict, share: bool = True) -> torch.Tensor:
+    """Last hidden states [B, T, H] of the batch. Rows that begin alike (every prompt starts with the
+    same instructions and worked examples: ~310 of a path's ~550 tokens) compute that prefix once,
+    as one row whose keys and values every row attends to; autograd sums the rows' gradients into
+    it, so the loss and its gradient are the full pass's, for ~40% fewer tokens."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    n = shared_prefix(batch) if share else 0
+    if n < MIN_SHARED:
+        return model.hidden(ids, attention_mask=mask)[0]
+    from transformers import DynamicCache
+
+    B, T = ids.shape
+    h_prefix, prefix_kv = model.hidden(ids[:1, :n], attention_mask=mask[:1, :n], use_cache=True)
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate((lay.keys, lay.values) for lay in prefix_kv.layers):
+        cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), layer)
+    pos = torch.arange(n, T, device=ids.device).expand(B, -1)
+    h_rest, _ = model.hidden(ids[:, n:], attention_mask=mask, past_key_values=cache, position_ids=pos,
+                             use_cache=True)
+    return torch.cat([h_prefix.expand(B, -1, -1), h_rest], 1)
+
+
+def policy_value_pass(model, batch: dict, share: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One trunk pass of a ValueHeadModel (trunk_pass): (logits at lm_positions [N, vocab], values [B, T]).
 
     The LM head runs only where a token is labelled: wrong paths, prompts and engine-written outputs
     carry no LM loss, and [B, T, vocab] logits (49k wide for SmolLM2) were a fifth of the forward's
     FLOPs and its largest tensor (fp32 logits of 4 x 600 tokens: 470 MB, and as much again for
     their gradient)."""
-    h, _ = model.hidden(batch["input_ids"], attention_mask=batch["attention_mask"])
+    h = trunk_pass(model, batch, share)
     values = model.values_from_hidden(h)
     return model.lm_head(h[:, :-1][lm_positions(batch).to(h.device)]), values
 
