@@ -1,6 +1,8 @@
 """The learning benchmark end to end on the tiny random Llama: one round, two problems per set."""
 import json
 
+import pytest
+
 from trainer_svc.learn import LearnConfig, coverage, paired, run, split, table
 from alphamath.tree import Tree
 
@@ -57,3 +59,9 @@ def test_one_round_writes_report_and_learning_curve(tiny_model_dir, tmp_path):
     assert [r["round"] for r in saved["rows"]] == [0, 1]
     again = run(cfg, say=lines.append)  # resumable: a finished stage is not run again
     assert [r["round"] for r in again["rows"]] == [0, 1] and again["seconds"] == saved["seconds"]
+    # how many problems run at once changes no result: a run resumes with other concurrency settings;
+    # any other setting is refused, not mixed into the report
+    faster = run(LearnConfig(**{**cfg.__dict__, "concurrency": 3, "search_concurrency": 5}), say=lines.append)
+    assert faster["rows"] == again["rows"] and faster["config"]["search_concurrency"] == 5
+    with pytest.raises(ValueError, match="other settings"):
+        run(LearnConfig(**{**cfg.__dict__, "iterations": 3}), say=lines.append)
