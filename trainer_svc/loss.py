@@ -48,7 +48,7 @@ def shared_prefix(batch: dict) -> int:
 
 def trunk_pass(model, batch: dict, share: bool = True) -> torch.Tensor:
     """Last hidden states [B, T, H] of the batch. Rows that begin alike (every prompt starts with the
-    same instructions and worked examples: ~310 of a path's ~550 tokens) compute that prefix once,
+    same instructions and worked examples: ~310 of a path's ~465 tokens) compute that prefix once,
     as one row whose keys and values every row attends to; autograd sums the rows' gradients into
     it, so the loss and its gradient are the full pass's, for ~40% fewer tokens."""
     ids, mask = batch["input_ids"], batch["attention_mask"]

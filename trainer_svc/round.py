@@ -205,8 +205,8 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
                     f"answer {tree.meta.get('answer')!r} ({'correct' if tree.meta.get('correct') else 'wrong'})")
             if todo:
                 solve_many(todo, "mcts", engine.policy, engine.value, engine.sandbox, scfg, publish,
-                           concurrency=cfg.search_concurrency or cfg.eval.concurrency, serve=getattr(getattr(engine, "lm", None), "serve", None),
-                           rewards=True)
+                           concurrency=cfg.search_concurrency or cfg.eval.concurrency,
+                           serve=getattr(getattr(engine, "lm", None), "serve", None), rewards=True)
         secs["generate"] = time.perf_counter() - t
 
         # ---- 2. ingest -----------------------------------------------------------------------------
