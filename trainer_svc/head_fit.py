@@ -162,7 +162,6 @@ def refit(model, examples: Sequence, weights: Sequence[float] | None = None, dty
 
     serving = ValueHeadModel(copy.deepcopy(model.lm).to(default_dtype(dtype, model.device)), model.tokenizer)
     feats = step_features(LocalLM(serving), examples, weights)
-    del serving
     l2, table = choose_l2(feats)
     w, b = fit_head(feats, l2)
     with torch.no_grad():

@@ -210,11 +210,10 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         secs["generate"] = time.perf_counter() - t
 
         # ---- 2. ingest -----------------------------------------------------------------------------
-        t = time.perf_counter()
+        t, ids = time.perf_counter(), {p.id for p in train_problems}
         with Ingestor(store, bootstrap, topic=cfg.topics["trees"], dlq_topic=cfg.topics["dlq"]) as ing:
-            wait_for_trees(store, ing, current.id, {p.id for p in train_problems}, cfg.ingest_timeout_s)
+            wait_for_trees(store, ing, current.id, ids, cfg.ingest_timeout_s)
         counts = store.counts(current.id)
-        ids = {p.id for p in train_problems}
         correct_trees = sum(1 for tr in store.trees(current.id)
                             if tr.question_id in ids and any(n.correct for n in tr.nodes))
         secs["ingest"] = time.perf_counter() - t

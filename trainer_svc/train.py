@@ -248,7 +248,7 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
     value_fit = None
     if cfg.fit_value_head:
         fit_on = list(value_examples) if value_examples else examples
-        value_fit = refit_value_head(model, fit_on, value_weights(fit_on, cfg.value_balance), cfg, compute_dtype, device)
+        value_fit = refit_value_head(model, fit_on, value_weights(fit_on, cfg.value_balance), compute_dtype)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer)
@@ -265,8 +265,7 @@ def train(base_dir: str | Path, examples: Sequence[Example], output_dir: str | P
                        final.get("value_loss"), time.perf_counter() - t0, start_step, history)
 
 
-def refit_value_head(model, examples: Sequence[Example], weights: Sequence[float], cfg: TrainConfig,
-                     compute_dtype: torch.dtype, device: torch.device) -> dict:
+def refit_value_head(model, examples: Sequence[Example], weights: Sequence[float], compute_dtype: torch.dtype) -> dict:
     """Replace the jointly trained head by one fit to convergence on the trained trunk's features
     as the serving engine computes them in the compute dtype (trainer_svc.head_fit), its L2
     strength chosen by cross-validation over questions."""
