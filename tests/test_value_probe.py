@@ -6,7 +6,7 @@ import torch
 from alphamath.steps import Step
 from search_svc.mcts import backup
 from tests.pipeline import make_tree
-from tests.value_probe import capped_node_ids, features, fit, judge, training_data, tree_rows
+from tests.value_probe import capped_node_ids, features, fit, judge, layer_sweep, training_data, tree_rows
 
 
 def test_features_equal_a_lone_forward_of_each_state(tiny_model_dir):
@@ -22,6 +22,25 @@ def test_features_equal_a_lone_forward_of_each_state(tiny_model_dir):
             alone = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1].float().numpy()
         np.testing.assert_allclose(f, alone, atol=1e-4)
 
+
+
+def test_all_layer_features_read_every_layer_at_the_end_and_over_the_step(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    t = make_tree(answers=("4", "5"), code_error_path=True)
+    feats = features(model, tok, t, batch=2, all_layers=True)
+    assert set(feats) == {n.id for n in t.nodes if n.id != 0}
+    for i, f in feats.items():
+        ids = tok(t.state(i), add_special_tokens=False)["input_ids"]
+        parent = len(tok(t.state(t.nodes[i].parent), add_special_tokens=False)["input_ids"])
+        with torch.inference_mode():
+            hs = model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        alone = torch.stack(hs, 1)[0].float()  # [layers + 1, T, H]
+        assert f.shape == (2, model.config.num_hidden_layers + 1, model.config.hidden_size)
+        np.testing.assert_allclose(f[0], alone[:, -1].numpy(), rtol=2e-3, atol=2e-3)  # stored as float16
+        np.testing.assert_allclose(f[1], alone[:, parent:].mean(1).numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(f[0, -1], features(model, tok, t)[i], rtol=2e-3, atol=2e-3)
 
 def test_supervision_sets_and_balanced_weights():
     t = make_tree(answers=("4", "5", "6", "7", "8", "9"))  # 1 correct, 5 wrong answers
@@ -49,3 +68,19 @@ def test_ridge_recovers_a_linear_rule_and_judge_reads_it():
     row = {"X": X, "y": y, "answer": np.abs(y) > 0.2, "correct": answer, "step": np.ones(len(y), bool)}
     r = judge(predict, [row])
     assert r["auc"] > 0.99 and r["mse_ratio"] < 0.05
+
+
+def test_layer_sweep_finds_the_layer_that_carries_the_value():
+    rng = np.random.default_rng(1)
+    rows = []
+    for q in range(12):  # 12 trees of 40 states; layer 2 at the state end holds the target, all else noise
+        X = rng.normal(size=(40, 2, 4, 6)).astype(np.float16)
+        y = np.tanh(X[:, 0, 2].astype(float) @ np.array([0.8, -0.5, 0.3, 0.0, 0.0, 0.2]))
+        rows.append({"X": X, "ids": list(range(40)), "y": y, "answer": np.abs(y) > 0.3, "correct": y > 0.3,
+                     "step": np.ones(40, bool), "capped": np.ones(40, bool)})
+    out = layer_sweep(rows, k=3, say=lambda *_: None)
+    assert min((k for k in out if not k.startswith("curve")), key=lambda k: out[k]["mse_ratio"]) == "end/2"
+    assert out["end/2"]["auc"] > 0.95 and out["end/2"]["mse_ratio"] < 0.2
+    assert out["end/0"]["mse_ratio"] > 0.9 and out["step_mean/2"]["mse_ratio"] > 0.9
+    curve = [out[f"curve/end/2/{n}"]["mse_ratio"] for n in (2, 4, 8)]  # 8 training trees per fold
+    assert curve[0] > curve[2]  # more training trees, a better fit

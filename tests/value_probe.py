@@ -52,8 +52,11 @@ def capped_node_ids(tree) -> set[int]:
     return ids
 
 
-def features(model, tok, tree, batch: int = 8) -> dict[int, np.ndarray]:
-    """Last hidden state (after the final norm) at each non-root node's state end."""
+def features(model, tok, tree, batch: int = 8, all_layers: bool = False) -> dict[int, np.ndarray]:
+    """Last hidden state (after the final norm) at each non-root node's state end. With `all_layers`,
+    an array [2, layers + 1, H] per node (float16) instead: [0] every layer's output (the embeddings first,
+    the final norm's last) at the state end, [1] the same averaged over the step's own tokens
+    (a pooled read of the step rather than of its last token)."""
     import torch
     leaves = [n for n in tree.nodes if not n.children]
     enc = [tok(tree.state(leaf.id), add_special_tokens=False, return_offsets_mapping=True) for leaf in leaves]
@@ -80,16 +83,22 @@ def features(model, tok, tree, batch: int = 8) -> dict[int, np.ndarray]:
                 mask[j, P:P + len(s)] = 1
             cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(len(group))
-            h = model.model(input_ids=x, attention_mask=mask, past_key_values=cache).last_hidden_state.float()
+            res = model.model(input_ids=x, attention_mask=mask, past_key_values=cache, output_hidden_states=all_layers)
+            h = torch.stack(res.hidden_states, 1).float() if all_layers else res.last_hidden_state.float()
             for j, i in enumerate(group):
                 offsets = enc[i]["offset_mapping"]
+                def last_token(end):  # the last token ending at or before character `end`
+                    return max(q for q, (_, e) in enumerate(offsets) if e <= end)
+                start = last_token(len(tree.state(0)))  # the parent's state end, as a token position
                 for node in tree.path(leaves[i].id):
-                    if node.id == 0 or node.id in out:
-                        continue
-                    end = len(tree.state(node.id))
-                    pos = max(q for q, (_, e) in enumerate(offsets) if e <= end)
-                    if pos >= P:
-                        out[node.id] = h[j, pos - P].numpy()
+                    pos = last_token(len(tree.state(node.id)))
+                    if node.id != 0 and node.id not in out and pos >= P:
+                        if all_layers:
+                            lo = max(start + 1, P)
+                            out[node.id] = torch.stack([h[j, :, pos - P], h[j, :, lo - P:pos - P + 1].mean(1)]).half().numpy()
+                        else:
+                            out[node.id] = h[j, pos - P].numpy()
+                    start = pos
     return out
 
 
@@ -156,18 +165,61 @@ def choose_lambda(rows, which: str, seed: int = 0) -> float:
         for k in range(3):
             test = [rows[i] for i in order[k::3]]
             train = [rows[i] for i in order if i not in order[k::3]]
+            if not test or not train:  # fewer than 3 trees
+                continue
             err.append(judge(fit(*training_data(train, which), lam), test)["mse"])
         if best is None or np.mean(err) < best[0]:
             best = (float(np.mean(err)), lam)
     return best[1]
 
 
-def probe(train_rows, test_rows) -> dict:
+def probe(train_rows, test_rows, sets=SETS) -> dict:
     out = {}
-    for which in SETS:
+    for which in sets:
         lam = choose_lambda(train_rows, which)
         X, y, w = training_data(train_rows, which)
         out[which] = {"lambda": lam, "train_states": int(len(y)), **judge(fit(X, y, w, lam), test_rows)}
+    return out
+
+
+def kfold(rows, k: int, sets=SETS, train_trees: int | None = None) -> dict:
+    """Grouped k-fold over trees: each tree is judged by a probe fit without it; fold means.
+    `train_trees`: fit on only that many of the other trees (a seeded sample), for a learning curve."""
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    folds = []
+    for j in range(k):
+        train = [rows[i] for i in order if i not in order[j::k]]
+        if train_trees is not None:
+            train = random.Random(j).sample(train, min(train_trees, len(train)))
+        folds.append(probe(train, [rows[i] for i in order[j::k]], sets))
+    return {w: {key: float(np.mean([f[w][key] for f in folds if f[w][key] is not None])) for key in folds[0][w]}
+            for w in sets}
+
+
+def layer_sweep(rows, k: int, say=print) -> dict:
+    """The "all" probe read from each layer's output, at the state end and pooled over the step;
+    then a learning curve (training trees per fold) for the last layer and the best one."""
+    out, rows = {}, [r for r in rows if r["ids"]]
+
+    def view(pool, layer):
+        return [{**r, "X": r["X"][:, pool, layer].astype(np.float32)} for r in rows]
+
+    for pool, name in enumerate(("end", "step_mean")):
+        for layer in range(rows[0]["X"].shape[2]):
+            r = kfold(view(pool, layer), k, ("all",))["all"]
+            out[f"{name}/{layer}"] = r
+            say(f"{name:<9} layer {layer:>2}  lambda {r['lambda']:>7.0f}  AUC {r['auc']:.3f}"
+                f"  MSE ratio {r['mse_ratio']:.3f}")
+    last = f"end/{rows[0]['X'].shape[2] - 1}"
+    best = min(out, key=lambda key: out[key]["mse_ratio"])
+    n_train = len(rows) - -(-len(rows) // k)
+    for key in dict.fromkeys((last, best)):
+        name, layer = key.split("/")
+        for n in sorted({n_train // 4, n_train // 2, n_train}):
+            r = kfold(view(("end", "step_mean").index(name), int(layer)), k, ("all",), train_trees=n)["all"]
+            out[f"curve/{key}/{n}"] = r
+            say(f"curve {key:<13} {n:>3} training trees  AUC {r['auc']:.3f}  MSE ratio {r['mse_ratio']:.3f}")
     return out
 
 
@@ -180,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="HF checkpoint dir whose trunk is probed (default: the embedded model)")
     ap.add_argument("--cache", default="var/probe", help="features are kept here per tree and model")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--all-layers", action="store_true",
+                    help="probe every layer's output, at the state end and averaged over the step (grouped k-fold)")
     ap.add_argument("--out", help="write the results here as JSON")
     a = ap.parse_args(argv)
     import torch
@@ -194,7 +248,7 @@ def main(argv=None) -> int:
     model = None
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:12]
+    tag = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:12] + ("-layers" if a.all_layers else "")
 
     def rows_of(path):
         nonlocal model
@@ -212,22 +266,19 @@ def main(argv=None) -> int:
             else:
                 if model is None:
                     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=default_dtype()).eval()
-                feats = features(model, tok, tree)
+                feats = features(model, tok, tree, all_layers=a.all_layers)
                 np.savez(f, **{str(k): v for k, v in feats.items()})
             rows.append(tree_rows(tree, feats))
             print(f"  features: {path} tree {len(rows)}", flush=True)
         return rows
 
     train = rows_of(a.train)
-    if a.test:
-        result = probe(train, rows_of(a.test))
-    else:  # grouped k-fold: each tree's predictions come from a probe fit without it
-        order = list(range(len(train)))
-        random.Random(0).shuffle(order)
-        folds = [probe([train[i] for i in order if i not in order[k::a.folds]], [train[i] for i in order[k::a.folds]])
-                 for k in range(a.folds)]
-        result = {w: {key: float(np.mean([f[w][key] for f in folds if f[w][key] is not None]))
-                      for key in folds[0][w]} for w in SETS}
+    if a.all_layers:
+        result = layer_sweep(train, a.folds)
+        if a.out:
+            Path(a.out).write_text(json.dumps({"model": model_dir, "train": a.train, "layers": result}, indent=1))
+        return 0
+    result = probe(train, rows_of(a.test)) if a.test else kfold(train, a.folds)
     for which, r in result.items():
         print(f"{which:<16} train states {r['train_states']:>6.0f}  lambda {r['lambda']:>7.0f}  AUC {r['auc']:.3f}"
               f"  MSE {r['mse']:.3f} / constant {r['constant_mse']:.3f} = {r['mse_ratio']:.3f}")
