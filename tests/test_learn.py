@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from trainer_svc.learn import LearnConfig, coverage, paired, run, split, table
+from trainer_svc.learn import LearnConfig, coverage, paired, run, split, table, training_pool
 from alphamath.tree import Tree
 
 
@@ -13,6 +13,21 @@ def test_split_and_coverage_arithmetic():
     assert acc == {"arith_greedy": 0.5, "arith_sbs": 0.0, "hand_greedy": 1.0, "hand_sbs": 1.0}
     trees = [Tree(question="q", prompt="p", meta={"first_correct_iteration": f}) for f in (3, 12, None, 25)]
     assert coverage(trees, [10, 20, 40]) == {"N=10": 0.25, "N=20": 0.5, "N=40": 0.75}
+
+
+def test_every_round_draws_its_gsm8k_problems_from_the_same_easiest_set(tmp_path):
+    from alphamath.data import easiest, load_problems
+    rows = [{"id": f"g{i}", "question": "x " * (i + 1) + "has 2 and 3?", "answer": "5"} for i in range(40)]
+    arith = [{"id": f"a{i}", "question": f"{i} + 1?", "answer": str(i + 1)} for i in range(40)]
+    for name, data in (("g.jsonl", rows), ("a.jsonl", arith)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in data))
+    cfg = LearnConfig(rounds=3, k=8, gsm8k_train=str(tmp_path / "g.jsonl"), arith_train=str(tmp_path / "a.jsonl"))
+    pool = training_pool(cfg)
+    assert len(pool) == 24 and [p.id for p in pool[0::2]] == [f"a{i}" for i in range(12)]
+    gs = [p.id for p in pool[1::2]]
+    assert set(gs) == {p.id for p in easiest(load_problems(cfg.gsm8k_train), 12)}  # the 12 easiest, no other
+    assert gs != sorted(gs, key=lambda i: int(i[1:]))  # shuffled: round 1 does not take the easiest 4
+    assert [p.id for p in training_pool(cfg)] == [p.id for p in pool]  # seeded
 
 
 def test_paired_comparisons_count_discordant_problems():

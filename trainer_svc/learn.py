@@ -4,7 +4,7 @@ value head earn its place?
     python -m trainer_svc.learn [--rounds 3 --k 48 --iterations 20 --dir var/learn]
 
 Each round is `trainer_svc.round.run_round` on fresh training problems (data/arith/train.jsonl and
-the easiest GSM8K train problems, interleaved): MCTS with ground truth -> Kafka -> ingest -> train
+the easiest GSM8K train problems shuffled, interleaved): MCTS with ground truth -> Kafka -> ingest -> train
 -> gate -> promote. Around it, on two held-out sets (data/arith/dev.jsonl and the hand-written
 data/handwritten/dev.jsonl, written unlike the arithmetic generator), this measures for the base
 model and for every round's candidate:
@@ -81,10 +81,16 @@ class ZeroValue:
 
 
 def training_pool(cfg: LearnConfig) -> list:
-    """Arithmetic and the easiest GSM8K train problems, interleaved (one of each in turn)."""
+    """Arithmetic and GSM8K train problems, interleaved (one of each in turn). The GSM8K half is the
+    easiest rounds * k / 2 in a seeded shuffle, so every round draws from the same difficulty and a
+    round's coverage and accuracy compare with another's. Sorted easiest first, each round's
+    problems were harder than the last's: session 18's coverage fell 41.7 -> 33.3% by round 3."""
+    import random
+
     from alphamath.data import easiest, load_problems
     ar = load_problems(cfg.arith_train)
-    gs = easiest(load_problems(cfg.gsm8k_train), len(ar))
+    gs = easiest(load_problems(cfg.gsm8k_train), min(len(ar), -(-cfg.rounds * cfg.k // 2)))
+    random.Random(cfg.seed).shuffle(gs)
     return [p for pair in zip(ar, gs) for p in pair]
 
 
