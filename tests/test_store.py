@@ -76,3 +76,18 @@ def test_jobs_and_dead_letters(store):
 def test_postgres_schema_name_is_checked():
     with pytest.raises(ValueError, match="schema"):
         Store("postgresql+psycopg://postgres@127.0.0.1:5432/test", 'x"; drop table y; --', create=False)
+
+
+def test_lineage_trees_follow_parents_back_as_many_checkpoints_as_asked(store):
+    from trainer_svc.registry import lineage_trees
+    store.add_checkpoint("embedded", "/m", 0, promoted=True)
+    store.add_checkpoint("round-1-a", "/c1", 1, parent="embedded", promoted=True)
+    store.add_checkpoint("round-1-b", "/c1b", 1, parent="embedded")  # a sibling never promoted
+    store.add_checkpoint("round-2-a", "/c2", 2, parent="round-1-a")
+    for q, ckpt in (("q0", "embedded"), ("q1", "round-1-a"), ("q1b", "round-1-b"), ("q2", "round-2-a")):
+        store_tree(store, make_tree(q), ckpt)
+    ids = lambda c, n: [t.question_id for t in lineage_trees(store, c, n)]  # noqa: E731
+    assert ids("round-2-a", 1) == ["q2"]
+    assert ids("round-2-a", 2) == ["q2", "q1"]
+    assert ids("round-2-a", 3) == ids("round-2-a", 9) == ["q2", "q1", "q0"]  # the sibling's are not its lineage
+    assert ids("embedded", 3) == ["q0"] and ids("unknown", 3) == []

@@ -129,6 +129,15 @@ def test_job_mode_trains_the_next_round_from_the_database(tiny_model_dir, tmp_pa
         assert _main([]) == 0
         assert "resumed from step 1" in capsys.readouterr().out
         assert sorted(c.id for c in store.checkpoints()) == sorted(["embedded", cand.id])
+
+        # round 2: the policy trains on its base's trees, the head is refit on the lineage's
+        store.promote(cand.id)
+        store_tree(store, make_tree("q2", answers=("4", "7")), cand.id)
+        assert _main([]) == 0
+        (cand2,) = [c for c in store.checkpoints() if c.parent == cand.id]
+        assert cand2.examples == store.counts(cand.id)["examples"]
+        fit = json.loads((Path(cand2.path) / "training.json").read_text())["value_fit"]
+        assert fit["questions"] == 3  # q2, and q0 and q1 from the round-0 checkpoint
     finally:
         store.close()
     assert _main(["--base", str(tiny_model_dir)]) == 2  # offline mode needs all three paths

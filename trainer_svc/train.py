@@ -37,7 +37,7 @@ import torch
 
 from trainer_svc.examples import Example, cap_per_question, held_out
 from trainer_svc.faults import fault_point
-from trainer_svc.registry import base_checkpoint, candidate_id, checkpoint_root
+from trainer_svc.registry import base_checkpoint, candidate_id, checkpoint_root, lineage_trees
 
 if TYPE_CHECKING:
     from trainer_svc.store import CheckpointRow, Store
@@ -67,6 +67,8 @@ class TrainConfig:
     max_examples: int | None = None
     value_holdout: float = 0.25     # share of questions (by id hash) whose trees are kept out of
                                     # training: the promotion gate judges value heads on them
+    value_generations: int = 3      # the head is refit on the trees of the base and its ancestors,
+                                    # this many checkpoints in all (registry.lineage_trees: why)
     seed: int = 0
     save_every: int = 50            # optimizer steps between resumable states
     dtype: str | None = None        # compute dtype for autocast; None: alphamath.model.default_dtype()
@@ -79,7 +81,8 @@ class TrainConfig:
                   (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
                   (self.value_loss_weight >= 0, "value_loss_weight must be >= 0"),
                   (self.max_len >= 8, "max_len must be >= 8"), (self.save_every >= 1, "save_every must be >= 1"),
-                  (self.max_examples is None or self.max_examples >= 1, "max_examples must be >= 1")]
+                  (self.max_examples is None or self.max_examples >= 1, "max_examples must be >= 1"),
+                  (self.value_generations >= 1, "value_generations must be >= 1")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -332,7 +335,8 @@ def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfi
                      base: "CheckpointRow | None" = None, rnd: int | None = None, job_id: str | None = None,
                      device: str | torch.device = "cpu",
                      on_progress: Callable[[Progress], None] | None = None) -> Candidate:
-    """Train `base` (default: the checkpoint in force) on the examples of the trees it built, into
+    """Train `base` (default: the checkpoint in force) on the examples of the trees it built (its
+    value head is refit on those of `cfg.value_generations` checkpoints of its lineage), into
     `checkpoint_dir/<candidate id>`, tracking a training job (`job_id`, or a new one) in the store,
     and record the candidate (parent, round, trees, examples) unpromoted.
 
@@ -358,7 +362,7 @@ def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfi
             if on_progress:
                 on_progress(p)
         res = train(base.path, examples, out, cfg, on_progress=progress, device=device,
-                    value_examples=value_fit_examples(store.trees(base.id), cfg))
+                    value_examples=value_fit_examples(lineage_trees(store, base.id, cfg.value_generations), cfg))
         trees = store.counts(base.id)["trees"]
         store.add_checkpoint(cand, str(out), rnd, parent=base.id, trees=trees, examples=len(examples))
         store.set_metrics(cand, {"value_holdout": cfg.value_holdout})  # the gate judges its head on those
@@ -372,7 +376,7 @@ def train_next_round(store: "Store", checkpoint_dir: str | Path, cfg: TrainConfi
 
 
 _HYPER = (("epochs", int), ("learning_rate", float), ("value_head_lr", float), ("batch_size", int), ("grad_accum", int),
-          ("warmup_ratio", float), ("value_loss_weight", float), ("max_len", int), ("max_examples", int), ("value_holdout", float),
+          ("warmup_ratio", float), ("value_loss_weight", float), ("max_len", int), ("max_examples", int), ("value_holdout", float), ("value_generations", int),
           ("seed", int), ("save_every", int))
 
 
