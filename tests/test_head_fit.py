@@ -106,3 +106,14 @@ def test_a_fitted_checkpoint_scores_states_at_inference_as_the_fit_predicted(tin
     # a fitted head is not constant; the untrained (zero) head of the base is, and says 0
     from alphamath.local import LocalValue
     assert LocalValue(lm).constant is None and LocalValue(LocalLM(tiny_model_dir, dtype="fp32")).constant == 0.0
+
+
+def test_the_probe_judges_a_head_fit_on_one_set_of_questions_on_another():
+    from tests.head_fit_probe import split
+    train, test = synthetic(seed=1), synthetic(n_q=10, seed=2)
+    test.last_steps = [f"So \\boxed{{{i}}}." if i % 2 else "Think." for i in range(len(test.y))]  # half are answers
+    r = split(train, test, balanced=False)
+    assert r["answers"] == len(test.y) // 2 and r["rows"] == len(test.y)
+    assert r["auc"] > 0.95 and r["mse_ratio"] < 0.1  # the signal carries across questions
+    test.x = test.x[torch.randperm(len(test.y), generator=torch.Generator().manual_seed(0))]  # features scrambled
+    assert split(train, test, balanced=False)["mse_ratio"] > 1.0
