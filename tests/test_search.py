@@ -95,6 +95,32 @@ def test_code_steps_run_in_sandbox_with_earlier_cells_and_errors_count():
     assert "ValueError: boom" in node.output
 
 
+
+def test_the_code_of_every_node_expanded_in_one_call_runs_in_one_set_of_sandboxes():
+    import threading
+
+    class Gathered(ScriptedSandbox):
+        """Each execution waits until 4 are running: leaf-by-leaf execution (2 each) cannot get there."""
+        def __init__(self):
+            super().__init__()
+            self.barrier = threading.Barrier(4, timeout=30)
+
+        def execute(self, cells):
+            self.barrier.wait()
+            return super().execute(cells)
+
+    def code(x):
+        return sample(f"Compute {x}.\n<code>\nprint({x})\n</code>")
+    policy = ScriptedPolicy({(): [code(1), code(2)], ("Compute 1.\n",): [code(3), code(4)],
+                             ("Compute 2.\n",): [code(5), code(6)]})
+    t = Tree(question="q", prompt="P<step>")
+    a, b = expand(t, [0], 2, policy, ScriptedSandbox(), SearchConfig())[0]
+    box = Gathered()
+    kids = expand(t, [a.id, b.id], 2, policy, box, SearchConfig())
+    assert [[k.output.strip() for k in group] for group in kids] == [["3", "4"], ["5", "6"]]
+    assert sorted(c[-1] for c in box.calls) == [f"print({x})" for x in (3, 4, 5, 6)]
+    assert all(c[0] == ("print(1)" if c[-1] in ("print(3)", "print(4)") else "print(2)") for c in box.calls)
+
 def test_max_depth_is_a_failed_terminal():
     policy = ScriptedPolicy({}, default=[A])
     t = Tree(question="q", prompt="P<step>", ground_truth="7")
