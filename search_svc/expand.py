@@ -59,7 +59,8 @@ def mark_terminal(tree: Tree, node: Node, cfg: SearchConfig) -> None:
 def run_code(tree: Tree, groups: Sequence[tuple[int, Sequence]], sandbox: Sandbox) -> None:
     """Execute the code steps among each group's `steps` (children of its parent node), all groups'
     in one set of parallel sandboxes: with several leaves per model call, waiting leaf by leaf
-    left most workers idle (4 leaves x 5 samples took 8 waves of sandboxes instead of 5)."""
+    left workers idle (4 leaves x 5 samples took 8 waves of sandboxes instead of 5). On a 2-core
+    host that buys nothing, since the sandbox boots are CPU-bound there; it pays with cores to spare."""
     jobs = [(tree.code_cells(parent) + [s.code], s) for parent, steps in groups for s in steps if s.kind == "code"]
     if not jobs:
         return
