@@ -61,7 +61,10 @@ def run_code(tree: Tree, groups: Sequence[tuple[int, Sequence]], sandbox: Sandbo
     in one set of parallel sandboxes: with several leaves per model call, waiting leaf by leaf
     left workers idle (4 leaves x 5 samples took 8 waves of sandboxes instead of 5). On a 2-core
     host that buys nothing, since the sandbox boots are CPU-bound there; it pays with cores to spare."""
-    jobs = [(tree.code_cells(parent) + [s.code], s) for parent, steps in groups for s in steps if s.kind == "code"]
+    jobs = []
+    for parent, steps in groups:
+        cells = tree.code_cells(parent)  # the path's earlier cells, once per parent
+        jobs += [(cells + [s.code], s) for s in steps if s.kind == "code"]
     if not jobs:
         return
     with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:

@@ -69,6 +69,7 @@ def features(model, tok, tree, batch: int = 8, all_layers: bool = False) -> dict
         P = k
     P = max(1, P - 1)
     out: dict[int, np.ndarray] = {}
+    end_of = {n.id: len(tree.state(n.id)) for n in tree.nodes}  # each node's state end, in characters
     with torch.inference_mode():
         prefix = model.model(input_ids=torch.tensor([first[:P]]), use_cache=True).past_key_values
         for b in range(0, len(leaves), batch):
@@ -89,9 +90,9 @@ def features(model, tok, tree, batch: int = 8, all_layers: bool = False) -> dict
                 offsets = enc[i]["offset_mapping"]
                 def last_token(end):  # the last token ending at or before character `end`
                     return max(q for q, (_, e) in enumerate(offsets) if e <= end)
-                start = last_token(len(tree.state(0)))  # the parent's state end, as a token position
+                start = last_token(end_of[0])  # the parent's state end, as a token position
                 for node in tree.path(leaves[i].id):
-                    pos = last_token(len(tree.state(node.id)))
+                    pos = last_token(end_of[node.id])
                     if node.id != 0 and node.id not in out and pos >= P:
                         if all_layers:
                             lo = max(start + 1, P)
