@@ -305,6 +305,33 @@ for call in (os.setsid, lambda: os.setpgid(0, 0)):
         print("denied")
 """
 
+IPC_PLANT = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+key = 0x{token_key}
+made = [name for name, call in (("shm", lambda: libc.shmget(key, 4096, 0o1666)),
+                                ("msg", lambda: libc.msgget(key, 0o1666)),
+                                ("sem", lambda: libc.semget(key, 1, 0o1666))) if call() >= 0]
+try:
+    made += ["mq"] if libc.mq_open(b"/planted-{token}", 0o100 | 2, 0o666, None) >= 0 else []
+except AttributeError:
+    pass
+print("made", made)
+"""
+
+IPC_LOOK = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+key = 0x{token_key}
+found = [name for name, call in (("shm", lambda: libc.shmget(key, 0, 0)), ("msg", lambda: libc.msgget(key, 0)),
+                                 ("sem", lambda: libc.semget(key, 0, 0))) if call() >= 0]
+try:
+    found += ["mq"] if libc.mq_open(b"/planted-{token}", 0) >= 0 else []
+except AttributeError:
+    pass
+print("FOUND" if found else "clean", found)
+"""
+
 NAMESPACES = """
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
@@ -483,6 +510,9 @@ CASES: list[Case] = [
          lambda r, c: None if r.stdout.startswith("True") and "root" not in r.stdout else f"cleanup affected: {r}"),
     Case("tmp_plant", "leave files for a later execution", lambda c: [TMP_PLANT.format(token=c["token"])],
          lambda r, c: None, lambda c: [TMP_LOOK.format(token=c["token"])], _tmp_look),
+    Case("ipc_plant", "leave SysV or POSIX IPC objects for a later execution",
+         lambda c: [IPC_PLANT.format(token=c["token"], token_key=c["token"][-7:])], lambda r, c: None,
+         lambda c: [IPC_LOOK.format(token=c["token"], token_key=c["token"][-7:])], _absent("FOUND")),
     Case("rlimit_escape", "raise its own limits or lower the service's", lambda c: [RLIMITS], _all(_absent("RAISED"), _ran)),
     Case("disk_fill", "fill the disk for everyone", lambda c: [DISK_FILL], _all(_fill, _bounded),
          lambda c: [DISK_AFTER], _wrote_after),

@@ -220,8 +220,11 @@ def test_concurrent_executions_are_isolated_and_cleaned_up(runsc):
     assert {i: r.stdout for i, r in results.items()} == {i: f"{i} []\n" for i in range(3)}
     assert runsc.drain(60)  # teardown runs in the background
     backend = runsc._backend
-    assert list(backend.state.iterdir()) == []  # no container state left behind
-    assert sorted(p.name for p in backend.workdir.iterdir()) == ["rootfs", "state"]  # no bundles
+    idle = sorted(w.id for w in backend._idle)
+    assert 1 <= len(idle) <= 3  # three ran at once; the sandboxes that served them wait for the next
+    # container state and bundles: exactly the idle sandboxes', nothing of the executions'
+    assert sorted({p.name.split("_")[0] for p in backend.state.iterdir()}) == idle
+    assert sorted(p.name for p in backend.workdir.iterdir()) == sorted(["rootfs", "state", "process.json", *idle])
 
 
 def test_cgroup_limits_are_applied(runsc):
@@ -249,15 +252,45 @@ def test_cgroup_limits_are_applied(runsc):
     assert memory_limit <= (LIMITS["memory_mb"] << 20) + (512 << 20)
 
 
-def test_warm_pool_sandboxes_are_single_use():
+def test_a_reused_sandbox_carries_nothing_over():
+    """Executions share a gVisor sandbox one after another (a fresh process each, as in the pod),
+    and nothing of one reaches the next: interpreter state, files, unlistable directories, IPC."""
     with Executor(backend="runsc", pool_size=1, preload=(), **LIMITS) as ex:
         workdir = ex._backend.workdir
         cgroup_parent = ex._backend.cgroup_parent
-        first = ex.execute(["import builtins\nbuiltins.leak = 1\nopen('/tmp/leak', 'w').write('x')\nprint('set')"])
+        first = ex.execute(["import builtins, os, ctypes\nbuiltins.leak = 1\nopen('/tmp/leak', 'w').write('x')\n"
+                            "os.mkdir('/tmp/locked', 0)\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                            "print('set', libc.shmget(4242, 4096, 0o1666), ctypes.get_errno())"])
         second = ex.execute(["import os, builtins\nprint(hasattr(builtins, 'leak'), os.listdir('/tmp'))"])
-        assert (first.stdout, second.stdout) == ("set\n", "False []\n")
+        assert (first.stdout, second.stdout) == ("set -1 1\n", "False []\n")  # shmget: EPERM
+        assert ex.drain(60)
+        served = {b.sandbox.id for b in list(ex._pool.queue)} | {w.id for w in ex._backend._idle}
+        assert len(served) == 1  # the probe and both executions ran in one sandbox, which waits again
     assert not workdir.exists()
     assert not list(Path("/sys/fs/cgroup").glob("*" + cgroup_parent))
+
+
+def test_a_sandbox_is_reused_only_after_a_clean_execution(runsc):
+    """An execution the host had to stop (past the wall clock, flooding) ends its whole sandbox:
+    nothing it left running can meet the next execution. (Past the CPU limit the runner itself sees
+    its worker killed, reports and sweeps: that is a clean end.)"""
+    assert runsc.drain(60)
+    backend = runsc._backend
+    for cell, check in (("import time\ntime.sleep(60)", lambda r: r.timed_out), (OUTPUT_FLOOD, lambda r: "Output" in (r.error or ""))):
+        assert_still_works(runsc)
+        assert runsc.drain(60)
+        with backend._lock:  # keep one idle sandbox: the next execution takes it
+            extra, backend._idle[:] = backend._idle[:-1], backend._idle[-1:]
+        for other in extra:
+            backend._stop_sandbox(other)
+        before = {w.id: w for w in backend._idle}
+        assert len(before) == 1
+        assert check(runsc.execute([cell]))
+        assert runsc.drain(60)
+        (sandbox,) = before.values()
+        assert sandbox.proc.poll() is not None and sandbox.id not in {w.id for w in backend._idle}
+        assert not list(backend.state.glob(f"*{sandbox.id}*")) and not sandbox.bundle.exists()
+        assert_still_works(runsc)
 
 
 # ----------------------------------------------------------------------------------- bubblewrap

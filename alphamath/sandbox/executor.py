@@ -1,13 +1,15 @@
 """The code interpreter of the paper's action space: runs a solution path's code cells in a sandbox.
 
 `Executor.execute(cells)` implements `alphamath.interfaces.Sandbox`: each call gets ONE fresh
-sandboxed interpreter that replays the path's earlier cells (rebuilding state, output discarded)
+sandboxed interpreter process that replays the path's earlier cells (rebuilding state, output discarded)
 and returns what the last cell printed. Nothing is ever exec'd in this process.
 
 Backends (`Executor.backend`), by strength:
   * "runsc" (gVisor is the kernel boundary): `runsc run` of a generated OCI bundle (ptrace
     platform, no network): read-only root built from the host's /usr, size-limited tmpfs /tmp,
     uid/gid 65534, no capabilities, noNewPrivileges, rlimits, cgroup memory/pids limits. For hosts.
+    A sandbox serves executions one at a time, each a fresh process (`runsc exec`), as a pod does;
+    it is reused only after an execution that ended cleanly and left /tmp empty.
   * "pod" (gVisor is the kernel boundary): for a service that itself runs inside a gVisor pod
     (RuntimeClass gvisor, no capabilities), where runsc cannot be started again. Each execution is
     a fresh process with an empty environment, its own pipes only, a private scratch directory
@@ -19,8 +21,8 @@ Backends (`Executor.backend`), by strength:
 back to a weaker backend. In every backend the runner (runner.py) runs the model's code in a forked
 worker that cannot reach the result channel (see there).
 
-Latency: a sandbox is single-use (no state can leak between requests), but it can be booted
-ahead of time. With `pool_size > 0` a background thread keeps that many sandboxes booted, waiting
+Latency: an interpreter is single-use (no state can leak between requests), but it can be started
+ahead of time. With `pool_size > 0` a background thread keeps that many interpreters started, waiting
 for their one request on stdin (`preload` can import modules ahead; by default none, see there). Tearing a used sandbox down
 happens in the background (bounded by timeouts, counted by `on_teardown`): a slow teardown never
 delays or fails an execution.
@@ -66,6 +68,13 @@ DEFAULT_PYTHON = "/usr/bin/python3"
 RUNSC_PIDS_OVERHEAD = 128
 RUNSC_MEMORY_OVERHEAD = 384 << 20
 STATUS_CAP = 64 << 10
+# runsc: a sandbox serves executions one after another, each a fresh runner process (`runsc exec`,
+# ~2x cheaper than booting a sandbox under ptrace); at most WARM_IDLE wait idle, each serves at most
+# WARM_USES executions. Its init runs as INIT_UID, which no execution runs as, and only waits.
+WARM_IDLE = 8
+WARM_USES = 256
+INIT_UID = 65533
+INIT_SOURCE = "import os, sys\nos.write(1, b'up\\n')\nsys.stdin.buffer.read()"
 # A teardown slower than this is counted as "slow"; each of its steps is bounded by TEARDOWN_STEP_S.
 TEARDOWN_SLOW_S = 2.0
 TEARDOWN_STEP_S = 10.0
@@ -97,7 +106,7 @@ class Limits:
 
 @dataclass
 class _Box:
-    """One booted, single-use sandbox waiting for its request on stdin."""
+    """One started, single-use interpreter (the runner) waiting for its request on stdin."""
 
     id: str
     proc: subprocess.Popen
@@ -106,6 +115,20 @@ class _Box:
     finished: bool = False
     worker_pid: int | None = None
     io: tuple = ()  # our ends of its stdin, stdout, stderr (the status channel)
+    sandbox: "_Warm | None" = None  # runsc: the gVisor sandbox this execution runs in
+    reused: bool = False  # runsc: its sandbox went back to the idle set after a clean execution
+
+
+@dataclass
+class _Warm:
+    """One long-lived gVisor sandbox (runsc): it runs one execution at a time, each a fresh runner
+    process started by `runsc exec`, and is kept only while every execution in it ended cleanly."""
+
+    id: str
+    proc: subprocess.Popen  # `runsc run` of its idle init; the init's stdin is its lifeline
+    bundle: Path
+    io: tuple
+    uses: int = 0
 
 
 def ro_root_layout() -> tuple[list[tuple[str, str]], list[str]]:
@@ -152,6 +175,7 @@ class _Backend:
     name = "?"
     strength = "?"  # "gvisor" (the kernel boundary is gVisor) or "namespaces" (the host kernel)
     max_parallel: int | None = None  # executions that may run at once (None: no limit of its own)
+    sweep: tuple[str, ...] = ()  # what the runner empties after its worker is gone (a reused sandbox)
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str]):
         self.limits = limits
@@ -165,6 +189,7 @@ class _Backend:
                 "preload": list(preload),
                 "lazy": list(LAZY_IMPORTS),
                 "max_request_bytes": 4 * limits.max_code_bytes + 4096,
+                "sweep": list(self.sweep),
             }
         )
         self.argv_tail = [python, "-I", "-B", "-c", RUNNER_SOURCE, self.runner_args]
@@ -236,10 +261,17 @@ class _Backend:
 
 
 class RunscBackend(_Backend):
-    """gVisor: each sandbox is `runsc run` of a fresh OCI bundle over a shared read-only rootfs."""
+    """gVisor: `runsc run` of an OCI bundle over a shared read-only rootfs, reused execution by execution.
+
+    Each execution is a fresh runner process (`runsc exec`) in a sandbox that runs nothing else
+    meanwhile, as the pod backend does in production; the runner empties /tmp (the only writable
+    place) after its worker is gone, and the worker can neither fork nor use SysV/POSIX IPC, so an
+    execution leaves nothing behind. A sandbox whose execution did not end cleanly is destroyed.
+    """
 
     name = "runsc"
     strength = "gvisor"
+    sweep = ("/tmp",)
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str], runsc: str = "runsc"):
         super().__init__(limits, python, preload)
@@ -254,6 +286,9 @@ class RunscBackend(_Backend):
         self.cgroup_parent = f"/alphamath-sandbox-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         links, binds = ro_root_layout()
         self._build_rootfs(links, binds)
+        self._idle: list[_Warm] = []
+        self._lock = threading.Lock()
+        self._closed = False
         self.mounts = [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {
@@ -271,6 +306,8 @@ class RunscBackend(_Backend):
             }
             for path in binds
         ]
+        self.process_json = self.workdir / "process.json"  # what every `runsc exec` runs
+        self.process_json.write_text(json.dumps(self._spec("exec")["process"]))
 
     def _build_rootfs(self, links, binds) -> None:
         """Mount points only: the root itself is read-only and holds no host data."""
@@ -331,37 +368,87 @@ class RunscBackend(_Backend):
     def _cmd(self, *args: str) -> list[str]:
         return [self.runsc, "--root", str(self.state), "--platform=ptrace", "--network=none", *args]
 
-    def launch(self) -> _Box:
+    def _start_sandbox(self) -> _Warm:
+        """`runsc run` a sandbox whose init only waits on stdin (a socket: no process inside can
+        reopen it), as INIT_UID, so no execution's uid can signal or inspect it."""
         cid = f"am-{uuid.uuid4().hex[:20]}"
         bundle = self.workdir / cid
         bundle.mkdir(mode=0o700)
-        (bundle / "config.json").write_text(json.dumps(self._spec(cid)))
+        spec = self._spec(cid)
+        spec["process"]["user"] = {"uid": INIT_UID, "gid": INIT_UID, "additionalGids": []}
+        spec["process"]["args"] = [self.python, "-I", "-S", "-c", INIT_SOURCE]
+        (bundle / "config.json").write_text(json.dumps(spec))
         proc, io = self._popen(self._cmd("run", "--bundle", str(bundle), cid))
-        return _Box(cid, proc, bundle, bytearray(), io=io)
+        sandbox = _Warm(cid, proc, bundle, io)
+        if not _wait_line(io[1], b"up\n", time.monotonic() + self.limits.startup_timeout_s):
+            self._stop_sandbox(sandbox)
+            raise SandboxStartError(f"runsc sandbox {cid} did not start")
+        return sandbox
+
+    def launch(self) -> _Box:
+        with self._lock:
+            sandbox = self._idle.pop() if self._idle else None
+        if sandbox is None or sandbox.proc.poll() is not None:
+            if sandbox is not None:
+                self._stop_sandbox(sandbox)
+            sandbox = self._start_sandbox()
+        sandbox.uses += 1
+        proc, io = self._popen(self._cmd("exec", "--process", str(self.process_json), sandbox.id))
+        return _Box(f"{sandbox.id}.{sandbox.uses}", proc, None, bytearray(), io=io, sandbox=sandbox)
+
+    def release(self, box: _Box) -> None:
+        """A sandbox goes back to the idle set only after a clean execution: the runner reported a
+        status, its worker is gone (the runner waits for it) and it swept /tmp. Anything else (a
+        timeout, a flood, a killed runner) ends the whole sandbox in destroy()."""
+        status = _parse_status(box.status) if box.finished else None
+        sandbox = box.sandbox
+        if sandbox is None or not status or status.get("swept") is not True or sandbox.uses >= WARM_USES:
+            return
+        try:
+            box.proc.wait(TEARDOWN_STEP_S)  # the `runsc exec` client: it exits with the runner
+        except subprocess.TimeoutExpired:
+            return
+        with self._lock:
+            if len(self._idle) < WARM_IDLE and not self._closed and sandbox.proc.poll() is None:
+                self._idle.append(sandbox)
+                box.reused = True
 
     def destroy(self, box: _Box) -> None:
-        if box.finished:
-            try:  # the guest exited: `runsc run` is tearing the sandbox down by itself
-                box.proc.wait(5.0)
-            except subprocess.TimeoutExpired:
+        self._reap(box, grace_s=TEARDOWN_STEP_S if box.finished else 0.5)
+        if box.sandbox is not None and not box.reused:
+            self._stop_sandbox(box.sandbox)
+
+    def _stop_sandbox(self, sandbox: _Warm) -> None:
+        """End a sandbox and everything in it; remove its state, bundle and cgroup."""
+        for stream in sandbox.io:  # the init's stdin closes: it exits, and the sandbox with it
+            try:
+                stream.close()
+            except OSError:
                 pass
-        if box.proc.poll() is None:
-            # Kill the sandbox itself (the sentry), not only the `runsc run` client.
-            for args in (("kill", box.id, "KILL"), ("delete", "--force", box.id)):
+        try:
+            sandbox.proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            for args in (("kill", sandbox.id, "KILL"), ("delete", "--force", sandbox.id)):
                 subprocess.run(self._cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                timeout=TEARDOWN_STEP_S)
-        self._reap(box)
-        if list(self.state.glob(f"*{box.id}*")):
-            subprocess.run(
-                self._cmd("delete", "--force", box.id),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=TEARDOWN_STEP_S,
-            )
-        if box.bundle:
-            shutil.rmtree(box.bundle, ignore_errors=True)
+            try:
+                sandbox.proc.wait(TEARDOWN_STEP_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(sandbox.proc.pid, signal.SIGKILL)
+                sandbox.proc.wait()
+        if list(self.state.glob(f"*{sandbox.id}*")):
+            subprocess.run(self._cmd("delete", "--force", sandbox.id), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=TEARDOWN_STEP_S)
+        shutil.rmtree(sandbox.bundle, ignore_errors=True)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed, idle, self._idle = True, self._idle, []
+        for sandbox in idle:
+            try:
+                self._stop_sandbox(sandbox)
+            except Exception as exc:  # noqa: BLE001 - keep closing the others
+                log.error("could not stop runsc sandbox %s: %s", sandbox.id, exc)
         shutil.rmtree(self.workdir, ignore_errors=True)
         # runsc removes each container's cgroup; the (empty) per-executor parent is ours to remove.
         for parent in Path("/sys/fs/cgroup").glob("*" + self.cgroup_parent):
@@ -597,6 +684,25 @@ def _open_up(root: Path) -> None:
                     pass
 
 
+def _wait_line(stream: socket.socket, line: bytes, deadline: float) -> bool:
+    """Read `stream` until `line` arrives (True), or EOF or the deadline (False)."""
+    seen = b""
+    stream.setblocking(True)
+    while line not in seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        stream.settimeout(remaining)
+        try:
+            chunk = stream.recv(256)
+        except (socket.timeout, OSError):
+            return False
+        if not chunk:
+            return False
+        seen += chunk
+    return True
+
+
 def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
     """Read the box's stdout/stderr until `ready` (boot) or EOF (run), a deadline or a flood.
 
@@ -647,7 +753,7 @@ def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
 
 
 class Executor:
-    """Sandbox protocol implementation: one fresh, single-use sandbox per `execute` call."""
+    """Sandbox protocol implementation: one fresh, single-use interpreter per `execute` call."""
 
     def __init__(
         self,
@@ -789,7 +895,7 @@ class Executor:
 
     # -- the Sandbox protocol ---------------------------------------------------------------
     def execute(self, cells: Sequence[str]) -> ExecResult:
-        """Run `cells` in order in a fresh sandbox; return the last cell's output and error."""
+        """Run `cells` in order in a fresh interpreter; return the last cell's output and error."""
         started = time.monotonic()
         if isinstance(cells, str):
             raise TypeError("cells must be a sequence of code strings, not one string")

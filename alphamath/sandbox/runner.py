@@ -23,7 +23,8 @@ Protocol with the host (`alphamath.sandbox.executor`), status lines on the origi
      then "worker <pid>" and "ready" (the host's wall clock for the model's code starts here);
   3. the worker streams the last cell's stdout to stdout (the host caps it); earlier cells' output
      and all stderr go to /dev/null;
-  4. one JSON status line {"error", "timed_out", "exit", "cpu_s"}, then exit.
+  4. it empties the `sweep` directories (a reused runsc sandbox: nothing carries over);
+  5. one JSON status line {"error", "timed_out", "exit", "cpu_s", "swept"}, then exit.
 """
 import ctypes
 import json
@@ -57,6 +58,11 @@ DENY = {
     "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "keyctl": 250, "add_key": 248,
     "request_key": 249, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
     "syslog": 103, "socket": 41, "fork": 57, "vfork": 58,
+    # SysV and POSIX IPC objects outlive the process: in a reused sandbox they would carry state
+    # from one execution to the next.
+    "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65, "semctl": 66,
+    "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "mq_open": 240,
+    "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245,
 }
 # Allowed only when the first argument is this process itself (kill(0) would hit the supervisor).
 SELF_ONLY = {"kill": 62, "tgkill": 234}
@@ -246,6 +252,28 @@ def _read_report(fd):
     return None
 
 
+def _sweep(directories):
+    """Empty the writable places after the worker is gone, so that a reused sandbox starts the next
+    execution clean. A directory the code made unreadable (mkdir with mode 0) is opened up first.
+    True only if every place is empty afterwards."""
+    def remove(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, 0o700)
+            for name in os.listdir(path):
+                remove(os.path.join(path, name))
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+
+    try:
+        for directory in directories:
+            for name in os.listdir(directory):
+                remove(os.path.join(directory, name))
+        return all(not os.listdir(directory) for directory in directories)
+    except Exception:  # noqa: BLE001 - e.g. a tree nested past the recursion limit: not reused
+        return False
+
+
 def main(argv):
     limits = json.loads(argv[1])
     # Services start us with an empty environment; these knobs are set here, not inherited.
@@ -302,7 +330,7 @@ def main(argv):
     elif signaled:
         error = "SandboxError: the interpreter was killed by signal %d; memory or file size limit exceeded" % sig
     status = {"error": error, "timed_out": timed_out, "exit": -sig if signaled else os.WEXITSTATUS(wait_status),
-              "cpu_s": round(cpu_s, 3)}
+              "cpu_s": round(cpu_s, 3), "swept": _sweep(limits.get("sweep", ()))}
     os.write(status_fd, (json.dumps(status) + "\n").encode())
     os._exit(0)
 
