@@ -62,17 +62,47 @@ def solve(question: str, method: str, policy: Policy, value: Value, sandbox: San
     return tree
 
 
+class Stopped(RuntimeError):
+    """A search of a stopped batch, ended at its next model call (its tree is dropped)."""
+
+
+class _Stoppable:
+    """The policy as the searches of one batch see it: once `stop` is set, a generate() call raises
+    Stopped when it starts or returns, so a stopped batch ends within one model call per search
+    rather than after every running search has spent its whole budget (minutes at N=20)."""
+
+    def __init__(self, policy: Policy, stop):
+        self._policy, self._stop = policy, stop
+
+    def render_prompt(self, question: str) -> str:
+        return self._policy.render_prompt(question)
+
+    def generate(self, *args, **kwargs):
+        if self._stop.is_set():
+            raise Stopped("the batch was stopped")
+        out = self._policy.generate(*args, **kwargs)
+        if self._stop.is_set():
+            raise Stopped("the batch was stopped")
+        return out
+
+
 def solve_many(problems, method: str, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchConfig,
                done_one: Callable, *, concurrency: int = 1, serve: Callable | None = None,
-               rewards: bool = False, check=None) -> None:
+               rewards: bool = False, check=None, stop=None) -> None:
     """Solve every problem (objects with id, question, answer; the answer is a reward to the search
     only with `rewards`) and call `done_one(problem, tree, seconds)` as each finishes, on one thread
     at a time. With concurrency > 1 the searches run on worker threads, so their generate() calls
     share decode batches, while this thread runs the model's decode loop: `serve(until)`
-    (LocalLM.serve; a remote policy needs none). The first error stops new searches and is raised
-    once running ones end; so is Ctrl-C (the finished trees are already handed over)."""
+    (LocalLM.serve; a remote policy needs none).
+
+    The first error, Ctrl-C (or SIGTERM as SystemExit) and `stop` (a threading.Event another thread
+    may set) stop the batch: no new search starts, and each running one ends at its next model call
+    without a tree. The finished trees are already handed over; the error is raised here."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    stop = stop or threading.Event()
+    policy = _Stoppable(policy, stop)
 
     def run(p):
         t0 = time.perf_counter()
@@ -81,20 +111,26 @@ def solve_many(problems, method: str, policy: Policy, value: Value, sandbox: San
         return tree, time.perf_counter() - t0
 
     if concurrency <= 1 or len(problems) <= 1:
-        for p in problems:
+        for i, p in enumerate(problems):
+            if stop.is_set():
+                raise Stopped(f"stopped with {i} of {len(problems)} problems done")
             done_one(p, *run(p))
         return
-    lock, all_done, errors, left = threading.Lock(), threading.Event(), [], [len(problems)]
+    lock, all_done, errors, left, handed = threading.Lock(), threading.Event(), [], [len(problems)], [0]
 
     def task(p):
         try:
-            if errors:
+            if stop.is_set():
                 return
             tree, secs = run(p)
             with lock:
                 done_one(p, tree, secs)
+                handed[0] += 1
+        except Stopped:
+            pass
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
             errors.append(e)
+            stop.set()
             all_done.set()
         finally:
             with lock:
@@ -107,11 +143,15 @@ def solve_many(problems, method: str, policy: Policy, value: Value, sandbox: San
             pool.submit(task, p)
         try:
             if serve is not None:
-                serve(all_done.is_set)
+                serve(lambda: all_done.is_set() or stop.is_set())
             else:
-                all_done.wait()
-        except BaseException as e:  # Ctrl-C: start no more searches; running ones finish and are kept
+                while not (all_done.wait(0.1) or stop.is_set()):
+                    pass
+        except BaseException as e:  # Ctrl-C: running searches end at their next model call
+            stop.set()
             errors.append(e)
             raise
     if errors:
         raise errors[0]
+    if stop.is_set():
+        raise Stopped(f"stopped with {handed[0]} of {len(problems)} problems done")
