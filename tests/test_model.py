@@ -421,6 +421,23 @@ def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob():
         decode.sample(logits, u, 0.0)
 
 
+def test_rms_norm_kernel_equals_llama_rms_norm_bit_for_bit():
+    """decode.cpp's RMSNorm against transformers' LlamaRMSNorm in bf16 (normalise in fp32, cast, scale):
+    every element equal, for decode rows, a prefill split over threads, and large and tiny magnitudes."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    decode = decode_kernels_or_skip()
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576) * 0.5 + 1)
+    for shape, scale in (((1, 1, 576), 1.0), ((20, 1, 576), 30.0), ((2, 300, 576), 1e-3)):
+        x = (torch.randn(*shape) * scale).to(torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(decode.rms_norm(x, norm.weight, 1e-5), norm(x))
+    assert decode.norm_usable(x, norm.weight) and not decode.norm_usable(x.float(), norm.weight)
+
+
 def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):
     """Pods have no compiler and a read-only root: a process given ALPHAMATH_KERNEL_DIR loads the image's
     build from there (here with an empty torch extensions cache, where a JIT build would land)."""

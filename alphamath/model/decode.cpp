@@ -1,7 +1,8 @@
-// A decode step's two hot spots beside the matmuls, for CPUs with AVX512-BF16 (decode.py says why
+// A decode step's hot spots beside the matmuls, for CPUs with AVX512-BF16 (decode.py says why
 // they exist and how they are built and checked):
 //   decode_attention  attention over shared prompts and each row's own columns (bf16);
-//   sample            one token per row from softmax(logits / T) by inverse CDF, and its log-prob.
+//   sample            one token per row from softmax(logits / T) by inverse CDF, and its log-prob;
+//   rms_norm          transformers' LlamaRMSNorm of bf16 rows in one pass (torch: ~10 ops per call).
 //
 // decode_attention: a task is one (prompt group, KV head). Its queries are the g folded query heads of every row that
 // continues the prompt, M = rows * g. For each query i
@@ -305,7 +306,48 @@ std::vector<torch::Tensor> sample(torch::Tensor logits, torch::Tensor u, double 
   return {tokens, logp};
 }
 
+// y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), x in fp32: LlamaRMSNorm's two roundings (normalise
+// in fp32, cast to bf16, scale in bf16), both round-to-nearest-even as torch rounds. Rows are few in a
+// decode step (one thread: OpenMP's fork costs more than the row); prefills split rows over threads.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "rms_norm takes bf16");
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(weight.numel() == H && H % 16 == 0, "weight [H] with H a multiple of 16");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  auto out = torch::empty_like(x);
+  const int64_t N = x.numel() / H;
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  auto rows = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bf16* xr = xp + r * H;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < H; i += 16) {
+        const __m512 v = load16(xr + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+      }
+      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)H + (float)eps);
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (int64_t i = 0; i < H; i += 16) {
+        const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(load16(xr + i), vinv));
+        const __m512 yf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)y), 16));
+        const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(load16(wp + i), yf));
+        _mm256_storeu_si256((__m256i*)(op + r * H + i), (__m256i)o);
+      }
+    }
+  };
+  if (N <= 32) {
+    rows(0, N);
+  } else {
+    at::parallel_for(0, N, 16, rows);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)");
   m.def("decode_attention", &decode_attention, "shared-prompt decode attention (bf16, AVX512-BF16)");
   m.def("sample", &sample, "inverse-CDF sampling from softmax(logits / T), with the token's log-prob");
 }

@@ -1,5 +1,5 @@
-"""A decode step's two hot spots beside the matmuls as C++ kernels (decode.cpp), for CPUs with
-AVX512-BF16: attention over shared prompts (bf16), and sampling.
+"""A decode step's hot spots beside the matmuls as C++ kernels (decode.cpp), for CPUs with
+AVX512-BF16: attention over shared prompts (bf16), sampling, and RMSNorm.
 
 Attention: torch's CPU flash kernel spent ~37% of a large decode step (SBS at 8 problems: 120 rows,
 24 prompts) on two small attentions per layer, at ~55 GFLOP/s where the packed linears reach ~370:
@@ -12,7 +12,11 @@ Sampling: softmax, cumsum, searchsorted and a gather over [rows, 49k] fp32 took 
 step (13%); three vectorised passes per row over the logits pick the same token (inverse CDF with
 the row's own uniform) and its log-prob in ~2 ms.
 
-Both are compiled on first use with torch.utils.cpp_extension (g++ and ninja; cached under
+RMSNorm: torch computes LlamaRMSNorm's bf16 form in ~10 ops (cast, square, mean, rsqrt, multiply,
+cast, scale), ~40 us per call at batch 1 with its dispatch; 61 calls per step took ~2.6 ms of a 23 ms
+step. The kernel does it in one pass per row, with the same two roundings, in ~1 us.
+
+All are compiled on first use with torch.utils.cpp_extension (g++ and ninja; cached under
 TORCH_EXTENSIONS_DIR); the Docker image builds them into ALPHAMATH_KERNEL_DIR
 (`python -m alphamath.model.decode DIR`). Where they cannot be used (fp32 attention, no AVX512-BF16,
 head_dim not 64/128, no compiler) torch ops compute the same numbers (attention.shared_prompt_attention,
@@ -97,6 +101,17 @@ def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group
     empty = torch.empty(0, dtype=torch.bool)
     return kernel().decode_attention(q, own_k, own_v, empty if own_valid is None else own_valid, keys, values,
                                      prompt_len, group_of, float(scale))
+
+
+def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Can the kernel normalise `x` with `weight` (both bf16 on the CPU, width a multiple of 16) here?"""
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.shape[-1] % 16 == 0 and kernel() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm of bf16 `x` [..., H] with bf16 `weight` [H], in one pass."""
+    return kernel().rms_norm(x, weight, float(eps))
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
