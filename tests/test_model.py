@@ -421,21 +421,51 @@ def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob():
         decode.sample(logits, u, 0.0)
 
 
-def test_rms_norm_kernel_equals_llama_rms_norm_bit_for_bit():
-    """decode.cpp's RMSNorm against transformers' LlamaRMSNorm in bf16 (normalise in fp32, cast, scale):
-    every element equal, for decode rows, a prefill split over threads, and large and tiny magnitudes."""
+def test_rms_norm_kernel_is_llama_rms_norm_with_an_fp64_sum_of_squares():
+    """decode.cpp's RMSNorm: LlamaRMSNorm's bf16 roundings (normalise in fp32, cast, scale) with the sum
+    of squares in fp64, equal to that formula in torch element for element, for decode rows, a prefill
+    split over threads, and large and tiny magnitudes; and within one bf16 step of transformers'
+    LlamaRMSNorm (fp32 sum) everywhere, equal on all but a few elements in 10^4."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     decode = decode_kernels_or_skip()
     torch.manual_seed(0)
-    norm = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
+    H, eps = 576, 1e-5
+    norm = LlamaRMSNorm(H, eps=eps).to(torch.bfloat16)
     with torch.no_grad():
-        norm.weight.copy_(torch.randn(576) * 0.5 + 1)
-    for shape, scale in (((1, 1, 576), 1.0), ((20, 1, 576), 30.0), ((2, 300, 576), 1e-3)):
+        norm.weight.copy_(torch.randn(H) * 0.5 + 1)
+    differ, total = 0, 0
+    for shape, scale in (((1, 1, H), 1.0), ((20, 1, H), 30.0), ((2, 300, H), 1e-3), ((64, 1, H), 1.0)):
         x = (torch.randn(*shape) * scale).to(torch.bfloat16)
+        x[..., 7] *= 50  # an outlier channel, as real activations have
+        got = decode.rms_norm(x, norm.weight, eps)
+        inv = (1 / torch.sqrt((x.double() ** 2).sum(-1, keepdim=True) / H + eps)).float()
+        want = (norm.weight.float() * (x.float() * inv).to(torch.bfloat16).float()).to(torch.bfloat16)
+        assert torch.equal(got, want)
         with torch.no_grad():
-            assert torch.equal(decode.rms_norm(x, norm.weight, 1e-5), norm(x))
+            llama = norm(x)
+        step = llama.float().abs() * 2 ** -7  # one bf16 step (8 significant bits)
+        assert ((got.float() - llama.float()).abs() <= step).all()
+        differ, total = differ + int((got != llama).sum()), total + got.numel()
+    assert differ <= total * 1e-3
     assert decode.norm_usable(x, norm.weight) and not decode.norm_usable(x.float(), norm.weight)
+
+
+def test_rope_kernel_equals_the_torch_rotation_bit_for_bit():
+    """decode.cpp's rope against fast_llama's torch ops (x * cos + rotate_half(x) * sin in bf16) on the
+    q and k heads of a q|k|v projection: equal for decode rows and a prefill, v heads untouched."""
+    from alphamath.model.fast_llama import _rotate_half
+
+    decode = decode_kernels_or_skip()
+    torch.manual_seed(0)
+    hq, hk, D = 9, 3, 64
+    for B, S in ((1, 1), (20, 1), (2, 300)):
+        qkv = (torch.randn(B, S, hq + 2 * hk, D) * 4).to(torch.bfloat16)
+        angle = torch.rand(B, S, D) * 100
+        cos, sin = angle.cos().to(torch.bfloat16), angle.sin().to(torch.bfloat16)
+        qk = qkv[:, :, : hq + hk]
+        want = qk * cos.unsqueeze(2) + _rotate_half(qk) * sin.unsqueeze(2)
+        assert torch.equal(decode.rope(qkv, cos, sin, hq + hk), want)
 
 
 def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):

@@ -2,7 +2,8 @@
 // they exist and how they are built and checked):
 //   decode_attention  attention over shared prompts and each row's own columns (bf16);
 //   sample            one token per row from softmax(logits / T) by inverse CDF, and its log-prob;
-//   rms_norm          transformers' LlamaRMSNorm of bf16 rows in one pass (torch: ~10 ops per call).
+//   rms_norm          transformers' LlamaRMSNorm of bf16 rows in one pass (torch: ~10 ops per call);
+//   rope              rotary embedding of the q and k heads of a bf16 qkv projection (torch: ~8 ops).
 //
 // decode_attention: a task is one (prompt group, KV head). Its queries are the g folded query heads of every row that
 // continues the prompt, M = rows * g. For each query i
@@ -306,8 +307,11 @@ std::vector<torch::Tensor> sample(torch::Tensor logits, torch::Tensor u, double 
   return {tokens, logp};
 }
 
-// y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), x in fp32: LlamaRMSNorm's two roundings (normalise
-// in fp32, cast to bf16, scale in bf16), both round-to-nearest-even as torch rounds. Rows are few in a
+// y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))): LlamaRMSNorm's two roundings (normalise in fp32, cast
+// to bf16, scale in bf16), both round-to-nearest-even as torch rounds. The squares are summed in fp64
+// (a bf16 square is exact there), where the order of the sum changes nothing at fp32 precision; torch
+// sums in fp32, in an order that depends on the CPU's vector width, so a few elements round one
+// bf16 step the other way than transformers' LlamaRMSNorm (5 in 10^6 of the embedded model's). Rows are few in a
 // decode step (one thread: OpenMP's fork costs more than the row); prefills split rows over threads.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "rms_norm takes bf16");
@@ -323,12 +327,14 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   auto rows = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const bf16* xr = xp + r * H;
-      __m512 acc = _mm512_setzero_ps();
+      __m512d acc = _mm512_setzero_pd();
       for (int64_t i = 0; i < H; i += 16) {
         const __m512 v = load16(xr + i);
-        acc = _mm512_fmadd_ps(v, v, acc);
+        const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        acc = _mm512_fmadd_pd(lo, lo, _mm512_fmadd_pd(hi, hi, acc));
       }
-      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)H + (float)eps);
+      const float inv = (float)(1.0 / std::sqrt(_mm512_reduce_add_pd(acc) / (double)H + eps));
       const __m512 vinv = _mm512_set1_ps(inv);
       for (int64_t i = 0; i < H; i += 16) {
         const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(load16(xr + i), vinv));
@@ -346,7 +352,56 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
+inline __m512 round16(__m512 v) {  // fp32 -> bf16 (round to nearest even, as torch) -> fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// qk = x * cos + rotate_half(x) * sin for the first `heads` heads of qkv [B, S, H, D] (the q and k heads
+// of a q|k|v projection), cos/sin [B, S, D], as torch computes it in bf16: each product rounded, then
+// the sum; rotate_half(x) = cat(-x[D/2:], x[:D/2]). Returns [B, S, heads, D].
+torch::Tensor rope(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads) {
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
+              sin.scalar_type() == at::kBFloat16 && qkv.dim() == 4, "rope takes bf16 qkv [B, S, H, D]");
+  const int64_t B = qkv.size(0), S = qkv.size(1), H = qkv.size(2), D = qkv.size(3), half = D / 2;
+  TORCH_CHECK(heads <= H && half % 16 == 0 && cos.numel() == B * S * D && sin.numel() == B * S * D,
+              "cos/sin [B, S, D], D a multiple of 32");
+  qkv = qkv.contiguous();
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  auto out = torch::empty({B, S, heads, D}, qkv.options());
+  const bf16* xp = qkv.data_ptr<bf16>();
+  const bf16* cp = cos.data_ptr<bf16>();
+  const bf16* sp = sin.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  auto rows = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bf16* c = cp + r * D;
+      const bf16* s = sp + r * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        const bf16* x = xp + (r * H + h) * D;
+        bf16* o = op + (r * heads + h) * D;
+        for (int64_t i = 0; i < half; i += 16) {
+          const __m512 x1 = load16(x + i), x2 = load16(x + half + i);
+          const __m512 lo = _mm512_add_ps(round16(_mm512_mul_ps(x1, load16(c + i))),
+                                          round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load16(s + i))));
+          const __m512 hi = _mm512_add_ps(round16(_mm512_mul_ps(x2, load16(c + half + i))),
+                                          round16(_mm512_mul_ps(x1, load16(s + half + i))));
+          _mm256_storeu_si256((__m256i*)(o + i), (__m256i)_mm512_cvtneps_pbh(lo));
+          _mm256_storeu_si256((__m256i*)(o + half + i), (__m256i)_mm512_cvtneps_pbh(hi));
+        }
+      }
+    }
+  };
+  if (B * S <= 32) {
+    rows(0, B * S);
+  } else {
+    at::parallel_for(0, B * S, 16, rows);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rope", &rope, "rotary embedding of the q and k heads of a bf16 qkv projection (AVX512-BF16)");
   m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)");
   m.def("decode_attention", &decode_attention, "shared-prompt decode attention (bf16, AVX512-BF16)");
   m.def("sample", &sample, "inverse-CDF sampling from softmax(logits / T), with the token's log-prob");

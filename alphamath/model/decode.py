@@ -1,5 +1,5 @@
 """A decode step's hot spots beside the matmuls as C++ kernels (decode.cpp), for CPUs with
-AVX512-BF16: attention over shared prompts (bf16), sampling, and RMSNorm.
+AVX512-BF16: attention over shared prompts (bf16), sampling, RMSNorm and RoPE.
 
 Attention: torch's CPU flash kernel spent ~37% of a large decode step (SBS at 8 problems: 120 rows,
 24 prompts) on two small attentions per layer, at ~55 GFLOP/s where the packed linears reach ~370:
@@ -12,14 +12,15 @@ Sampling: softmax, cumsum, searchsorted and a gather over [rows, 49k] fp32 took 
 step (13%); three vectorised passes per row over the logits pick the same token (inverse CDF with
 the row's own uniform) and its log-prob in ~2 ms.
 
-RMSNorm: torch computes LlamaRMSNorm's bf16 form in ~10 ops (cast, square, mean, rsqrt, multiply,
-cast, scale), ~40 us per call at batch 1 with its dispatch; 61 calls per step took ~2.6 ms of a 23 ms
-step. The kernel does it in one pass per row, with the same two roundings, in ~1 us.
+RMSNorm and RoPE: torch computes LlamaRMSNorm's bf16 form in ~10 ops (cast, square, mean, rsqrt,
+multiply, cast, scale) and the rotation in ~8, each op a dispatch of a few us at batch 1: 61 norms and
+30 rotations per step took ~3.3 ms of a 24 ms batch-1 step. The kernels do each in one pass, ~1 us. The
+rotation is torch's bit for bit; the norm sums squares in fp64 (see decode.cpp).
 
 All are compiled on first use with torch.utils.cpp_extension (g++ and ninja; cached under
 TORCH_EXTENSIONS_DIR); the Docker image builds them into ALPHAMATH_KERNEL_DIR
 (`python -m alphamath.model.decode DIR`). Where they cannot be used (fp32 attention, no AVX512-BF16,
-head_dim not 64/128, no compiler) torch ops compute the same numbers (attention.shared_prompt_attention,
+head_dim not 64/128, no compiler) torch ops compute the same numbers, the norm to one bf16 step (attention.shared_prompt_attention,
 LocalLM._pick); ALPHAMATH_DECODE_KERNEL=0 forces that path (the side-by-side benchmark).
 """
 from __future__ import annotations
@@ -110,8 +111,14 @@ def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm of bf16 `x` [..., H] with bf16 `weight` [H], in one pass."""
+    """transformers' LlamaRMSNorm of bf16 `x` [..., H] with bf16 `weight` [H], in one pass (fp64 sum of squares)."""
     return kernel().rms_norm(x, weight, float(eps))
+
+
+def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """qkv [B, S, H, D] bf16, cos/sin [B, S, D] bf16 -> x * cos + rotate_half(x) * sin of the first
+    `heads` heads [B, S, heads, D], with torch's bf16 roundings (usable where `norm_usable` is and D % 32 == 0)."""
+    return kernel().rope(qkv, cos, sin, int(heads))
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
