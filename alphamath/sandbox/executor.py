@@ -393,7 +393,11 @@ class RunscBackend(_Backend):
                 self._stop_sandbox(sandbox)
             sandbox = self._start_sandbox()
         sandbox.uses += 1
-        proc, io = self._popen(self._cmd("exec", "--process", str(self.process_json), sandbox.id))
+        try:
+            proc, io = self._popen(self._cmd("exec", "--process", str(self.process_json), sandbox.id))
+        except BaseException:
+            self._stop_sandbox(sandbox)
+            raise
         return _Box(f"{sandbox.id}.{sandbox.uses}", proc, None, bytearray(), io=io, sandbox=sandbox)
 
     def release(self, box: _Box) -> None:
