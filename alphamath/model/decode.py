@@ -20,8 +20,9 @@ rotation is torch's bit for bit; the norm sums squares in fp64 (see decode.cpp).
 All are compiled on first use with torch.utils.cpp_extension (g++ and ninja; cached under
 TORCH_EXTENSIONS_DIR); the Docker image builds them into ALPHAMATH_KERNEL_DIR
 (`python -m alphamath.model.decode DIR`). Where they cannot be used (fp32 attention, no AVX512-BF16,
-head_dim not 64/128, no compiler) torch ops compute the same numbers, the norm to one bf16 step (attention.shared_prompt_attention,
-LocalLM._pick); ALPHAMATH_DECODE_KERNEL=0 forces that path (the side-by-side benchmark).
+head_dim not 64/128, no compiler) torch ops compute the same numbers, the norm's to one bf16 step
+(attention.shared_prompt_attention, LocalLM._pick, fast_llama); ALPHAMATH_DECODE_KERNEL=0 forces that
+path (the side-by-side benchmark).
 """
 from __future__ import annotations
 
