@@ -45,14 +45,15 @@ def _cat_bias(*linears) -> torch.Tensor | None:
     return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in fp32, cast back, scale (one fused op for the first part;
     in fp32 the scale joins it too: the same numbers, a third less time per call at batch 1). In bf16
     decode.cpp does all of it in one pass (torch's ops took ~2.6 of a 23 ms batch-1 step), with the sum
-    of squares in fp64: ~5 elements in 10^6 land one bf16 step from transformers' fp32 sum."""
+    of squares in fp64: ~5 elements in 10^6 land one bf16 step from transformers' fp32 sum. `fused`:
+    the caller checked `kernel.norm_usable` once per forward (per call it cost ~0.3 ms of a step)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    if kernel.norm_usable(x, weight):
+    if fused:
         return kernel.rms_norm(x, weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
@@ -141,7 +142,8 @@ class FastLlama:
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary(x, position_ids)  # [B, S, D]
         # decode.cpp's rope: the same bf16 numbers as the torch ops below, in one pass instead of ~8 ops
-        rope = (cos.dtype == torch.bfloat16 and self.head_dim % 32 == 0 and kernel.norm_usable(x, self.norm))
+        norm = kernel.norm_usable(x, self.norm)  # decode.cpp's RMSNorm, for every norm of this forward
+        rope = norm and cos.dtype == torch.bfloat16 and self.head_dim % 32 == 0
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
         mask = self._mask(attention_mask, S, past, input_ids.device)
         fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode.cpp: bf16 with AVX512-BF16
@@ -151,7 +153,7 @@ class FastLlama:
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         hq, hk, D = self.hq, self.hk, self.head_dim
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(_rms(x, layer.norm1, self.eps)).view(B, S, hq + 2 * hk, D)
+            qkv = layer.qkv(_rms(x, layer.norm1, self.eps, norm)).view(B, S, hq + 2 * hk, D)
             if rope:
                 qk = kernel.rope(qkv, cos, sin, hq + hk)
             else:
@@ -168,9 +170,9 @@ class FastLlama:
             else:
                 o = shared_prompt_attention(q.reshape(B, hk, hq // hk, D), k, v, mask, prompts, i, self.scale)
                 x = x + layer.o(o.reshape(B, 1, hq * D))
-            gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps)).chunk(2, dim=-1)
+            gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps, norm)).chunk(2, dim=-1)
             x = x + layer.down(layer.act(gate) * up)
-        return _rms(x, self.norm, self.eps), cache
+        return _rms(x, self.norm, self.eps, norm), cache
 
     def step_weight_bytes(self, rows: int) -> int:
         """Bytes of weights a forward of `rows` rows reads (matmuls and norms; one embedding row each)."""
