@@ -208,8 +208,12 @@ def test_fast_llama_gives_the_hidden_states_and_cache_of_transformers_llama(tiny
     model = ValueHeadModel.from_pretrained(tiny_model_dir, dtype=dtype).eval()
     assert FastLlama.supports(model.lm)
     fast = FastLlama(model.lm, decode_weights="float")
-    if dtype == "bf16":
-        assert fast.lm_head.packed == can_pack(torch.bfloat16, torch.device("cpu"))
+    if dtype == "bf16":  # decode.cpp's linear where it runs, else oneDNN's packed weights where they can
+        from alphamath.model import decode
+
+        head = model.lm.get_output_embeddings().weight
+        assert fast.lm_head.pairs == decode.linear_usable(head)
+        assert fast.lm_head.packed == (not fast.lm_head.pairs and can_pack(torch.bfloat16, torch.device("cpu")))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == "fp32" else dict(atol=3e-2, rtol=3e-2)
     torch.manual_seed(0)
     V = model.config.vocab_size
@@ -466,6 +470,39 @@ def test_rope_kernel_equals_the_torch_rotation_bit_for_bit():
         qk = qkv[:, :, : hq + hk]
         want = qk * cos.unsqueeze(2) + _rotate_half(qk) * sin.unsqueeze(2)
         assert torch.equal(decode.rope(qkv, cos, sin, hq + hk), want)
+
+
+def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alone():
+    """decode.cpp's linear: x W^T (+ bias) within fp32 summation and one bf16 rounding of the exact
+    product, oneDNN's bf16 matmul to one bf16 step, and each row exactly what it is alone (a decode
+    step's rows do not move one another's samples)."""
+    decode = decode_kernels_or_skip()
+    torch.manual_seed(0)
+    N, K = 80, 200
+    w = (torch.randn(N, K) * 0.05).bfloat16()
+    bias = torch.randn(N).bfloat16()
+    x = (torch.randn(9, K) * 3).bfloat16()
+    packed = decode.pack_linear(w)
+    assert packed.shape == (N // 16, K // 2, 16, 2) and torch.equal(packed[1, 3, 5], w[16 + 5, 6:8])
+    for b in (None, bias):
+        out = decode.linear(x, packed, b)
+        assert out.dtype == torch.bfloat16 and out.shape == (9, N)
+        exact = x.double() @ w.double().T + (0 if b is None else b.double())
+        bound = 2.0 ** -8 * exact.abs() + K * 2.0 ** -23 * (x.double().abs() @ w.double().abs().T) + 1e-30
+        assert ((out.double() - exact).abs() <= bound).all()
+        onednn = torch.nn.functional.linear(x, w, b)
+        step = 2.0 ** -7 * onednn.float().abs().clamp_min(1e-30)
+        assert ((out.float() - onednn.float()).abs() <= step).all()
+        assert (out == onednn).float().mean() >= 0.999
+        for m in range(1, 10):  # every prefix of the batch, and each row alone, bit for bit
+            assert torch.equal(decode.linear(x[:m], packed, b), out[:m])
+            assert torch.equal(decode.linear(x[m - 1:m], packed, b), out[m - 1:m])
+    assert decode.linear(x.view(3, 3, K), packed, None).shape == (3, 3, N)
+    assert decode.linear_usable(w) and not decode.linear_usable(w[:72]) and not decode.linear_usable(w.float())
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        decode.pack_linear(w[:72])
+    with pytest.raises(RuntimeError, match="x \\[..., 200\\]"):
+        decode.linear(x[:, :100], packed, None)
 
 
 def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):

@@ -3,7 +3,8 @@
 //   decode_attention  attention over shared prompts and each row's own columns (bf16);
 //   sample            one token per row from softmax(logits / T) by inverse CDF, and its log-prob;
 //   rms_norm          transformers' LlamaRMSNorm of bf16 rows in one pass (torch: ~10 ops per call);
-//   rope              rotary embedding of the q and k heads of a bf16 qkv projection (torch: ~8 ops).
+//   rope              rotary embedding of the q and k heads of a bf16 qkv projection (torch: ~8 ops);
+//   linear            x w^T of bf16 rows, the weight laid out in vdpbf16ps pairs (pack_linear).
 //
 // decode_attention: a task is one (prompt group, KV head). Its queries are the g folded query heads of every row that
 // continues the prompt, M = rows * g. For each query i
@@ -188,6 +189,46 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
       for (int v = 0; v < V16; ++v)
         _mm256_storeu_si256((__m256i*)(dst + 16 * v), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(&o[i * D + 16 * v]), il)));
     }
+  }
+}
+
+// One tile of `linear`: R rows x NB blocks of 16 outputs, accumulated over the K/2 pairs in order.
+template <int R, int NB>
+inline void linear_tile(const bf16* x, int64_t K, const bf16* w, int64_t P, const float* bias, bf16* out,
+                        int64_t N) {
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int32_t* xi[R];
+  for (int r = 0; r < R; ++r) xi[r] = (const int32_t*)(x + r * K);
+  for (int64_t p = 0; p < P; ++p) {
+    __m512bh wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512((const void*)(w + (j * P + p) * 32));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(xi[r][p]);  // the row's pair (x[2p], x[2p + 1])
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv[j], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) {
+      __m512 v = acc[r][j];
+      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * j));
+      _mm256_storeu_si256((__m256i*)(out + r * N + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+// Every row of x [M, K] through NB blocks (w: the first block's pairs): rows 4 at a time, so a block read
+// from memory once is re-read from cache by the other row tiles.
+template <int NB>
+void linear_blocks(const bf16* x, int64_t M, int64_t K, const bf16* w, const float* bias, bf16* out, int64_t N) {
+  const int64_t P = K / 2;
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) linear_tile<4, NB>(x + r * K, K, w, P, bias, out + r * N, N);
+  switch (M - r) {
+    case 3: linear_tile<3, NB>(x + r * K, K, w, P, bias, out + r * N, N); break;
+    case 2: linear_tile<2, NB>(x + r * K, K, w, P, bias, out + r * N, N); break;
+    case 1: linear_tile<1, NB>(x + r * K, K, w, P, bias, out + r * N, N); break;
+    default: break;
   }
 }
 
@@ -400,7 +441,58 @@ torch::Tensor rope(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int6
   return out;
 }
 
+// w [N, K] bf16 -> [N / 16, K / 2, 16, 2]: block b, pair p holds w[16 b + i][2p : 2p + 2] for i < 16, the
+// layout vdpbf16ps multiplies: one 64-byte load is 16 outputs' next two weights. Each block is contiguous.
+torch::Tensor pack_linear(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "pack_linear takes a bf16 weight [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 2 == 0, "pack_linear needs N a multiple of 16 and K even, got ", N, " x ", K);
+  return w.contiguous().view({N / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// y = x w^T (+ bias) for bf16 x [..., K] and a pack_linear weight: fp32 sums over k in pair order, rounded
+// to bf16 once (+ an fp32 bias before the rounding). A row's result never depends on the other rows. The
+// threads split the output blocks, each streaming its blocks' weights once.
+torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16 && wp.dim() == 4 &&
+              wp.size(2) == 16 && wp.size(3) == 2, "linear takes bf16 x and a pack_linear weight");
+  const int64_t B = wp.size(0), P = wp.size(1), K = 2 * P, N = 16 * B;
+  TORCH_CHECK(x.size(-1) == K, "x [..., ", K, "], got last dim ", x.size(-1));
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  x = x.reshape({-1, K}).contiguous();
+  wp = wp.contiguous();
+  const int64_t M = x.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  torch::Tensor b32;
+  const float* bp = nullptr;
+  if (bias.numel()) {
+    TORCH_CHECK(bias.numel() == N, "bias [", N, "]");
+    b32 = bias.to(at::kFloat).contiguous();
+    bp = b32.data_ptr<float>();
+  }
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* w = wp.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  if (M == 0) return out.view(sizes);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b += 4) {
+      const bf16* wb = w + b * P * 32;
+      const float* bb = bp ? bp + 16 * b : nullptr;
+      switch (std::min<int64_t>(4, end - b)) {
+        case 4: linear_blocks<4>(xp, M, K, wb, bb, op + 16 * b, N); break;
+        case 3: linear_blocks<3>(xp, M, K, wb, bb, op + 16 * b, N); break;
+        case 2: linear_blocks<2>(xp, M, K, wb, bb, op + 16 * b, N); break;
+        default: linear_blocks<1>(xp, M, K, wb, bb, op + 16 * b, N); break;
+      }
+    }
+  });
+  return out.view(sizes);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_linear", &pack_linear, "a bf16 weight [N, K] laid out for linear (vdpbf16ps pairs)");
+  m.def("linear", &linear, "x w^T (+ bias) of bf16 rows and a pack_linear weight (AVX512-BF16)");
   m.def("rope", &rope, "rotary embedding of the q and k heads of a bf16 qkv projection (AVX512-BF16)");
   m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)");
   m.def("decode_attention", &decode_attention, "shared-prompt decode attention (bf16, AVX512-BF16)");

@@ -1,5 +1,13 @@
-"""A decode step's hot spots beside the matmuls as C++ kernels (decode.cpp), for CPUs with
-AVX512-BF16: attention over shared prompts (bf16), sampling, RMSNorm and RoPE.
+"""A decode step's hot spots as C++ kernels (decode.cpp), for CPUs with AVX512-BF16: the matmuls,
+attention over shared prompts (bf16), sampling, RMSNorm and RoPE.
+
+Matmuls: a batch-1 decode step reads every weight (269 MB in bf16) to compute one row, so its floor is
+the memory's read bandwidth. oneDNN's packed bf16 matmul read at about half of it for a few rows (a
+batch-1 step of the embedded model: 16 of 18 ms in matmuls, against a 7.9 ms floor). `linear` lays each
+weight out once as the pairs vdpbf16ps multiplies, 16 outputs per 64-byte load, so that each thread
+streams a contiguous run of the weight, and it keeps a tile of 4 rows against 4 output blocks in
+registers. The sums are taken in the same pair order as oneDNN's (equal on all but ~3 in 10^5 outputs,
+which differ by one bf16 step), and a row's result never depends on the other rows of the call.
 
 Attention: torch's CPU flash kernel spent ~37% of a large decode step (SBS at 8 problems: 120 rows,
 24 prompts) on two small attentions per layer, at ~55 GFLOP/s where the packed linears reach ~370:
@@ -120,6 +128,25 @@ def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) ->
     """qkv [B, S, H, D] bf16, cos/sin [B, S, D] bf16 -> x * cos + rotate_half(x) * sin of the first
     `heads` heads [B, S, heads, D], with torch's bf16 roundings (usable where `norm_usable` is and D % 32 == 0)."""
     return kernel().rope(qkv, cos, sin, int(heads))
+
+
+def linear_usable(weight: torch.Tensor) -> bool:
+    """Can `linear` compute with `weight` [N, K] (bf16 on the CPU, N a multiple of 16, K even) here?"""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0 and kernel() is not None)
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 [N, K] -> [N / 16, K / 2, 16, 2], the layout `linear` reads (a copy)."""
+    return kernel().pack_linear(weight.detach())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] bf16 -> x W^T + bias [..., N] bf16, W laid out by `pack_linear`."""
+    return kernel().linear(x, packed, _EMPTY if bias is None else bias)
+
+
+_EMPTY = torch.empty(0)
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

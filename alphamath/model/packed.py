@@ -4,7 +4,10 @@ It exists because a decode step of the embedded model reads every weight to comp
 its speed is the speed of reading weights:
 - torch's bf16 `F.linear` on CPU re-lays the weight out for oneDNN on every call (a decode step spent
   33 of its 44 ms in matmuls, ~8 GB/s against the machine's ~37 GB/s). Packing once (what inductor's
-  weight freezing does) gives bit-identical outputs in about half the time per matmul.
+  weight freezing does) gives bit-identical outputs in about half the time per matmul. Where the
+  decode kernels run (AVX512-BF16), decode.cpp's `linear` reads the weight laid out in vdpbf16ps pairs
+  instead: oneDNN still read at about half the memory's bandwidth for the few rows of a decode step
+  (1.7x slower at 1 row, 1.2-1.4x at 4-20, 1.02-1.06x at 120-512; see decode.py).
 - CPUs without native bf16 compute in fp32, so a step read 4 bytes per weight (2.9x the bandwidth
   floor on an AVX2-only EPYC). There, calls of up to FP16_BELOW_ROWS rows (every decode step) read an
   fp16 copy through fbgemm's packed fp16 GEMM (`torch.ops.quantized.linear_dynamic_fp16`, fp32 in and
@@ -18,6 +21,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from alphamath.model import decode as kernels
 
 DECODE_WEIGHTS = ("fp16", "float")
 FP16_BELOW_ROWS = 256  # whole-model prefills were 1.2-2.1x faster at 64-255 rows; fbgemm's fp16 was 0.96x at 1000
@@ -41,15 +46,20 @@ def fp16_below_rows(dtype: torch.dtype, device: torch.device, decode_weights: st
 
 
 class Linear:
-    """y = x W^T + b for inference, from a weight [out, in] it copies (packed where `can_pack`; with an
-    fp16 copy read by calls of fewer than `fp16_below` rows)."""
+    """y = x W^T + b for inference, from a weight [out, in] it copies (laid out for decode.cpp's `linear`
+    where that runs, else packed for oneDNN where `can_pack`; with an fp16 copy read by calls of fewer
+    than `fp16_below` rows)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fp16_below: int = 0):
         weight = weight.detach()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.bias = None if bias is None else bias.detach()
-        self.packed = can_pack(weight.dtype, weight.device)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+        self.pairs = kernels.linear_usable(weight)
+        self.packed = not self.pairs and can_pack(weight.dtype, weight.device)
+        if self.pairs:
+            self.weight = kernels.pack_linear(weight)
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
         # A weight fp16 cannot hold keeps the float path (fbgemm would saturate it).
         self.fp16_below = fp16_below if fp16_below and float(weight.abs().max()) <= FP16_MAX else 0
         if self.fp16_below:
@@ -61,6 +71,8 @@ class Linear:
         return self.in_features * self.out_features * per + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pairs:
+            return kernels.linear(x, self.weight, self.bias)
         if self.fp16_below and x.numel() < self.fp16_below * self.in_features:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.fp16)
         if not self.packed:
