@@ -505,6 +505,47 @@ def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alon
         decode.linear(x[:, :100], packed, None)
 
 
+@pytest.fixture(scope="module")
+def kernel_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A 2-layer Llama whose shapes the decode kernels serve (head_dim 64, GQA 2q/1kv), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tiny_tokenizer.bos_token_id,
+                         eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+                         initializer_range=0.5)
+    path = tmp_path_factory.mktemp("kernel-llama")
+    LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_decode_layer_kernels_sample_what_the_layer_loop_samples_bit_for_bit(kernel_model_dir, monkeypatch):
+    """fast_llama runs a decode step's layers as decode_qkv / decode_rest (two C++ calls per layer);
+    its torch loop over the same kernels must give the same tokens and log-probs, exactly."""
+    decode = decode_kernels_or_skip()
+    from alphamath.lm import LocalLM
+
+    calls = []
+    real = decode.decode_rest
+    monkeypatch.setattr(decode, "decode_rest", lambda *a: (calls.append(1), real(*a))[1])
+    lm = LocalLM(kernel_model_dir, dtype="bf16")
+    assert lm._fast.layered
+    prompts = ["Question: what is 2 + 3?", "Question: what is 7 * 6 minus 5, and then halved?"]
+    kw = dict(temperature=1.0, max_new_tokens=12, seed=3)
+    layered = lm.generate(prompts, 3, **kw)
+    assert len(calls) >= 2 * 11  # two layers per decode step
+    lm.reset_cache()
+    lm._fast.layered, seen = False, len(calls)
+    loop = lm.generate(prompts, 3, **kw)
+    assert len(calls) == seen
+    for a, b in zip(layered, loop):
+        assert [(s.text, s.token_count, s.cumulative_logprob) for s in a] == \
+            [(s.text, s.token_count, s.cumulative_logprob) for s in b]
+
+
 def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):
     """Pods have no compiler and a read-only root: a process given ALPHAMATH_KERNEL_DIR loads the image's
     build from there (here with an empty torch extensions cache, where a JIT build would land)."""

@@ -4,7 +4,8 @@
 //   sample            one token per row from softmax(logits / T) by inverse CDF, and its log-prob;
 //   rms_norm          transformers' LlamaRMSNorm of bf16 rows in one pass (torch: ~10 ops per call);
 //   rope              rotary embedding of the q and k heads of a bf16 qkv projection (torch: ~8 ops);
-//   linear            x w^T of bf16 rows, the weight laid out in vdpbf16ps pairs (pack_linear).
+//   linear            x w^T of bf16 rows, the weight laid out in vdpbf16ps pairs (pack_linear);
+//   decode_qkv/rest   a decode step's decoder layer from the kernels above, in two calls.
 //
 // decode_attention: a task is one (prompt group, KV head). Its queries are the g folded query heads of every row that
 // continues the prompt, M = rows * g. For each query i
@@ -519,7 +520,39 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
   return out.view(sizes);
 }
 
+// A decoder layer of a decode step over shared prompts (S = 1), as fast_llama.FastLlama.hidden's layer loop
+// computes it, in two calls around the cache update (Python's per-operation dispatch was ~1.5 ms of a
+// 10 ms batch-1 step): the same kernels and torch operations in the same order, so the same numbers.
+// decode_qkv: x [B, 1, H] -> q [B, hq, 1, D], k and v [B, hk, 1, D] of rope(qkv(norm(x))).
+std::vector<torch::Tensor> decode_qkv(torch::Tensor x, torch::Tensor norm, torch::Tensor qkv_w, torch::Tensor qkv_b,
+                                      torch::Tensor cos, torch::Tensor sin, int64_t hq, int64_t hk, double eps) {
+  const int64_t B = x.size(0), D = cos.size(-1);
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_qkv takes one new token per row: x [B, 1, H]");
+  auto qkv = linear(rms_norm(x, norm, eps), qkv_w, qkv_b).view({B, 1, hq + 2 * hk, D});
+  auto qk = rope(qkv, cos, sin, hq + hk);
+  return {qk.narrow(2, 0, hq).transpose(1, 2), qk.narrow(2, hq, hk).transpose(1, 2),
+          qkv.narrow(2, hq + hk, hk).transpose(1, 2)};
+}
+
+// decode_rest: x + o(attention), then + down(silu(gate) * up) with gate|up = gate_up(norm2(x)); k/v are the
+// rows' own columns after the update [B, hk, W, D].
+torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor own_valid,
+                          torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
+                          torch::Tensor group_of, double scale, torch::Tensor o_w, torch::Tensor o_b,
+                          torch::Tensor norm2, torch::Tensor gate_up_w, torch::Tensor gate_up_b, torch::Tensor down_w,
+                          torch::Tensor down_b, double eps) {
+  const int64_t B = x.size(0), hq = q.size(1), D = q.size(3), hk = k.size(1);
+  auto o = decode_attention(q.reshape({B, hk, hq / hk, D}), k, v, own_valid, prompt_k, prompt_v, prompt_len, group_of,
+                            scale);
+  x = x + linear(o.reshape({B, 1, hq * D}), o_w, o_b);
+  auto gate_up = linear(rms_norm(x, norm2, eps), gate_up_w, gate_up_b);
+  const int64_t I = gate_up.size(-1) / 2;
+  return x + linear(at::silu(gate_up.narrow(-1, 0, I)) * gate_up.narrow(-1, I, I), down_w, down_b);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_qkv", &decode_qkv, "a decode step's q, k, v of one decoder layer (AVX512-BF16)");
+  m.def("decode_rest", &decode_rest, "a decode step's attention and MLP of one decoder layer (AVX512-BF16)");
   m.def("pack_linear", &pack_linear, "a bf16 weight [N, K] laid out for linear (vdpbf16ps pairs)");
   m.def("linear", &linear, "x w^T (+ bias) of bf16 rows and a pack_linear weight (AVX512-BF16)");
   m.def("rope", &rope, "rotary embedding of the q and k heads of a bf16 qkv projection (AVX512-BF16)");

@@ -20,6 +20,10 @@ Sampling: softmax, cumsum, searchsorted and a gather over [rows, 49k] fp32 took 
 step (13%); three vectorised passes per row over the logits pick the same token (inverse CDF with
 the row's own uniform) and its log-prob in ~2 ms.
 
+A decode step's layer (decode_qkv, decode_rest): the same kernels and torch operations as
+fast_llama's layer loop in two calls per layer around the cache update, so no Python runs between
+them (at batch 1, Python's dispatch of ~25 operations per layer was ~1.5 ms of a 10 ms step).
+
 RMSNorm and RoPE: torch computes LlamaRMSNorm's bf16 form in ~10 ops (cast, square, mean, rsqrt,
 multiply, cast, scale) and the rotation in ~8, each op a dispatch of a few us at batch 1: 61 norms and
 30 rotations per step took ~3.3 ms of a 24 ms batch-1 step. The kernels do each in one pass, ~1 us. The
@@ -147,6 +151,26 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 _EMPTY = torch.empty(0)
+
+
+def decode_qkv(x, norm, qkv, qkv_bias, cos, sin, hq: int, hk: int, eps: float):
+    """A decode step's layer, first half: x [B, 1, H] -> q [B, hq, 1, D], k, v [B, hk, 1, D] of
+    rope(qkv(rms_norm(x))), `qkv` laid out by `pack_linear`."""
+    return kernel().decode_qkv(x, norm, qkv, _EMPTY if qkv_bias is None else qkv_bias, cos, sin, int(hq), int(hk),
+                               float(eps))
+
+
+def decode_rest(x, q, k, v, own_valid, prompts_k, prompts_v, lengths, group, scale: float,
+                o, o_bias, norm, gate_up, gate_up_bias, down, down_bias, eps: float):
+    """A decode step's layer, second half: x + o(attention over the prompts and own columns k/v), then
+    + down(silu(gate) * up) with gate|up = gate_up(rms_norm(x)). The same numbers as the torch ops."""
+    return kernel().decode_rest(
+        x, q, k, v, _EMPTY_BOOL if own_valid is None else own_valid, prompts_k, prompts_v, lengths, group,
+        float(scale), o, _EMPTY if o_bias is None else o_bias, norm, gate_up,
+        _EMPTY if gate_up_bias is None else gate_up_bias, down, _EMPTY if down_bias is None else down_bias, float(eps))
+
+
+_EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,6 +96,10 @@ class FastLlama:
                 down=Linear(f.down_proj.weight, f.down_proj.bias, r),
                 act=f.act_fn))
         self.lm_head = Linear(lm.get_output_embeddings().weight, None, r)
+        # decode.cpp's decode_qkv / decode_rest run a decode step's layer in two calls where every
+        # matmul is its `linear` and the activation is SiLU (Llama's); elsewhere the loop below.
+        self.layered = getattr(cfg, "hidden_act", None) == "silu" and all(
+            m.pairs for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
 
     def _mask(self, attention_mask, S: int, past: int, device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, S, past + S]: key j is seen by new token s if it is real and
@@ -152,7 +156,16 @@ class FastLlama:
         elif prompts is not None and mask is not None:  # the flash kernel takes an additive mask of the KV dtype
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         hq, hk, D = self.hq, self.hk, self.head_dim
+        layered = fused and rope and self.layered
         for i, layer in enumerate(self.layers):
+            if layered:  # the same operations as below, in two calls around the cache update
+                q, k, v = kernel.decode_qkv(x, layer.norm1, layer.qkv.weight, layer.qkv.bias, cos, sin, hq, hk, self.eps)
+                k, v = cache.update(k, v, i)
+                x = kernel.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
+                                       prompts.group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
+                                       layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias,
+                                       self.eps)
+                continue
             qkv = layer.qkv(_rms(x, layer.norm1, self.eps, norm)).view(B, S, hq + 2 * hk, D)
             if rope:
                 qk = kernel.rope(qkv, cos, sin, hq + hk)
