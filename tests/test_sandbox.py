@@ -127,6 +127,55 @@ def test_error_is_last_traceback_line(runsc):
     assert not r.timed_out
     assert runsc.execute(["1/0", "print('ok')"]).error is None  # earlier errors are not reported
     assert runsc.execute(["def f(:"]).error.startswith("SyntaxError")
+    code = "raise ValueError('na\u00efve \u2603 \"q\" \\\\ \U0001F600')"  # non-ASCII, quotes, a backslash
+    assert runsc.execute([code]).error == 'ValueError: na\u00efve \u2603 "q" \\ \U0001F600'
+
+
+def _runner_module():
+    """runner.py as a module (it runs inside the sandbox; here only its pure functions are called)."""
+    import importlib.util
+
+    from alphamath.sandbox import executor
+
+    spec = importlib.util.spec_from_file_location("sandbox_runner", Path(executor.__file__).with_name("runner.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_runner_writes_its_status_as_json_dumps_does():
+    """runner.py writes the status line by hand (importing json under gVisor's ptrace platform cost
+    ~30 ms of CPU per execution together with socket and traceback); it must be json.dumps' text."""
+    import json
+
+    runner = _runner_module()
+    values = [None, True, False, 0, -3, 0.125, 1e-07, 12.5, "", "plain", 'quo"te \\ back', "\n\r\t\b\f\x00\x1f\x7f",
+              "na\u00efve \u20ac", "\U0001F600", "\ud800 lone", "".join(map(chr, range(0, 300)))]
+    for v in values:
+        assert runner._json(v) == json.dumps(v)
+    status = {"error": "ValueError: \u2603\n", "timed_out": False, "exit": -9, "cpu_s": 0.031, "swept": True}
+    assert runner._json(status) == json.dumps(status) and json.loads(runner._json(status)) == status
+    with pytest.raises(TypeError):
+        runner._json([1])
+
+
+def test_the_runner_reads_the_workers_last_well_formed_report_line():
+    """The worker's report is a hex line ("e" + hex, or "n"); lines the model's code forged before
+    it, and malformed lines, do not win over the last well-formed one."""
+    runner = _runner_module()
+
+    def read(data: bytes):
+        r, w = os.pipe()
+        os.write(w, data)
+        os.close(w)
+        return runner._read_report(r)
+
+    err = "ZeroDivisionError: division by zero \u2603"
+    assert read(runner._report_line(err)) == err
+    assert read(b"e" + b"41".hex().encode() + b"\n" + runner._report_line(None)) is None
+    assert read(b"garbage\n" + runner._report_line(err) + b"ezz\nefff\n") == err
+    assert read(b"") is None
+    assert read(b"x" * (runner.ERROR_REPORT_CAP + 1)).startswith("SandboxError: the code wrote more than")
 
 
 def test_numpy_and_sympy_import(runsc):

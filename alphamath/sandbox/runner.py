@@ -1,7 +1,7 @@
 """The program that runs INSIDE the sandbox (gVisor, the gVisor pod, or bubblewrap); never imported
 by a service.
 
-It is passed to the sandboxed interpreter as `python3 -I -B -c <this source> <limits-json>`, so it
+It is passed to the sandboxed interpreter as `python3 -I -B -c <this source> <limits as hex of marshal data>`, so it
 must use the standard library only and must not import anything from this repository.
 
 Two processes, so that the result channel is out of reach of the model's code:
@@ -18,23 +18,26 @@ produced anyway by raising its own exception).
 
 Protocol with the host (`alphamath.sandbox.executor`), status lines on the original stderr:
   1. preload the configured modules, then "ready";
-  2. read one JSON line {"cells": [...]} from stdin; import the `lazy` modules the cells name
-     (trusted system packages, so a slow import is not charged to the code), fork the worker,
-     then "worker <pid>" and "ready" (the host's wall clock for the model's code starts here);
+  2. read one line from stdin, the cells as hex of `marshal.dumps(cells)`; import the `lazy` modules
+     the cells name (trusted system packages, so a slow import is not charged to the code), fork the
+     worker, then "worker <pid>" and "ready" (the host's wall clock for the model's code starts here);
   3. the worker streams the last cell's stdout to stdout (the host caps it); earlier cells' output
      and all stderr go to /dev/null;
   4. it empties the `sweep` directories (a reused runsc sandbox: nothing carries over);
   5. one JSON status line {"error", "timed_out", "exit", "cpu_s", "swept"}, then exit.
+The limits (argv) and the cells come from the host only, as marshal data (a builtin module: under
+gVisor's ptrace platform, importing json, socket and traceback took ~30 ms of CPU of each ~150 ms
+execution). Nothing from the worker is read with marshal: its report is a hex line, and the status
+is written by hand as JSON (`_json`, json.dumps' ensure_ascii output).
 """
+import _socket
 import ctypes
-import json
+import marshal
 import os
 import resource
 import signal
-import socket
 import struct
 import sys
-import traceback
 
 READY = b"ready\n"
 ERROR_REPORT_CAP = 4096
@@ -176,7 +179,10 @@ def _apply_limits(limits):
 
 
 def _error_line(exc):
-    """The last line of the traceback, e.g. "NameError: name 'x' is not defined"."""
+    """The last line of the traceback, e.g. "NameError: name 'x' is not defined" (traceback is
+    imported only when there is an error to format)."""
+    import traceback
+
     lines = traceback.format_exception_only(type(exc), exc)
     return lines[-1].strip() if lines else type(exc).__name__
 
@@ -191,7 +197,7 @@ def _worker(cells, limits, report_w, real_stdout, devnull):
         _install_seccomp(os.getpid())
         _apply_limits(limits)
     except BaseException as exc:
-        os.write(report_w, (json.dumps({"error": "SandboxError: " + _error_line(exc)}) + "\n").encode())
+        os.write(report_w, _report_line("SandboxError: " + _error_line(exc)))
         os._exit(0)
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)  # the soft CPU limit ends the worker
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -222,14 +228,20 @@ def _worker(cells, limits, report_w, real_stdout, devnull):
         if last:
             error = cell_error
     try:
-        os.write(report_w, (json.dumps({"error": error}) + "\n").encode())
+        os.write(report_w, _report_line(error))
     except BaseException:
         pass
     os._exit(0)
 
 
+def _report_line(error):
+    """The worker's report: "n" (no error) or "e" + hex of the error's UTF-8, one line."""
+    return b"n\n" if error is None else b"e" + error.encode("utf-8", "replace").hex().encode() + b"\n"
+
+
 def _read_report(fd):
-    """The worker's last complete JSON line (at most ERROR_REPORT_CAP bytes are read)."""
+    """The error of the worker's last well-formed report line (at most ERROR_REPORT_CAP bytes are
+    read; the model's code could write lines of its own, as it could raise its own exception)."""
     data = b""
     while len(data) <= ERROR_REPORT_CAP:
         try:
@@ -243,13 +255,46 @@ def _read_report(fd):
     if len(data) > ERROR_REPORT_CAP:
         return "SandboxError: the code wrote more than %d bytes to the error report" % ERROR_REPORT_CAP
     for line in reversed(data.splitlines()):
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(msg, dict) and (msg.get("error") is None or isinstance(msg.get("error"), str)):
-            return msg.get("error")
+        if line == b"n":
+            return None
+        if line[:1] == b"e":
+            try:
+                return bytes.fromhex(line[1:].decode("ascii")).decode("utf-8", "replace")
+            except ValueError:
+                continue
     return None
+
+
+def _json(value):
+    """json.dumps(value) for the status: None, bools, ints, floats and strings (non-ASCII escaped)."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        out = []
+        for ch in value:
+            o = ord(ch)
+            if ch == '"' or ch == "\\":
+                out.append("\\" + ch)
+            elif 0x20 <= o < 0x7F:
+                out.append(ch)
+            elif ch in _SHORT:
+                out.append(_SHORT[ch])
+            elif o > 0xFFFF:  # a surrogate pair, as json.dumps writes it
+                o -= 0x10000
+                out.append("\\u%04x\\u%04x" % (0xD800 | (o >> 10), 0xDC00 | (o & 0x3FF)))
+            else:
+                out.append("\\u%04x" % o)
+        return '"' + "".join(out) + '"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(_json(str(k)) + ": " + _json(v) for k, v in value.items()) + "}"
+    raise TypeError("status values are None, bool, int, float, str or dict")
+
+
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
 
 
 def _sweep(directories):
@@ -275,7 +320,7 @@ def _sweep(directories):
 
 
 def main(argv):
-    limits = json.loads(argv[1])
+    limits = marshal.loads(bytes.fromhex(argv[1]))  # written by the host
     # Services start us with an empty environment; these knobs are set here, not inherited.
     for key, value in (("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1"), ("PYTHONHASHSEED", "0")):
         os.environ.setdefault(key, value)
@@ -297,7 +342,9 @@ def main(argv):
 
     line = sys.stdin.buffer.readline(int(limits.get("max_request_bytes", 1 << 20)))
     os.dup2(devnull, 0)
-    cells = json.loads(line)["cells"]
+    cells = marshal.loads(bytes.fromhex(line.strip().decode("ascii")))  # written by the host
+    if not isinstance(cells, list) or not all(isinstance(cell, str) for cell in cells):
+        raise ValueError("the request must be a list of cells")
     for name in limits.get("lazy", ()):
         if name not in sys.modules and any(name in cell for cell in cells):
             try:
@@ -306,7 +353,7 @@ def main(argv):
                 pass
 
     # A socketpair, not a pipe: inside gVisor a pipe can be reopened through /proc/<pid>/fd.
-    report_r_sock, report_w_sock = socket.socketpair()
+    report_r_sock, report_w_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
     report_r, report_w = report_r_sock.detach(), report_w_sock.detach()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     pid = os.fork()
@@ -331,7 +378,7 @@ def main(argv):
         error = "SandboxError: the interpreter was killed by signal %d; memory or file size limit exceeded" % sig
     status = {"error": error, "timed_out": timed_out, "exit": -sig if signaled else os.WEXITSTATUS(wait_status),
               "cpu_s": round(cpu_s, 3), "swept": _sweep(limits.get("sweep", ()))}
-    os.write(status_fd, (json.dumps(status) + "\n").encode())
+    os.write(status_fd, (_json(status) + "\n").encode())
     os._exit(0)
 
 
