@@ -40,8 +40,8 @@ RUNS ?= 3
 test-under-load: setup  ## the suite RUNS times in a row while every core runs a busy loop (flaky-test hunt)
 	RUNS=$(RUNS) .ci/under-load
 
-bench: model
-	$(BIN)/python -m tests.bench
+bench: model  ## llama.cpp, MCTS vs baseline (a) with 4 leaves per model call (batched MCTS), the gRPC stack
+	$(BIN)/python -m tests.bench --leaves-per-call 4
 
 bench-memory: model  ## peak RSS of one process: SBS(3,5) at concurrency 8 and 16, MCTS(N=40) at 16 (target <= 6 GB)
 	$(BIN)/python -m tests.bench_memory
