@@ -8,9 +8,11 @@ module, and re-laid every bf16 weight out for oneDNN on each matmul. Here each l
     x = x + o(attend(rope(qkv(norm(x)))))          qkv: q, k and v projections in one matmul
     x = x + down(act(gate) * up),  gate|up = gate_up(norm(x))
 
-with weights laid out once (packed.py: oneDNN's bf16 layout, or an fp16 copy for the few-row matmuls
-of decode steps where the CPU computes fp32), norms as one fused op, RoPE applied to q and k together,
-and grouped-query attention folded so K/V are never repeated (attention.py). The rotary embedding
+with weights laid out once (packed.py: decode.cpp's vdpbf16ps pairs on CPUs with AVX512-BF16, else
+oneDNN's bf16 layout, or an fp16 copy for the few-row matmuls of decode steps where the CPU computes
+fp32), norms as one fused op, RoPE applied to q and k together, and grouped-query attention folded so
+K/V are never repeated (attention.py). Where the decode kernels run, a decode step's layer is two C++
+calls around the cache update (decode_qkv, decode_rest) computing exactly what the loop computes. The rotary embedding
 is transformers' own module, so every RoPE variant it knows is computed as it computes it.
 Training and every other caller use the transformers model; `tests/test_model.py` checks that
 both give the same hidden states.
