@@ -12,8 +12,9 @@ with weights laid out once (packed.py: decode.cpp's vdpbf16ps pairs on CPUs with
 oneDNN's bf16 layout, or an fp16 copy for the few-row matmuls of decode steps where the CPU computes
 fp32), norms as one fused op, RoPE applied to q and k together, and grouped-query attention folded so
 K/V are never repeated (attention.py). Where the decode kernels run, a decode step's layer is two C++
-calls around the cache update (decode_qkv, decode_rest) computing exactly what the loop computes. The rotary embedding
-is transformers' own module, so every RoPE variant it knows is computed as it computes it.
+calls around the cache update (decode_qkv, decode_rest) computing exactly what the loop computes. The
+rotary embedding is transformers' own module, so every RoPE variant it knows is computed as it
+computes it.
 Training and every other caller use the transformers model; `tests/test_model.py` checks that
 both give the same hidden states.
 """
@@ -161,7 +162,8 @@ class FastLlama:
         layered = fused and rope and self.layered
         for i, layer in enumerate(self.layers):
             if layered:  # the same operations as below, in two calls around the cache update
-                q, k, v = kernel.decode_qkv(x, layer.norm1, layer.qkv.weight, layer.qkv.bias, cos, sin, hq, hk, self.eps)
+                q, k, v = kernel.decode_qkv(x, layer.norm1, layer.qkv.weight, layer.qkv.bias, cos, sin, hq, hk,
+                                            self.eps)
                 k, v = cache.update(k, v, i)
                 x = kernel.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
                                        prompts.group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
