@@ -435,3 +435,11 @@ def test_slow_or_failing_teardown_never_fails_an_execution():
         assert ex.drain(60)
         assert ex.teardowns == {"ok": 0, "slow": 1, "failed": 1}
         assert sorted((b, o) for b, o, _ in seen) == [("runsc", "failed"), ("runsc", "slow")]
+
+
+def test_an_error_is_still_named_when_the_code_broke_traceback(runsc):
+    """The worker imports traceback only to format an error; code that broke the import system
+    still gets its error reported (its type's name), not a silent success."""
+    r = runsc.execute(["import builtins\ndef no(*a, **k):\n    raise ImportError('no imports')\n"
+                       "builtins.__import__ = no\nraise KeyError('k')"])
+    assert r.error == "KeyError" and r.stdout == ""

@@ -1,8 +1,9 @@
 """The program that runs INSIDE the sandbox (gVisor, the gVisor pod, or bubblewrap); never imported
 by a service.
 
-It is passed to the sandboxed interpreter as `python3 -I -B -c <this source> <limits as hex of marshal data>`, so it
-must use the standard library only and must not import anything from this repository.
+It is passed to the sandboxed interpreter as `python3 -I -B -c <this source> <limits>` (the limits as
+hex of marshal data), so it must use the standard library only and must not import anything from this
+repository.
 
 Two processes, so that the result channel is out of reach of the model's code:
   * the supervisor (this process) holds the status channel (the original stderr, read by the host)
@@ -180,11 +181,15 @@ def _apply_limits(limits):
 
 def _error_line(exc):
     """The last line of the traceback, e.g. "NameError: name 'x' is not defined" (traceback is
-    imported only when there is an error to format)."""
-    import traceback
+    imported only when there is an error to format; if the code broke importing or formatting, the
+    exception's type name)."""
+    try:
+        import traceback
 
-    lines = traceback.format_exception_only(type(exc), exc)
-    return lines[-1].strip() if lines else type(exc).__name__
+        lines = traceback.format_exception_only(type(exc), exc)
+        return lines[-1].strip() if lines else type(exc).__name__
+    except BaseException:
+        return type(exc).__name__
 
 
 # --- the two processes ----------------------------------------------------------------------------
