@@ -142,6 +142,10 @@ def test_cpu_flags_parsing():
     assert cpu_has_fast_bf16("processor: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
     assert cpu_has_fast_bf16("flags : fpu amx_bf16 amx_tile\n")
     assert not cpu_has_fast_bf16("flags : fpu sse avx2 avx512f\n")
+    from alphamath.model.dtype import cpu_has_amx
+
+    assert cpu_has_amx("flags : fpu avx512_bf16 amx_bf16 amx_tile\n")
+    assert not cpu_has_amx("flags : fpu avx512f avx512_bf16\n")
 
 
 @pytest.fixture
@@ -472,7 +476,7 @@ def test_rope_kernel_equals_the_torch_rotation_bit_for_bit():
         assert torch.equal(decode.rope(qkv, cos, sin, hq + hk), want)
 
 
-def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alone():
+def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alone(monkeypatch):
     """decode.cpp's linear: x W^T (+ bias) within fp32 summation and one bf16 rounding of the exact
     product, oneDNN's bf16 matmul to one bf16 step, and each row exactly what it is alone (a decode
     step's rows do not move one another's samples)."""
@@ -498,7 +502,13 @@ def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alon
             assert torch.equal(decode.linear(x[:m], packed, b), out[:m])
             assert torch.equal(decode.linear(x[m - 1:m], packed, b), out[m - 1:m])
     assert decode.linear(x.view(3, 3, K), packed, None).shape == (3, 3, N)
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "pairs")
     assert decode.linear_usable(w) and not decode.linear_usable(w[:72]) and not decode.linear_usable(w.float())
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "onednn")
+    assert not decode.linear_usable(w)  # AMX CPUs' default: oneDNN's tiles
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "int4")
+    with pytest.raises(ValueError, match="expected one of"):
+        decode.linear_usable(w)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         decode.pack_linear(w[:72])
     with pytest.raises(RuntimeError, match="x \\[..., 200\\]"):
@@ -531,6 +541,7 @@ def test_decode_layer_kernels_sample_what_the_layer_loop_samples_bit_for_bit(ker
     calls = []
     real = decode.decode_rest
     monkeypatch.setattr(decode, "decode_rest", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "pairs")  # the default off AMX CPUs
     lm = LocalLM(kernel_model_dir, dtype="bf16")
     assert lm._fast.layered
     prompts = ["Question: what is 2 + 3?", "Question: what is 7 * 6 minus 5, and then halved?"]

@@ -8,6 +8,10 @@ weight out once as the pairs vdpbf16ps multiplies, 16 outputs per 64-byte load, 
 streams a contiguous run of the weight, and it keeps a tile of 4 rows against 4 output blocks in
 registers. The sums are taken in the same pair order as oneDNN's (equal on all but ~3 in 10^5 outputs,
 which differ by one bf16 step), and a row's result never depends on the other rows of the call.
+It was measured on a Zen 4 (AVX512-BF16, no AMX), where it is as fast as oneDNN or faster at every row
+count up to 512. On CPUs with AMX, oneDNN multiplies with AMX tiles, which may win at many rows, and
+session 20 measured it at about the read bandwidth at batch 1 there; not measured against this kernel,
+so those CPUs keep oneDNN. ALPHAMATH_DECODE_MATMUL=pairs or =onednn chooses either way (A/B runs).
 
 Attention: torch's CPU flash kernel spent ~37% of a large decode step (SBS at 8 problems: 120 rows,
 24 prompts) on two small attentions per layer, at ~55 GFLOP/s where the packed linears reach ~370:
@@ -45,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from alphamath.model.dtype import cpu_has_fast_bf16
+from alphamath.model.dtype import cpu_has_amx, cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".cpp")
@@ -134,10 +138,23 @@ def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) ->
     return kernel().rope(qkv, cos, sin, int(heads))
 
 
+MATMULS = ("pairs", "onednn")
+
+
+def matmul_choice() -> str:
+    """ALPHAMATH_DECODE_MATMUL, else "onednn" on CPUs with AMX (see the module doc) and "pairs" elsewhere."""
+    choice = (os.environ.get("ALPHAMATH_DECODE_MATMUL") or ("onednn" if cpu_has_amx() else "pairs")).strip().lower()
+    if choice not in MATMULS:
+        raise ValueError(f"ALPHAMATH_DECODE_MATMUL={choice!r}: expected one of {MATMULS}")
+    return choice
+
+
 def linear_usable(weight: torch.Tensor) -> bool:
-    """Can `linear` compute with `weight` [N, K] (bf16 on the CPU, N a multiple of 16, K even) here?"""
+    """Should `linear` compute with `weight` [N, K] here: bf16 on the CPU, N a multiple of 16, K even,
+    the kernels built, and the pairs chosen (`matmul_choice`)?"""
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0 and kernel() is not None)
+            and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0 and kernel() is not None
+            and matmul_choice() == "pairs")
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:

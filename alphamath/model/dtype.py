@@ -22,18 +22,28 @@ def _parse_dtype(value: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
-def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
-    """True if the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16); otherwise bf16 is emulated and slow."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (or the text given); empty where it cannot be read."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return False
+            return set()
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return flags
+
+
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """True if the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16); otherwise bf16 is emulated and slow."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """True if the CPU has AMX bf16 tiles (oneDNN uses them for bf16 matmuls)."""
+    return "amx_bf16" in cpu_flags(cpuinfo)
 
 
 def default_dtype(dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.dtype:
