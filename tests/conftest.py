@@ -20,35 +20,28 @@ def tiny_tokenizer():
     return embedded_tokenizer()
 
 
+def save_random_llama(path, tokenizer, **shape):
+    """A Llama with random weights (init 0.5: a wider init than HF's 0.02, so the random model's
+    distributions are not flat, no argmax ties) and the SmolLM2 tokenizer, saved as a HF checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.5, **shape)
+    LlamaForCausalLM(config).to(torch.float32).eval().save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A 2-layer Llama (hidden 32, GQA 4q/2kv heads) with random weights, saved as a HF checkpoint + tokenizer.
 
     No value head file: loading it gives a fresh head. Tests that need a head copy the dir.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
-    # A wider init than HF's 0.02 so the random model's distributions are not flat (argmax ties).
-    config.initializer_range = 0.5
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer, hidden_size=32,
+                             intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
 def pytest_configure(config):

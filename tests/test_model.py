@@ -518,18 +518,10 @@ def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alon
 @pytest.fixture(scope="module")
 def kernel_model_dir(tmp_path_factory, tiny_tokenizer):
     """A 2-layer Llama whose shapes the decode kernels serve (head_dim 64, GQA 2q/1kv), random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import save_random_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=tiny_tokenizer.bos_token_id,
-                         eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
-                         initializer_range=0.5)
-    path = tmp_path_factory.mktemp("kernel-llama")
-    LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("kernel-llama"), tiny_tokenizer, hidden_size=128,
+                             intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
 
 def test_decode_layer_kernels_sample_what_the_layer_loop_samples_bit_for_bit(kernel_model_dir, monkeypatch):

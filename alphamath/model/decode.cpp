@@ -85,7 +85,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   const int64_t R = (int64_t)rows.size(), M = R * g, Mp = (M + QC - 1) / QC * QC;
   const int64_t Lp = (plen + 15) / 16 * 16, Wp = (W + 15) / 16 * 16, S = Lp + Wp;
   // Scratch kept per thread across tasks and steps (a step runs G * Hk tasks per layer): sized, not
-  // reallocated; kt and qp are zeroed because their padding is read.
+  // reallocated; qp is zeroed and kt's padding written as zeros, because their padding is read.
   thread_local std::vector<uint32_t> kt, qp, pp;
   thread_local std::vector<float> sc, o, qf, inv_l;
   kt.resize((size_t)P * Lp);  // every column up to Lp is written below (zeros past plen)

@@ -57,6 +57,7 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
+_EMPTY, _EMPTY_BOOL = torch.empty(0), torch.empty(0, dtype=torch.bool)  # "none" for the kernels' optional tensors
 
 
 NAME = "alphamath_decode"
@@ -116,9 +117,8 @@ def usable(x: torch.Tensor, head_dim: int) -> bool:
 def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group_of, scale: float) -> torch.Tensor:
     """q [B, Hk, g, D]; own_k/own_v [B, Hk, W, D]; own_valid [B, W] bool or None (every column);
     keys/values [G, Hk, L, D]; prompt_len [G]; group_of [B] -> [B, Hk, g, D]."""
-    empty = torch.empty(0, dtype=torch.bool)
-    return kernel().decode_attention(q, own_k, own_v, empty if own_valid is None else own_valid, keys, values,
-                                     prompt_len, group_of, float(scale))
+    return kernel().decode_attention(q, own_k, own_v, _EMPTY_BOOL if own_valid is None else own_valid, keys,
+                                     values, prompt_len, group_of, float(scale))
 
 
 def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -167,8 +167,6 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     return kernel().linear(x, packed, _EMPTY if bias is None else bias)
 
 
-_EMPTY = torch.empty(0)
-
 
 def decode_qkv(x, norm, qkv, qkv_bias, cos, sin, hq: int, hk: int, eps: float):
     """A decode step's layer, first half: x [B, 1, H] -> q [B, hq, 1, D], k, v [B, hk, 1, D] of
@@ -186,8 +184,6 @@ def decode_rest(x, q, k, v, own_valid, prompts_k, prompts_v, lengths, group, sca
         float(scale), o, _EMPTY if o_bias is None else o_bias, norm, gate_up,
         _EMPTY if gate_up_bias is None else gate_up_bias, down, _EMPTY if down_bias is None else down_bias, float(eps))
 
-
-_EMPTY_BOOL = torch.empty(0, dtype=torch.bool)
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ compute dtype, and bf16 is only worth it where the CPU multiplies it natively.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -22,18 +23,25 @@ def _parse_dtype(value: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (or the text given); empty where it cannot be read."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (read once) or the text given; empty where unreadable."""
+    return _proc_cpu_flags() if cpuinfo is None else _parse_flags(cpuinfo)
+
+
+@functools.cache
+def _proc_cpu_flags() -> frozenset[str]:
+    try:
+        return _parse_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return frozenset()
+
+
+def _parse_flags(cpuinfo: str) -> frozenset[str]:
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
-    return flags
+    return frozenset(flags)
 
 
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
