@@ -9,10 +9,14 @@ the policy writes the next step, which is what lets the pool refill. `pod` is me
 production sees it: the service inside a pod-shaped gVisor sandbox (sandbox_svc.podsim), called
 over gRPC from outside; runsc and bwrap are in-process executors. The cell is `print(6 * 7)`
 (`--cells path` for a two-cell path that rebuilds state first). Needs root and runsc.
+
+`cpu ms` is the whole machine's busy CPU time per execution while measuring (/proc/stat: the
+sandbox's, gVisor's and the caller's), the cost that competes with the model on a small host.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -25,8 +29,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def measure(execute, cells, expected, n: int, gap: float) -> list[float]:
+def machine_busy_s() -> float:
+    """Seconds of CPU the whole machine has spent busy (not idle or waiting on I/O) since boot."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(execute, cells, expected, n: int, gap: float) -> tuple[list[float], float]:
+    """(latency of each execution, machine CPU seconds per execution)."""
     latencies = []
+    busy = machine_busy_s()
     for _ in range(n):
         t0 = time.monotonic()
         result = execute(cells)
@@ -34,10 +47,10 @@ def measure(execute, cells, expected, n: int, gap: float) -> list[float]:
         if result.error or result.stdout != expected:
             raise SystemExit(f"unexpected result {result}")
         time.sleep(gap)
-    return latencies
+    return latencies, (machine_busy_s() - busy) / n
 
 
-def run(backend: str, pool: int, cells, expected, n: int, gap: float, preload: str) -> list[float]:
+def run(backend: str, pool: int, cells, expected, n: int, gap: float, preload: str) -> tuple[list[float], float]:
     if backend == "pod":
         from sandbox_svc.podsim import PodSandbox, remote_execute
 
@@ -64,12 +77,12 @@ def main() -> None:
     ap.add_argument("--preload", default="", help="what pooled sandboxes import ahead ('' for nothing)")
     args = ap.parse_args()
     print(f"cells={args.cells} n={args.n} warm: pool={args.pool} gap={args.gap}s preload={args.preload!r}")
-    print(f"{'backend':<8} {'mode':<5} {'p50 ms':>7} {'p95 ms':>7} {'mean ms':>8}")
+    print(f"{'backend':<8} {'mode':<5} {'p50 ms':>7} {'p95 ms':>7} {'mean ms':>8} {'cpu ms':>7}")
     for backend in args.backends.split(","):
         for mode, pool, gap in (("cold", 0, 0.0), ("warm", args.pool, args.gap)):
-            lat = run(backend, pool, CELLS[args.cells], EXPECTED[args.cells], args.n, gap, args.preload)
+            lat, cpu = run(backend, pool, CELLS[args.cells], EXPECTED[args.cells], args.n, gap, args.preload)
             print(f"{backend:<8} {mode:<5} {percentile(lat, 0.5) * 1000:>7.0f} {percentile(lat, 0.95) * 1000:>7.0f} "
-                  f"{statistics.mean(lat) * 1000:>8.0f}", flush=True)
+                  f"{statistics.mean(lat) * 1000:>8.0f} {cpu * 1000:>7.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -106,17 +106,19 @@ STDERR_FLOOD = "import sys\nfor _ in range(200_000):\n    sys.stderr.write('x' *
 PTRACE = """
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
-for pid in sorted({os.getppid(), 1}):
-    r = libc.ptrace(16, pid, 0, 0)  # PTRACE_ATTACH
-    print("ATTACHED" if r == 0 else "denied", pid)
-    r = libc.ptrace(0x4206, pid, 0, 0)  # PTRACE_SEIZE
-    print("ATTACHED" if r == 0 else "denied", pid)
+# the supervisor, pid 1, and every other process it can see (a runsc sandbox's serving runner)
+others = {int(p) for p in os.listdir("/proc") if p.isdigit()} - {os.getpid()}
 local = ctypes.create_string_buffer(16)
 class iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 iov = iovec(ctypes.addressof(local), 16)
-r = libc.process_vm_readv(os.getppid(), ctypes.byref(iov), 1, ctypes.byref(iov), 1, 0)
-print("READ_PEER" if r > 0 else "denied")
+for pid in sorted(others | {os.getppid(), 1}):
+    r = libc.ptrace(16, pid, 0, 0)  # PTRACE_ATTACH
+    print("ATTACHED" if r == 0 else "denied", pid)
+    r = libc.ptrace(0x4206, pid, 0, 0)  # PTRACE_SEIZE
+    print("ATTACHED" if r == 0 else "denied", pid)
+    r = libc.process_vm_readv(pid, ctypes.byref(iov), 1, ctypes.byref(iov), 1, 0)
+    print("READ_PEER" if r > 0 else "denied", pid)
 """
 
 PROC_SNOOP = """
@@ -153,7 +155,8 @@ print("done")
 
 SIGNALS = """
 import os, signal
-for target in sorted({os.getppid(), 1, -1}):
+others = {int(p) for p in os.listdir("/proc") if p.isdigit()} - {os.getpid()}
+for target in sorted(others | {os.getppid(), 1, -1}):
     try:
         os.kill(target, signal.SIGKILL)
         print("SIGNALLED", target)

@@ -322,6 +322,37 @@ def test_a_reused_sandbox_carries_nothing_over(pool_size):
     assert not list(Path("/sys/fs/cgroup").glob("*" + cgroup_parent))
 
 
+def test_one_runner_serves_a_sandbox_and_its_end_marker_cannot_be_forged(runsc):
+    """A runsc sandbox runs one serving runner, which forks a fresh supervisor per execution: stdout
+    stays open between executions, so each one's output ends at a marker drawn after its worker
+    died. Output that imitates a marker, never ends its line, or ends in a clean CPU-limit kill
+    comes back whole, and the sandbox and its runner serve the next execution."""
+    assert runsc.drain(60)
+    backend = runsc._backend
+    with backend._lock:  # keep one idle sandbox: the executions below all take it
+        extra, backend._idle[:] = backend._idle[:-1], backend._idle[-1:]
+    for other in extra:
+        backend._stop_sandbox(other)
+    (sandbox,) = backend._idle
+    runner_pid, uses = sandbox.runner.pid, sandbox.uses
+    fake = "\\x00" + "0" * 32 + "\\n"
+    results = [runsc.execute([cell]) for cell in (
+        f"import sys\nsys.stdout.write('a{fake}b'); sys.stdout.flush()\nprint('{fake}', end='')",
+        "print('no newline', end='')",
+        "x = 0\nwhile True:\n    x += 1",
+        "import os\nprint(os.getppid() != 1, sorted(os.listdir('/tmp')))",
+    )]
+    assert [(r.stdout, r.error is None, r.timed_out) for r in results] == [
+        ("a\0" + "0" * 32 + "\nb\0" + "0" * 32 + "\n", True, False),
+        ("no newline", True, False),
+        ("", False, True),
+        ("True []\n", True, False),
+    ]
+    assert runsc.drain(60)
+    assert backend._idle == [sandbox] and sandbox.uses == uses + 4
+    assert sandbox.runner.pid == runner_pid and sandbox.runner.poll() is None
+
+
 def test_a_sandbox_is_reused_only_after_a_clean_execution(runsc):
     """An execution the host had to stop (past the wall clock, flooding) ends its whole sandbox:
     nothing it left running can meet the next execution. (Past the CPU limit the runner itself sees

@@ -69,6 +69,7 @@ DEFAULT_PYTHON = "/usr/bin/python3"
 RUNSC_PIDS_OVERHEAD = 128
 RUNSC_MEMORY_OVERHEAD = 384 << 20
 STATUS_CAP = 64 << 10
+READY = b"ready\n"
 # runsc: a sandbox serves executions one after another, each a fresh runner process (`runsc exec`,
 # ~2x cheaper than booting a sandbox under ptrace); at most WARM_IDLE wait idle, each serves at most
 # WARM_USES executions. Its init runs as INIT_UID, which no execution runs as, and only waits.
@@ -118,6 +119,9 @@ class _Box:
     io: tuple = ()  # our ends of its stdin, stdout, stderr (the status channel)
     sandbox: "_Warm | None" = None  # runsc: the gVisor sandbox this execution runs in
     reused: bool = False  # runsc: its sandbox went back to the idle set after a clean execution
+    served: bool = False  # a fork of a serving runner, already waiting for its request (no boot handshake)
+    cwd: str | None = None  # pod: the directory the execution's supervisor moves into
+    supervisor_pid: int | None = None  # served: the fork of the runner that supervises the worker
 
 
 @dataclass
@@ -130,6 +134,8 @@ class _Warm:
     bundle: Path
     io: tuple
     uses: int = 0
+    runner: subprocess.Popen | None = None  # `runsc exec` of the serving runner (runner.py's _serve)
+    runner_io: tuple = ()  # our ends of its stdin (requests), stdout (output), stderr (status)
 
 
 def ro_root_layout() -> tuple[list[tuple[str, str]], list[str]]:
@@ -177,6 +183,8 @@ class _Backend:
     strength = "?"  # "gvisor" (the kernel boundary is gVisor) or "namespaces" (the host kernel)
     max_parallel: int | None = None  # executions that may run at once (None: no limit of its own)
     sweep: tuple[str, ...] = ()  # what the runner empties after its worker is gone (a reused sandbox)
+    serve = False  # one runner serves many executions, a fork each (runner.py's _serve)
+    poolable = True  # executions can be started ahead (Executor's pool_size)
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str]):
         self.limits = limits
@@ -191,6 +199,7 @@ class _Backend:
                 "lazy": list(LAZY_IMPORTS),
                 "max_request_bytes": 4 * limits.max_code_bytes + 4096,
                 "sweep": list(self.sweep),
+                "serve": self.serve,
             },
             4,
         ).hex()
@@ -211,6 +220,9 @@ class _Backend:
 
     def destroy(self, box: _Box) -> None:
         raise NotImplementedError
+
+    def started(self, box: _Box) -> None:
+        """Called once the box's worker runs (its second "ready")."""
 
     def release(self, box: _Box) -> None:
         """Called when an execution is over, before its result is returned: the quick part of the
@@ -265,15 +277,19 @@ class _Backend:
 class RunscBackend(_Backend):
     """gVisor: `runsc run` of an OCI bundle over a shared read-only rootfs, reused execution by execution.
 
-    Each execution is a fresh runner process (`runsc exec`) in a sandbox that runs nothing else
-    meanwhile, as the pod backend does in production; the runner empties /tmp (the only writable
-    place) after its worker is gone, and the worker can neither fork nor use SysV/POSIX IPC, so an
-    execution leaves nothing behind. A sandbox whose execution did not end cleanly is destroyed.
+    A sandbox runs one runner (`runsc exec`, once) that serves its executions one at a time: for
+    each it forks a fresh supervisor, which reads the request and forks the worker (runner.py's
+    `_serve`); the serving runner itself never reads a request nor runs model code, so each
+    execution starts from the same state, as a fresh process would. The supervisor empties /tmp
+    (the only writable place) after its worker is gone, and the worker can neither fork nor use
+    SysV/POSIX IPC, so an execution leaves nothing behind. A sandbox whose execution did not end
+    cleanly is destroyed.
     """
 
     name = "runsc"
     strength = "gvisor"
     sweep = ("/tmp",)
+    serve = True
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str], runsc: str = "runsc"):
         super().__init__(limits, python, preload)
@@ -308,7 +324,7 @@ class RunscBackend(_Backend):
             }
             for path in binds
         ]
-        self.process_json = self.workdir / "process.json"  # what every `runsc exec` runs
+        self.process_json = self.workdir / "process.json"  # the serving runner each sandbox `runsc exec`s
         self.process_json.write_text(json.dumps(self._spec("exec")["process"]))
 
     def _build_rootfs(self, links, binds) -> None:
@@ -382,51 +398,51 @@ class RunscBackend(_Backend):
         (bundle / "config.json").write_text(json.dumps(spec))
         proc, io = self._popen(self._cmd("run", "--bundle", str(bundle), cid))
         sandbox = _Warm(cid, proc, bundle, io)
-        if not _wait_line(io[1], b"up\n", time.monotonic() + self.limits.startup_timeout_s):
+        deadline = time.monotonic() + self.limits.startup_timeout_s
+        try:
+            if not _wait_line(io[1], b"up\n", deadline):
+                raise SandboxStartError(f"runsc sandbox {cid} did not start")
+            sandbox.runner, sandbox.runner_io = self._popen(
+                self._cmd("exec", "--process", str(self.process_json), cid))
+            if not _wait_line(sandbox.runner_io[2], READY, deadline):
+                raise SandboxStartError(f"the runner of runsc sandbox {cid} did not start")
+        except BaseException:
             self._stop_sandbox(sandbox)
-            raise SandboxStartError(f"runsc sandbox {cid} did not start")
+            raise
         return sandbox
 
     def launch(self) -> _Box:
         with self._lock:
             sandbox = self._idle.pop() if self._idle else None
-        if sandbox is None or sandbox.proc.poll() is not None:
+        if sandbox is None or sandbox.proc.poll() is not None or sandbox.runner.poll() is not None:
             if sandbox is not None:
                 self._stop_sandbox(sandbox)
             sandbox = self._start_sandbox()
         sandbox.uses += 1
-        try:
-            proc, io = self._popen(self._cmd("exec", "--process", str(self.process_json), sandbox.id))
-        except BaseException:
-            self._stop_sandbox(sandbox)
-            raise
-        return _Box(f"{sandbox.id}.{sandbox.uses}", proc, None, bytearray(), io=io, sandbox=sandbox)
+        return _Box(f"{sandbox.id}.{sandbox.uses}", sandbox.runner, None, bytearray(), io=sandbox.runner_io,
+                    sandbox=sandbox, served=True)
 
     def release(self, box: _Box) -> None:
-        """A sandbox goes back to the idle set only after a clean execution: the runner reported a
-        status, its worker is gone (the runner waits for it) and it swept /tmp. Anything else (a
-        timeout, a flood, a killed runner) ends the whole sandbox in destroy()."""
+        """A sandbox goes back to the idle set only after a clean execution: the supervisor reported
+        a status, its worker is gone (the supervisor waits for it) and it swept /tmp. Anything else
+        (a timeout, a flood, a killed runner) ends the whole sandbox in destroy()."""
         status = _parse_status(box.status) if box.finished else None
         sandbox = box.sandbox
         if sandbox is None or not status or status.get("swept") is not True or sandbox.uses >= WARM_USES:
             return
-        try:
-            box.proc.wait(TEARDOWN_STEP_S)  # the `runsc exec` client: it exits with the runner
-        except subprocess.TimeoutExpired:
-            return
         with self._lock:
-            if len(self._idle) < WARM_IDLE and not self._closed and sandbox.proc.poll() is None:
+            if (len(self._idle) < WARM_IDLE and not self._closed and sandbox.proc.poll() is None
+                    and sandbox.runner.poll() is None):
                 self._idle.append(sandbox)
                 box.reused = True
 
     def destroy(self, box: _Box) -> None:
-        self._reap(box, grace_s=TEARDOWN_STEP_S if box.finished else 0.5)
         if box.sandbox is not None and not box.reused:
             self._stop_sandbox(box.sandbox)
 
     def _stop_sandbox(self, sandbox: _Warm) -> None:
         """End a sandbox and everything in it; remove its state, bundle and cgroup."""
-        for stream in sandbox.io:  # the init's stdin closes: it exits, and the sandbox with it
+        for stream in (*sandbox.runner_io, *sandbox.io):  # the init's stdin closes: it exits, the sandbox with it
             try:
                 stream.close()
             except OSError:
@@ -442,6 +458,12 @@ class RunscBackend(_Backend):
             except subprocess.TimeoutExpired:
                 os.killpg(sandbox.proc.pid, signal.SIGKILL)
                 sandbox.proc.wait()
+        if sandbox.runner is not None:  # the `runsc exec` client ends with the sandbox
+            try:
+                sandbox.runner.wait(TEARDOWN_STEP_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(sandbox.runner.pid, signal.SIGKILL)
+                sandbox.runner.wait()
         if list(self.state.glob(f"*{sandbox.id}*")):
             subprocess.run(self._cmd("delete", "--force", sandbox.id), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=TEARDOWN_STEP_S)
@@ -548,7 +570,8 @@ class BwrapBackend(_Backend):
 
 
 class PodBackend(_Backend):
-    """Inside a gVisor pod: one fresh runner process per execution, as the pod's non-root uid.
+    """Inside a gVisor pod: a fresh process per execution, forked by one serving runner, as the pod's
+    non-root uid.
 
     gVisor (the pod's RuntimeClass) is the kernel boundary. Within the pod the runner's worker
     cannot create processes, signal/ptrace/prlimit anything but itself, open sockets or change
@@ -556,6 +579,12 @@ class PodBackend(_Backend):
     reach the service or another execution through /proc. Scratch directories have unguessable
     names in a root it cannot list, and once a box has started no path leads into its directory
     (the box works relative to its cwd); anything left outside is swept after each execution.
+
+    The runner (runner.py's `_serve`: its own process group, an empty environment) forks a fresh
+    supervisor per execution, which moves into the box's directory and forks the worker; the runner
+    itself never reads a request nor runs model code. After an execution that did not end cleanly
+    (a timeout, a flood, no status) the runner's whole process group is killed and the next
+    execution starts a new one, as before every execution in the past (~100 ms of CPU under gVisor).
 
     Known limits (all inside the pod, whose kernel boundary is gVisor): the model's code can write
     lines into the service's own stdout/stderr (gVisor lets the same uid reopen the service's host
@@ -570,6 +599,8 @@ class PodBackend(_Backend):
     # open files through /proc/<pid>/fd/N: so model code never runs twice at once in a pod (the
     # next starts after the previous one's processes and files are gone). Scale with replicas.
     max_parallel = 1
+    serve = True
+    poolable = False  # one runner, already started, serves every execution
 
     def __init__(self, limits: Limits, python: str, preload: Sequence[str], scratch_dir: str | None = None):
         super().__init__(limits, python, preload)
@@ -594,6 +625,7 @@ class PodBackend(_Backend):
         self._live: set[str] = set()
         self._lock = threading.Lock()
         self.argv = list(self.argv_tail)
+        self._runner: _Box | None = None  # the serving runner: its process and our ends of its stdio
 
     def launch(self) -> _Box:
         name = secrets.token_hex(16)
@@ -602,43 +634,62 @@ class PodBackend(_Backend):
             self._live.add(name)
             box_dir.parent.mkdir(mode=0o700)
             box_dir.mkdir(mode=0o700)
-        # env={}: nothing of the service's environment; the runner sets its own few knobs.
-        proc, io = self._popen(self.argv, cwd=str(box_dir), env={})
-        # The box keeps its working directory, but no path leads into it any more: another
-        # execution (same uid) that learns the path from /proc/<pid>/fd cannot open its files.
-        os.chmod(box_dir.parent, 0)
-        return _Box(name, proc, box_dir.parent, bytearray(), io=io)
+        runner = self._runner
+        if runner is None or runner.proc.poll() is not None:
+            self._stop_runner()
+            # env={}: nothing of the service's environment; the runner sets its own few knobs.
+            proc, io = self._popen(self.argv, cwd=str(self.scratch), env={})
+            runner = _Box("runner", proc, None, bytearray(), io=io)
+            if not _wait_line(io[2], READY, time.monotonic() + self.limits.startup_timeout_s):
+                self._reap(runner, grace_s=0)
+                with self._lock:
+                    self._live.discard(name)
+                    self._sweep()
+                raise SandboxStartError("the pod's runner did not start")
+            self._runner = runner
+        return _Box(name, runner.proc, box_dir.parent, bytearray(), io=runner.io, served=True, cwd=str(box_dir))
+
+    def started(self, box: _Box) -> None:
+        # The box's supervisor has moved into its directory: from now on no path leads into it, so
+        # another execution (same uid) that learns the path from /proc/<pid>/fd cannot open its files.
+        os.chmod(Path(box.cwd).parent, 0)
 
     def release(self, box: _Box) -> None:
-        # Its processes end and its scratch space is freed before the next execution can start.
-        try:
-            os.killpg(box.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # Its processes end and its scratch space is freed before the next execution can start. After
+        # a clean execution the worker is gone (its supervisor waited for it and reported); otherwise
+        # the runner's process group goes: the worker can neither leave the group (setsid/setpgid are
+        # denied) nor create processes, so that ends everything the execution started.
+        status = _parse_status(box.status) if box.finished else None
+        if status and status.get("swept") is True:
+            box.reused = True
+        else:
+            self._stop_runner()
         with self._lock:
             self._live.discard(box.id)
             self._sweep()
 
+    def _stop_runner(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            try:
+                os.killpg(runner.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self._reap(runner, grace_s=TEARDOWN_STEP_S)
+
     def destroy(self, box: _Box) -> None:
-        # The worker cannot leave the runner's process group (setsid/setpgid are denied) nor create
-        # processes, so killing the group ends everything the execution started.
-        try:
-            os.killpg(box.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self._reap(box, grace_s=0)
-        if box.worker_pid:  # orphaned by the kill, it is our child now (subreaper): reap it
+        if box.reused:
+            return
+        # Orphaned by the kill, the supervisor and the worker are our children now (subreaper).
+        for pid in (box.supervisor_pid, box.worker_pid):
             deadline = time.monotonic() + TEARDOWN_STEP_S
-            while time.monotonic() < deadline:
+            while pid and time.monotonic() < deadline:
                 try:
-                    if os.waitpid(box.worker_pid, os.WNOHANG)[0]:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
                         break
-                except ChildProcessError:  # its supervisor reaped it
+                except ChildProcessError:  # its parent reaped it
                     break
                 time.sleep(0.01)
-        with self._lock:
-            self._live.discard(box.id)
-            self._sweep()
 
     def _sweep(self) -> None:
         """Remove every entry of the scratch root that is not a live box, and whatever appeared in
@@ -652,6 +703,7 @@ class PodBackend(_Backend):
                     _remove(Path(entry.path))
 
     def close(self) -> None:
+        self._stop_runner()
         _remove(self.scratch)
 
 
@@ -710,10 +762,13 @@ def _wait_line(stream: socket.socket, line: bytes, deadline: float) -> bool:
 
 
 def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
-    """Read the box's stdout/stderr until `ready` (boot) or EOF (run), a deadline or a flood.
+    """Read the box's stdout/stderr until `ready` (boot) or the run's end, a deadline or a flood.
 
-    Returns (stdout bytes, reason) where reason is "ready", "eof", "timeout", "flood" (stdout over
-    its cap) or "status_flood" (the status channel over STATUS_CAP: a misbehaving sandbox).
+    A run ends at EOF, or for a served box (whose streams carry the next execution later) at its
+    status line and the end marker it names on stdout (runner.py's `_execute`), which is cut off.
+    Returns (stdout bytes, reason) where reason is "ready", "eof" (the run ended), "timeout",
+    "flood" (stdout over its cap) or "status_flood" (the status channel over STATUS_CAP: a
+    misbehaving sandbox).
     """
     out = bytearray()
     sel = selectors.DefaultSelector()
@@ -750,9 +805,15 @@ def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
                         head, _, rest = bytes(box.status).partition(b"ready\n")
                         for line in head.splitlines():
                             if line.startswith(b"worker "):
-                                box.worker_pid = int(line.split()[1])
+                                box.worker_pid, *supervisor = map(int, line.split()[1:3])
+                                box.supervisor_pid = supervisor[0] if supervisor else None
                         box.status[:] = rest
                         return bytes(out), "ready"
+                if box.served and not want_ready and box.status.endswith(b"\n"):
+                    status = _parse_status(box.status)
+                    marker = b"\0" + str(status.get("end", "")).encode() + b"\n" if status else None
+                    if marker and out.endswith(marker):
+                        return bytes(out[: -len(marker)]), "eof"
         return bytes(out), "eof"
     finally:
         sel.close()
@@ -831,7 +892,7 @@ class Executor:
         self.strength = self._backend.strength
         self.max_parallel = self._backend.max_parallel
         self._parallel = threading.BoundedSemaphore(self.max_parallel) if self.max_parallel else None
-        self.pool_size = int(pool_size)
+        self.pool_size = int(pool_size) if self._backend.poolable else 0
         self._pool: queue.Queue[_Box] = queue.Queue()
         self._wake = threading.Event()
         self._refiller: threading.Thread | None = None
@@ -969,6 +1030,8 @@ class Executor:
     # -- internals --------------------------------------------------------------------------
     def _boot(self, backend: _Backend) -> _Box:
         box = backend.launch()
+        if box.served:  # its runner said ready when the sandbox started
+            return box
         try:
             _, reason = _read_until(
                 box, time.monotonic() + self.limits.startup_timeout_s, want_ready=True, stdout_cap=0
@@ -1061,16 +1124,20 @@ class Executor:
         lim = self.limits
         out, reason = b"", "eof"
         try:
-            request = marshal.dumps([str(cell) for cell in cells], 4).hex().encode() + b"\n"
+            cells = [str(cell) for cell in cells]
+            request = marshal.dumps(cells if box.cwd is None else {"cells": cells, "cwd": box.cwd}, 4).hex().encode()
+            request += b"\n"
             try:
                 box.io[0].settimeout(lim.startup_timeout_s)
                 box.io[0].sendall(request)
-                box.io[0].shutdown(socket.SHUT_WR)
+                if not box.served:  # a serving runner reads the next request from the same stream
+                    box.io[0].shutdown(socket.SHUT_WR)
             except OSError:  # the sandbox died already: its status says how
                 pass
             # Second handshake: the runner has imported the trusted packages the cells name.
             out, reason = _read_until(box, time.monotonic() + lim.startup_timeout_s, want_ready=True, stdout_cap=0)
             if reason == "ready":
+                backend.started(box)
                 out, reason = _read_until(
                     box, time.monotonic() + lim.timeout_s, want_ready=False, stdout_cap=lim.output_hard_cap
                 )

@@ -19,13 +19,17 @@ produced anyway by raising its own exception).
 
 Protocol with the host (`alphamath.sandbox.executor`), status lines on the original stderr:
   1. preload the configured modules, then "ready";
-  2. read one line from stdin, the cells as hex of `marshal.dumps(cells)`; import the `lazy` modules
-     the cells name (trusted system packages, so a slow import is not charged to the code), fork the
-     worker, then "worker <pid>" and "ready" (the host's wall clock for the model's code starts here);
+  2. read one line from stdin, the cells as hex of `marshal.dumps(cells)` (or of {"cells", "cwd"}: the
+     directory to run in); import the `lazy` modules the cells name (trusted system packages, so a
+     slow import is not charged to the code), fork the worker, then "worker <pid> <supervisor pid>"
+     and "ready" (the host's wall clock for the model's code starts here);
   3. the worker streams the last cell's stdout to stdout (the host caps it); earlier cells' output
      and all stderr go to /dev/null;
   4. it empties the `sweep` directories (a reused runsc sandbox: nothing carries over);
   5. one JSON status line {"error", "timed_out", "exit", "cpu_s", "swept"}, then exit.
+With "serve" in the limits (one runner per runsc sandbox or per pod) steps 2-5 repeat, each in a fresh fork
+of this process that exits afterwards (`_serve`): stdout then stays open between executions, so
+step 5 first writes an end marker to stdout and names it in the status ("end").
 The limits (argv) and the cells come from the host only, as marshal data (a builtin module: under
 gVisor's ptrace platform, importing json, socket and traceback took ~30 ms of CPU of each ~150 ms
 execution). Nothing from the worker is read with marshal: its report is a hex line, and the status
@@ -324,6 +328,98 @@ def _sweep(directories):
         return False
 
 
+def _read_request(cap):
+    """One request line from stdin (fd 0), read unbuffered: in a sandbox that serves many
+    executions the same stream carries the next request later."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(0, 65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > cap:
+            raise ValueError("the request is longer than %d bytes" % cap)
+    return data
+
+
+def _execute(limits, line, status_fd, real_stdout, devnull, end_marker):
+    """Run one request (hex of marshal'd cells) in a forked worker and write its status line.
+
+    With `end_marker` (a sandbox serving many executions, so stdout never reaches EOF between
+    them), stdout gets b"\\0" + marker + b"\\n" after the worker is gone and the status carries the
+    marker as "end": the host reads the output up to it. The marker comes from os.urandom after the
+    worker has exited, so the model's code cannot have written it."""
+    cells = marshal.loads(bytes.fromhex(line.strip().decode("ascii")))  # written by the host
+    if isinstance(cells, dict):  # the pod: this execution's private directory, then the cells
+        os.chdir(cells["cwd"])
+        os.environ["HOME"] = os.environ["TMPDIR"] = cells["cwd"]
+        cells = cells["cells"]
+    if not isinstance(cells, list) or not all(isinstance(cell, str) for cell in cells):
+        raise ValueError("the request must be a list of cells")
+    for name in limits.get("lazy", ()):
+        if name not in sys.modules and any(name in cell for cell in cells):
+            try:
+                __import__(name)
+            except Exception:
+                pass
+
+    # A socketpair, not a pipe: inside gVisor a pipe can be reopened through /proc/<pid>/fd.
+    report_r_sock, report_w_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    report_r, report_w = report_r_sock.detach(), report_w_sock.detach()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    pid = os.fork()
+    if pid == 0:
+        os.close(status_fd)
+        os.close(report_r)
+        _worker(cells, limits, report_w, real_stdout, devnull)
+    os.close(report_w)
+    if not end_marker:
+        os.close(real_stdout)  # the host sees stdout's EOF when the worker is gone
+    os.write(status_fd, b"worker %d %d\n" % (pid, os.getpid()) + READY)
+    error = _read_report(report_r)
+    _, wait_status = os.waitpid(pid, 0)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (usage.ru_utime + usage.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    cpu_limit = max(1, int(limits["cpu_s"] + 0.999))
+    signaled = os.WIFSIGNALED(wait_status)
+    sig = os.WTERMSIG(wait_status) if signaled else 0
+    timed_out = sig == signal.SIGXCPU or (signaled and cpu_s >= cpu_limit - 0.05)
+    if timed_out:
+        error = "TimeoutError: CPU time limit of %d s exceeded" % cpu_limit
+    elif signaled:
+        error = "SandboxError: the interpreter was killed by signal %d; memory or file size limit exceeded" % sig
+    status = {"error": error, "timed_out": timed_out, "exit": -sig if signaled else os.WEXITSTATUS(wait_status),
+              "cpu_s": round(cpu_s, 3), "swept": _sweep(limits.get("sweep", ()))}
+    if end_marker:
+        status["end"] = os.urandom(16).hex()
+        os.write(real_stdout, b"\0" + status["end"].encode() + b"\n")
+    os.write(status_fd, (_json(status) + "\n").encode())
+
+
+def _serve(limits, status_fd, real_stdout, devnull):
+    """Serve executions one after another (a reused gVisor sandbox): for each, fork a fresh
+    supervisor that reads the next request and runs it as `_execute` does. This process never
+    reads a request nor runs model code, so every supervisor (and its worker) starts from the same
+    state, without paying for Python's start and imports again (under gVisor's ptrace platform a
+    fork took ~13 ms of wall, a fresh `runsc exec` of Python ~95 ms). Ends at stdin's EOF."""
+    cap = int(limits.get("max_request_bytes", 1 << 20))
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                line = _read_request(cap)
+                if not line:
+                    os._exit(3)
+                _execute(limits, line, status_fd, real_stdout, devnull, end_marker=True)
+            except BaseException as exc:
+                os.write(status_fd, ("SandboxError: " + _error_line(exc) + "\n").encode("utf-8", "replace"))
+                os._exit(1)
+            os._exit(0)
+        _, wait_status = os.waitpid(pid, 0)
+        if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 3:
+            return
+
+
 def main(argv):
     limits = marshal.loads(bytes.fromhex(argv[1]))  # written by the host
     # Services start us with an empty environment; these knobs are set here, not inherited.
@@ -344,46 +440,12 @@ def main(argv):
         except Exception:  # a missing optional module must not break the sandbox
             pass
     os.write(status_fd, READY)
-
+    if limits.get("serve"):
+        _serve(limits, status_fd, real_stdout, devnull)
+        os._exit(0)
     line = sys.stdin.buffer.readline(int(limits.get("max_request_bytes", 1 << 20)))
     os.dup2(devnull, 0)
-    cells = marshal.loads(bytes.fromhex(line.strip().decode("ascii")))  # written by the host
-    if not isinstance(cells, list) or not all(isinstance(cell, str) for cell in cells):
-        raise ValueError("the request must be a list of cells")
-    for name in limits.get("lazy", ()):
-        if name not in sys.modules and any(name in cell for cell in cells):
-            try:
-                __import__(name)
-            except Exception:
-                pass
-
-    # A socketpair, not a pipe: inside gVisor a pipe can be reopened through /proc/<pid>/fd.
-    report_r_sock, report_w_sock = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    report_r, report_w = report_r_sock.detach(), report_w_sock.detach()
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    pid = os.fork()
-    if pid == 0:
-        os.close(status_fd)
-        os.close(report_r)
-        _worker(cells, limits, report_w, real_stdout, devnull)
-    os.close(report_w)
-    os.close(real_stdout)  # the host sees stdout's EOF when the worker is gone
-    os.write(status_fd, b"worker %d\n" % pid + READY)
-    error = _read_report(report_r)
-    _, wait_status = os.waitpid(pid, 0)
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_s = (usage.ru_utime + usage.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    cpu_limit = max(1, int(limits["cpu_s"] + 0.999))
-    signaled = os.WIFSIGNALED(wait_status)
-    sig = os.WTERMSIG(wait_status) if signaled else 0
-    timed_out = sig == signal.SIGXCPU or (signaled and cpu_s >= cpu_limit - 0.05)
-    if timed_out:
-        error = "TimeoutError: CPU time limit of %d s exceeded" % cpu_limit
-    elif signaled:
-        error = "SandboxError: the interpreter was killed by signal %d; memory or file size limit exceeded" % sig
-    status = {"error": error, "timed_out": timed_out, "exit": -sig if signaled else os.WEXITSTATUS(wait_status),
-              "cpu_s": round(cpu_s, 3), "swept": _sweep(limits.get("sweep", ()))}
-    os.write(status_fd, (_json(status) + "\n").encode())
+    _execute(limits, line, status_fd, real_stdout, devnull, end_marker=False)
     os._exit(0)
 
 
