@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     level = logging.INFO if executor.backend in STRONG_BACKENDS else logging.WARNING
     log.log(level, "sandbox service ready, backend %s (%s)", executor.backend, executor.strength,
             extra={"port": server.port, "metrics_port": server.metrics_port, "backend": executor.backend,
-                   "strength": executor.strength, "pool_size": args.pool_size})
+                   "strength": executor.strength, "pool_size": executor.pool_size})
     run_until_signal(server.stop, log)
     return 0
 
