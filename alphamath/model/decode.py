@@ -192,7 +192,31 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[t
     return tuple(kernel().sample(logits, u, float(temperature)))
 
 
-if __name__ == "__main__":  # the Docker build: python -m alphamath.model.decode DIR
+def main(argv: list[str]) -> int:
+    """`python -m alphamath.model.decode [DIR]` (make setup; the Docker build with DIR). Compiling
+    needs no AVX512-BF16, but importing the module does (SIGILL on other CPUs): there the build runs
+    in a child process and only the library's presence is checked (an image built on one machine
+    runs on others); without DIR, on such a CPU, nothing is built, since nothing here would use it."""
+    import subprocess
     import sys
-    print(build(sys.argv[1] if len(sys.argv) > 1 else None).__file__)
+    directory = argv[0] if argv else None
+    if cpu_has_fast_bf16():
+        print("built:", build(directory).__file__)
+        return 0
+    if directory is None:
+        print("not built: this CPU has no AVX512-BF16, so torch ops compute the decode here")
+        return 0
+    subprocess.run([sys.executable, "-c", f"from alphamath.model.decode import build; build({directory!r})"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    found = sorted(Path(directory).glob(f"{NAME}*.so"))
+    if not found:
+        print(f"build failed: no {NAME}*.so in {directory}", file=sys.stderr)
+        return 1
+    print("built (not loaded: this CPU has no AVX512-BF16):", found[0])
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))
 

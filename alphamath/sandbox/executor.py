@@ -76,9 +76,9 @@ RUNSC_PIDS_OVERHEAD = 128
 RUNSC_MEMORY_OVERHEAD = 384 << 20
 STATUS_CAP = 64 << 10
 READY = b"ready\n"
-# runsc: a sandbox serves executions one after another, each a fresh runner process (`runsc exec`,
-# ~2x cheaper than booting a sandbox under ptrace); at most WARM_IDLE wait idle, each serves at most
-# WARM_USES executions. Its init runs as INIT_UID, which no execution runs as, and only waits.
+# runsc: a sandbox serves executions one after another, each a fresh fork of its serving runner
+# (booting a sandbox under ptrace costs ~6x a `runsc exec` of Python, which costs ~3x a fork); at
+# most WARM_IDLE wait idle, each serves at most WARM_USES executions. Its init runs as INIT_UID, which no execution runs as, and only waits.
 WARM_IDLE = 8
 WARM_USES = 256
 INIT_UID = 65533
