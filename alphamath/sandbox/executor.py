@@ -432,9 +432,8 @@ class RunscBackend(_Backend):
         """A sandbox goes back to the idle set only after a clean execution: the supervisor reported
         a status, its worker is gone (the supervisor waits for it) and it swept /tmp. Anything else
         (a timeout, a flood, a killed runner) ends the whole sandbox in destroy()."""
-        status = _parse_status(box.status) if box.finished else None
         sandbox = box.sandbox
-        if sandbox is None or not status or status.get("swept") is not True or sandbox.uses >= WARM_USES:
+        if sandbox is None or not _ended_cleanly(box) or sandbox.uses >= WARM_USES:
             return
         with self._lock:
             if (len(self._idle) < WARM_IDLE and not self._closed and sandbox.proc.poll() is None
@@ -634,12 +633,6 @@ class PodBackend(_Backend):
         self._runner: _Box | None = None  # the serving runner: its process and our ends of its stdio
 
     def launch(self) -> _Box:
-        name = secrets.token_hex(16)
-        box_dir = self.scratch / name / "work"
-        with self._lock:
-            self._live.add(name)
-            box_dir.parent.mkdir(mode=0o700)
-            box_dir.mkdir(mode=0o700)
         runner = self._runner
         if runner is None or runner.proc.poll() is not None:
             self._stop_runner()
@@ -648,11 +641,14 @@ class PodBackend(_Backend):
             runner = _Box("runner", proc, None, bytearray(), io=io)
             if not _wait_line(io[2], READY, time.monotonic() + self.limits.startup_timeout_s):
                 self._reap(runner, grace_s=0)
-                with self._lock:
-                    self._live.discard(name)
-                    self._sweep()
                 raise SandboxStartError("the pod's runner did not start")
             self._runner = runner
+        name = secrets.token_hex(16)
+        box_dir = self.scratch / name / "work"
+        with self._lock:
+            self._live.add(name)
+            box_dir.parent.mkdir(mode=0o700)
+            box_dir.mkdir(mode=0o700)
         return _Box(name, runner.proc, box_dir.parent, bytearray(), io=runner.io, served=True, cwd=str(box_dir))
 
     def started(self, box: _Box) -> None:
@@ -665,8 +661,7 @@ class PodBackend(_Backend):
         # a clean execution the worker is gone (its supervisor waited for it and reported); otherwise
         # the runner's process group goes: the worker can neither leave the group (setsid/setpgid are
         # denied) nor create processes, so that ends everything the execution started.
-        status = _parse_status(box.status) if box.finished else None
-        if status and status.get("swept") is True:
+        if _ended_cleanly(box):
             box.reused = True
         else:
             self._stop_runner()
@@ -807,8 +802,8 @@ def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
                     box.status += chunk
                     if len(box.status) > STATUS_CAP:
                         return bytes(out), "status_flood"
-                    if want_ready and b"ready\n" in box.status:
-                        head, _, rest = bytes(box.status).partition(b"ready\n")
+                    if want_ready and READY in box.status:
+                        head, _, rest = bytes(box.status).partition(READY)
                         for line in head.splitlines():
                             if line.startswith(b"worker "):
                                 box.worker_pid, *supervisor = map(int, line.split()[1:3])
@@ -816,9 +811,9 @@ def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
                         box.status[:] = rest
                         return bytes(out), "ready"
                 if box.served and not want_ready and box.status.endswith(b"\n"):
-                    status = _parse_status(box.status)
-                    marker = b"\0" + str(status.get("end", "")).encode() + b"\n" if status else None
-                    if marker and out.endswith(marker):
+                    end = (_parse_status(box.status) or {}).get("end")
+                    marker = b"\0" + str(end).encode() + b"\n"
+                    if end and out.endswith(marker):
                         return bytes(out[: -len(marker)]), "eof"
         return bytes(out), "eof"
     finally:
@@ -1182,6 +1177,12 @@ def _flag(raw: str) -> bool:
     if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise ValueError(raw)
     return low in ("1", "true", "yes", "on")
+
+
+def _ended_cleanly(box: _Box) -> bool:
+    """The runner reported a status (so its worker is gone) and emptied the places it sweeps."""
+    status = _parse_status(box.status) if box.finished else None
+    return bool(status) and status.get("swept") is True
 
 
 def _parse_status(raw: bytes | bytearray) -> dict | None:
