@@ -505,7 +505,7 @@ def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alon
     monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "pairs")
     assert decode.linear_usable(w) and not decode.linear_usable(w[:72]) and not decode.linear_usable(w.float())
     monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "onednn")
-    assert not decode.linear_usable(w)  # AMX CPUs' default: oneDNN's tiles
+    assert not decode.linear_usable(w)
     monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "int4")
     with pytest.raises(ValueError, match="expected one of"):
         decode.linear_usable(w)
@@ -513,6 +513,44 @@ def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alon
         decode.pack_linear(w[:72])
     with pytest.raises(RuntimeError, match="x \\[..., 200\\]"):
         decode.linear(x[:, :100], packed, None)
+
+
+def test_linear_kernel_with_amx_tiles_equals_onednn_bit_for_bit(monkeypatch):
+    """On CPUs with AMX, decode.cpp's linear multiplies the pairs layout as AMX tiles: the same sums as
+    oneDNN's AMX matmul, so the same bf16 outputs, for row counts that fill, split and overrun the
+    16-row tiles and the 512-row spans, with a tail of output blocks; each row as it is alone."""
+    decode = decode_kernels_or_skip()
+    monkeypatch.setattr(decode, "cpu_has_amx", lambda: False)
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "tiles")
+    with pytest.raises(ValueError, match="needs the decode kernels on a CPU with AMX"):
+        decode.matmul_choice()
+    monkeypatch.undo()
+    from alphamath.model.dtype import cpu_has_amx
+    from alphamath.model.packed import Linear
+    if not cpu_has_amx():
+        pytest.skip("AMX tiles need a CPU with AMX-BF16")
+    torch.manual_seed(0)
+    N, K = 80, 192  # 5 blocks of 16 outputs (a group of 4 and a tail of 1), 6 chunks of 32
+    w = (torch.randn(N, K) * 0.05).bfloat16()
+    bias = torch.randn(N).bfloat16()
+    x = (torch.randn(600, K) * 3).bfloat16()
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "onednn")
+    onednn = Linear(w, bias)
+    assert onednn.packed and not onednn.pairs
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "tiles")
+    assert decode.matmul_choice() == "tiles"
+    packed = decode.pack_linear(w)
+    for rows in (1, 5, 16, 17, 40, 600):
+        assert torch.equal(decode.linear(x[:rows], packed, bias), onednn(x[:rows]))
+    out = decode.linear(x, packed, None)
+    for r in (0, 15, 16, 511, 512, 599):
+        assert torch.equal(decode.linear(x[r:r + 1], packed, None), out[r:r + 1])
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "pairs")  # tiles off: vdpbf16ps, within a bf16 step
+    assert decode.matmul_choice() == "pairs"
+    pairs = decode.linear(x[:40], packed, None)
+    assert ((pairs.float() - out[:40].float()).abs() <= 2.0 ** -7 * out[:40].float().abs().clamp_min(1e-30)).all()
+    monkeypatch.delenv("ALPHAMATH_DECODE_MATMUL")
+    assert decode.matmul_choice() == "tiles"  # and linear is back on this CPU's default
 
 
 @pytest.fixture(scope="module")

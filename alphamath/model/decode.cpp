@@ -4,7 +4,8 @@
 //   sample            one token per row from softmax(logits / T) by inverse CDF, and its log-prob;
 //   rms_norm          transformers' LlamaRMSNorm of bf16 rows in one pass (torch: ~10 ops per call);
 //   rope              rotary embedding of the q and k heads of a bf16 qkv projection (torch: ~8 ops);
-//   linear            x w^T of bf16 rows, the weight laid out in vdpbf16ps pairs (pack_linear);
+//   linear            x w^T of bf16 rows, the weight laid out in vdpbf16ps pairs (pack_linear), which is
+//                     also AMX's B-tile layout: with AMX, linear_amx multiplies the same weights in tiles;
 //   decode_qkv/rest   a decode step's decoder layer from the kernels above, in two calls.
 //
 // decode_attention: a task is one (prompt group, KV head). Its queries are the g folded query heads of every row that
@@ -17,6 +18,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -262,6 +265,57 @@ void linear_blocks(const bf16* x, int64_t M, int64_t K, const bf16* w, const flo
   }
 }
 
+
+// ---- AMX tiles (CPUs with AMX-BF16): the same pack_linear layout is AMX's B-tile layout ----
+// A B tile is 16 pairs (32 k) x 16 outputs, 64 bytes a row: rows 16 c .. 16 c + 15 of a block's pairs,
+// contiguous. An A tile is up to 16 rows x 32 k of x. TDPBF16PS adds A.B into an fp32 C tile of
+// rows x 16 outputs, over k in pair order, as vdpbf16ps does.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool g_amx = false;          // linear multiplies with tiles (set_tiles)
+int g_amx_granted = -1;      // Linux grants the tile state once per process: -1 not asked yet
+
+// Tiles 0-3: C of 4 output blocks; 4: A; 5, 6: B.
+void amx_config(int64_t m) {
+  TileConfig c;
+  for (int t = 0; t < 5; ++t) { c.rows[t] = (uint8_t)m; c.colsb[t] = 64; }
+  for (int t = 5; t < 7; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+
+// m (<= 16) rows of x [.., K] through NB (<= 4) blocks of 16 outputs, w: the first block's pairs.
+template <int NB>
+void amx_tile(const bf16* x, int64_t m, int64_t K, const bf16* w, int64_t P, const float* bias, bf16* out,
+              int64_t N, float* buf) {
+  _tile_zero(0);
+  if (NB > 1) _tile_zero(1);
+  if (NB > 2) _tile_zero(2);
+  if (NB > 3) _tile_zero(3);
+  const int64_t xs = K * (int64_t)sizeof(bf16);
+  for (int64_t c = 0; c < K / 32; ++c) {
+    _tile_loadd(4, x + 32 * c, xs);
+    const bf16* wc = w + 16 * c * 32;
+    _tile_loadd(5, wc, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if (NB > 1) { _tile_loadd(6, wc + P * 32, 64); _tile_dpbf16ps(1, 4, 6); }
+    if (NB > 2) { _tile_loadd(5, wc + 2 * P * 32, 64); _tile_dpbf16ps(2, 4, 5); }
+    if (NB > 3) { _tile_loadd(6, wc + 3 * P * 32, 64); _tile_dpbf16ps(3, 4, 6); }
+  }
+  _tile_stored(0, buf, 256);
+  if (NB > 1) _tile_stored(1, buf + 16, 256);
+  if (NB > 2) _tile_stored(2, buf + 32, 256);
+  if (NB > 3) _tile_stored(3, buf + 48, 256);
+  for (int64_t r = 0; r < m; ++r)
+    for (int j = 0; j < NB; ++j) {
+      __m512 v = _mm512_loadu_ps(buf + r * 64 + 16 * j);
+      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * j));
+      _mm256_storeu_si256((__m256i*)(out + r * N + 16 * j), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
 }  // namespace
 
 // q [B, Hk, g, D]; own_k/own_v [B, Hk, W, D] (last dim contiguous); own_valid [B, W] bool or empty;
@@ -480,14 +534,18 @@ torch::Tensor pack_linear(torch::Tensor w) {
   return w.contiguous().view({N / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
+torch::Tensor linear_amx(torch::Tensor x, torch::Tensor wp, torch::Tensor bias);
+
 // y = x w^T (+ bias) for bf16 x [..., K] and a pack_linear weight: fp32 sums over k in pair order, rounded
 // to bf16 once (+ an fp32 bias before the rounding). A row's result never depends on the other rows. The
-// threads split the output blocks, each streaming its blocks' weights once.
+// threads split the output blocks, each streaming its blocks' weights once. With tiles on (set_tiles) and
+// K a multiple of 32, AMX computes it (linear_amx).
 torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16 && wp.dim() == 4 &&
               wp.size(2) == 16 && wp.size(3) == 2, "linear takes bf16 x and a pack_linear weight");
   const int64_t B = wp.size(0), P = wp.size(1), K = 2 * P, N = 16 * B;
   TORCH_CHECK(x.size(-1) == K, "x [..., ", K, "], got last dim ", x.size(-1));
+  if (g_amx && K % 32 == 0) return linear_amx(x, wp, bias);
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   x = x.reshape({-1, K}).contiguous();
@@ -517,6 +575,72 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
       }
     }
   });
+  return out.view(sizes);
+}
+
+// Whether linear multiplies with AMX tiles from now on: `on` and Linux grants this process the tile state
+// (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; asked once). The caller checked cpuid for AMX-BF16.
+bool set_tiles(bool on) {
+  if (on && g_amx_granted < 0) g_amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  g_amx = on && g_amx_granted == 1;
+  return g_amx;
+}
+
+// linear's numbers from AMX tiles (K a multiple of 32): each thread takes 4 output blocks at a time and
+// runs every 16-row chunk of x through them, so a block's weights come from memory once per 512 rows.
+// TDPBF16PS sums a C element over k in pair order in fp32, as oneDNN's AMX matmul does: on an AMX Xeon
+// its outputs equal oneDNN's bit for bit (rows 1-40, every shape of the embedded model), and it reads the
+// weights at the memory's bandwidth from 1 to 16 rows, where oneDNN read at ~0.6 of it.
+torch::Tensor linear_amx(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
+  TORCH_CHECK(g_amx, "linear_amx needs set_tiles(true) first");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16 && wp.dim() == 4 &&
+              wp.size(2) == 16 && wp.size(3) == 2, "linear_amx takes bf16 x and a pack_linear weight");
+  const int64_t B = wp.size(0), P = wp.size(1), K = 2 * P, N = 16 * B;
+  TORCH_CHECK(x.size(-1) == K && K % 32 == 0, "x [..., ", K, "] with K a multiple of 32, got ", x.size(-1));
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  x = x.reshape({-1, K}).contiguous();
+  wp = wp.contiguous();
+  const int64_t M = x.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  torch::Tensor b32;
+  const float* bp = nullptr;
+  if (bias.numel()) {
+    TORCH_CHECK(bias.numel() == N, "bias [", N, "]");
+    b32 = bias.to(at::kFloat).contiguous();
+    bp = b32.data_ptr<float>();
+  }
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* w = wp.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  if (M == 0) return out.view(sizes);
+  // Rows in spans of 512 (x's span stays in L2 while every block group passes over it; the weights are
+  // then read once per span: at 2048 rows one pass over all rows was 1.14x slower than oneDNN).
+  for (int64_t r0 = 0; r0 < M; r0 += 512) {
+  const int64_t r1 = std::min<int64_t>(M, r0 + 512);
+  at::parallel_for(0, (B + 3) / 4, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[16 * 64];
+    int64_t configured = -1;
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b = 4 * g, nb = std::min<int64_t>(4, B - b);
+      const bf16* wb = w + b * P * 32;
+      const float* bb = bp ? bp + 16 * b : nullptr;
+      for (int64_t r = r0; r < r1; r += 16) {
+        const int64_t m = std::min<int64_t>(16, r1 - r);
+        if (m != configured) { amx_config(m); configured = m; }
+        const bf16* xr = xp + r * K;
+        bf16* orow = op + r * N + 16 * b;
+        switch (nb) {
+          case 4: amx_tile<4>(xr, m, K, wb, P, bb, orow, N, buf); break;
+          case 3: amx_tile<3>(xr, m, K, wb, P, bb, orow, N, buf); break;
+          case 2: amx_tile<2>(xr, m, K, wb, P, bb, orow, N, buf); break;
+          default: amx_tile<1>(xr, m, K, wb, P, bb, orow, N, buf); break;
+        }
+      }
+    }
+    if (configured >= 0) _tile_release();
+  });
+  }
   return out.view(sizes);
 }
 
@@ -554,6 +678,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_qkv", &decode_qkv, "a decode step's q, k, v of one decoder layer (AVX512-BF16)");
   m.def("decode_rest", &decode_rest, "a decode step's attention and MLP of one decoder layer (AVX512-BF16)");
   m.def("pack_linear", &pack_linear, "a bf16 weight [N, K] laid out for linear (vdpbf16ps pairs)");
+  m.def("set_tiles", &set_tiles, "linear with AMX tiles from now on (if the CPU and kernel allow); true if on");
   m.def("linear", &linear, "x w^T (+ bias) of bf16 rows and a pack_linear weight (AVX512-BF16)");
   m.def("rope", &rope, "rotary embedding of the q and k heads of a bf16 qkv projection (AVX512-BF16)");
   m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)");

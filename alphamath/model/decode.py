@@ -9,9 +9,11 @@ streams a contiguous run of the weight, and it keeps a tile of 4 rows against 4 
 registers. The sums are taken in the same pair order as oneDNN's (equal on all but ~3 in 10^5 outputs,
 which differ by one bf16 step), and a row's result never depends on the other rows of the call.
 It was measured on a Zen 4 (AVX512-BF16, no AMX), where it is as fast as oneDNN or faster at every row
-count up to 512. On CPUs with AMX, oneDNN multiplies with AMX tiles, which may win at many rows, and
-session 20 measured it at about the read bandwidth at batch 1 there; not measured against this kernel,
-so those CPUs keep oneDNN. ALPHAMATH_DECODE_MATMUL=pairs or =onednn chooses either way (A/B runs).
+count up to 512. On CPUs with AMX the same layout is AMX's B-tile layout, and `linear` multiplies in
+tiles (linear_amx): on an AMX Xeon, the trunk's and head's 121 matmuls took 11.1-11.7 ms from 1 to 16
+rows (the read-bandwidth floor) against oneDNN's 17.6-19.9 ms (and 11.4-30 ms for the pairs), with
+outputs equal to oneDNN's bit for bit; 0.9-1.1x oneDNN from 20 to 2048 rows, 0.8x at 4096.
+ALPHAMATH_DECODE_MATMUL=tiles, =pairs or =onednn chooses (A/B runs).
 
 Attention: torch's CPU flash kernel spent ~37% of a large decode step (SBS at 8 problems: 120 rows,
 24 prompts) on two small attentions per layer, at ~55 GFLOP/s where the packed linears reach ~370:
@@ -53,7 +55,8 @@ from alphamath.model.dtype import cpu_has_amx, cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma",
+         "-fopenmp"]
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
@@ -138,23 +141,31 @@ def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) ->
     return kernel().rope(qkv, cos, sin, int(heads))
 
 
-MATMULS = ("pairs", "onednn")
+MATMULS = ("tiles", "pairs", "onednn")
 
 
 def matmul_choice() -> str:
-    """ALPHAMATH_DECODE_MATMUL, else "onednn" on CPUs with AMX (see the module doc) and "pairs" elsewhere."""
-    choice = (os.environ.get("ALPHAMATH_DECODE_MATMUL") or ("onednn" if cpu_has_amx() else "pairs")).strip().lower()
-    if choice not in MATMULS:
-        raise ValueError(f"ALPHAMATH_DECODE_MATMUL={choice!r}: expected one of {MATMULS}")
-    return choice
+    """ALPHAMATH_DECODE_MATMUL, else "tiles" on CPUs with AMX (see the module doc) and "pairs" elsewhere.
+    It also switches `linear` to AMX tiles or off them, so a process computes with what it chose last."""
+    env = (os.environ.get("ALPHAMATH_DECODE_MATMUL") or "").strip().lower()
+    if env and env not in MATMULS:
+        raise ValueError(f"ALPHAMATH_DECODE_MATMUL={env!r}: expected one of {MATMULS}")
+    module = kernel()
+    tiles = module is not None and cpu_has_amx() and env in ("", "tiles") and module.set_tiles(True)
+    if module is not None and not tiles:
+        module.set_tiles(False)
+    if env == "tiles" and not tiles:
+        raise ValueError("ALPHAMATH_DECODE_MATMUL=tiles needs the decode kernels on a CPU with AMX-BF16 "
+                         "whose kernel grants this process the tile state")
+    return env or ("tiles" if tiles else "onednn" if cpu_has_amx() else "pairs")
 
 
 def linear_usable(weight: torch.Tensor) -> bool:
     """Should `linear` compute with `weight` [N, K] here: bf16 on the CPU, N a multiple of 16, K even,
-    the kernels built, and the pairs chosen (`matmul_choice`)?"""
+    the kernels built, and tiles or pairs chosen (`matmul_choice`)?"""
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0 and kernel() is not None
-            and matmul_choice() == "pairs")
+            and matmul_choice() in ("tiles", "pairs"))
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
