@@ -387,6 +387,17 @@ def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_ke
             vals = torch.cat([pv[gi, :, :n], v[b][:, cols]], 1).float()
             want = torch.softmax(q[b].float() @ keys.transpose(1, 2) * D ** -0.5, -1) @ vals
             torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=1e-2)
+        if head_dim == 64 and kernel.tiles_on():  # AMX: the same sums from the prompt's tiles, laid out once
+            tiles = kernel.prompt_tiles(pk, pv)
+            assert tiles[0].shape == (G, Hk, D // 2, 64, 2) and tiles[1].shape == (G, Hk, 32, D, 2)
+            one = [0] * B  # every row on the longest prompt: 21 queries, more than a 16-row tile
+            for groups in (group_of, one):
+                args = (q, k, v, valid, pk, pv, torch.tensor(lens), torch.tensor(groups), D ** -0.5)
+                tiled, pairs = kernel.decode_attention(*args, tiles), kernel.decode_attention(*args)
+                # TDPBF16PS and vdpbf16ps round a pair's products apart: at most one bf16 step, rarely
+                step = 2.0 ** -7 * pairs.float().abs().clamp_min(2.0 ** -20)
+                assert ((tiled.float() - pairs.float()).abs() <= step).all()
+                assert (tiled == pairs).float().mean() >= 0.999
 
 
 def test_decode_attention_kernel_rejects_what_it_cannot_compute():

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alphamath.lm.radix_cache import KV, PrefixCache
+from alphamath.model import decode
 from alphamath.model.attention import SharedPrompts
 
 
@@ -222,8 +223,11 @@ class _Batch:
         mask = torch.zeros(G, 1, 1, L, dtype=keys[0].dtype, device=dev)
         mask.masked_fill_((torch.arange(L, device=dev)[None] >= lens[:, None])[:, None, None], float("-inf"))
         one_each = rows == [[b] for b in range(B)]  # row b continues prompt b: nothing to gather
+        tiles = None
+        if keys[0].dtype == torch.bfloat16 and keys[0].shape[-1] == 64 and decode.tiles_on():
+            tiles = [decode.prompt_tiles(k, v) for k, v in zip(keys, values)]
         self.shared = SharedPrompts(keys, values, mask, members.to(dev), slot.to(dev), one_each, lens,
-                                    torch.tensor(self.group_of, dtype=torch.long, device=dev))
+                                    torch.tensor(self.group_of, dtype=torch.long, device=dev), tiles)
 
     def step(self, lm) -> bool:
         """Sample one token for every live row, retire finished samples, feed the rest. False when empty.

@@ -116,10 +116,10 @@ class Scheduler:
         width = batch.width if batch is not None else 0
         groups, plen = (len(batch.prompts), batch.prompt_len) if batch is not None else (0, 0)
         for r in same:  # an empty batch takes its first request whatever its size
-            # KV slots: each distinct prompt once (padded to the longest), and each row's own columns
-            # (padded to the widest row) with room for max_new_tokens.
+            # KV slots: each distinct prompt once (padded to the longest; twice with prompt_tiles), and
+            # each row's own columns (padded to the widest row) with room for max_new_tokens.
             g, p = groups + len(r.prompts), max([plen] + [len(t) for t in r.prompts])
-            kv_bytes = (g * p + (rows + r.rows) * (width + key[3])) * self._kv_bytes_per_slot
+            kv_bytes = (self._prompt_copies * g * p + (rows + r.rows) * (width + key[3])) * self._kv_bytes_per_slot
             if (rows + r.rows > self.max_batch_rows or kv_bytes > self.max_batch_kv_bytes) and (admit or batch is not None):
                 break
             admit.append(r)

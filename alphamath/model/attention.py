@@ -68,7 +68,9 @@ class SharedPrompts:
       one_each      every row continues its own prompt, in order (G = B, R = 1: batch-1 and greedy
                     decoding), so queries and outputs need no gathering;
       lengths, group  [G] each prompt's length and [B] each row's prompt (decode.cpp's view
-                    of the same layout: it needs no mask and no gathering).
+                    of the same layout: it needs no mask and no gathering);
+      tiles         per layer decode.prompt_tiles(keys, values), where decode attention runs on AMX
+                    tiles, else None.
     """
 
     keys: list
@@ -79,6 +81,7 @@ class SharedPrompts:
     one_each: bool = False
     lengths: torch.Tensor | None = None
     group: torch.Tensor | None = None
+    tiles: list | None = None
 
 
 _flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (out, logsumexp)

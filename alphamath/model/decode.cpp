@@ -77,21 +77,51 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+// ---- AMX tiles (CPUs with AMX-BF16): the same pack_linear layout is AMX's B-tile layout ----
+// A B tile is 16 pairs (32 k) x 16 outputs, 64 bytes a row: rows 16 c .. 16 c + 15 of a block's pairs,
+// contiguous. An A tile is up to 16 rows x 32 k of x. TDPBF16PS adds A.B into an fp32 C tile of
+// rows x 16 outputs, over k in pair order, as vdpbf16ps does.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool g_amx = false;          // linear multiplies with tiles (set_tiles)
+int g_amx_granted = -1;      // Linux grants the tile state once per process: -1 not asked yet
+
+// Tiles 0-3: C of 4 output blocks; 4: A; 5, 6: B.
+void amx_config(int64_t m) {
+  TileConfig c;
+  for (int t = 0; t < 5; ++t) { c.rows[t] = (uint8_t)m; c.colsb[t] = 64; }
+  for (int t = 5; t < 7; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+
+// decode_attention's tiles: 0-3 C and 4-5 A of m rows (queries), 6-7 B of 16 rows (pairs).
+void attn_config(int64_t m) {
+  TileConfig c;
+  for (int t = 0; t < 6; ++t) { c.rows[t] = (uint8_t)m; c.colsb[t] = 64; }
+  for (int t = 6; t < 8; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+
 template <int D>
 void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
           const bf16* q, const int64_t* qs,                       // q [B, Hk, g, D] contiguous
           const bf16* pk, const bf16* pv, const int64_t* ps, int64_t plen,  // prompt K/V [G, Hk, L, D]
           const bf16* ok, const bf16* ov, const int64_t* os, int64_t W,     // own K/V [B, Hk, W, D]
           const bool* valid, int64_t vs,                        // own columns in use [B, W] or null
+          const bf16* kt, const bf16* vt, int64_t Lq,           // prompt_tiles' kt / vt of this task, or null
           bf16* out) {
   constexpr int P = D / 2, V16 = D / 16, VC = D == 64 ? 6 : 2;  // VC queries per P.V pass: VC * V16 accumulators
   const int64_t R = (int64_t)rows.size(), M = R * g, Mp = (M + QC - 1) / QC * QC;
   const int64_t Lp = (plen + 15) / 16 * 16, Wp = (W + 15) / 16 * 16, S = Lp + Wp;
   // Scratch kept per thread across tasks and steps (a step runs G * Hk tasks per layer): sized, not
   // reallocated; qp is zeroed and kt's padding written as zeros, because their padding is read.
-  thread_local std::vector<uint32_t> kt, qp, pp;
+  thread_local std::vector<uint32_t> ks, qp, pp;
   thread_local std::vector<float> sc, o, qf, inv_l;
-  kt.resize((size_t)P * Lp);  // every column up to Lp is written below (zeros past plen)
+  if (!kt) ks.resize((size_t)P * Lp);  // every column up to Lp is written below (zeros past plen)
   qp.assign((size_t)Mp * P, 0);
   sc.resize((size_t)M * S);
   o.resize((size_t)M * D);
@@ -103,6 +133,32 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     std::memcpy(&qp[i * P], qrow(i), D * sizeof(bf16));
     for (int v = 0; v < V16; ++v) _mm512_storeu_ps(&qf[i * D + 16 * v], load16(qrow(i) + 16 * v));
   }
+  const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  const bool tiles = kt != nullptr && D == 64;
+  if (tiles) {
+    // ---- AMX: the prompt's scores as [16 queries x 32 dims] . [32 dims x 16 keys] tiles, from the
+    // keys laid out by pair once per batch (prompt_tiles); tiles 0: C, 4-5: A (dims 0-31, 32-63), 6-7: B.
+    const uint32_t* ktp = (const uint32_t*)kt;  // [P][Lq] pairs
+    for (int64_t i0 = 0; i0 < M; i0 += 16) {
+      const int64_t m = std::min<int64_t>(16, M - i0);
+      attn_config(m);
+      _tile_loadd(4, &qp[i0 * P], P * 4);
+      _tile_loadd(5, &qp[i0 * P + 16], P * 4);
+      for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
+        _tile_zero(0);
+        _tile_loadd(6, ktp + j0, Lq * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, ktp + 16 * Lq + j0, Lq * 4);
+        _tile_dpbf16ps(0, 5, 7);
+        _tile_stored(0, &sc[i0 * S + j0], S * 4);
+      }
+    }
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
+        const __mmask16 in = (j0 + 16 <= plen) ? (__mmask16)0xFFFF : (__mmask16)((1u << std::max<int64_t>(plen - j0, 0)) - 1);
+        _mm512_storeu_ps(&sc[i * S + j0], _mm512_mask_mul_ps(ninf, in, _mm512_loadu_ps(&sc[i * S + j0]), vscale));
+      }
+  } else {
   // ---- scores against the prompt: Kt laid out by pair, 16 keys per vdpbf16ps ----
   const bf16* pkb = pk + grp * ps[0] + h * ps[1];
   for (int64_t j0 = 0; j0 < Lp; j0 += 16)  // 16 keys x 16 pairs at a time, transposed in registers
@@ -111,15 +167,14 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
       for (int i = 0; i < 16; ++i)
         r[i] = j0 + i < plen ? _mm512_loadu_si512((const uint32_t*)(pkb + (j0 + i) * ps[2]) + p0) : _mm512_setzero_si512();
       transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&kt[(p0 + i) * Lp + j0], r[i]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&ks[(p0 + i) * Lp + j0], r[i]);
     }
-  const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
   for (int64_t i0 = 0; i0 < Mp; i0 += QC) {
     for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
       __m512 acc[QC];
       for (int c = 0; c < QC; ++c) acc[c] = _mm512_setzero_ps();
       for (int p = 0; p < P; ++p) {
-        __m512bh kv = (__m512bh)_mm512_loadu_si512(&kt[p * Lp + j0]);
+        __m512bh kv = (__m512bh)_mm512_loadu_si512(&ks[p * Lp + j0]);
         for (int c = 0; c < QC; ++c)
           acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_set1_epi32((int)qp[(i0 + c) * P + p]), kv);
       }
@@ -127,6 +182,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
       for (int c = 0; c < QC && i0 + c < M; ++c)
         _mm512_storeu_ps(&sc[(i0 + c) * S + j0], _mm512_mask_mul_ps(ninf, in, acc[c], vscale));
     }
+  }
   }
   // ---- scores against each row's own columns (a few per row: plain dot products) ----
   for (int64_t r = 0; r < R; ++r) {
@@ -166,6 +222,47 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   // ---- P.V over the prompt: bf16 pairs of keys, so one vdpbf16ps adds two keys' values into 16 dims ----
   // Interleaving rows v_j, v_j+1 with unpack{lo,hi}_epi16 (within 128-bit lanes) makes lane 4k+m of
   // `lo` hold dim 8k+m and of `hi` dim 8k+4+m (per 32 dims); the permutes at the end undo that.
+  if (tiles) {
+    // ---- AMX: [16 queries x 32 keys] . [32 keys x 16 dims] tiles over the prompt, from the values laid
+    // out by pair of keys once per batch; probabilities past the prompt are zeros, so are those values.
+    // Tiles 0-3: C (dims 0-15 .. 48-63), 4: A, 6-7: B.
+    const int64_t La = (plen + 31) / 32 * 32, Lh = La / 2;
+    pp.resize((size_t)M * Lh);
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < Lp; j += 16)
+        _mm256_storeu_si256((__m256i*)&pp[i * Lh + j / 2], (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(&sc[i * S + j])));
+      if (La > Lp) _mm256_storeu_si256((__m256i*)&pp[i * Lh + Lp / 2], _mm256_setzero_si256());
+    }
+    for (int64_t i0 = 0; i0 < M; i0 += 16) {
+      const int64_t m = std::min<int64_t>(16, M - i0);
+      attn_config(m);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t c = 0; c < La / 32; ++c) {
+        _tile_loadd(4, &pp[i0 * Lh + 16 * c], Lh * 4);
+        const bf16* vb = vt + 16 * c * D * 2;  // key pairs 16 c .. 16 c + 15, each [D][2]
+        _tile_loadd(6, vb, D * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, vb + 32, D * 4);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(6, vb + 64, D * 4);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_loadd(7, vb + 96, D * 4);
+        _tile_dpbf16ps(3, 4, 7);
+      }
+      for (int t = 0; t < 4; ++t) {
+        switch (t) {
+          case 0: _tile_stored(0, &o[i0 * D], D * 4); break;
+          case 1: _tile_stored(1, &o[i0 * D + 16], D * 4); break;
+          case 2: _tile_stored(2, &o[i0 * D + 32], D * 4); break;
+          default: _tile_stored(3, &o[i0 * D + 48], D * 4); break;
+        }
+      }
+    }
+    _tile_release();
+  } else {
   const int64_t Lh = Lp / 2;
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < Lp; j += 16)  // 16 probabilities -> 8 pairs (key j in the low half)
@@ -200,6 +297,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
         _mm512_storeu_ps(oo, _mm512_permutex2var_ps(acc[c][2 * hh], ia, acc[c][2 * hh + 1]));
         _mm512_storeu_ps(oo + 16, _mm512_permutex2var_ps(acc[c][2 * hh], ib, acc[c][2 * hh + 1]));
       }
+  }
   }
   // ---- P.V over each row's own columns, normalise, write bf16 ----
   for (int64_t r = 0; r < R; ++r) {
@@ -266,27 +364,6 @@ void linear_blocks(const bf16* x, int64_t M, int64_t K, const bf16* w, const flo
 }
 
 
-// ---- AMX tiles (CPUs with AMX-BF16): the same pack_linear layout is AMX's B-tile layout ----
-// A B tile is 16 pairs (32 k) x 16 outputs, 64 bytes a row: rows 16 c .. 16 c + 15 of a block's pairs,
-// contiguous. An A tile is up to 16 rows x 32 k of x. TDPBF16PS adds A.B into an fp32 C tile of
-// rows x 16 outputs, over k in pair order, as vdpbf16ps does.
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool g_amx = false;          // linear multiplies with tiles (set_tiles)
-int g_amx_granted = -1;      // Linux grants the tile state once per process: -1 not asked yet
-
-// Tiles 0-3: C of 4 output blocks; 4: A; 5, 6: B.
-void amx_config(int64_t m) {
-  TileConfig c;
-  for (int t = 0; t < 5; ++t) { c.rows[t] = (uint8_t)m; c.colsb[t] = 64; }
-  for (int t = 5; t < 7; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
-  _tile_loadconfig(&c);
-}
-
 // m (<= 16) rows of x [.., K] through NB (<= 4) blocks of 16 outputs, w: the first block's pairs.
 template <int NB>
 void amx_tile(const bf16* x, int64_t m, int64_t K, const bf16* w, int64_t P, const float* bias, bf16* out,
@@ -322,7 +399,7 @@ void amx_tile(const bf16* x, int64_t m, int64_t K, const bf16* w, int64_t P, con
 // prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B]. Returns [B, Hk, g, D], all bf16.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tensor own_v, torch::Tensor own_valid,
                                torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
-                               torch::Tensor group_of, double scale) {
+                               torch::Tensor group_of, double scale, torch::Tensor prompt_kt, torch::Tensor prompt_vt) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && own_k.scalar_type() == at::kBFloat16 &&
               prompt_k.scalar_type() == at::kBFloat16, "decode_attention computes bf16");
   TORCH_CHECK(own_v.scalar_type() == at::kBFloat16 && prompt_v.scalar_type() == at::kBFloat16, "bf16 values");
@@ -353,6 +430,18 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
     valid = vmask.data_ptr<bool>();
     vs = W;
   }
+  // prompt_tiles' layouts (tiles on, D = 64): kt [G, Hk, D / 2, Lq, 2], vt [G, Hk, Lq / 2, D, 2].
+  const bool tiles = g_amx && D == 64 && prompt_kt.numel() > 0;
+  int64_t Lq = 0;
+  if (tiles) {
+    Lq = prompt_kt.size(3);
+    TORCH_CHECK(prompt_kt.is_contiguous() && prompt_vt.is_contiguous() && prompt_kt.dim() == 5 &&
+                prompt_kt.size(0) == G && prompt_kt.size(1) == Hk && prompt_kt.size(2) == D / 2 &&
+                Lq % 32 == 0 && Lq >= prompt_k.size(2) && prompt_vt.size(2) == Lq / 2 && prompt_vt.size(3) == D,
+                "prompt_kt / prompt_vt must be prompt_tiles of prompt_k / prompt_v");
+  }
+  const bf16* ktp = tiles ? prompt_kt.data_ptr<bf16>() : nullptr;
+  const bf16* vtp = tiles ? prompt_vt.data_ptr<bf16>() : nullptr;
   auto out = torch::empty_like(q);
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const int64_t ps[3] = {prompt_k.stride(0), prompt_k.stride(1), prompt_k.stride(2)};
@@ -364,10 +453,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
     for (int64_t t = begin; t < end; ++t) {
       const int64_t gi = t / Hk, h = t % Hk;
       if (rows[gi].empty()) continue;
+      const int64_t tile = (gi * Hk + h) * (D / 2) * Lq * 2;  // elements per (group, head) in kt and in vt
       if (D == 64)
-        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, vs, op);
+        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, vs,
+                 tiles ? ktp + tile : nullptr, tiles ? vtp + tile : nullptr, Lq, op);
       else
-        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, vs, op);
+        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, vs,
+                  nullptr, nullptr, 0, op);
     }
   });
   return out;
@@ -664,10 +756,10 @@ torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, tor
                           torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
                           torch::Tensor group_of, double scale, torch::Tensor o_w, torch::Tensor o_b,
                           torch::Tensor norm2, torch::Tensor gate_up_w, torch::Tensor gate_up_b, torch::Tensor down_w,
-                          torch::Tensor down_b, double eps) {
+                          torch::Tensor down_b, double eps, torch::Tensor prompt_kt, torch::Tensor prompt_vt) {
   const int64_t B = x.size(0), hq = q.size(1), D = q.size(3), hk = k.size(1);
   auto o = decode_attention(q.reshape({B, hk, hq / hk, D}), k, v, own_valid, prompt_k, prompt_v, prompt_len, group_of,
-                            scale);
+                            scale, prompt_kt, prompt_vt);
   x = x + linear(o.reshape({B, 1, hq * D}), o_w, o_b);
   auto gate_up = linear(rms_norm(x, norm2, eps), gate_up_w, gate_up_b);
   const int64_t I = gate_up.size(-1) / 2;

@@ -168,7 +168,7 @@ class FastLlama:
                 x = kernel.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
                                        prompts.group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
                                        layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias,
-                                       self.eps)
+                                       self.eps, prompts.tiles[i] if prompts.tiles else None)
                 continue
             qkv = layer.qkv(_rms(x, layer.norm1, self.eps, norm)).view(B, S, hq + 2 * hk, D)
             if rope:
@@ -182,7 +182,8 @@ class FastLlama:
                 x = x + layer.o(self._attend(q, k, v, mask))
             elif fused:
                 o = kernel.decode_attention(q.reshape(B, hk, hq // hk, D), k, v, own_valid, prompts.keys[i],
-                                            prompts.values[i], prompts.lengths, prompts.group, self.scale)
+                                            prompts.values[i], prompts.lengths, prompts.group, self.scale,
+                                            prompts.tiles[i] if prompts.tiles else None)
                 x = x + layer.o(o.reshape(B, 1, hq * D))
             else:
                 o = shared_prompt_attention(q.reshape(B, hk, hq // hk, D), k, v, mask, prompts, i, self.scale)
