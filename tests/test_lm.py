@@ -701,3 +701,21 @@ def test_architectures_without_the_fast_forward_decode_the_same_samples(head_mod
     assert len(captured) == 2
     for smp in captured:
         _stored_kv_matches_an_uncached_forward(slow, smp)
+
+
+def test_prompt_tiles_of_a_joined_batch_are_those_of_its_prompts_laid_out_together():
+    """A batch that admits prompts lays out only the new ones and joins them to the old (kv._join_tiles):
+    the result must be decode.prompt_tiles of all the prompts at once, whichever set is longer."""
+    from alphamath.lm.kv import _join_tiles
+    from alphamath.model import decode
+
+    torch.manual_seed(0)
+    for la, lb in ((37, 70), (70, 37), (64, 64)):
+        a, b = torch.randn(2, 3, la, 64).bfloat16(), torch.randn(1, 3, lb, 64).bfloat16()
+        va, vb = torch.randn_like(a), torch.randn_like(b)
+        L = max(la, lb)
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[2]))  # noqa: E731 - zero columns, as _Batch writes
+        whole = decode.prompt_tiles(torch.cat([pad(a), pad(b)]), torch.cat([pad(va), pad(vb)]))
+        joined = _join_tiles(decode.prompt_tiles(a, va), decode.prompt_tiles(b, vb))
+        assert all(torch.equal(x, y) for x, y in zip(joined, whole))
+        assert whole[0].shape == (3, 3, 32, -(-L // 32) * 32, 2) and whole[1].shape == (3, 3, -(-L // 32) * 16, 64, 2)

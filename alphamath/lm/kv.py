@@ -192,7 +192,12 @@ class _Batch:
         self.prompts += fresh
         self.prompt_len = L
         self.group_of += [group[id(smp.prompt)] for smp in new]
-        self._share(keys, values, dev)
+        tiles = None  # the old prompts' tiles are kept: only the fresh prompts are laid out
+        if keys[0].dtype == torch.bfloat16 and keys[0].shape[-1] == 64 and decode.tiles_on():
+            tiles = [decode.prompt_tiles(k[G0:], v[G0:]) for k, v in zip(keys, values)]
+            if G0 and self.shared.tiles is not None:
+                tiles = [_join_tiles(a, b) for a, b in zip(self.shared.tiles, tiles)]
+        self._share(keys, values, dev, tiles)
         W = self.width
         pos = torch.tensor([[len(smp.prompt.tokens)] for smp in new], device=dev)  # of the next fed token
         logits = torch.stack([smp.prompt.last_logits for smp in new])
@@ -207,8 +212,9 @@ class _Batch:
         # With no padding (rows that started together: every MCTS expansion) no mask is passed.
         self.padded = not bool(self.mask[:, :W].all())
 
-    def _share(self, keys: list, values: list, dev) -> None:
-        """SharedPrompts over prompt buffers `keys`/`values` (group g = self.prompts[g])."""
+    def _share(self, keys: list, values: list, dev, tiles: list | None) -> None:
+        """SharedPrompts over prompt buffers `keys`/`values` (group g = self.prompts[g]) and, where
+        decode attention runs on AMX tiles, their decode.prompt_tiles per layer."""
         G, B, L = len(self.prompts), len(self.group_of), self.prompt_len
         rows = [[] for _ in range(G)]
         for b, g in enumerate(self.group_of):
@@ -223,9 +229,6 @@ class _Batch:
         mask = torch.zeros(G, 1, 1, L, dtype=keys[0].dtype, device=dev)
         mask.masked_fill_((torch.arange(L, device=dev)[None] >= lens[:, None])[:, None, None], float("-inf"))
         one_each = rows == [[b] for b in range(B)]  # row b continues prompt b: nothing to gather
-        tiles = None
-        if keys[0].dtype == torch.bfloat16 and keys[0].shape[-1] == 64 and decode.tiles_on():
-            tiles = [decode.prompt_tiles(k, v) for k, v in zip(keys, values)]
         self.shared = SharedPrompts(keys, values, mask, members.to(dev), slot.to(dev), one_each, lens,
                                     torch.tensor(self.group_of, dtype=torch.long, device=dev), tiles)
 
@@ -303,14 +306,32 @@ class _Batch:
         used = sorted({self.group_of[b] for b in keep})
         renumber = {g: j for j, g in enumerate(used)}
         self.group_of = [renumber[self.group_of[b]] for b in keep]
-        keys, values = self.shared.keys, self.shared.values
+        keys, values, tiles = self.shared.keys, self.shared.values, self.shared.tiles
         if len(used) < len(self.prompts):  # drop the prompts no row continues, and their columns
             self.prompts = [self.prompts[g] for g in used]
             self.prompt_len = max(len(p.tokens) for p in self.prompts)
             gi = torch.tensor(used, device=dev)
             keys = [k[gi, :, :self.prompt_len].contiguous() for k in keys]
             values = [v[gi, :, :self.prompt_len].contiguous() for v in values]
-        self._share(keys, values, dev)
+            if tiles is not None:  # their columns past the longest kept prompt stay: zeros, never read
+                tiles = [(kt[gi], vt[gi]) for kt, vt in tiles]
+        self._share(keys, values, dev, tiles)
+
+
+def _join_tiles(old: tuple, new: tuple) -> tuple:
+    """decode.prompt_tiles of two sets of prompts as one: the old groups then the new, both padded with
+    zero columns to the longer (kt [G, Hk, D/2, Lq, 2] along Lq, vt [G, Hk, Lq/2, D, 2] along Lq/2)."""
+    (ok, ov), (nk, nv) = old, new
+    Lq = max(ok.shape[3], nk.shape[3])
+
+    def pad(kt, vt):
+        extra = Lq - kt.shape[3]
+        if not extra:
+            return kt, vt
+        return (torch.nn.functional.pad(kt, (0, 0, 0, extra)), torch.nn.functional.pad(vt, (0, 0, 0, 0, 0, extra // 2)))
+
+    (ok, ov), (nk, nv) = pad(ok, ov), pad(nk, nv)
+    return torch.cat([ok, nk]), torch.cat([ov, nv])
 
 
 def _with_room(x: torch.Tensor, room: int) -> torch.Tensor:
