@@ -74,14 +74,17 @@ class InProcess:
         self.sandbox = Executor(backend="runsc", pool_size=2)
 
     def solve(self, problems, concurrency: int) -> tuple[float, list]:
-        """Wall seconds for all problems at this concurrency, and their answers in order."""
+        """Wall seconds for all problems at this concurrency, and their answers in order. Each
+        problem's own seconds are added to `self.busy` (see in_flight)."""
         from search_svc.engine import solve_many
 
         answers, lock = {}, threading.Lock()
+        self.busy = 0.0
 
         def done(p, tree, secs):
             with lock:
                 answers[p.id] = tree.meta.get("answer")
+                self.busy += secs
 
         start = time.perf_counter()
         solve_many(problems, METHOD, self.policy, self.value, self.sandbox, self.cfg, done,
@@ -92,16 +95,28 @@ class InProcess:
         self.sandbox.close()
 
 
-def through_grpc(addr: str, problems, concurrency: int) -> tuple[float, list]:
+def through_grpc(addr: str, problems, concurrency: int, busy: list | None = None) -> tuple[float, list]:
+    """Wall seconds and answers of Solve calls at this concurrency; each call's seconds go to `busy`."""
     from app.client import solve
 
     def one(p):
-        return solve(addr, p.question, METHOD, PARAMS, timeout_s=1800, ground_truth=p.answer, question_id=p.id)
+        t0 = time.perf_counter()
+        r = solve(addr, p.question, METHOD, PARAMS, timeout_s=1800, ground_truth=p.answer, question_id=p.id)
+        if busy is not None:
+            busy.append(time.perf_counter() - t0)
+        return r
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(one, problems))
     return time.perf_counter() - start, [r.answer if r.HasField("answer") else None for r in results]
+
+
+def in_flight(busy_s: float, wall_s: float) -> float:
+    """Problems in flight on average over a run (Little's law: the problems' summed seconds over the
+    wall). Far below the concurrency when a few long problems finish alone: then the run measured
+    the last problem's latency more than throughput at that concurrency."""
+    return busy_s / wall_s if wall_s > 0 else 0.0
 
 
 def overhead(inproc_ppm: float, grpc_ppm: float) -> float:
@@ -150,8 +165,11 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
             for c in LEVELS[1:]:
                 secs, _ = inproc.solve(problems[: counts[c]], c)
                 out[f"inproc_c{c}_ppm"] = counts[c] / secs * 60
-                secs_g, _ = through_grpc(addr, problems[: counts[c]], c)
+                out[f"inproc_c{c}_in_flight"] = in_flight(inproc.busy, secs)
+                busy: list = []
+                secs_g, _ = through_grpc(addr, problems[: counts[c]], c, busy)
                 out[f"grpc_c{c}_ppm"] = counts[c] / secs_g * 60
+                out[f"grpc_c{c}_in_flight"] = in_flight(sum(busy), secs_g)
                 print(f"  concurrency {c}: {counts[c]} problems in {secs:.1f} s in-process, {secs_g:.1f} s gRPC",
                       file=sys.stderr)
             out["inproc_rss_mb"] = vm_hwm_mb() or 0.0
@@ -167,11 +185,14 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
     out["grpc_speedup_c16_over_c1"] = out["grpc_c16_ppm"] / out["grpc_c1_ppm"]
     out["inproc_speedup_c16_over_c1"] = out["inproc_c16_ppm"] / out["inproc_c1_ppm"]
     print(f"\n== gRPC stack vs in-process, both with separate policy and value models ({METHOD} {PARAMS}, gsm8k dev) ==")
-    print("| concurrency | problems | in-process problems/min | gRPC stack problems/min | stack overhead |")
-    print("|---|---|---|---|---|")
+    print("| concurrency | problems | in-process problems/min | gRPC stack problems/min | stack overhead "
+          "| problems in flight on average, in-process / stack |")
+    print("|---|---|---|---|---|---|")
     for c in LEVELS:
+        flight = (f"{out[f'inproc_c{c}_in_flight']:.1f} / {out[f'grpc_c{c}_in_flight']:.1f}"
+                  if f"inproc_c{c}_in_flight" in out else "1 / 1")
         print(f"| {c} | {counts[c]} | {out[f'inproc_c{c}_ppm']:.2f} | {out[f'grpc_c{c}_ppm']:.2f} | "
-              f"{out[f'grpc_overhead_c{c}'] * 100:+.1f}% |")
+              f"{out[f'grpc_overhead_c{c}'] * 100:+.1f}% | {flight} |")
     services = ", ".join(f"{k[6:-7]} {v:.0f}" for k, v in out.items()
                          if k.startswith("stack_") and k.endswith("_rss_mb") and k != "stack_rss_mb")
     print(f"peak RSS MB: in-process {out['inproc_rss_mb']:.0f}; stack {out['stack_rss_mb']:.0f} ({services})")

@@ -45,3 +45,16 @@ def test_baseline_a_refuses_a_different_search(recorded):
     hf = HFReplay(lm, [])
     with pytest.raises(Diverged):
         hf.score(["anything"])
+
+
+def test_grpc_bench_in_flight_is_littles_law_and_overhead_is_extra_time_per_problem():
+    """bench_grpc's two derived figures on hand-built runs: 4 problems of 10 s each over a 20 s wall had
+    2 in flight on average (one long problem finishing alone drags it toward 1); a stack at 30 problems/min
+    against 40 in-process takes a third more time per problem."""
+    from tests.bench_grpc import in_flight, overhead
+
+    assert in_flight(4 * 10.0, 20.0) == 2.0
+    assert in_flight(10.0 + 1 + 1 + 1, 10.0) == 1.3
+    assert in_flight(5.0, 0.0) == 0.0
+    assert overhead(40.0, 30.0) == pytest.approx(1 / 3)
+    assert overhead(30.0, 30.0) == 0.0
