@@ -5,7 +5,7 @@
 //   rms_norm          transformers' LlamaRMSNorm of bf16 rows in one pass (torch: ~10 ops per call);
 //   rope              rotary embedding of the q and k heads of a bf16 qkv projection (torch: ~8 ops);
 //   linear            x w^T of bf16 rows, the weight laid out in vdpbf16ps pairs (pack_linear), which is
-//                     also AMX's B-tile layout: with AMX, linear_amx multiplies the same weights in tiles;
+//                     also AMX's B-tile layout: with AMX, linear_tiles multiplies the same weights in tiles;
 //   decode_qkv/rest   a decode step's decoder layer from the kernels above, in two calls.
 //
 // decode_attention: a task is one (prompt group, KV head). Its queries are the g folded query heads of every row that
@@ -626,18 +626,17 @@ torch::Tensor pack_linear(torch::Tensor w) {
   return w.contiguous().view({N / 16, 16, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
-torch::Tensor linear_amx(torch::Tensor x, torch::Tensor wp, torch::Tensor bias);
+void linear_tiles(const bf16* xp, int64_t M, int64_t K, const bf16* w, int64_t B, const float* bp, bf16* op);
 
 // y = x w^T (+ bias) for bf16 x [..., K] and a pack_linear weight: fp32 sums over k in pair order, rounded
 // to bf16 once (+ an fp32 bias before the rounding). A row's result never depends on the other rows. The
 // threads split the output blocks, each streaming its blocks' weights once. With tiles on (set_tiles) and
-// K a multiple of 32, AMX computes it (linear_amx).
+// K a multiple of 32, AMX computes it (linear_tiles).
 torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16 && wp.dim() == 4 &&
               wp.size(2) == 16 && wp.size(3) == 2, "linear takes bf16 x and a pack_linear weight");
   const int64_t B = wp.size(0), P = wp.size(1), K = 2 * P, N = 16 * B;
   TORCH_CHECK(x.size(-1) == K, "x [..., ", K, "], got last dim ", x.size(-1));
-  if (g_amx && K % 32 == 0) return linear_amx(x, wp, bias);
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   x = x.reshape({-1, K}).contiguous();
@@ -655,6 +654,10 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
   const bf16* w = wp.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
   if (M == 0) return out.view(sizes);
+  if (g_amx && K % 32 == 0) {
+    linear_tiles(xp, M, K, w, B, bp, op);
+    return out.view(sizes);
+  }
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b += 4) {
       const bf16* wb = w + b * P * 32;
@@ -678,34 +681,13 @@ bool set_tiles(bool on) {
   return g_amx;
 }
 
-// linear's numbers from AMX tiles (K a multiple of 32): each thread takes 4 output blocks at a time and
+// linear's numbers from AMX tiles (linear calls it with tiles on and K a multiple of 32): each thread takes 4 output blocks at a time and
 // runs every 16-row chunk of x through them, so a block's weights come from memory once per 512 rows.
 // TDPBF16PS sums a C element over k in pair order in fp32, as oneDNN's AMX matmul does: on an AMX Xeon
 // its outputs equal oneDNN's bit for bit (rows 1-40, every shape of the embedded model), and it reads the
 // weights at the memory's bandwidth from 1 to 16 rows, where oneDNN read at ~0.6 of it.
-torch::Tensor linear_amx(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
-  TORCH_CHECK(g_amx, "linear_amx needs set_tiles(true) first");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16 && wp.dim() == 4 &&
-              wp.size(2) == 16 && wp.size(3) == 2, "linear_amx takes bf16 x and a pack_linear weight");
-  const int64_t B = wp.size(0), P = wp.size(1), K = 2 * P, N = 16 * B;
-  TORCH_CHECK(x.size(-1) == K && K % 32 == 0, "x [..., ", K, "] with K a multiple of 32, got ", x.size(-1));
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  x = x.reshape({-1, K}).contiguous();
-  wp = wp.contiguous();
-  const int64_t M = x.size(0);
-  auto out = torch::empty({M, N}, x.options());
-  torch::Tensor b32;
-  const float* bp = nullptr;
-  if (bias.numel()) {
-    TORCH_CHECK(bias.numel() == N, "bias [", N, "]");
-    b32 = bias.to(at::kFloat).contiguous();
-    bp = b32.data_ptr<float>();
-  }
-  const bf16* xp = x.data_ptr<bf16>();
-  const bf16* w = wp.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
-  if (M == 0) return out.view(sizes);
+void linear_tiles(const bf16* xp, int64_t M, int64_t K, const bf16* w, int64_t B, const float* bp, bf16* op) {
+  const int64_t P = K / 2, N = 16 * B;
   // Rows in spans of 512 (x's span stays in L2 while every block group passes over it; the weights are
   // then read once per span: at 2048 rows one pass over all rows was 1.14x slower than oneDNN).
   for (int64_t r0 = 0; r0 < M; r0 += 512) {
@@ -733,7 +715,6 @@ torch::Tensor linear_amx(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) 
     if (configured >= 0) _tile_release();
   });
   }
-  return out.view(sizes);
 }
 
 // A decoder layer of a decode step over shared prompts (S = 1), as fast_llama.FastLlama.hidden's layer loop

@@ -10,7 +10,7 @@ registers. The sums are taken in the same pair order as oneDNN's (equal on all b
 which differ by one bf16 step), and a row's result never depends on the other rows of the call.
 It was measured on a Zen 4 (AVX512-BF16, no AMX), where it is as fast as oneDNN or faster at every row
 count up to 512. On CPUs with AMX the same layout is AMX's B-tile layout, and `linear` multiplies in
-tiles (linear_amx): on an AMX Xeon, the trunk's and head's 121 matmuls took 11.1-11.7 ms from 1 to 16
+tiles (linear_tiles): on an AMX Xeon, the trunk's and head's 121 matmuls took 11.1-11.7 ms from 1 to 16
 rows (the read-bandwidth floor) against oneDNN's 17.6-19.9 ms (and 11.4-30 ms for the pairs), with
 outputs equal to oneDNN's bit for bit; 1.1-1.5x oneDNN from 20 to 128 rows, 0.9-1.2x from 256 to
 2048 (noisy), 0.8x at 4096.
