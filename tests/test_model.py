@@ -541,6 +541,8 @@ def test_linear_kernel_with_amx_tiles_equals_onednn_bit_for_bit(monkeypatch):
     if not cpu_has_amx():
         pytest.skip("AMX tiles need a CPU with AMX-BF16")
     if not decode.kernel().set_tiles(True):  # a seccomp profile may refuse arch_prctl: oneDNN then serves
+        monkeypatch.delenv("ALPHAMATH_DECODE_MATMUL", raising=False)
+        assert decode.matmul_choice() == "onednn" and not decode.tiles_on()
         pytest.skip("this process was not granted the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
     torch.manual_seed(0)
     N, K = 80, 192  # 5 blocks of 16 outputs (a group of 4 and a tail of 1), 6 chunks of 32

@@ -143,8 +143,9 @@ class _Batch:
     every idle row carried is a token computed for nothing each step.
     """
 
-    def __init__(self, key: tuple, window: int):
-        self.key, self.window = key, window
+    def __init__(self, key: tuple, window: int, tiles: bool = False):
+        """`tiles`: hold the prompts' KV also as decode.prompt_tiles (decode attention on AMX tiles)."""
+        self.key, self.window, self.tiles = key, window, tiles
         self.samples: list[_Decoding] = []
         self.alive: list[bool] = []
         self.layers: list[_RoomyLayer] = []  # own columns; replaced in place, so `cache` sees the current ones
@@ -193,7 +194,7 @@ class _Batch:
         self.prompt_len = L
         self.group_of += [group[id(smp.prompt)] for smp in new]
         tiles = None  # the old prompts' tiles are kept: only the fresh prompts are laid out
-        if keys[0].dtype == torch.bfloat16 and keys[0].shape[-1] == 64 and decode.tiles_on():
+        if self.tiles:
             tiles = [decode.prompt_tiles(k[G0:], v[G0:]) for k, v in zip(keys, values)]
             if G0 and self.shared.tiles is not None:
                 tiles = [_join_tiles(a, b) for a, b in zip(self.shared.tiles, tiles)]

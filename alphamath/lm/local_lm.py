@@ -56,8 +56,9 @@ class LocalLM(Scheduler):
         self._kv_bytes_per_slot = (2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
                                    * head_dim * torch.finfo(self.model.dtype).bits // 8)
         self._shape = (cfg.num_attention_heads, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
-        # Where decode attention runs on AMX tiles, a batch holds its prompts' KV twice (decode.prompt_tiles).
-        self._prompt_copies = 2 if self.model.dtype == torch.bfloat16 and head_dim == 64 and decode.tiles_on() else 1
+        # Where decode attention runs on AMX tiles, a batch also holds its prompts' KV as decode.prompt_tiles.
+        self._prompt_tiles = (self._fast is not None and self.model.dtype == torch.bfloat16 and head_dim == 64
+                              and decode.tiles_on())
         self.budget = budget or MemoryBudget.from_env()
         self.cache = PrefixCache(max_cached_tokens or self.budget.cached_tokens(self._kv_bytes_per_slot))
         self.max_batch_kv_bytes = max_batch_kv_bytes or self.budget.batch_kv_bytes

@@ -26,8 +26,8 @@ def _sample_seed(seed: int, k: int, prompt: str) -> int:
 
 class Scheduler:
     """The decode loop and admission of LocalLM (which mixes this in). The host owns the state used
-    here: `_queue`, `_cv`, `_batch`, `_leading`, `lock`, `cache`, `device`, the batch limits, and
-    `_lookup`, `_extend` and `encode`."""
+    here: `_queue`, `_cv`, `_batch`, `_leading`, `lock`, `cache`, `device`, the batch limits,
+    `_prompt_tiles`, and `_lookup`, `_extend` and `encode`."""
 
     def _wait_or_lead(self, req: _Request) -> None:
         """Wait for `req`, running the decode loop whenever no other thread is running it.
@@ -119,7 +119,7 @@ class Scheduler:
             # KV slots: each distinct prompt once (padded to the longest; twice with prompt_tiles), and
             # each row's own columns (padded to the widest row) with room for max_new_tokens.
             g, p = groups + len(r.prompts), max([plen] + [len(t) for t in r.prompts])
-            kv_bytes = (self._prompt_copies * g * p + (rows + r.rows) * (width + key[3])) * self._kv_bytes_per_slot
+            kv_bytes = ((1 + self._prompt_tiles) * g * p + (rows + r.rows) * (width + key[3])) * self._kv_bytes_per_slot
             if (rows + r.rows > self.max_batch_rows or kv_bytes > self.max_batch_kv_bytes) and (admit or batch is not None):
                 break
             admit.append(r)
@@ -151,7 +151,8 @@ class Scheduler:
             req.left = len(req.samples)
             new.extend(req.samples)
         if batch is None:
-            batch = _Batch(reqs[0].key, max((len(self.encode(st)) for st in stop), default=0) + 4)
+            batch = _Batch(reqs[0].key, max((len(self.encode(st)) for st in stop), default=0) + 4,
+                           self._prompt_tiles)
         batch.add(new, max_new_tokens, self.device)
         for r in distinct.values():  # copied into the batch: do not hold a second copy per prompt
             r.kv = r.past = r.past_values = None

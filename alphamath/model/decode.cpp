@@ -90,16 +90,8 @@ struct TileConfig {
 bool g_amx = false;          // linear multiplies with tiles (set_tiles)
 int g_amx_granted = -1;      // Linux grants the tile state once per process: -1 not asked yet
 
-// Tiles 0-3: C of 4 output blocks; 4: A; 5, 6: B.
-void amx_config(int64_t m) {
-  TileConfig c;
-  for (int t = 0; t < 5; ++t) { c.rows[t] = (uint8_t)m; c.colsb[t] = 64; }
-  for (int t = 5; t < 7; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
-  _tile_loadconfig(&c);
-}
-
-// decode_attention's tiles: 0-3 C and 4-5 A of m rows (queries), 6-7 B of 16 rows (pairs).
-void attn_config(int64_t m) {
+// One layout for every tile kernel here: tiles 0-3 (C) and 4-5 (A) of m rows, 6-7 (B) of 16 rows (pairs).
+void tile_config(int64_t m) {
   TileConfig c;
   for (int t = 0; t < 6; ++t) { c.rows[t] = (uint8_t)m; c.colsb[t] = 64; }
   for (int t = 6; t < 8; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
@@ -141,7 +133,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     const uint32_t* ktp = (const uint32_t*)kt;  // [P][Lq] pairs
     for (int64_t i0 = 0; i0 < M; i0 += 16) {
       const int64_t m = std::min<int64_t>(16, M - i0);
-      attn_config(m);
+      tile_config(m);
       _tile_loadd(4, &qp[i0 * P], P * 4);
       _tile_loadd(5, &qp[i0 * P + 16], P * 4);
       for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
@@ -235,7 +227,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     }
     for (int64_t i0 = 0; i0 < M; i0 += 16) {
       const int64_t m = std::min<int64_t>(16, M - i0);
-      attn_config(m);
+      tile_config(m);
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
@@ -376,11 +368,11 @@ void amx_tile(const bf16* x, int64_t m, int64_t K, const bf16* w, int64_t P, con
   for (int64_t c = 0; c < K / 32; ++c) {
     _tile_loadd(4, x + 32 * c, xs);
     const bf16* wc = w + 16 * c * 32;
-    _tile_loadd(5, wc, 64);
-    _tile_dpbf16ps(0, 4, 5);
-    if (NB > 1) { _tile_loadd(6, wc + P * 32, 64); _tile_dpbf16ps(1, 4, 6); }
-    if (NB > 2) { _tile_loadd(5, wc + 2 * P * 32, 64); _tile_dpbf16ps(2, 4, 5); }
-    if (NB > 3) { _tile_loadd(6, wc + 3 * P * 32, 64); _tile_dpbf16ps(3, 4, 6); }
+    _tile_loadd(6, wc, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NB > 1) { _tile_loadd(7, wc + P * 32, 64); _tile_dpbf16ps(1, 4, 7); }
+    if (NB > 2) { _tile_loadd(6, wc + 2 * P * 32, 64); _tile_dpbf16ps(2, 4, 6); }
+    if (NB > 3) { _tile_loadd(7, wc + 3 * P * 32, 64); _tile_dpbf16ps(3, 4, 7); }
   }
   _tile_stored(0, buf, 256);
   if (NB > 1) _tile_stored(1, buf + 16, 256);
@@ -701,7 +693,7 @@ void linear_tiles(const bf16* xp, int64_t M, int64_t K, const bf16* w, int64_t B
       const float* bb = bp ? bp + 16 * b : nullptr;
       for (int64_t r = r0; r < r1; r += 16) {
         const int64_t m = std::min<int64_t>(16, r1 - r);
-        if (m != configured) { amx_config(m); configured = m; }
+        if (m != configured) { tile_config(m); configured = m; }
         const bf16* xr = xp + r * K;
         bf16* orow = op + r * N + 16 * b;
         switch (nb) {

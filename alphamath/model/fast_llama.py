@@ -161,6 +161,7 @@ class FastLlama:
         hq, hk, D = self.hq, self.hk, self.head_dim
         layered = fused and rope and self.layered
         for i, layer in enumerate(self.layers):
+            tiles = prompts.tiles[i] if prompts is not None and prompts.tiles else None
             if layered:  # the same operations as below, in two calls around the cache update
                 q, k, v = kernel.decode_qkv(x, layer.norm1, layer.qkv.weight, layer.qkv.bias, cos, sin, hq, hk,
                                             self.eps)
@@ -168,7 +169,7 @@ class FastLlama:
                 x = kernel.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
                                        prompts.group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
                                        layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias,
-                                       self.eps, prompts.tiles[i] if prompts.tiles else None)
+                                       self.eps, tiles)
                 continue
             qkv = layer.qkv(_rms(x, layer.norm1, self.eps, norm)).view(B, S, hq + 2 * hk, D)
             if rope:
@@ -182,8 +183,7 @@ class FastLlama:
                 x = x + layer.o(self._attend(q, k, v, mask))
             elif fused:
                 o = kernel.decode_attention(q.reshape(B, hk, hq // hk, D), k, v, own_valid, prompts.keys[i],
-                                            prompts.values[i], prompts.lengths, prompts.group, self.scale,
-                                            prompts.tiles[i] if prompts.tiles else None)
+                                            prompts.values[i], prompts.lengths, prompts.group, self.scale, tiles)
                 x = x + layer.o(o.reshape(B, 1, hq * D))
             else:
                 o = shared_prompt_attention(q.reshape(B, hk, hq // hk, D), k, v, mask, prompts, i, self.scale)
