@@ -703,19 +703,68 @@ def test_architectures_without_the_fast_forward_decode_the_same_samples(head_mod
         _stored_kv_matches_an_uncached_forward(slow, smp)
 
 
-def test_prompt_tiles_of_a_joined_batch_are_those_of_its_prompts_laid_out_together():
-    """A batch that admits prompts lays out only the new ones and joins them to the old (kv._join_tiles):
-    the result must be decode.prompt_tiles of all the prompts at once, whichever set is longer."""
-    from alphamath.lm.kv import _join_tiles
-    from alphamath.model import decode
+def _slab_row(n: int, seed: int):
+    """A prompt row of n tokens with random bf16 KV (2 layers, 3 KV heads, head size 64)."""
+    from alphamath.lm.kv import _Row
+    g = torch.Generator().manual_seed(seed)
+    kv = [tuple(torch.randn(3, n, 64, generator=g).bfloat16() for _ in range(2)) for _ in range(2)]
+    row = _Row(list(range(n)), n, None, None, kv=kv)
+    row.last_logits = torch.zeros(11)
+    return row
 
-    torch.manual_seed(0)
-    for la, lb in ((37, 70), (70, 37), (64, 64)):
-        a, b = torch.randn(2, 3, la, 64).bfloat16(), torch.randn(1, 3, lb, 64).bfloat16()
-        va, vb = torch.randn_like(a), torch.randn_like(b)
-        L = max(la, lb)
-        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[2]))  # noqa: E731 - zero columns, as _Batch writes
-        whole = decode.prompt_tiles(torch.cat([pad(a), pad(b)]), torch.cat([pad(va), pad(vb)]))
-        joined = _join_tiles(decode.prompt_tiles(a, va), decode.prompt_tiles(b, vb))
-        assert all(torch.equal(x, y) for x, y in zip(joined, whole))
-        assert whole[0].shape == (3, 3, 32, -(-L // 32) * 32, 2) and whole[1].shape == (3, 3, -(-L // 32) * 16, 64, 2)
+
+def _check_slab(batch, rows_of):
+    """Every held prompt sits in its slot as its KV, zeros after, with prompt_tiles of exactly that, and
+    each row's group is the slot of the prompt it continues."""
+    from alphamath.model import decode
+    for g, p in enumerate(batch.prompts):
+        if p is None:
+            continue
+        n = len(p.tokens)
+        for layer, (k, v) in enumerate(p.kv):
+            assert torch.equal(batch.keys[layer][g, :, :n], k) and torch.equal(batch.values[layer][g, :, :n], v)
+            assert not batch.keys[layer][g, :, n:].any() and not batch.values[layer][g, :, n:].any()
+            kt, vt = batch.slab_tiles[layer]
+            L = kt.shape[3]
+            want = decode.prompt_tiles(batch.keys[layer][g:g + 1], batch.values[layer][g:g + 1])
+            assert torch.equal(kt[g:g + 1], want[0]) and torch.equal(vt[g:g + 1], want[1]) and L == batch.keys[layer].shape[2]
+    assert [batch.prompts[g] for g in batch.group_of] == rows_of
+    assert batch.shared.group.tolist() == batch.group_of
+    assert batch.shared.lengths.tolist() == [len(p.tokens) if p else 0 for p in batch.prompts[:len(batch.shared.lengths)]]
+
+
+def test_the_prompt_slab_admits_in_place_frees_on_drop_and_reuses_freed_slots():
+    """A batch's prompts live in a slab with room: an admission that fits writes only its new prompts
+    (the slab is not reallocated), a prompt no row continues frees its slot, and a later, shorter prompt
+    in that slot leaves none of the old one behind (its KV and tiles equal its own, zeros after)."""
+    from alphamath.lm.kv import _Batch, _Decoding, _slab_size
+
+    batch = _Batch((), 4, tiles=True)
+    a, b = _slab_row(70, 0), _slab_row(37, 1)
+    first = [_Decoding(a, 0, None), _Decoding(a, 1, None), _Decoding(b, 0, None)]
+    batch.add(first, 8, torch.device("cpu"))
+    assert (len(batch.prompts), batch.keys[0].shape[2]) == _slab_size(2, 70) == (4, 96)
+    _check_slab(batch, [a, a, b])
+    slab = batch.keys[0].data_ptr(), batch.slab_tiles[0][0].data_ptr()
+    c = _slab_row(50, 2)
+    batch.add([_Decoding(c, 0, None)], 8, torch.device("cpu"))
+    assert (batch.keys[0].data_ptr(), batch.slab_tiles[0][0].data_ptr()) == slab  # written in place
+    _check_slab(batch, [a, a, b, c])
+    batch._select([2, 3])  # a's rows are gone: its slot is freed, nothing is copied
+    assert batch.prompts[0] is None and batch.keys[0].data_ptr() == slab[0]
+    _check_slab(batch, [b, c])
+    d = _slab_row(20, 3)  # reuses a's slot
+    batch.add([_Decoding(d, 0, None)], 8, torch.device("cpu"))
+    assert batch.prompts[0] is d and batch.keys[0].data_ptr() == slab[0]
+    _check_slab(batch, [b, c, d])
+    e, f = _slab_row(120, 4), _slab_row(5, 5)  # longer than the slab's columns: it grows, held prompts kept
+    batch.add([_Decoding(e, 0, None), _Decoding(f, 0, None)], 8, torch.device("cpu"))
+    assert batch.keys[0].shape[2] == _slab_size(5, 120)[1] and batch.keys[0].data_ptr() != slab[0]
+    _check_slab(batch, [b, c, d, e, f])
+    more = [_slab_row(30 + i, 10 + i) for i in range(6)]
+    batch.add([_Decoding(r, 0, None) for r in more], 8, torch.device("cpu"))
+    assert len(batch.prompts) == _slab_size(11, 120)[0] == 16
+    _check_slab(batch, [b, c, d, e, f] + more)
+    batch._select([3])  # one prompt of 11 left: a quarter of the slots or fewer are held, so it shrinks
+    assert (len(batch.prompts), batch.keys[0].shape[2]) == _slab_size(1, 120)
+    _check_slab(batch, [e])

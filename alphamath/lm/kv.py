@@ -141,6 +141,11 @@ class _Batch:
     child state only computes what follows. A finished row stays, ignored, until an eighth of the
     rows are finished (in a batch of up to 8, at once): dropping rows copies the rows' KV, while
     every idle row carried is a token computed for nothing each step.
+
+    The prompts live in a slab of slots with room (`_slab_size`): an admission writes its new prompts
+    into free slots and a prompt no row continues frees its slot, so neither copies the prompts that
+    stay. Rebuilding the whole prompt set at every admission and drop had cost 30% of the decode
+    loop's time at 16 concurrent searches (session 24). The slab grows, and shrinks, by a copy.
     """
 
     def __init__(self, key: tuple, window: int, tiles: bool = False):
@@ -154,51 +159,49 @@ class _Batch:
         self.mask = self.head_values = self.pos = self.logits = None
         self.width = 0  # own columns of the widest row
         self.padded = False
-        self.prompts: list[_Row] = []  # distinct prompts (group g), their tokens and values
-        self.group_of: list[int] = []  # each row's prompt
-        self.prompt_len = 0  # columns of the shared prompt buffers
+        self.prompts: list[_Row | None] = []  # slot g: the prompt held there, None when the slot is free
+        self.group_of: list[int] = []  # each row's prompt slot
+        self.keys: list | None = None  # the slab, per layer [slots, Hk, columns, D]: prompt g in [0, len g), zeros after
+        self.values: list | None = None
+        self.slab_tiles: list | None = None  # per layer decode.prompt_tiles of keys/values (columns = Lq)
         self.shared: SharedPrompts | None = None
 
     @property
     def size(self) -> int:
         return len(self.samples)
 
+    @property
+    def live_prompts(self) -> int:
+        return sum(p is not None for p in self.prompts)
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens of the longest prompt held."""
+        return max((len(p.tokens) for p in self.prompts if p is not None), default=0)
+
     def add(self, new: list[_Decoding], room: int, dev) -> None:
-        """Append samples: their prompts' KV joins the shared prompts, once per distinct prompt; their
-        own columns start empty (left padding at the current width)."""
+        """Append samples: their prompts' KV joins the slab, once per distinct prompt, in free slots;
+        their own columns start empty (left padding at the current width)."""
         fresh = list({id(smp.prompt): smp.prompt for smp in new}.values())
-        G0, R, old = len(self.prompts), len(new), self.size
-        group = {id(row): G0 + j for j, row in enumerate(fresh)}
-        L = max([self.prompt_len] + [len(row.tokens) for row in fresh])
-        keys, values, layers = [], [], []
+        R, old = len(new), self.size
+        live = self.live_prompts + len(fresh)
+        if (self.keys is None or live > len(self.prompts)
+                or max(len(row.tokens) for row in fresh) > self.keys[0].shape[2]):
+            self._regrow(live, max(self.prompt_len, max(len(row.tokens) for row in fresh)), fresh[0].kv)
+        slots = [g for g, p in enumerate(self.prompts) if p is None][:len(fresh)]
+        self._write(slots, fresh)
+        group = {id(row): g for g, row in zip(slots, fresh)}
+        layers = []
         for layer in range(len(fresh[0].kv)):
-            like = fresh[0].kv[layer][0]  # [Hk, n, D]
-            k = like.new_zeros(G0 + len(fresh), like.shape[0], L, like.shape[-1])  # zeros: masked keys still meet 0 * value
-            v = torch.zeros_like(k)
-            if G0:
-                k[:G0, :, :self.prompt_len] = self.shared.keys[layer]
-                v[:G0, :, :self.prompt_len] = self.shared.values[layer]
-            for j, row in enumerate(fresh):
-                n = len(row.tokens)
-                k[G0 + j, :, :n], v[G0 + j, :, :n] = row.kv[layer]
-            keys.append(k)
-            values.append(v)
             # One buffer for old and new rows' own columns: old rows copied, new rows all padding.
-            roomy = _RoomyLayer.empty(like, old + R, self.width, room)
+            roomy = _RoomyLayer.empty(fresh[0].kv[layer][0], old + R, self.width, room)
             if old:
                 roomy.put(slice(0, old), 0, self.layers[layer].keys, self.layers[layer].values)
             roomy.put(slice(old, old + R), self.width)
             layers.append(roomy)
         self.layers[:] = layers  # in place: `cache` holds this list
-        self.prompts += fresh
-        self.prompt_len = L
         self.group_of += [group[id(smp.prompt)] for smp in new]
-        tiles = None  # the old prompts' tiles are kept: only the fresh prompts are laid out
-        if self.tiles:
-            tiles = [decode.prompt_tiles(k[G0:], v[G0:]) for k, v in zip(keys, values)]
-            if G0 and self.shared.tiles is not None:
-                tiles = [_join_tiles(a, b) for a, b in zip(self.shared.tiles, tiles)]
-        self._share(keys, values, dev, tiles)
+        self._share(dev)
         W = self.width
         pos = torch.tensor([[len(smp.prompt.tokens)] for smp in new], device=dev)  # of the next fed token
         logits = torch.stack([smp.prompt.last_logits for smp in new])
@@ -213,10 +216,62 @@ class _Batch:
         # With no padding (rows that started together: every MCTS expansion) no mask is passed.
         self.padded = not bool(self.mask[:, :W].all())
 
-    def _share(self, keys: list, values: list, dev, tiles: list | None) -> None:
-        """SharedPrompts over prompt buffers `keys`/`values` (group g = self.prompts[g]) and, where
-        decode attention runs on AMX tiles, their decode.prompt_tiles per layer."""
-        G, B, L = len(self.prompts), len(self.group_of), self.prompt_len
+    def _regrow(self, live: int, length: int, like: list) -> None:
+        """A new slab for `live` prompts of up to `length` tokens (_slab_size), holding the current
+        prompts in its first slots (rows are renumbered); `like`: any prompt's per-layer KV."""
+        slots, columns = _slab_size(live, length)
+        held = [g for g, p in enumerate(self.prompts) if p is not None]
+        idx = torch.tensor(held, dtype=torch.long)
+        keys, values, tiles = [], [], []
+        h = len(held)
+        for layer, (k0, _) in enumerate(like):
+            Hk, D = k0.shape[0], k0.shape[-1]
+            # Uninitialised: _write fills a free slot whole, and slots are taken lowest first, so no slot
+            # is read before it is written; capacity never used is never touched (no RSS).
+            k, v = k0.new_empty(slots, Hk, columns, D), k0.new_empty(slots, Hk, columns, D)
+            if held:
+                c = min(columns, self.keys[layer].shape[2])  # held prompts fit in both
+                k[:h, :, :c], v[:h, :, :c] = self.keys[layer][idx, :, :c], self.values[layer][idx, :, :c]
+                k[:h, :, c:], v[:h, :, c:] = 0, 0
+            keys.append(k)
+            values.append(v)
+            if self.tiles:  # prompt_tiles' layouts, Lq = columns (a multiple of 32)
+                kt, vt = k0.new_empty(slots, Hk, D // 2, columns, 2), k0.new_empty(slots, Hk, columns // 2, D, 2)
+                if held:
+                    okt, ovt = self.slab_tiles[layer]
+                    kt[:h, :, :, :c], vt[:h, :, :c // 2] = okt[idx, :, :, :c], ovt[idx, :, :c // 2]
+                    kt[:h, :, :, c:], vt[:h, :, c // 2:] = 0, 0
+                tiles.append((kt, vt))
+        self.keys, self.values, self.slab_tiles = keys, values, tiles if self.tiles else None
+        renumber = {g: j for j, g in enumerate(held)}
+        self.prompts = [self.prompts[g] for g in held] + [None] * (slots - len(held))
+        self.group_of = [renumber[g] for g in self.group_of]
+
+    def _write(self, slots: list[int], rows: list[_Row]) -> None:
+        """Prompts `rows` into free slab slots `slots`: their KV, zeros after it, and their tiles, each
+        written in one strided copy into its place (laying tiles out apart and then copying them
+        had doubled an admission's cost)."""
+        for g, row in zip(slots, rows):
+            n = len(row.tokens)
+            for layer, (k, v) in enumerate(row.kv):
+                self.keys[layer][g, :, :n], self.values[layer][g, :, :n] = k, v
+                self.keys[layer][g, :, n:], self.values[layer][g, :, n:] = 0, 0  # a freed slot's old prompt
+                if self.tiles:  # decode.prompt_tiles' layouts: kt [Hk, D/2, Lq, 2], vt [Hk, Lq/2, D, 2]
+                    kt, vt = self.slab_tiles[layer][0][g], self.slab_tiles[layer][1][g]
+                    Hk, D, h = k.shape[0], k.shape[-1], n // 2
+                    kt[:, :, :n] = k.view(Hk, n, D // 2, 2).transpose(1, 2)
+                    kt[:, :, n:] = 0
+                    vt[:, :h] = v[:, :2 * h].reshape(Hk, h, 2, D).transpose(2, 3)
+                    vt[:, h:] = 0
+                    if n % 2:  # the last key's values pair with a zero key
+                        vt[:, h, :, 0] = v[:, n - 1]
+            self.prompts[g] = row
+
+    def _share(self, dev) -> None:
+        """SharedPrompts over the slab's slots up to the last one held (row b continues slot
+        group_of[b]; a free slot below it has no rows and is never read back)."""
+        G = 1 + max(g for g, p in enumerate(self.prompts) if p is not None)
+        B, L = len(self.group_of), self.keys[0].shape[2]
         rows = [[] for _ in range(G)]
         for b, g in enumerate(self.group_of):
             rows[g].append(b)
@@ -224,13 +279,16 @@ class _Batch:
         members = torch.empty((G, R), dtype=torch.long)
         slot = torch.empty(B, dtype=torch.long)
         for g, r in enumerate(rows):
-            members[g] = torch.tensor(r + [r[0]] * (R - len(r)), dtype=torch.long)
-            slot[r] = g * R + torch.arange(len(r))
-        lens = torch.tensor([len(p.tokens) for p in self.prompts], device=dev)
-        mask = torch.zeros(G, 1, 1, L, dtype=keys[0].dtype, device=dev)
+            members[g] = torch.tensor((r + [r[0]] * (R - len(r))) if r else [0] * R, dtype=torch.long)
+            if r:
+                slot[r] = g * R + torch.arange(len(r))
+        lens = torch.tensor([len(p.tokens) if p is not None else 0 for p in self.prompts[:G]], device=dev)
+        mask = torch.zeros(G, 1, 1, L, dtype=self.keys[0].dtype, device=dev)
         mask.masked_fill_((torch.arange(L, device=dev)[None] >= lens[:, None])[:, None, None], float("-inf"))
         one_each = rows == [[b] for b in range(B)]  # row b continues prompt b: nothing to gather
-        self.shared = SharedPrompts(keys, values, mask, members.to(dev), slot.to(dev), one_each, lens,
+        tiles = [(kt[:G], vt[:G]) for kt, vt in self.slab_tiles] if self.slab_tiles is not None else None
+        self.shared = SharedPrompts([k[:G] for k in self.keys], [v[:G] for v in self.values], mask,
+                                    members.to(dev), slot.to(dev), one_each, lens,
                                     torch.tensor(self.group_of, dtype=torch.long, device=dev), tiles)
 
     def step(self, lm) -> bool:
@@ -276,7 +334,7 @@ class _Batch:
     def _store(self, b: int, cache: PrefixCache) -> None:
         """Put finished row b's KV (prompt + every fed token) into the prefix cache. The prompt went
         there at admission, so normally only the row's own columns (views, not copies) are passed;
-        if it was evicted since, it is joined from the shared buffers."""
+        if it was evicted since, it is joined from the slab."""
         smp, W, g = self.samples[b], self.width, self.group_of[b]
         P, fed = len(smp.prompt.tokens), len(smp.tokens) - 1
         tokens = smp.prompt.tokens + smp.tokens[:-1]
@@ -286,7 +344,7 @@ class _Batch:
             cache.insert(tokens, own, own_values, start=P)
             return
         kv = [(torch.cat([k[g, :, :P], ok], 1), torch.cat([v[g, :, :P], ov], 1))
-              for k, v, (ok, ov) in zip(self.shared.keys, self.shared.values, own)]
+              for k, v, (ok, ov) in zip(self.keys, self.values, own)]
         cache.insert(tokens, kv, torch.cat([self.prompts[g].values, own_values]))
 
     def _select(self, keep: list[int]) -> None:
@@ -304,35 +362,29 @@ class _Batch:
         self.samples = [self.samples[b] for b in keep]
         self.alive = [True] * len(keep)
         self.padded = not bool(self.mask[:, :self.width].all())
-        used = sorted({self.group_of[b] for b in keep})
-        renumber = {g: j for j, g in enumerate(used)}
-        self.group_of = [renumber[self.group_of[b]] for b in keep]
-        keys, values, tiles = self.shared.keys, self.shared.values, self.shared.tiles
-        if len(used) < len(self.prompts):  # drop the prompts no row continues, and their columns
-            self.prompts = [self.prompts[g] for g in used]
-            self.prompt_len = max(len(p.tokens) for p in self.prompts)
-            gi = torch.tensor(used, device=dev)
-            keys = [k[gi, :, :self.prompt_len].contiguous() for k in keys]
-            values = [v[gi, :, :self.prompt_len].contiguous() for v in values]
-            if tiles is not None:  # their columns past the longest kept prompt stay: zeros, never read
-                tiles = [(kt[gi], vt[gi]) for kt, vt in tiles]
-        self._share(keys, values, dev, tiles)
+        used = {self.group_of[b] for b in keep}
+        self.prompts = [p if g in used else None for g, p in enumerate(self.prompts)]  # freed, not copied
+        self.group_of = [self.group_of[b] for b in keep]
+        live = len(used)
+        if len(self.prompts) > 8 and 4 * live < len(self.prompts):  # mostly free: a smaller slab
+            self._regrow(live, self.prompt_len, [(k[0], v[0]) for k, v in zip(self.keys, self.values)])
+        self._share(dev)
 
 
-def _join_tiles(old: tuple, new: tuple) -> tuple:
-    """decode.prompt_tiles of two sets of prompts as one: the old groups then the new, both padded with
-    zero columns to the longer (kt [G, Hk, D/2, Lq, 2] along Lq, vt [G, Hk, Lq/2, D, 2] along Lq/2)."""
-    (ok, ov), (nk, nv) = old, new
-    Lq = max(ok.shape[3], nk.shape[3])
+def slab_slots(batch: "_Batch | None", live: int, length: int) -> int:
+    """KV slots (slab slots x columns) a batch's prompts take once it holds `live` prompts of up to `length`
+    tokens: its current slab if they fit, else the one it grows into (the scheduler's memory budget)."""
+    if batch is not None and batch.keys is not None and live <= len(batch.prompts) and length <= batch.keys[0].shape[2]:
+        return len(batch.prompts) * batch.keys[0].shape[2]
+    slots, columns = _slab_size(live, length)
+    return slots * columns
 
-    def pad(kt, vt):
-        extra = Lq - kt.shape[3]
-        if not extra:
-            return kt, vt
-        return (torch.nn.functional.pad(kt, (0, 0, 0, extra)), torch.nn.functional.pad(vt, (0, 0, 0, 0, 0, extra // 2)))
 
-    (ok, ov), (nk, nv) = pad(ok, ov), pad(nk, nv)
-    return torch.cat([ok, nk]), torch.cat([ov, nv])
+def _slab_size(prompts: int, length: int) -> tuple[int, int]:
+    """Slots and columns of a prompt slab for `prompts` prompts of up to `length` tokens: room for half as
+    many prompts again (at least 2) and an eighth more columns, rounded to 32 (prompt_tiles' Lq), so
+    that most admissions fit in place while the slab holds at most ~1.7x the prompts' KV."""
+    return prompts + max(2, prompts // 2), -(-(length + length // 8) // 32) * 32
 
 
 def _with_room(x: torch.Tensor, room: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 
-from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row
+from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row, slab_slots
 
 DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once
 # The KV of the running batch (its distinct prompts, and rows x (width + room) own slots) is
@@ -98,7 +98,7 @@ class Scheduler:
 
     def _admissible(self, batch: "_Batch | None") -> list[_Request]:
         """Requests to start now (called under _cv). A running batch admits requests with its key when
-        they add a quarter of its rows or have waited 8 steps (each admission copies the batch's KV),
+        they add a quarter of its rows or have waited 8 steps (each admission copies the rows' own columns),
         and none once a request with another key waits: the batch then drains, so that one starts."""
         if not self._queue:
             return []
@@ -114,12 +114,12 @@ class Scheduler:
                 return []
         admit, rows = [], batch.size if batch is not None else 0
         width = batch.width if batch is not None else 0
-        groups, plen = (len(batch.prompts), batch.prompt_len) if batch is not None else (0, 0)
+        groups, plen = (batch.live_prompts, batch.prompt_len) if batch is not None else (0, 0)
         for r in same:  # an empty batch takes its first request whatever its size
-            # KV slots: each distinct prompt once (padded to the longest; twice with prompt_tiles), and
-            # each row's own columns (padded to the widest row) with room for max_new_tokens.
+            # KV slots: the prompt slab (each distinct prompt once, padded, with room; twice with
+            # prompt_tiles), and each row's own columns (padded to the widest row) with room for max_new_tokens.
             g, p = groups + len(r.prompts), max([plen] + [len(t) for t in r.prompts])
-            kv_bytes = ((1 + self._prompt_tiles) * g * p + (rows + r.rows) * (width + key[3])) * self._kv_bytes_per_slot
+            kv_bytes = ((1 + self._prompt_tiles) * slab_slots(batch, g, p) + (rows + r.rows) * (width + key[3])) * self._kv_bytes_per_slot
             if (rows + r.rows > self.max_batch_rows or kv_bytes > self.max_batch_kv_bytes) and (admit or batch is not None):
                 break
             admit.append(r)

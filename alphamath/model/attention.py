@@ -61,9 +61,11 @@ class SharedPrompts:
     The n samples of an MCTS expansion or an SBS beam continue one prompt: holding its KV once per
     row multiplied the batch's KV (and each step's reads of it) by n. Here each row holds only the
     tokens it has fed since its prompt, and attends to its prompt through these:
-      keys, values  per layer [G, Hk, L, D]: prompt g in columns [0, len g), zeros after it;
+      keys, values  per layer [G, Hk, L, D]: prompt g in columns [0, len g), zeros after it (a slot
+                    of the batch's prompt slab; a free slot has length 0 and no rows);
       mask          [G, 1, 1, L] additive, 0 on a prompt's tokens and -inf after, in the KV dtype;
-      members       [G, R] the rows continuing each prompt, padded by repeating its first row;
+      members       [G, R] the rows continuing each prompt, padded by repeating its first row (row 0
+                    for a free slot: its outputs are never read back);
       slot          [B] where each row sits in members.flatten();
       one_each      every row continues its own prompt, in order (G = B, R = 1: batch-1 and greedy
                     decoding), so queries and outputs need no gathering;
