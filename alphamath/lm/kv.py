@@ -16,7 +16,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alphamath.lm.radix_cache import KV, PrefixCache
-from alphamath.model import decode
 from alphamath.model.attention import SharedPrompts
 
 
