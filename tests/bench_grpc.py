@@ -11,10 +11,13 @@ executor with the same warm pool as the sandbox service).
   * in-process: search_svc.engine.solve_many at concurrency 1, 4 and 16 (searches on worker threads
     sharing the policy's decode batches; the decode loop runs on this thread: serve=policy.serve);
   * the local stack (policy, value, sandbox, search on loopback) at 1, 4 and 16 concurrent Solve calls.
-Every configuration solves the same first problems of gsm8k dev with the same seeds. At concurrency 1
-the two sides alternate problem by problem, so that load from other processes hits both alike.
+Every configuration solves the same first problems of gsm8k dev with the same seeds, each level from
+empty prefix caches (the stack's policy and value restarted, the in-process models' caches cleared)
+after one warm-up problem that is not measured. At concurrency 1 the two sides alternate problem by
+problem, so that load from other processes hits both alike.
 Peak RSS: this process for the in-process side (VmHWM, reset before it starts, since the bench may have
-held other models before); each service process for the stack (VmHWM read before it stops).
+held other models before); each service process for the stack (VmHWM read before it stops: for the
+restarted policy and value, their peak at the last level, 16).
 Targets (issue 16): the stack costs at most 10% over in-process at concurrency 1, and throughput at
 16 is at least 3x that at 1.
 """
@@ -33,7 +36,10 @@ DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
 METHOD = "sbs"
 PARAMS = dict(beam_b1=1, beam_b2=3, max_new_tokens=64, max_depth=4)
 LEVELS = (1, 4, 16)
-PROBLEMS = {1: 16, 4: 16, 16: 16}  # problems solved at each concurrency: the same ones, so ratios compare like with like
+# Problems solved at each concurrency: the same ones, so ratios compare like with like. Twice the top
+# concurrency, so that level measures throughput with the searches in flight, not the latency of the
+# last one: with 16 problems at 16 only ~10 were in flight on average (s23-s24), the last ones alone.
+PROBLEMS = {1: 32, 4: 32, 16: 32}
 
 
 def vm_hwm_mb(pid: int | str = "self") -> float | None:
@@ -91,6 +97,11 @@ class InProcess:
                    concurrency=concurrency, serve=self.policy_lm.serve)
         return time.perf_counter() - start, [answers.get(p.id) for p in problems]
 
+    def cold(self) -> None:
+        """Empty both models' prefix caches (as the stack's restarted services start)."""
+        self.policy_lm.reset_cache()
+        self.value.lm.reset_cache()
+
     def close(self):
         self.sandbox.close()
 
@@ -132,7 +143,8 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
     from app.stack import SERVICES, LocalStack, Ports, free_ports
 
     counts = {c: max(1, round(n * scale)) for c, n in PROBLEMS.items()}
-    problems = load_problems(DATA, max(counts.values()))
+    problems = load_problems(DATA, max(counts.values()) + 1)
+    problems, warm = problems[:-1], problems[-1:]  # the warm-up problem is none of the measured ones
     model_dir = Path(model_dir) if model_dir else Path(embedded_checkpoint())
     out: dict[str, float] = {}
 
@@ -146,8 +158,19 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
         try:
             stack.start(timeout_s=600)
             addr = ports.addr("search")
-            through_grpc(addr, problems[:1], 1)  # warm-up both paths: first-call costs (caches, pools)
-            inproc.solve(problems[:1], 1)
+
+            def cold_start():
+                """Every level starts from empty prefix caches on both sides, then one warm-up problem
+                (first-call costs: pools, allocations). A level run after another on the same problems
+                found their prompts and states cached: at 16 that read 89.6 problems/min after a pass at
+                1, against 64.9 cold (s24), so later levels looked faster than they are."""
+                inproc.cold()
+                stack.stop(services=("value", "policy"))
+                stack.start(timeout_s=600)
+                through_grpc(addr, warm, 1)
+                inproc.solve(warm, 1)
+
+            cold_start()
             # Concurrency 1, interleaved problem by problem so that load from other processes on
             # this machine hits both paths alike.
             t_in = t_grpc = 0.0
@@ -163,6 +186,7 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
             out["grpc_c1_ppm"] = counts[1] / t_grpc * 60
             out["same_answers_c1"] = float(same)
             for c in LEVELS[1:]:
+                cold_start()
                 secs, _ = inproc.solve(problems[: counts[c]], c)
                 out[f"inproc_c{c}_ppm"] = counts[c] / secs * 60
                 out[f"inproc_c{c}_in_flight"] = in_flight(inproc.busy, secs)

@@ -6,7 +6,8 @@
 //   rope              rotary embedding of the q and k heads of a bf16 qkv projection (torch: ~8 ops);
 //   linear            x w^T of bf16 rows, the weight laid out in vdpbf16ps pairs (pack_linear), which is
 //                     also AMX's B-tile layout: with AMX, linear_tiles multiplies the same weights in tiles;
-//   decode_qkv/rest   a decode step's decoder layer from the kernels above, in two calls.
+//   decode_qkv/rest   a decode step's decoder layer from the kernels above, in two calls;
+//   lay_tiles         a prompt's K/V into its decode batch's prompt slab, as prompt_tiles lays them out.
 //
 // decode_attention: a task is one (prompt group, KV head). Its queries are the g folded query heads of every row that
 // continues the prompt, M = rows * g. For each query i
@@ -609,6 +610,45 @@ torch::Tensor rope(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int6
   return out;
 }
 
+// One prompt's K/V [Hk, n, D] into its slot of a decode batch's prompt slab, in prompt_tiles' layouts:
+// kt [Hk, D / 2, Lq, 2] (keys by pair of dims: the B tiles of q.k) and vt [Hk, Lq / 2, D, 2] (values by
+// pair of keys: the B tiles of p.v), zeros from column n on (the slot may hold an older prompt). torch's
+// strided copies of 4-byte pairs took ~1-3 ms per layer and prompt, most of an admission's cost.
+void lay_tiles(torch::Tensor k, torch::Tensor v, torch::Tensor kt, torch::Tensor vt) {
+  TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && kt.scalar_type() == at::kBFloat16 &&
+              vt.scalar_type() == at::kBFloat16, "lay_tiles takes bf16");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1, "k, v [Hk, n, D], dims contiguous");
+  const int64_t Hk = k.size(0), n = k.size(1), D = k.size(2), Lq = kt.size(2);
+  TORCH_CHECK(kt.is_contiguous() && vt.is_contiguous() && kt.dim() == 4 && vt.dim() == 4 && kt.size(0) == Hk &&
+              kt.size(1) == D / 2 && kt.size(3) == 2 && vt.size(0) == Hk && vt.size(1) == Lq / 2 && vt.size(2) == D &&
+              vt.size(3) == 2 && D % 2 == 0 && Lq % 2 == 0 && n <= Lq, "kt [Hk, D/2, Lq, 2], vt [Hk, Lq/2, D, 2], n <= Lq");
+  const uint16_t* kp = (const uint16_t*)k.data_ptr<bf16>();
+  const uint16_t* vp = (const uint16_t*)v.data_ptr<bf16>();
+  uint16_t* ktp = (uint16_t*)kt.data_ptr<bf16>();
+  uint16_t* vtp = (uint16_t*)vt.data_ptr<bf16>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1), P = D / 2;
+  for (int64_t h = 0; h < Hk; ++h) {  // ~56 KB per head: one thread (a fork costs more)
+    uint32_t* kh = (uint32_t*)(ktp + h * P * Lq * 2);  // [P][Lq] pairs
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t* row = (const uint32_t*)(kp + h * ks0 + j * ks1);
+      for (int64_t p = 0; p < P; ++p) kh[p * Lq + j] = row[p];
+    }
+    for (int64_t p = 0; p < P; ++p) std::memset(kh + p * Lq + n, 0, (Lq - n) * sizeof(uint32_t));
+    uint16_t* vh = vtp + h * (Lq / 2) * D * 2;  // [Lq / 2][D][2]
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* row = vp + h * vs0 + j * vs1;
+      uint16_t* out = vh + (j / 2) * D * 2 + (j % 2);
+      for (int64_t d = 0; d < D; ++d) out[2 * d] = row[d];
+    }
+    if (n % 2) {  // the last key's pair partner is a zero key
+      uint16_t* out = vh + (n / 2) * D * 2 + 1;
+      for (int64_t d = 0; d < D; ++d) out[2 * d] = 0;
+    }
+    const int64_t full = (n + 1) / 2;  // key pairs holding a key
+    std::memset(vh + full * D * 2, 0, (Lq / 2 - full) * D * 2 * sizeof(uint16_t));
+  }
+}
+
 // w [N, K] bf16 -> [N / 16, K / 2, 16, 2]: block b, pair p holds w[16 b + i][2p : 2p + 2] for i < 16, the
 // layout vdpbf16ps multiplies: one 64-byte load is 16 outputs' next two weights. Each block is contiguous.
 torch::Tensor pack_linear(torch::Tensor w) {
@@ -748,5 +788,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &rope, "rotary embedding of the q and k heads of a bf16 qkv projection (AVX512-BF16)");
   m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)");
   m.def("decode_attention", &decode_attention, "shared-prompt decode attention (bf16, AVX512-BF16)");
+  m.def("lay_tiles", &lay_tiles, "a prompt's K/V into its slab slot in prompt_tiles' layouts, zeros after");
   m.def("sample", &sample, "inverse-CDF sampling from softmax(logits / T), with the token's log-prob");
 }

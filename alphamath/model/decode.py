@@ -149,6 +149,12 @@ def prompt_tiles(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor
     return k, v
 
 
+def lay_tiles(k: torch.Tensor, v: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> None:
+    """One prompt's K/V [Hk, n, D] into a prompt slab's slot kt [Hk, D/2, Lq, 2], vt [Hk, Lq/2, D, 2]:
+    prompt_tiles' layouts, zeros from column n on (in place; only where tiles_on())."""
+    kernel().lay_tiles(k, v, kt, vt)
+
+
 def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Can the kernel normalise `x` with `weight` (both bf16 on the CPU, width a multiple of 16) here?"""
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
