@@ -10,8 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from alphamath.service import (TGI_HTTP_PORT, add_model_server_flags, parse_config, run_until_signal, service_parser,
-                               setup_logging)
+from alphamath.service import (TGI_HTTP_PORT, add_model_server_flags, configure_threads, parse_config,
+                               run_until_signal, service_parser, setup_logging)
 
 log = logging.getLogger("policy_svc")
 
@@ -59,6 +59,7 @@ def load(args):
 def main(argv=None) -> int:
     args = parse_config(build_parser(), argv)
     setup_logging("policy", args.log_level)
+    configure_threads(log)
     from policy_svc.server import PolicyServer
 
     loaded = load(args)

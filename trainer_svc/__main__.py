@@ -9,7 +9,7 @@ import logging
 import sys
 
 from alphamath.broker import DLQ_TOPIC, TREES_TOPIC
-from alphamath.service import parse_config, run_until_signal, service_parser, setup_logging
+from alphamath.service import configure_threads, parse_config, run_until_signal, service_parser, setup_logging
 from trainer_svc.registry import checkpoint_root
 
 log = logging.getLogger("trainer_svc")
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
 
     args = parse_config(build_parser(), argv)
     setup_logging("trainer", args.log_level)
+    configure_threads()
     store = Store(args.db_url, args.db_schema)
     server = TrainerServer(store, args.checkpoint_dir, port=args.port, host=args.host,
                            metrics_port=args.metrics_port, bootstrap=args.kafka_bootstrap, ingest=args.ingest,

@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from alphamath.service import add_model_server_flags, parse_config, run_until_signal, service_parser, setup_logging
+from alphamath.service import (add_model_server_flags, configure_threads, parse_config, run_until_signal,
+                               service_parser, setup_logging)
 
 log = logging.getLogger("value_svc")
 
@@ -35,6 +36,7 @@ def load(args):
 def main(argv=None) -> int:
     args = parse_config(build_parser(), argv)
     setup_logging("value", args.log_level)
+    configure_threads(log)
     from value_svc.server import ValueServer
 
     loaded = load(args)
