@@ -780,14 +780,18 @@ torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_qkv", &decode_qkv, "a decode step's q, k, v of one decoder layer (AVX512-BF16)");
-  m.def("decode_rest", &decode_rest, "a decode step's attention and MLP of one decoder layer (AVX512-BF16)");
-  m.def("pack_linear", &pack_linear, "a bf16 weight [N, K] laid out for linear (vdpbf16ps pairs)");
+  // The kernels touch only tensors, so they release the GIL: a decode step spends most of its time in
+  // them, and holding the GIL there stalled every other Python thread of the process (a service's gRPC
+  // handlers; in-process, the concurrent searches and the value model's scoring).
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("decode_qkv", &decode_qkv, "a decode step's q, k, v of one decoder layer (AVX512-BF16)", nogil);
+  m.def("decode_rest", &decode_rest, "a decode step's attention and MLP of one decoder layer (AVX512-BF16)", nogil);
+  m.def("pack_linear", &pack_linear, "a bf16 weight [N, K] laid out for linear (vdpbf16ps pairs)", nogil);
   m.def("set_tiles", &set_tiles, "linear with AMX tiles from now on (if the CPU and kernel allow); true if on");
-  m.def("linear", &linear, "x w^T (+ bias) of bf16 rows and a pack_linear weight (AVX512-BF16)");
-  m.def("rope", &rope, "rotary embedding of the q and k heads of a bf16 qkv projection (AVX512-BF16)");
-  m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)");
-  m.def("decode_attention", &decode_attention, "shared-prompt decode attention (bf16, AVX512-BF16)");
-  m.def("lay_tiles", &lay_tiles, "a prompt's K/V into its slab slot in prompt_tiles' layouts, zeros after");
-  m.def("sample", &sample, "inverse-CDF sampling from softmax(logits / T), with the token's log-prob");
+  m.def("linear", &linear, "x w^T (+ bias) of bf16 rows and a pack_linear weight (AVX512-BF16)", nogil);
+  m.def("rope", &rope, "rotary embedding of the q and k heads of a bf16 qkv projection (AVX512-BF16)", nogil);
+  m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)", nogil);
+  m.def("decode_attention", &decode_attention, "shared-prompt decode attention (bf16, AVX512-BF16)", nogil);
+  m.def("lay_tiles", &lay_tiles, "a prompt's K/V into its slab slot in prompt_tiles' layouts, zeros after", nogil);
+  m.def("sample", &sample, "inverse-CDF sampling from softmax(logits / T), with the token's log-prob", nogil);
 }
