@@ -40,6 +40,11 @@ multiply, cast, scale) and the rotation in ~8, each op a dispatch of a few us at
 30 rotations per step took ~3.3 ms of a 24 ms batch-1 step. The kernels do each in one pass, ~1 us. The
 rotation is torch's bit for bit; the norm sums squares in fp64 (see decode.cpp).
 
+The kernels release the GIL while they run (they touch only tensors): holding it through a decode
+step's kernel calls stalled every other Python thread of the process, a service's gRPC handlers and,
+in-process, the concurrent searches and the value model's scoring (in-process throughput at 16
+concurrent searches 46-49 -> 53 problems/min, session 24).
+
 All are compiled on first use with torch.utils.cpp_extension (g++ and ninja; cached under
 TORCH_EXTENSIONS_DIR); the Docker image builds them into ALPHAMATH_KERNEL_DIR
 (`python -m alphamath.model.decode DIR`). Where they cannot be used (fp32 attention, no AVX512-BF16,
