@@ -771,3 +771,38 @@ def test_the_prompt_slab_admits_in_place_frees_on_drop_and_reuses_freed_slots():
     batch._select([3])  # one prompt of 11 left: a quarter of the slots or fewer are held, so it shrinks
     assert (len(batch.prompts), batch.keys[0].shape[2]) == _slab_size(1, 120)
     _check_slab(batch, [e])
+
+
+def test_attention_over_a_slab_with_a_freed_slot_equals_each_rows_own_attention():
+    """After a drop frees a slot below a held one, decode attention over the slab (the torch path, and
+    decode.cpp's where it runs, with the AMX tiles where they are on) must still equal, for every row,
+    softmax attention over its own prompt's K/V followed by its own columns."""
+    from alphamath.lm.kv import _Batch, _Decoding
+    from alphamath.model import decode
+    from alphamath.model.attention import shared_prompt_attention
+
+    tiles = decode.kernel() is not None and decode.tiles_on()
+    batch = _Batch((), 4, tiles=tiles)
+    a, b, c = _slab_row(40, 20), _slab_row(65, 21), _slab_row(33, 22)
+    batch.add([_Decoding(a, 0, None), _Decoding(b, 0, None), _Decoding(b, 1, None), _Decoding(c, 0, None)], 8,
+              torch.device("cpu"))
+    batch._select([1, 2, 3])  # a's slot (0) is freed, b and c stay above it
+    assert batch.prompts[0] is None and len(batch.shared.lengths) == 3
+    g = torch.Generator().manual_seed(7)
+    B, Hk, G, D, W = 3, 3, 3, 64, 2
+    q = torch.randn(B, Hk, G, D, generator=g).bfloat16()
+    own_k, own_v = (torch.randn(B, Hk, W, D, generator=g).bfloat16() for _ in range(2))
+    want = []
+    for row in range(B):
+        k0, v0 = batch.prompts[batch.group_of[row]].kv[1]
+        k, v = torch.cat([k0, own_k[row]], 1).float(), torch.cat([v0, own_v[row]], 1).float()
+        p = torch.softmax(q[row].float() @ k.transpose(1, 2) * 0.125, -1)
+        want.append(p @ v)
+    want = torch.stack(want)
+    got = shared_prompt_attention(q, own_k, own_v, None, batch.shared, 1, 0.125)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    if decode.kernel() is not None:
+        t = batch.shared.tiles[1] if batch.shared.tiles else None
+        out = decode.decode_attention(q, own_k, own_v, None, batch.shared.keys[1], batch.shared.values[1],
+                                      batch.shared.lengths, batch.shared.group, 0.125, t)
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
