@@ -731,7 +731,8 @@ def _check_slab(batch, rows_of):
                 assert kt.shape[3] == batch.keys[layer].shape[2]
     assert [batch.prompts[g] for g in batch.group_of] == rows_of
     assert batch.shared.group.tolist() == batch.group_of
-    assert batch.shared.lengths.tolist() == [len(p.tokens) if p else 0 for p in batch.prompts[:len(batch.shared.lengths)]]
+    held = batch.prompts[:len(batch.shared.lengths)]
+    assert batch.shared.lengths.tolist() == [len(p.tokens) if p else 0 for p in held]
 
 
 def test_the_prompt_slab_admits_in_place_frees_on_drop_and_reuses_freed_slots():

@@ -161,7 +161,8 @@ class _Batch:
         self.padded = False
         self.prompts: list[_Row | None] = []  # slot g: the prompt held there, None when the slot is free
         self.group_of: list[int] = []  # each row's prompt slot
-        self.keys: list | None = None  # the slab, per layer [slots, Hk, columns, D]: prompt g in [0, len g), zeros after
+        # The slab, per layer [slots, Hk, columns, D]: prompt g in columns [0, len g), zeros after.
+        self.keys: list | None = None
         self.values: list | None = None
         self.slab_tiles: list | None = None  # per layer decode.prompt_tiles of keys/values (columns = Lq)
         self.shared: SharedPrompts | None = None
@@ -184,10 +185,9 @@ class _Batch:
         their own columns start empty (left padding at the current width)."""
         fresh = list({id(smp.prompt): smp.prompt for smp in new}.values())
         R, old = len(new), self.size
-        live = self.live_prompts + len(fresh)
-        if (self.keys is None or live > len(self.prompts)
-                or max(len(row.tokens) for row in fresh) > self.keys[0].shape[2]):
-            self._regrow(live, max(self.prompt_len, max(len(row.tokens) for row in fresh)), fresh[0].kv)
+        live, longest = self.live_prompts + len(fresh), max(len(row.tokens) for row in fresh)
+        if not self.fits(live, longest):
+            self._regrow(live, max(self.prompt_len, longest), fresh[0].kv)
         slots = [g for g, p in enumerate(self.prompts) if p is None][:len(fresh)]
         self._write(slots, fresh)
         group = {id(row): g for g, row in zip(slots, fresh)}
@@ -216,9 +216,16 @@ class _Batch:
         # With no padding (rows that started together: every MCTS expansion) no mask is passed.
         self.padded = not bool(self.mask[:, :W].all())
 
-    def _regrow(self, live: int, length: int, like: list) -> None:
+    def fits(self, live: int, length: int) -> bool:
+        """Does the slab hold `live` prompts of up to `length` tokens as it is?"""
+        return self.keys is not None and live <= len(self.prompts) and length <= self.keys[0].shape[2]
+
+    def _regrow(self, live: int, length: int, like: list | None = None) -> None:
         """A new slab for `live` prompts of up to `length` tokens (_slab_size), holding the current
-        prompts in its first slots (rows are renumbered); `like`: any prompt's per-layer KV."""
+        prompts in its first slots (rows are renumbered); `like`: per-layer KV of the dtype and heads to
+        allocate (default: the slab's own)."""
+        if like is None:
+            like = [(k[0], v[0]) for k, v in zip(self.keys, self.values)]
         slots, columns = _slab_size(live, length)
         held = [g for g, p in enumerate(self.prompts) if p is not None]
         idx = torch.tensor(held, dtype=torch.long)
@@ -255,7 +262,7 @@ class _Batch:
             for layer, (k, v) in enumerate(row.kv):
                 self.keys[layer][g, :, :n], self.values[layer][g, :, :n] = k, v
                 self.keys[layer][g, :, n:], self.values[layer][g, :, n:] = 0, 0  # a freed slot's old prompt
-                if self.tiles:  # decode.prompt_tiles' layouts, laid by the kernel (torch's strided copies were ~10x slower)
+                if self.tiles:  # decode.prompt_tiles' layouts (torch's strided copies were slower)
                     decode.lay_tiles(k, v, self.slab_tiles[layer][0][g], self.slab_tiles[layer][1][g])
             self.prompts[g] = row
 
@@ -359,14 +366,14 @@ class _Batch:
         self.group_of = [self.group_of[b] for b in keep]
         live = len(used)
         if len(self.prompts) > 8 and 4 * live < len(self.prompts):  # mostly free: a smaller slab
-            self._regrow(live, self.prompt_len, [(k[0], v[0]) for k, v in zip(self.keys, self.values)])
+            self._regrow(live, self.prompt_len)
         self._share(dev)
 
 
 def slab_slots(batch: "_Batch | None", live: int, length: int) -> int:
     """KV slots (slab slots x columns) a batch's prompts take once it holds `live` prompts of up to `length`
     tokens: its current slab if they fit, else the one it grows into (the scheduler's memory budget)."""
-    if batch is not None and batch.keys is not None and live <= len(batch.prompts) and length <= batch.keys[0].shape[2]:
+    if batch is not None and batch.fits(live, length):
         return len(batch.prompts) * batch.keys[0].shape[2]
     slots, columns = _slab_size(live, length)
     return slots * columns

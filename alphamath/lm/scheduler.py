@@ -119,7 +119,8 @@ class Scheduler:
             # KV slots: the prompt slab (each distinct prompt once, padded, with room; twice with
             # prompt_tiles), and each row's own columns (padded to the widest row) with room for max_new_tokens.
             g, p = groups + len(r.prompts), max([plen] + [len(t) for t in r.prompts])
-            kv_bytes = ((1 + self._prompt_tiles) * slab_slots(batch, g, p) + (rows + r.rows) * (width + key[3])) * self._kv_bytes_per_slot
+            slots = (1 + self._prompt_tiles) * slab_slots(batch, g, p) + (rows + r.rows) * (width + key[3])
+            kv_bytes = slots * self._kv_bytes_per_slot
             if (rows + r.rows > self.max_batch_rows or kv_bytes > self.max_batch_kv_bytes) and (admit or batch is not None):
                 break
             admit.append(r)

@@ -146,7 +146,9 @@ def prompt_tiles(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor
     """A decode batch's prompt K/V [G, Hk, L, D] laid out once as AMX B tiles for decode_attention:
     keys by pair of dims [G, Hk, D/2, Lq, 2] (the keys of q.k) and values by pair of keys
     [G, Hk, Lq/2, D, 2] (the values of p.v), Lq = L rounded up to 32, zeros past L. The kernel
-    laid the keys out afresh for every step, layer and prompt before; a batch's prompts never change."""
+    laid the keys out afresh for every step, layer and prompt before; a batch's prompts never change.
+    The layouts' reference definition: a decode batch writes them slot by slot with `lay_tiles`, and
+    the tests check both against this."""
     G, H, L, D = keys.shape
     pad = (0, 0, 0, -L % 32)
     k = torch.nn.functional.pad(keys, pad).view(G, H, -1, D // 2, 2).permute(0, 1, 3, 2, 4).contiguous()

@@ -164,9 +164,7 @@ class FastLlama:
         fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode.cpp: bf16 with AVX512-BF16
         if fused:
             own_valid = None if mask is None else mask[:, 0, 0]
-        elif prompts is not None and mask is not None:  # the flash kernel takes an additive mask of the KV dtype
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        elif mask is not None:
+        elif mask is not None:  # SDPA and the shared-prompt flash kernel take it additive, in the KV dtype
             mask = self._fold_mask(mask, S, x.dtype)
         hq, hk, D = self.hq, self.hk, self.head_dim
         layered = fused and rope and self.layered
