@@ -40,8 +40,8 @@ COPY sandbox_svc ./sandbox_svc
 COPY trainer_svc ./trainer_svc
 COPY app ./app
 RUN pip install . && python -c "import alphamath, app, policy_svc, value_svc, search_svc, sandbox_svc, trainer_svc"
-# The decode kernels (bf16 attention, sampling), compiled here (pods have no compiler and a read-only root filesystem);
-# it is used only on CPUs with AVX512-BF16 (alphamath/model/decode.py).
+# The decode kernels, compiled here (pods have no compiler and a read-only root filesystem): decode.cpp's (bf16) run
+# on CPUs with AVX512-BF16 (alphamath/model/decode.py), avx2.cpp's (fp32) on CPUs with AVX2, FMA and F16C (avx2.py).
 RUN python -m alphamath.model.decode /opt/alphamath/kernels
 
 # The sandbox service's own dependencies only (no torch): the optional slim `sandbox` target.

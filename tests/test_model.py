@@ -26,6 +26,17 @@ def decode_kernels_or_skip():
     return decode
 
 
+def avx2_kernels_or_skip():
+    """avx2.py's fp32 kernels where this CPU can run them (AVX2, FMA, F16C); where it can, a failed
+    build is a failure, not a skip."""
+    from alphamath.model import avx2
+
+    if os.environ.get("ALPHAMATH_DECODE_KERNEL", "1") == "0" or not avx2.cpu_ok():
+        pytest.skip("the fp32 decode kernels need AVX2, FMA and F16C (and ALPHAMATH_DECODE_KERNEL unset)")
+    assert avx2.kernel() is not None, f"fp32 decode kernels did not load on an AVX2 CPU: {avx2._failed}"
+    return avx2
+
+
 @pytest.fixture()
 def model(tiny_model_dir):
     return ValueHeadModel.from_pretrained(tiny_model_dir, dtype="fp32")
@@ -618,3 +629,114 @@ def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(tmp_path / "image" / f"{decode.NAME}.so"), "1"]
     assert not (tmp_path / "jit").exists()  # nothing was compiled
+
+
+def test_avx2_linear_is_the_fp16_weights_matmul_and_computes_each_row_alone():
+    """avx2.linear_f16: fp32 rows times the fp16-rounded weight, fp32 sums (within fp32 rounding of the
+    exact products), bias added; K past one chunk of k (256) and not a multiple of it; every row count
+    through the 6-row tiles and their remainders gives each row what it gets alone, bit for bit."""
+    avx2 = avx2_kernels_or_skip()
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 600), torch.randn(48)
+    packed = avx2.pack_f16(w)
+    assert packed.shape == (3, 600, 16) and packed.dtype == torch.float16
+    x = torch.randn(13, 600)
+    got = avx2.linear_f16(x, packed, b)
+    exact = x.double() @ w.half().double().T + b.double()
+    bound = 1e-6 * (x.abs().double() @ w.abs().double().T) + 1e-6
+    assert got.dtype == torch.float32 and ((got.double() - exact).abs() <= bound).all()
+    for r in range(13):
+        assert torch.equal(avx2.linear_f16(x[r:r + 1], packed, b), got[r:r + 1])
+    for m in (2, 5, 6, 7, 12):
+        assert torch.equal(avx2.linear_f16(x[:m], packed, b), got[:m])
+    no_bias = avx2.linear_f16(x.view(13, 1, 600), packed, None)
+    assert no_bias.shape == (13, 1, 48)
+    torch.testing.assert_close(no_bias.view(13, 48) + b, got, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="last dim"):
+        avx2.linear_f16(torch.randn(2, 599), packed, None)
+
+
+def test_avx2_rms_norm_and_rope_are_the_torch_operations():
+    """avx2.rms_norm against F.rms_norm (fp32), avx2.rope against transformers' rotation of the q and k
+    heads of a q|k|v projection."""
+    avx2 = avx2_kernels_or_skip()
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 2, 128) * 4, torch.randn(128)
+    torch.testing.assert_close(avx2.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (128,), w, 1e-5),
+                               atol=2e-6, rtol=2e-6)
+    qkv, cos, sin = torch.randn(2, 1, 5, 64), torch.randn(2, 1, 64), torch.randn(2, 1, 64)
+    rot = torch.cat([-qkv[..., 32:], qkv[..., :32]], -1)
+    want = (qkv * cos.unsqueeze(2) + rot * sin.unsqueeze(2))[:, :, :3]
+    torch.testing.assert_close(avx2.rope(qkv, cos, sin, 3), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_avx2_decode_attention_equals_softmax_over_each_rows_prompt_and_own_keys(head_dim):
+    """avx2.decode_attention against plain fp64 softmax attention over each row's joined keys: prompts
+    of odd lengths (not multiples of its 8-key blocks), groups of different sizes, left-padded own
+    columns read through strided views of a wider buffer, and a prompt no row continues."""
+    avx2 = avx2_kernels_or_skip()
+    torch.manual_seed(0)
+    Hk, g, D, L, W = 3, 3, head_dim, 37, 21
+    lens, group_of = [37, 1, 20, 5], [0, 2, 0, 1, 0, 2, 0]
+    own_lens = [21, 1, 3, 17, 2, 4, 9]
+    B, G = len(group_of), len(lens)
+    pk, pv, q = torch.randn(G, Hk, L, D), torch.randn(G, Hk, L, D), torch.randn(B, Hk, g, D)
+    k = torch.randn(B, Hk, W + 11, D)[:, :, :W]
+    v = torch.randn(B, Hk, W + 11, D)[:, :, :W]
+    real = torch.tensor([[c >= W - n for c in range(W)] for n in own_lens])
+    for valid in (real, None):
+        got = avx2.decode_attention(q, k, v, valid, pk, pv, torch.tensor(lens), torch.tensor(group_of), D ** -0.5)
+        assert got.shape == q.shape and got.dtype == torch.float32
+        for b in range(B):
+            gi, n = group_of[b], lens[group_of[b]]
+            cols = real[b] if valid is not None else torch.ones(W, dtype=torch.bool)
+            keys = torch.cat([pk[gi, :, :n], k[b][:, cols]], 1).double()
+            vals = torch.cat([pv[gi, :, :n], v[b][:, cols]], 1).double()
+            want = torch.softmax(q[b].double() @ keys.transpose(1, 2) * D ** -0.5, -1) @ vals
+            torch.testing.assert_close(got[b].double(), want, atol=2e-6, rtol=2e-6)
+    with pytest.raises(RuntimeError, match="fp32"):
+        avx2.decode_attention(q.bfloat16(), k, v, None, pk, pv, torch.tensor(lens), torch.tensor(group_of), 0.1)
+
+
+def test_avx2_decode_layers_sample_what_the_layer_loop_samples(kernel_model_dir, monkeypatch):
+    """In fp32, fast_llama runs a decode step's layers as avx2.decode_qkv / decode_rest (two C++ calls
+    per layer, fp16 weights); its torch loop (fp16 weights through the same linear_f16) must give the
+    same tokens, and log-probs equal to fp32 rounding."""
+    avx2 = avx2_kernels_or_skip()
+    from alphamath.lm import LocalLM
+
+    calls = []
+    real = avx2.decode_rest
+    monkeypatch.setattr(avx2, "decode_rest", lambda *a: (calls.append(1), real(*a))[1])
+    lm = LocalLM(kernel_model_dir, dtype="fp32", decode_weights="fp16")  # the suite defaults to float weights
+    assert lm._fast.layered_f32 and lm._fast.lm_head.f16 is not None
+    prompts = ["Question: what is 2 + 3?", "Question: what is 7 * 6 minus 5, and then halved?"]
+    kw = dict(temperature=1.0, max_new_tokens=12, seed=3)
+    layered = lm.generate(prompts, 3, **kw)
+    assert len(calls) >= 2 * 11  # two layers per decode step
+    lm.reset_cache()
+    lm._fast.layered_f32, seen = False, len(calls)
+    loop = lm.generate(prompts, 3, **kw)
+    assert len(calls) == seen
+    for a, b in zip(layered, loop):
+        assert [(s.text, s.token_count) for s in a] == [(s.text, s.token_count) for s in b]
+        for x, y in zip(a, b):
+            assert abs(x.cumulative_logprob - y.cumulative_logprob) <= 1e-4 * max(1.0, abs(y.cumulative_logprob))
+
+
+def test_avx2_kernels_load_prebuilt_from_the_image_directory(tmp_path):
+    """As decode.cpp's: a process given ALPHAMATH_KERNEL_DIR loads the image's build of avx2.cpp."""
+    import subprocess
+    import sys
+
+    avx2 = avx2_kernels_or_skip()
+    (tmp_path / "image").mkdir()
+    shutil.copy(avx2.kernel().__file__, tmp_path / "image" / f"{avx2.NAME}.so")
+    code = ("import torch; from alphamath.model import avx2; m = avx2.kernel(); "
+            "print(m.__file__, m.rms_norm(torch.full((1, 8), 2.0), torch.ones(8), 0.0)[0, 0].item())")
+    env = {**os.environ, "ALPHAMATH_KERNEL_DIR": str(tmp_path / "image"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "jit")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tmp_path / "image" / f"{avx2.NAME}.so"), "1.0"]
+    assert not (tmp_path / "jit").exists()

@@ -76,24 +76,24 @@ _EMPTY, _EMPTY_BOOL = torch.empty(0), torch.empty(0, dtype=torch.bool)  # "none"
 NAME = "alphamath_decode"
 
 
-def build(directory: str | None = None):
-    """Compile (or load the cached build of) the kernel; raises if the toolchain cannot."""
+def build(directory: str | None = None, name: str = NAME, source: Path = SOURCE, flags: list[str] = FLAGS):
+    """Compile (or load the cached build of) the kernel (or avx2.py's); raises if the toolchain cannot."""
     from torch.utils.cpp_extension import load
     if directory:
         Path(directory).mkdir(parents=True, exist_ok=True)
-    return load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+    return load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                 build_directory=directory, verbose=False)
 
 
-def _prebuilt():
+def _prebuilt(name: str = NAME):
     """The module built into ALPHAMATH_KERNEL_DIR at image build time (pods have a read-only root
     filesystem and no compiler), or None."""
     import importlib.util
     directory = os.environ.get("ALPHAMATH_KERNEL_DIR")
-    found = sorted(Path(directory).glob(f"{NAME}*.so")) if directory else []
+    found = sorted(Path(directory).glob(f"{name}*.so")) if directory else []
     if not found:
         return None
-    spec = importlib.util.spec_from_file_location(NAME, found[0])
+    spec = importlib.util.spec_from_file_location(name, found[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -244,26 +244,37 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[t
 
 
 def main(argv: list[str]) -> int:
-    """`python -m alphamath.model.decode [DIR]` (make setup; the Docker build with DIR). Compiling
-    needs no AVX512-BF16, but importing the module does (SIGILL on other CPUs): there the build runs
-    in a child process and only the library's presence is checked (an image built on one machine
-    runs on others); without DIR, on such a CPU, nothing is built, since nothing here would use it."""
+    """`python -m alphamath.model.decode [DIR]` (make setup; the Docker build with DIR): this file's
+    kernels and avx2.py's. Compiling needs neither CPU, but importing a module needs its CPU (SIGILL
+    elsewhere): there the build runs in a child process and only the library's presence is checked (an
+    image built on one machine runs on others); without DIR, on such a CPU, that module is not built,
+    since nothing here would use it."""
+    from alphamath.model import avx2
+    failed = 0
+    for name, usable, need, module in ((NAME, cpu_has_fast_bf16(), "AVX512-BF16", "decode"),
+                                       (avx2.NAME, avx2.cpu_ok(), "AVX2, FMA and F16C", "avx2")):
+        failed += _build_one(directory=argv[0] if argv else None, name=name, usable=usable, need=need, module=module)
+    return 1 if failed else 0
+
+
+def _build_one(directory: str | None, name: str, usable: bool, need: str, module: str) -> int:
+    import importlib
     import subprocess
     import sys
-    directory = argv[0] if argv else None
-    if cpu_has_fast_bf16():
-        print("built:", build(directory).__file__)
+    build_it = importlib.import_module(f"alphamath.model.{module}").build
+    if usable:
+        print(f"{name} built:", build_it(directory).__file__)
         return 0
     if directory is None:
-        print("not built: this CPU has no AVX512-BF16, so torch ops compute the decode here")
+        print(f"{name} not built: this CPU lacks {need}, so torch ops compute what it would")
         return 0
-    subprocess.run([sys.executable, "-c", f"from alphamath.model.decode import build; build({directory!r})"],
+    subprocess.run([sys.executable, "-c", f"from alphamath.model.{module} import build; build({directory!r})"],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    found = sorted(Path(directory).glob(f"{NAME}*.so"))
+    found = sorted(Path(directory).glob(f"{name}*.so"))
     if not found:
-        print(f"build failed: no {NAME}*.so in {directory}", file=sys.stderr)
+        print(f"build failed: no {name}*.so in {directory}", file=sys.stderr)
         return 1
-    print("built (not loaded: this CPU has no AVX512-BF16):", found[0])
+    print(f"{name} built (not loaded: this CPU lacks {need}):", found[0])
     return 0
 
 

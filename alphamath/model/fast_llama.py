@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
+from alphamath.model import avx2
 from alphamath.model import decode as kernel
 from alphamath.model.attention import SharedPrompts, shared_prompt_attention
 from alphamath.model.packed import Linear, fp16_below_rows
@@ -100,9 +101,13 @@ class FastLlama:
                 act=f.act_fn))
         self.lm_head = Linear(lm.get_output_embeddings().weight, None, r)
         # decode.cpp's decode_qkv / decode_rest run a decode step's layer in two calls where every
-        # matmul is its `linear` and the activation is SiLU (Llama's); elsewhere the loop below.
-        self.layered = getattr(cfg, "hidden_act", None) == "silu" and all(
-            m.pairs for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        # matmul is its `linear` and the activation is SiLU (Llama's); avx2.cpp's do the same in fp32
+        # where every matmul has avx2's fp16 panels; elsewhere the loop below.
+        silu = getattr(cfg, "hidden_act", None) == "silu"
+        mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        self.layered = silu and all(m.pairs for m in mats)
+        self.layered_f32 = silu and all(m.f16 is not None for m in mats)
+        self.f16_below = min(m.fp16_below for m in mats) if self.layered_f32 else 0
 
     def _mask(self, attention_mask, S: int, past: int, device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, S, past + S]: key j is seen by new token s if it is real and
@@ -161,6 +166,8 @@ class FastLlama:
         rope = norm and cos.dtype == torch.bfloat16 and self.head_dim % 32 == 0
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
         mask = self._mask(attention_mask, S, past, input_ids.device)
+        if prompts is not None and self.layered_f32 and B < self.f16_below and avx2.usable(x, self.head_dim):
+            return self._layers_f32(x, cos, sin, mask, cache, prompts), cache
         fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode.cpp: bf16 with AVX512-BF16
         if fused:
             own_valid = None if mask is None else mask[:, 0, 0]
@@ -199,6 +206,20 @@ class FastLlama:
             gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps, norm)).chunk(2, dim=-1)
             x = x + layer.down(layer.act(gate) * up)
         return _rms(x, self.norm, self.eps, norm), cache
+
+    def _layers_f32(self, x, cos, sin, mask, cache, prompts: SharedPrompts) -> torch.Tensor:
+        """A decode step's layers in fp32, two avx2.cpp calls per layer around the cache update: the
+        operations of `hidden`'s loop, from one C++ call per half layer instead of ~25 torch operations.
+        `mask`: `_mask`'s boolean mask of the rows' own columns, or None."""
+        own_valid = None if mask is None else mask[:, 0, 0]
+        for i, layer in enumerate(self.layers):
+            q, k, v = avx2.decode_qkv(x, layer.norm1, layer.qkv.f16, layer.qkv.bias, cos, sin, self.hq, self.hk,
+                                      self.eps)
+            k, v = cache.update(k, v, i)
+            x = avx2.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
+                                 prompts.group, self.scale, layer.o.f16, layer.o.bias, layer.norm2, layer.gate_up.f16,
+                                 layer.gate_up.bias, layer.down.f16, layer.down.bias, self.eps)
+        return avx2.rms_norm(x, self.norm, self.eps)
 
     def step_weight_bytes(self, rows: int) -> int:
         """Bytes of weights a forward of `rows` rows reads (matmuls and norms; one embedding row each)."""

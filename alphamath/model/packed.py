@@ -15,6 +15,9 @@ its speed is the speed of reading weights:
   out): 2.6x faster at 1 row, 3-4x at 2-15 rows, 1.1x at 120, with errors of ~2e-4 of the largest
   output. Weight-only int8 was 9% faster at 1 row but slower from 5 rows on, and 40x less exact
   (`python -m tests.bench_weights`). Prefills of more rows keep the fp32 weight and its exact numbers.
+  Where avx2.py's kernels build (AVX2, FMA, F16C), its `linear_f16` reads the fp16 copy instead, laid
+  out in panels, which lets a decode step's layer run as two C++ calls (avx2.decode_qkv / decode_rest);
+  it computes fbgemm's numbers up to the order of the sums, and the process keeps one fp16 copy.
 Elsewhere (GPUs, no fbgemm, ALPHAMATH_DECODE_WEIGHTS=float) it is a plain `F.linear`.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 
 import torch
 
+from alphamath.model import avx2
 from alphamath.model import decode as kernels
 
 DECODE_WEIGHTS = ("fp16", "float")
@@ -49,7 +53,7 @@ def fp16_below_rows(dtype: torch.dtype, device: torch.device, decode_weights: st
 class Linear:
     """y = x W^T + b for inference, from a weight [out, in] it copies (laid out for decode.cpp's `linear`
     where that runs, else packed for oneDNN where `can_pack`; with an fp16 copy read by calls of fewer
-    than `fp16_below` rows)."""
+    than `fp16_below` rows: avx2.py's panels `f16` where those kernels run, else fbgemm's)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fp16_below: int = 0):
         weight = weight.detach()
@@ -63,7 +67,10 @@ class Linear:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
         # A weight fp16 cannot hold keeps the float path (fbgemm would saturate it).
         self.fp16_below = fp16_below if fp16_below and float(weight.abs().max()) <= FP16_MAX else 0
-        if self.fp16_below:
+        self.f16 = self.fp16 = None
+        if self.fp16_below and avx2.linear_usable(weight):
+            self.f16 = avx2.pack_f16(weight)
+        elif self.fp16_below:
             self.fp16 = torch.ops.quantized.linear_prepack_fp16(weight.float(), self.bias)
 
     def bytes_read(self, rows: int) -> int:
@@ -75,6 +82,8 @@ class Linear:
         if self.pairs:
             return kernels.linear(x, self.weight, self.bias)
         if self.fp16_below and x.numel() < self.fp16_below * self.in_features:
+            if self.f16 is not None:
+                return avx2.linear_f16(x, self.f16, self.bias)
             return torch.ops.quantized.linear_dynamic_fp16(x, self.fp16)
         if not self.packed:
             return torch.nn.functional.linear(x, self.weight, self.bias)
