@@ -33,21 +33,26 @@ template <int R>
 inline void tile(const float* x, int64_t ldx, int64_t kc, const uint16_t* w, bool first, const float* bias,
                  float* out, int64_t N) {
   __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + r * N);
-    acc[r][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + r * N + 8);
-  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  if (!first)  // (a conditional load per accumulator instead made gcc keep them on the stack)
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_loadu_ps(out + r * N);
+      acc[r][1] = _mm256_loadu_ps(out + r * N + 8);
+    }
   for (int64_t k = 0; k < kc; ++k) {
+    // the weights 1 KB ahead: at a few rows a thread otherwise waits on each line (1 row: 12.0 -> 9.3 ms
+    // for the trunk's 120 matmuls on a Zen 2)
+    if ((k & 1) == 0) _mm_prefetch((const char*)(w + (k + 32) * PANEL), _MM_HINT_T0);
     const __m256i h = _mm256_loadu_si256((const __m256i*)(w + k * PANEL));
     const __m256 b0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
     const __m256 b1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
-    for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
       const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
       acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
     }
   }
-  for (int r = 0; r < R; ++r) {
+  _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
     __m256 v0 = acc[r][0], v1 = acc[r][1];
     if (bias) {
       v0 = _mm256_add_ps(v0, _mm256_loadu_ps(bias));

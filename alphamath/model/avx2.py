@@ -11,10 +11,11 @@ cache update, as decode.cpp does for bf16 on CPUs with AVX512-BF16.
 
 `linear_f16` multiplies fp32 rows by fp16 weights laid out once in panels of 16 outputs (pack_f16),
 with fp32 sums, the same numbers fbgemm's fp16 GEMM computes up to the order of the sums (both
-within 2e-6 of the exact products of the fp16 weights). The trunk's 120 matmuls on the Zen 2, against
-fbgemm (2 threads, best of 5): 1 row 11.5 vs 12.6 ms, 5 rows 14.3 vs 16.2, 20 rows 43.9 vs 42.0,
-48 rows 90 vs 78 (fbgemm's kernel runs at ~93% of the FMA units' peak there). It replaces fbgemm's copy
-of the weights where it runs, so the process holds one fp16 copy, not two.
+within 2e-6 of the exact products of the fp16 weights). The trunk's 120 matmuls and the 49k-wide head
+on the Zen 2, against fbgemm (2 threads, best of 3): 1 row 9.2 vs 11.7 ms and 2.1 vs 2.2; 5 rows 10.5 vs
+15.6 and 2.4 vs 2.9; 20 rows 33.2 vs 36.5 and 8.3 vs 10.9; 48 rows 71.7 vs 74.1 and 18.6 vs 22.8; 128
+and 255 rows 0.97-0.98x on the trunk, 1.1-1.2x on the head. It replaces fbgemm's copy of the weights
+where it runs, so the process holds one fp16 copy, not two.
 
 Attention: for each (prompt, KV head), every query of the rows continuing that prompt scores the
 prompt's keys 8 at a time (one horizontal reduction per 8 keys), then its own columns; one softmax
