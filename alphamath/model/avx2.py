@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from alphamath.model import decode
+from alphamath.model import extension
 from alphamath.model.dtype import cpu_flags
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def cpu_ok(cpuinfo: str | None = None) -> bool:
 
 def build(directory: str | None = None):
     """Compile (or load the cached build of) the kernels; raises if the toolchain cannot."""
-    return decode.build(directory, NAME, SOURCE, FLAGS)
+    return extension.build(directory, NAME, SOURCE, FLAGS)
 
 
 def kernel():
@@ -71,7 +71,7 @@ def kernel():
             _failed = "this CPU lacks AVX2, FMA or F16C"
         else:
             try:
-                _module = decode._prebuilt(NAME) or build()
+                _module = extension.prebuilt(NAME) or build()
             except Exception as e:  # no compiler, no ninja: torch ops compute the same numbers
                 _failed = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 log.warning("fp32 decode kernels unavailable (%s); using torch ops", _failed)

@@ -47,7 +47,7 @@ concurrent searches 46-49 -> 53 problems/min, session 24).
 
 All are compiled on first use with torch.utils.cpp_extension (g++ and ninja; cached under
 TORCH_EXTENSIONS_DIR); the Docker image builds them into ALPHAMATH_KERNEL_DIR
-(`python -m alphamath.model.decode DIR`). Where they cannot be used (fp32 attention, no AVX512-BF16,
+(`python -m alphamath.model DIR`). Where they cannot be used (fp32 attention, no AVX512-BF16,
 head_dim not 64/128, no compiler) torch ops compute the same numbers, the norm's to one bf16 step
 (attention.shared_prompt_attention, LocalLM._pick, fast_llama); ALPHAMATH_DECODE_KERNEL=0 forces that
 path (the side-by-side benchmark).
@@ -61,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+from alphamath.model import extension
 from alphamath.model.dtype import cpu_has_amx, cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
@@ -76,27 +77,9 @@ _EMPTY, _EMPTY_BOOL = torch.empty(0), torch.empty(0, dtype=torch.bool)  # "none"
 NAME = "alphamath_decode"
 
 
-def build(directory: str | None = None, name: str = NAME, source: Path = SOURCE, flags: list[str] = FLAGS):
-    """Compile (or load the cached build of) the kernel (or avx2.py's); raises if the toolchain cannot."""
-    from torch.utils.cpp_extension import load
-    if directory:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                build_directory=directory, verbose=False)
-
-
-def _prebuilt(name: str = NAME):
-    """The module built into ALPHAMATH_KERNEL_DIR at image build time (pods have a read-only root
-    filesystem and no compiler), or None."""
-    import importlib.util
-    directory = os.environ.get("ALPHAMATH_KERNEL_DIR")
-    found = sorted(Path(directory).glob(f"{name}*.so")) if directory else []
-    if not found:
-        return None
-    spec = importlib.util.spec_from_file_location(name, found[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def build(directory: str | None = None):
+    """Compile (or load the cached build of) the kernel; raises if the toolchain cannot."""
+    return extension.build(directory, NAME, SOURCE, FLAGS)
 
 
 def kernel():
@@ -113,7 +96,7 @@ def kernel():
             _failed = "this CPU has no AVX512-BF16"
         else:
             try:
-                _module = _prebuilt() or build()
+                _module = extension.prebuilt(NAME) or build()
             except Exception as e:  # no compiler, no ninja: the torch path computes the same numbers
                 _failed = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 log.warning("decode kernels unavailable (%s); using torch ops", _failed)
@@ -241,44 +224,3 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[t
     """logits [B, V] fp32, u [B] uniforms -> (tokens [B], log-probs [B]) of softmax(logits / T) by
     inverse CDF: the first token whose cumulative probability exceeds u."""
     return tuple(kernel().sample(logits, u, float(temperature)))
-
-
-def main(argv: list[str]) -> int:
-    """`python -m alphamath.model.decode [DIR]` (make setup; the Docker build with DIR): this file's
-    kernels and avx2.py's. Compiling needs neither CPU, but importing a module needs its CPU (SIGILL
-    elsewhere): there the build runs in a child process and only the library's presence is checked (an
-    image built on one machine runs on others); without DIR, on such a CPU, that module is not built,
-    since nothing here would use it."""
-    from alphamath.model import avx2
-    failed = 0
-    for name, usable, need, module in ((NAME, cpu_has_fast_bf16(), "AVX512-BF16", "decode"),
-                                       (avx2.NAME, avx2.cpu_ok(), "AVX2, FMA and F16C", "avx2")):
-        failed += _build_one(directory=argv[0] if argv else None, name=name, usable=usable, need=need, module=module)
-    return 1 if failed else 0
-
-
-def _build_one(directory: str | None, name: str, usable: bool, need: str, module: str) -> int:
-    import importlib
-    import subprocess
-    import sys
-    build_it = importlib.import_module(f"alphamath.model.{module}").build
-    if usable:
-        print(f"{name} built:", build_it(directory).__file__)
-        return 0
-    if directory is None:
-        print(f"{name} not built: this CPU lacks {need}, so torch ops compute what it would")
-        return 0
-    subprocess.run([sys.executable, "-c", f"from alphamath.model.{module} import build; build({directory!r})"],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    found = sorted(Path(directory).glob(f"{name}*.so"))
-    if not found:
-        print(f"build failed: no {name}*.so in {directory}", file=sys.stderr)
-        return 1
-    print(f"{name} built (not loaded: this CPU lacks {need}):", found[0])
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main(sys.argv[1:]))
-

@@ -12,7 +12,9 @@ with weights laid out once (packed.py: decode.cpp's vdpbf16ps pairs on CPUs with
 oneDNN's bf16 layout, or an fp16 copy for the few-row matmuls of decode steps where the CPU computes
 fp32), norms as one fused op, RoPE applied to q and k together, and grouped-query attention folded so
 K/V are never repeated (attention.py). Where the decode kernels run, a decode step's layer is two C++
-calls around the cache update (decode_qkv, decode_rest) computing exactly what the loop computes. The
+calls around the cache update (decode_qkv, decode_rest) computing exactly what the loop computes: in
+bf16 decode.cpp's on CPUs with AVX512-BF16, in fp32 avx2.cpp's on CPUs with AVX2 (the same
+operations, equal to fp32 rounding). The
 rotary embedding is transformers' own module, so every RoPE variant it knows is computed as it
 computes it.
 Training and every other caller use the transformers model; `tests/test_model.py` checks that
