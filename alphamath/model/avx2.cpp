@@ -186,8 +186,10 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     __m256 l8 = _mm256_setzero_ps();
     const __m256 m8 = _mm256_set1_ps(mx);
     int64_t j = 0;
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
     for (; j + 8 <= S; j += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(si + j), m8));
+      const __m256 s8 = _mm256_loadu_ps(si + j);  // a masked column (-inf) weighs exactly 0, not e^-87
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(s8, m8)), _mm256_cmp_ps(s8, ninf, _CMP_NEQ_OQ));
       _mm256_storeu_ps(si + j, e);
       l8 = _mm256_add_ps(l8, e);
     }
