@@ -311,6 +311,24 @@ def test_a_small_prefill_budget_splits_the_forwards_and_gives_the_same_values(he
     assert roomy.score(states) == pytest.approx(expected, abs=1e-5) and forwards == [6]
 
 
+def test_a_long_row_is_not_padded_into_short_rows_forward_and_values_do_not_change(head_model_dir, monkeypatch):
+    """_extend: rows whose new tokens differ by much go to separate forwards (a padded forward computes
+    rows x the longest row's tokens); rows of similar length share one; the values are those of
+    scoring each state alone."""
+    from alphamath.lm import local_lm
+    lm = LocalLM(head_model_dir, dtype="fp32")
+    long = short_prompt(lm, "Explain, step by step and in great detail, " + "why seven times six is forty-two; " * 20)
+    shorts = [short_prompt(lm, f"What is {i} times 7?") for i in range(4)]
+    n_long, n_short = len(lm.encode(long)), max(len(lm.encode(s)) for s in shorts)
+    assert 5 * n_long > local_lm.PAD_WASTE * (4 * n_short + n_long) + local_lm.PAD_SLACK  # joined, it would pad
+    alone = [LocalLM(head_model_dir, dtype="fp32").score([s])[0] for s in shorts + [long]]
+    forwards = []
+    real = local_lm.LocalLM._extend_batch
+    monkeypatch.setattr(local_lm.LocalLM, "_extend_batch", lambda self, rows: (forwards.append(len(rows)), real(self, rows)))
+    assert lm.score([long] + shorts) == pytest.approx([alone[-1]] + alone[:-1], abs=1e-5)
+    assert forwards == [4, 1]  # the four short states together (sorted by new tokens), the long one alone
+
+
 def test_memory_budget_from_the_environment(monkeypatch):
     from alphamath.lm.budget import DEFAULT_MEMORY_MB, MemoryBudget, prefill_bytes
     monkeypatch.delenv("ALPHAMATH_MEMORY_MB", raising=False)
