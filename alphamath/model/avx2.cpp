@@ -215,7 +215,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
 torch::Tensor pack_f16(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.size(0) % PANEL == 0, "pack_f16 takes a weight [N, K] with N a multiple of 16");
   const int64_t N = w.size(0), K = w.size(1);
-  return w.to(at::kHalf).view({N / PANEL, PANEL, K}).transpose(1, 2).contiguous();
+  return w.to(at::kHalf).reshape({N / PANEL, PANEL, K}).transpose(1, 2).contiguous();
 }
 
 // x [..., K] fp32, wp = pack_f16(w), bias [N] fp32 or empty -> x w^T + bias [..., N] fp32.
