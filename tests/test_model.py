@@ -22,7 +22,7 @@ def decode_kernels_or_skip():
 
     if os.environ.get("ALPHAMATH_DECODE_KERNEL", "1") == "0" or not cpu_has_fast_bf16():
         pytest.skip("decode kernels need AVX512-BF16 (and ALPHAMATH_DECODE_KERNEL unset)")
-    assert decode.kernel() is not None, f"decode kernels did not load on an AVX512-BF16 CPU: {decode._failed}"
+    assert decode.kernel() is not None, f"decode kernels did not load on an AVX512-BF16 CPU: {decode.failed()}"
     return decode
 
 
@@ -33,7 +33,7 @@ def avx2_kernels_or_skip():
 
     if os.environ.get("ALPHAMATH_DECODE_KERNEL", "1") == "0" or not avx2.cpu_ok():
         pytest.skip("the fp32 decode kernels need AVX2, FMA and F16C (and ALPHAMATH_DECODE_KERNEL unset)")
-    assert avx2.kernel() is not None, f"fp32 decode kernels did not load on an AVX2 CPU: {avx2._failed}"
+    assert avx2.kernel() is not None, f"fp32 decode kernels did not load on an AVX2 CPU: {avx2.failed()}"
     return avx2
 
 

@@ -26,9 +26,6 @@ ALPHAMATH_KERNEL_DIR by the image); ALPHAMATH_DECODE_KERNEL=0 turns it off too (
 """
 from __future__ import annotations
 
-import logging
-import os
-import threading
 from pathlib import Path
 
 import torch
@@ -36,14 +33,10 @@ import torch
 from alphamath.model import extension
 from alphamath.model.dtype import cpu_flags
 
-log = logging.getLogger(__name__)
 NAME = "alphamath_avx2"
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 NEEDS = {"avx2", "fma", "f16c"}
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
 _EMPTY, _EMPTY_BOOL = torch.empty(0), torch.empty(0, dtype=torch.bool)
 
 
@@ -52,32 +45,23 @@ def cpu_ok(cpuinfo: str | None = None) -> bool:
     return NEEDS <= cpu_flags(cpuinfo)
 
 
+_kernel = extension.Kernel(NAME, SOURCE, FLAGS, lambda: None if cpu_ok() else "this CPU lacks AVX2, FMA or F16C",
+                           "fp32 decode kernels")
+
+
 def build(directory: str | None = None):
     """Compile (or load the cached build of) the kernels; raises if the toolchain cannot."""
-    return extension.build(directory, NAME, SOURCE, FLAGS)
+    return _kernel.build(directory)
 
 
 def kernel():
     """The compiled module, or None where it cannot run here (said once, in the log, with the reason)."""
-    global _module, _failed
-    if _module is not None or _failed is not None:
-        return _module
-    with _lock:
-        if _module is not None or _failed is not None:
-            return _module
-        if os.environ.get("ALPHAMATH_DECODE_KERNEL", "1") == "0":
-            _failed = "ALPHAMATH_DECODE_KERNEL=0"
-        elif not cpu_ok():
-            _failed = "this CPU lacks AVX2, FMA or F16C"
-        else:
-            try:
-                _module = extension.prebuilt(NAME) or build()
-            except Exception as e:  # no compiler, no ninja: torch ops compute the same numbers
-                _failed = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                log.warning("fp32 decode kernels unavailable (%s); using torch ops", _failed)
-        if _failed is not None:
-            log.info("fp32 decode kernels: torch path (%s)", _failed)
-        return _module
+    return _kernel()
+
+
+def failed() -> str | None:
+    """Why `kernel()` is None here (None while it loads or where it did)."""
+    return _kernel.failed
 
 
 def linear_usable(weight: torch.Tensor) -> bool:

@@ -54,9 +54,7 @@ path (the side-by-side benchmark).
 """
 from __future__ import annotations
 
-import logging
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -64,45 +62,32 @@ import torch
 from alphamath.model import extension
 from alphamath.model.dtype import cpu_has_amx, cpu_has_fast_bf16
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma",
          "-fopenmp"]
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
 _EMPTY, _EMPTY_BOOL = torch.empty(0), torch.empty(0, dtype=torch.bool)  # "none" for the kernels' optional tensors
 
 
 NAME = "alphamath_decode"
 
 
+_kernel = extension.Kernel(NAME, SOURCE, FLAGS, lambda: None if cpu_has_fast_bf16() else "this CPU has no AVX512-BF16",
+                           "decode kernels")
+
+
 def build(directory: str | None = None):
     """Compile (or load the cached build of) the kernel; raises if the toolchain cannot."""
-    return extension.build(directory, NAME, SOURCE, FLAGS)
+    return _kernel.build(directory)
 
 
 def kernel():
     """The compiled module, or None where it cannot run here (said once, in the log, with the reason)."""
-    global _module, _failed
-    if _module is not None or _failed is not None:
-        return _module
-    with _lock:
-        if _module is not None or _failed is not None:
-            return _module
-        if os.environ.get("ALPHAMATH_DECODE_KERNEL", "1") == "0":
-            _failed = "ALPHAMATH_DECODE_KERNEL=0"
-        elif not cpu_has_fast_bf16():
-            _failed = "this CPU has no AVX512-BF16"
-        else:
-            try:
-                _module = extension.prebuilt(NAME) or build()
-            except Exception as e:  # no compiler, no ninja: the torch path computes the same numbers
-                _failed = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                log.warning("decode kernels unavailable (%s); using torch ops", _failed)
-        if _failed is not None:
-            log.info("decode kernels: torch path (%s)", _failed)
-        return _module
+    return _kernel()
+
+
+def failed() -> str | None:
+    """Why `kernel()` is None here (None while it loads or where it did)."""
+    return _kernel.failed
 
 
 def usable(x: torch.Tensor, head_dim: int) -> bool:

@@ -6,8 +6,13 @@ read-only root filesystem and no compiler.
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
 
 
 def build(directory: str | None, name: str, source: Path, flags: list[str]):
@@ -30,3 +35,40 @@ def prebuilt(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class Kernel:
+    """One extension for one process: loaded once (prebuilt, else built), or None where it cannot run
+    here, with the reason (`failed`) said once in the log; ALPHAMATH_DECODE_KERNEL=0 turns it off."""
+
+    def __init__(self, name: str, source: Path, flags: list[str], cannot_run: Callable[[], str | None], what: str):
+        """`cannot_run()`: why this CPU cannot run the module, or None; `what` names it in the log."""
+        self.name, self.source, self.flags, self.what = name, source, flags, what
+        self._cannot_run = cannot_run
+        self._lock = threading.Lock()
+        self.module = None
+        self.failed: str | None = None
+
+    def build(self, directory: str | None = None):
+        return build(directory, self.name, self.source, self.flags)
+
+    def __call__(self):
+        if self.module is not None or self.failed is not None:
+            return self.module
+        with self._lock:
+            if self.module is not None or self.failed is not None:
+                return self.module
+            if os.environ.get("ALPHAMATH_DECODE_KERNEL", "1") == "0":
+                self.failed = "ALPHAMATH_DECODE_KERNEL=0"
+            else:
+                self.failed = self._cannot_run()
+            if self.failed is None:
+                try:
+                    self.module = prebuilt(self.name) or self.build()
+                except Exception as e:  # no compiler, no ninja: the torch path computes the same numbers
+                    last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+                    self.failed = f"build failed: {type(e).__name__}: {last}"
+                    log.warning("%s unavailable (%s); using torch ops", self.what, self.failed)
+            if self.failed is not None:
+                log.info("%s: torch path (%s)", self.what, self.failed)
+            return self.module
