@@ -163,7 +163,7 @@ inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, 
 template <int D>
 void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
           const float* q, const int64_t* qs, const float* pk, const float* pv, const int64_t* ps, int64_t plen,
-          const float* ok, const float* ov, const int64_t* os, int64_t W, const bool* valid, int64_t vs,
+          const float* ok, const float* ov, const int64_t* os, int64_t W, const bool* valid,
           float* out, const int64_t* outs) {
   const int64_t R = (int64_t)rows.size(), M = R * g, S = plen + W;
   thread_local std::vector<float> qf, sc;
@@ -177,7 +177,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   for (int64_t r = 0; r < R; ++r) {  // own columns: each row's own keys
     const int64_t b = rows[r];
     scores<D>(&qf[r * g * D], g, ok + b * os[0] + h * os[1], os[2], W, scale,
-              [&](int64_t w) { return valid == nullptr || valid[b * vs + w]; }, &sc[r * g * S + plen], S);
+              [&](int64_t w) { return valid == nullptr || valid[b * W + w]; }, &sc[r * g * S + plen], S);
   }
   for (int64_t i = 0; i < M; ++i) {
     float* si = &sc[i * S];
@@ -331,9 +331,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
       const int64_t gi = t / Hk, h = t % Hk;
       if (rows[gi].empty()) continue;
       if (D == 64)
-        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, W, op, outs);
+        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, op, outs);
       else
-        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, W, op, outs);
+        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, op, outs);
     }
   });
   return out;

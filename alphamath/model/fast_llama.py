@@ -81,7 +81,7 @@ class FastLlama:
     def __init__(self, lm, decode_weights: str | None = None):
         """`decode_weights`: "fp16" or "float" for few-row matmuls (packed.fp16_below_rows)."""
         m, cfg = lm.model, lm.config
-        r = fp16_below_rows(lm.dtype, lm.device, decode_weights)
+        r = self.fp16_below = fp16_below_rows(lm.dtype, lm.device, decode_weights)  # rows that read fp16 weights
         self.embed = m.embed_tokens.weight.detach()
         self.rotary = m.rotary_emb
         self.hq, self.hk = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -109,7 +109,6 @@ class FastLlama:
         mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.layered = silu and all(m.pairs for m in mats)
         self.layered_f32 = silu and all(m.f16 is not None for m in mats)
-        self.f16_below = min(m.fp16_below for m in mats) if self.layered_f32 else 0
 
     def _mask(self, attention_mask, S: int, past: int, device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, S, past + S]: key j is seen by new token s if it is real and
@@ -168,7 +167,7 @@ class FastLlama:
         rope = norm and cos.dtype == torch.bfloat16 and self.head_dim % 32 == 0
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
         mask = self._mask(attention_mask, S, past, input_ids.device)
-        if prompts is not None and self.layered_f32 and B < self.f16_below and avx2.usable(x, self.head_dim):
+        if prompts is not None and self.layered_f32 and B < self.fp16_below and avx2.usable(x, self.head_dim):
             return self._layers_f32(x, cos, sin, mask, cache, prompts), cache
         fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode.cpp: bf16 with AVX512-BF16
         if fused:
