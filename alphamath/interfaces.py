@@ -75,7 +75,8 @@ class Usage:
     """Token accounting of a model backend: tokens computed by forward passes."""
 
     prefill_tokens: int = 0
-    decode_tokens: int = 0
+    decode_tokens: int = 0  # every position a decode step fed, drafts included
+    draft_tokens: int = 0  # of those, positions fed a draft token (lm/lookup.py), accepted or not
     calls: dict = field(default_factory=dict)
 
     @property

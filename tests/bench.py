@@ -3,7 +3,8 @@
 1. llama.cpp vs the engine on one rendered MCTS prompt (embedded model: the GGUF for llama.cpp, its
    HF conversion for the engine): prefill tokens/s, decode tokens/s at batch 1 and for n continuations
    of the prompt, the same fixed number of tokens on both sides (tests/bench_llamacpp.py; llama.cpp
-   runs in a child process, so its peak RSS is its own).
+   runs in a child process, so its peak RSS is its own). The engine's ratios are one token per row
+   and step, as llama.cpp decodes here; its rates with drafts (lm/lookup.py) stand beside them.
 2. MCTS, engine vs baseline (a), HF transformers: each problem is searched with the prefix-cached
    engine (policy and value share one LocalLM) while every model call is recorded (untimed: a
    warm-up of both paths). Then the same search runs with baseline (a) as policy and value, and
@@ -16,7 +17,10 @@
    Token ratio: tokens the model computed / tokens the search needed (alphamath.accounting: the
    token trie of the prompt, every sample's fed tokens, the scored states and the expanded
    prefixes, plus the fed tokens of samples the tree merged because an identical step was already
-   there); beside it the stricter ratio to distinct positions (siblings' identical first tokens once).
+   there); beside it the stricter ratio to distinct positions (siblings' identical first tokens once),
+   and the ratio without the positions fed draft tokens (lm/lookup.py: computed, accepted or not, in
+   steps whose rows cost no more than one row). The engine also searches each problem with drafts off
+   (ALPHAMATH_DRAFTS=0), timed, so what the drafts moved is measured in the same run.
 3. The engine searching the problems at once (solve_many, decode batches shared between searches).
 4. The gRPC stack vs the in-process engine, like for like (tests/bench_grpc.py).
 Every row carries the peak RSS of the process that produced it (ru_maxrss, so far).
@@ -180,19 +184,32 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
                  hf_rss_mb=peak_rss_mb())
         lm.reset_cache()
         timed = Recorder(LocalPolicy(lm), LocalValue(lm))
-        before = lm.usage.computed
+        before, drafted = lm.usage.computed, lm.usage.draft_tokens
         t0 = time.perf_counter()
         tree2 = solve(p.question, "mcts", timed, timed, sandbox, cfg, ground_truth=p.answer, question_id=p.id,
                       rewards=True)
         r.update(engine_wall_s=time.perf_counter() - t0, engine_model_s=timed.model_s,
-                 engine_computed=lm.usage.computed - before, engine_rss_mb=peak_rss_mb(),
-                 same_tree_engine=shape(tree2) == shape(tree))
+                 engine_computed=lm.usage.computed - before, engine_drafted=lm.usage.draft_tokens - drafted,
+                 engine_rss_mb=peak_rss_mb(), same_tree_engine=shape(tree2) == shape(tree))
         r["same_tree"] = r["same_tree_hf"] and r["same_tree_engine"]
+        # The engine without drafts (lm/lookup.py), what drafts moved: its tree can differ from the
+        # drafted one where a bf16 rounding flips a sample (a column's place changes attention's sum order).
+        lm.reset_cache()
+        rows_on, lm.draft_rows = lm.draft_rows, 0
+        try:
+            t0 = time.perf_counter()
+            plain = Recorder(LocalPolicy(lm), LocalValue(lm))
+            tree3 = solve(p.question, "mcts", plain, plain, sandbox, cfg, ground_truth=p.answer, question_id=p.id,
+                          rewards=True)
+            r.update(nodraft_wall_s=time.perf_counter() - t0, same_tree_nodraft=shape(tree3) == shape(tree))
+        finally:
+            lm.draft_rows = rows_on
         rows.append(r)
         print(f"  {p.id}: {r['nodes']} nodes, needed {needed} tokens; engine {r['engine_wall_s']:.1f} s "
-              f"({timed.model_s:.1f} s model, {r['engine_computed']} tokens); HF {r['hf_wall_s']:.1f} s "
-              f"({hf.model_s:.1f} s model, {hf.computed} tokens); same tree: HF {r['same_tree_hf']}, "
-              f"engine rerun {r['same_tree_engine']}", flush=True)
+              f"({r['engine_model_s']:.1f} s model, {r['engine_computed']} tokens, {r['engine_drafted']} of them drafts); "
+              f"HF {r['hf_wall_s']:.1f} s ({hf.model_s:.1f} s model, {hf.computed} tokens); same tree: HF "
+              f"{r['same_tree_hf']}, engine rerun {r['same_tree_engine']}; engine without drafts "
+              f"{r['nodraft_wall_s']:.1f} s (same tree {r['same_tree_nodraft']})", flush=True)
 
     def total(k):
         return sum(r[k] for r in rows)
@@ -208,22 +225,30 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
            "engine_computed_over_needed": token_ratio(total("engine_computed"), total("needed")),
            "hf_computed_over_needed": token_ratio(total("hf_computed"), total("needed")),
            "engine_computed_over_distinct": token_ratio(total("engine_computed"), total("distinct")),
+           "engine_undrafted_over_needed": token_ratio(total("engine_computed") - total("engine_drafted"),
+                                                       total("needed")),
            "engine_s_per_problem": total("engine_wall_s") / len(rows),
+           "nodraft_s_per_problem": total("nodraft_wall_s") / len(rows),
            "hf_s_per_problem": total("hf_wall_s") / len(rows),
            "model_s_ratio": total("hf_model_s") / max(total("engine_model_s"), 1e-9),
            "same_trees": all(r["same_tree"] for r in rows),
            "concurrent_s_per_problem": conc_s, "concurrent_nodes": sum(conc_nodes),
            "concurrent_rss_mb": peak_rss_mb()}
     out["hf_over_engine"] = out["hf_s_per_problem"] / out["engine_s_per_problem"]
+    out["hf_over_nodraft"] = out["hf_s_per_problem"] / out["nodraft_s_per_problem"]
     out["hf_over_concurrent"] = out["hf_s_per_problem"] / conc_s
     print("\n| MCTS | engine | baseline (a) HF generate | ratio | peak RSS MB of this process so far (ru_maxrss: after engine / after HF) |\n|---|---|---|---|---|")
     print(f"| seconds per problem, wall, one at a time | {out['engine_s_per_problem']:.1f} | "
           f"{out['hf_s_per_problem']:.1f} | HF/engine {out['hf_over_engine']:.2f}x (target >= 10x) | "
           f"{rows[-1]['engine_rss_mb']:.0f} / {rows[-1]['hf_rss_mb']:.0f} |")
+    print(f"| seconds per problem, wall, the engine without drafts (ALPHAMATH_DRAFTS=0) | "
+          f"{out['nodraft_s_per_problem']:.1f} | | HF/engine {out['hf_over_nodraft']:.2f}x | |")
     print(f"| model seconds (policy + value) | {total('engine_model_s'):.1f} | {total('hf_model_s'):.1f} | "
           f"HF/engine {out['model_s_ratio']:.2f}x | |")
     print(f"| tokens computed / needed | {out['engine_computed_over_needed']:.3f} | "
           f"{out['hf_computed_over_needed']:.3f} | (engine target <= 1.1) | |")
+    print(f"| tokens computed / needed, the draft positions (accepted or not) left out | "
+          f"{out['engine_undrafted_over_needed']:.3f} | | | |")
     print(f"| tokens computed / distinct positions (siblings' identical first tokens once) | "
           f"{out['engine_computed_over_distinct']:.3f} | | | |")
     print(f"| seconds per problem, the {len(rows)} searched at once ({out['concurrent_nodes']} nodes vs "
@@ -247,9 +272,12 @@ def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return src.numel() * src.element_size() / best / 1e9
 
 
-def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6) -> dict:
-    """The engine's prefill and decode tokens/s on `prompt`, measured as llama.cpp's are (EOS ignored)."""
+def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6, drafts: bool = True) -> dict:
+    """The engine's prefill and decode tokens/s on `prompt`, measured as llama.cpp's are (EOS ignored);
+    `drafts` False: one token per row and step, as llama.cpp decodes here."""
     eos, lm.eos_ids = lm.eos_ids, set()
+    rows_on = lm.draft_rows
+    lm.draft_rows = rows_on if drafts else 0
     try:
         lm.reset_cache()
         lm.generate(["Warm-up: first-call allocations."], 1, temperature=temperature, max_new_tokens=4, seed=0)
@@ -265,7 +293,7 @@ def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6)
         many = lm.generate([prompt], n, temperature=temperature, max_new_tokens=tokens, seed=2)[0]
         decode_n_s = time.perf_counter() - t0
     finally:
-        lm.eos_ids = eos
+        lm.eos_ids, lm.draft_rows = eos, rows_on
     out = {"prompt_tokens": len(ids), "prefill_tok_s": len(ids) / prefill_s,
            "decode1_tok_s": sum(s.token_count for s in one) / decode1_s,
            f"decode{n}_tok_s": sum(s.token_count for s in many) / decode_n_s, "rss_mb": peak_rss_mb()}
@@ -290,25 +318,30 @@ def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"llama.cpp bench failed ({proc.returncode}): {proc.stderr[-2000:]}")
     cpp = json.loads(proc.stdout.strip().splitlines()[-1])
-    eng = engine_rates(lm, prompt, args.decode_tokens, args.n_children)
+    eng = engine_rates(lm, prompt, args.decode_tokens, args.n_children, drafts=False)  # like for like
+    drafted = engine_rates(lm, prompt, args.decode_tokens, args.n_children) if lm.draft_rows else None
     # The same engine with float weights in every matmul, where the default reads fp16 (model/packed.py):
     # what the fp16 decode weights moved, measured in the same run.
     exact = None
     if lm.step_weight_bytes(1) < lm.step_weight_bytes(1 << 20):
         from alphamath.lm import LocalLM
 
-        exact = engine_rates(LocalLM(lm.model, decode_weights="float"), prompt, args.decode_tokens, args.n_children)
+        exact = engine_rates(LocalLM(lm.model, decode_weights="float"), prompt, args.decode_tokens, args.n_children,
+                             drafts=False)
     n = args.n_children
     print(f"\nllama.cpp (GGUF Q4_1, llama-cpp-python, {threads} threads) vs engine ({lm.model.dtype}), "
           f"{eng['prompt_tokens']}-token MCTS prompt ({cpp['prompt_tokens']} for llama.cpp's tokenizer), "
           f"{args.decode_tokens} tokens decoded per sequence")
     head = "| tokens/s | engine | llama.cpp | engine/llama.cpp | target |"
+    if drafted:
+        head += " engine with drafts | its ratio |"
     if exact:
         head += " engine, float weights | its ratio |"
     print(head + "\n" + "|---" * head.count(" | ") + "|---|")
     for key, label, target in (("prefill_tok_s", "prefill", ""), ("decode1_tok_s", "decode, batch 1", ">= 0.67"),
                                (f"decode{n}_tok_s", f"decode, n = {n} continuations", ">= 1")):
         row = f"| {label} | {eng[key]:.1f} | {cpp[key]:.1f} | {eng[key] / cpp[key]:.2f} | {target} |"
+        row += f" {drafted[key]:.1f} | {drafted[key] / cpp[key]:.2f} |" if drafted else ""
         print(row + (f" {exact[key]:.1f} | {exact[key] / cpp[key]:.2f} |" if exact else ""))
     print(f"| peak RSS MB | {eng['rss_mb']:.0f} (this process) | {cpp['rss_mb']:.0f} (its process) | | |")
     for name, e in (("engine", eng), ("engine, float weights", exact)):
@@ -316,7 +349,7 @@ def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
             print(f"{name}: decode step at batch 1 {e['decode1_step_ms']:.1f} ms = {e['decode1_step_ms'] / e['step_floor_ms']:.1f}x "
                   f"the weight-bandwidth floor ({e['weight_mb']:.0f} MB of weights read / {e['bandwidth_gbs']:.1f} GB/s "
                   f"read bandwidth = {e['step_floor_ms']:.2f} ms)")
-    return {"engine": eng, "engine_float_weights": exact, "llama_cpp": cpp,
+    return {"engine": eng, "engine_drafts": drafted, "engine_float_weights": exact, "llama_cpp": cpp,
             "decode1_ratio": eng["decode1_tok_s"] / cpp["decode1_tok_s"],
             f"decode{n}_ratio": eng[f"decode{n}_tok_s"] / cpp[f"decode{n}_tok_s"]}
 

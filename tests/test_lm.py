@@ -825,3 +825,19 @@ def test_attention_over_a_slab_with_a_freed_slot_equals_each_rows_own_attention(
         out = decode.decode_attention(q, own_k, own_v, None, batch.shared.keys[1], batch.shared.values[1],
                                       batch.shared.lengths, batch.shared.group, 0.125, t)
         torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_lookup_drafts_what_followed_the_last_earlier_occurrence_of_the_final_ngram():
+    from alphamath.lm.lookup import Lookup
+
+    prompt = Lookup([5, 6, 7, 8, 9, 6, 7, 1, 2])
+    assert prompt.draft(3) == []  # the final bigram (1, 2) and token 2 never occurred before
+    seq = prompt.fork([5, 6, 7, 8, 9, 6, 7, 1, 2])
+    seq.tokens += [5, 6, 7]  # (5, 6, 7) occurred at the start: 8, 9, 6 followed it
+    assert seq.draft(3) == [8, 9, 6]
+    seq.tokens += [3, 6, 7]  # (3, 6, 7) never; (6, 7) last at positions 10-11, followed by 3 (not 8 or 1)
+    assert seq.draft(2) == [3, 6]
+    assert seq.draft(10) == [3, 6, 7]  # a draft stops where the sequence ends
+    assert prompt.tokens == [5, 6, 7, 8, 9, 6, 7, 1, 2] and prompt.draft(3) == []  # the fork copied the index
+    seq = Lookup([4, 4])
+    assert seq.draft(3) == [4]  # a token's previous occurrence, never the final n-gram itself

@@ -725,6 +725,70 @@ def test_avx2_decode_layers_sample_what_the_layer_loop_samples(kernel_model_dir,
             assert abs(x.cumulative_logprob - y.cumulative_logprob) <= 1e-4 * max(1.0, abs(y.cumulative_logprob))
 
 
+@pytest.mark.parametrize("dtype,prompts", [("bf16", 1), ("bf16", 2), ("fp32", 1)])
+def test_verified_drafts_sample_what_one_token_steps_sample(kernel_model_dir, monkeypatch, dtype, prompts):
+    """Drafts fed and verified in one step (FastLlama.verify, kv.py's _Batch.step) must sample the tokens
+    that one-token steps sample, with their log-probs, whether a draft is right, wrong at its end or wrong
+    throughout; the columns of rejected drafts are holes that later steps, the room squeeze and the
+    prefix cache skip, so every stored KV equals an uncached forward's."""
+    (decode_kernels_or_skip if dtype == "bf16" else avx2_kernels_or_skip)()
+    from alphamath.lm import LocalLM
+    from alphamath.lm.kv import _Batch, _Decoding
+
+    lm = LocalLM(kernel_model_dir, dtype=dtype, decode_weights="fp16")
+    assert lm.draft_rows == 16
+    texts = ["Question: what is 2 + 3?", "Question: what is 7 * 6 minus 5, and then halved?"][:prompts]
+    kw = dict(temperature=1.0, max_new_tokens=40, seed=3)
+    truth, steps, squeezes = {}, [], []
+    finished = lm._finished
+
+    def spy(smp, tok, *a):
+        done = finished(smp, tok, *a)
+        if done:
+            truth[(tuple(smp.prompt.tokens), smp.seed_key)] = (list(smp.prompt.tokens), list(smp.tokens))
+        return done
+
+    monkeypatch.setattr(lm, "_finished", spy)
+    step, select = _Batch.step, _Batch._select
+    monkeypatch.setattr(_Batch, "step", lambda self, lm_: (steps.append(1), step(self, lm_))[1])
+    monkeypatch.setattr(_Batch, "_select", lambda self, *a: (squeezes.append(1), select(self, *a))[1])
+    lm.draft_rows = 0
+    plain = lm.generate(texts, 3, **kw)
+    plain_steps, reference = len(steps), dict(truth)
+    plain_kv = {key: [(k.clone(), v.clone()) for k, v in lm.cache.match(p + t[:-1])[1]] for key, (p, t) in truth.items()}
+    calls = []
+
+    def oracle(self, k):  # the true continuation; every third draft wrong at its end, every third throughout
+        calls.append(1)
+        _, tokens = reference[(tuple(self.prompt.tokens), self.seed_key)]
+        d = tokens[len(self.tokens):len(self.tokens) + k]
+        if d and len(calls) % 3 == 1:
+            d[-1] = (d[-1] + 1) % lm._fast.embed.shape[0]
+        elif len(calls) % 3 == 2:
+            d = [(t + 7) % lm._fast.embed.shape[0] for t in d]
+        return d
+
+    monkeypatch.setattr(_Decoding, "next_draft", oracle)
+    lm.reset_cache()
+    lm.draft_rows, steps[:], squeezes[:], truth = 16, [], [], {}
+    drafted = lm.generate(texts, 3, **kw)
+    assert lm.usage.draft_tokens > 0 and len(steps) < plain_steps  # drafts were accepted
+    assert squeezes  # the rows ran out of room and were squeezed at least once
+    tol = 2e-2 if dtype == "bf16" else 1e-4  # bf16: where a column sits changes the attention's sum order
+    for a, b in zip(drafted, plain):
+        assert [(s.text, s.token_count, s.finish_reason) for s in a] == [(s.text, s.token_count, s.finish_reason) for s in b]
+        for x, y in zip(a, b):
+            assert x.cumulative_logprob == pytest.approx(y.cumulative_logprob, abs=tol * x.token_count)
+    assert truth == reference
+    for key, (prompt_ids, tokens) in truth.items():  # the stored KV: as one-token steps stored it
+        fed = prompt_ids + tokens[:-1]
+        m, kv, _ = lm.cache.match(fed)
+        assert m == len(fed)
+        for (k, v), (pk, pv) in zip(kv, plain_kv[key]):
+            torch.testing.assert_close(k, pk, atol=tol, rtol=tol)
+            torch.testing.assert_close(v, pv, atol=tol, rtol=tol)
+
+
 def test_avx2_kernels_load_prebuilt_from_the_image_directory(tmp_path):
     """As decode.cpp's: a process given ALPHAMATH_KERNEL_DIR loads the image's build of avx2.cpp."""
     import subprocess

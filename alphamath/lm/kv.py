@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from alphamath.lm.lookup import Lookup
 from alphamath.lm.radix_cache import KV, PrefixCache
 from alphamath.model import decode
 from alphamath.model.attention import SharedPrompts
@@ -63,13 +64,13 @@ class _RoomyLayer(DynamicLayer):
         self._set(n + m)
         return self.keys, self.values
 
-    def select(self, rows: torch.Tensor, start: int) -> None:
-        """Keep batch `rows` and the filled columns from `start` on, keeping the room (one copy)."""
-        n, room = self.n - start, self._k.shape[2] - self.n
+    def gather(self, rows: torch.Tensor, columns: torch.Tensor, room: int) -> None:
+        """Keep batch `rows`, row r holding its columns `columns[r]` [n] in order, then `room` (one copy)."""
+        n = columns.shape[1]
         k = self._k.new_empty(len(rows), self._k.shape[1], n + room, self._k.shape[3])
         v = torch.empty_like(k)
-        k[:, :, :n] = self._k[rows, :, start:self.n]
-        v[:, :, :n] = self._v[rows, :, start:self.n]
+        k[:, :, :n] = self._k[rows[:, None], :, columns].transpose(1, 2)
+        v[:, :, :n] = self._v[rows[:, None], :, columns].transpose(1, 2)
         self._k, self._v = k, v
         self._set(n)
 
@@ -87,6 +88,7 @@ class _Row:
     values: torch.Tensor | None = None
     last_logits: torch.Tensor | None = None
     last_hidden: torch.Tensor | None = None  # the trunk's output at the last token (the value head's input)
+    lookup: Lookup | None = None  # the prompt's n-gram index, made by the first sample that drafts
 
 
 @dataclass(eq=False)
@@ -102,6 +104,18 @@ class _Decoding:
     logprob: float = 0.0
     text: str = ""
     finish: str | None = None
+    draft: list[int] = field(default_factory=list)  # draft tokens fed after the last sampled one, last step
+    fed: int = 0  # columns the last step gave this row (1 + the draft's padded length; 0: not fed yet)
+    lookup: Lookup | None = None  # prompt + tokens, indexed for drafts
+
+    def next_draft(self, k: int) -> list[int]:
+        """Up to k draft tokens for what follows this sample's tokens (lookup.py)."""
+        if self.lookup is None:
+            if self.prompt.lookup is None:
+                self.prompt.lookup = Lookup(list(self.prompt.tokens))
+            self.lookup = self.prompt.lookup.fork(list(self.prompt.tokens))
+        self.lookup.tokens[len(self.prompt.tokens):] = self.tokens
+        return self.lookup.draft(k)
 
 
 @dataclass(eq=False)
@@ -204,10 +218,11 @@ class _Batch:
         self._share(dev)
         W = self.width
         pos = torch.tensor([[len(smp.prompt.tokens)] for smp in new], device=dev)  # of the next fed token
-        logits = torch.stack([smp.prompt.last_logits for smp in new])
+        logits = torch.stack([smp.prompt.last_logits for smp in new])[:, None]  # [R, 1, V]: position 0 only
         mask, head_values = torch.zeros(R, W, dtype=torch.long, device=dev), torch.zeros(R, W, device=dev)
         if old:
             mask, head_values = torch.cat([self.mask[:, :W], mask]), torch.cat([self.head_values[:, :W], head_values])
+            logits = logits.expand(-1, self.logits.shape[1], -1)  # positions past 0 are never read: no draft
             pos, logits = torch.cat([self.pos, pos]), torch.cat([self.logits, logits])
         self.mask, self.head_values = _with_room(mask, room), _with_room(head_values, room)
         self.pos, self.logits = pos, logits
@@ -291,43 +306,80 @@ class _Batch:
                                     torch.tensor(self.group_of, dtype=torch.long, device=dev), tiles)
 
     def step(self, lm) -> bool:
-        """Sample one token for every live row, retire finished samples, feed the rest. False when empty.
-        `lm` is the LocalLM that runs the batch: its model, sampler, stop test, prefix cache and usage."""
+        """Sample every live row's next tokens, retire finished samples, feed the rest. False when empty.
+        `lm` is the LocalLM that runs the batch: its model, sampler, stop test, prefix cache and usage.
+
+        Drafts (lookup.py): where the batch has few rows, each row is fed its last sampled token and up
+        to DRAFT_MAX draft tokens in one forward (FastLlama.verify), which yields logits at every fed
+        position. The next step samples position 0 with the row's own next uniform, as always; while
+        the token drawn equals the draft token fed at the next position, that position's logits are
+        the ones a plain step would have computed next, so it samples there too, and so on. The tokens
+        and log-probs are those of one-token steps; a rejected draft's columns stay as holes (masked)
+        until the rows are next compacted (`_select`)."""
         stop, temperature, top_p, max_new_tokens = self.key
         live = [b for b in range(self.size) if self.alive[b]]  # rows of `logits`, in order
-        toks, lps = lm._pick(self.logits, [self.samples[b] for b in live], temperature, top_p)
         next_tokens = [0] * self.size  # finished rows are fed a dummy token
-        for b, tok, lp in zip(live, toks, lps):
-            smp = self.samples[b]
-            smp.tokens.append(tok)
-            smp.logprob += lp
-            if lm._finished(smp, tok, stop, max_new_tokens, self.window):
+        todo, j, holes = list(range(len(live))), 0, False
+        while todo:  # position j of the rows whose samples so far equalled their drafts
+            rows = [live[i] for i in todo]
+            toks, lps = lm._pick(self.logits[todo, j], [self.samples[b] for b in rows], temperature, top_p)
+            accepted = []
+            for i, b, tok, lp in zip(todo, rows, toks, lps):
+                smp = self.samples[b]
+                smp.tokens.append(tok)
+                smp.logprob += lp
+                finished = lm._finished(smp, tok, stop, max_new_tokens, self.window)
+                if not finished and j < len(smp.draft) and tok == smp.draft[j]:
+                    accepted.append(i)
+                    continue
+                if smp.fed > j + 1:  # the draft's columns past position j hold rejected tokens
+                    self.mask[b, self.width - smp.fed + j + 1:self.width] = 0
+                    holes = True
+                self.pos[b] += j
+                if not finished:
+                    next_tokens[b] = tok
+                    continue
                 self.alive[b] = False
                 self._store(b, lm.cache)
                 req = smp.request
                 req.left -= 1
                 if req.left == 0:
                     req.done.set()
-            else:
-                next_tokens[b] = tok
+            todo, j = accepted, j + 1
+        self.padded = self.padded or holes
         n_alive = sum(self.alive)
         if not n_alive:
             return False
-        if 8 * (self.size - n_alive) >= self.size:
+        k = min(DRAFT_MAX, lm.draft_rows // n_alive - 1) if lm.draft_rows else 0  # draft tokens per row
+        if 8 * (self.size - n_alive) >= self.size or self.width + 1 + k > self.mask.shape[1]:
             keep = [b for b in range(self.size) if self.alive[b]]
-            self._select(keep)
+            self._select(keep, 1 + k)
             next_tokens = [next_tokens[b] for b in keep]
-        dev = self.mask.device
-        self.mask[:, self.width] = 1
-        ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
-        h, _ = lm._hidden(ids, attention_mask=self.mask[:, :self.width + 1] if self.padded else None,
-                          past_key_values=self.cache, position_ids=self.pos, use_cache=True, prompts=self.shared)
-        self.head_values[:, self.width] = lm.model.values_from_hidden(h)[:, 0]
-        self.width, self.pos = self.width + 1, self.pos + 1
+        for b, smp in enumerate(self.samples):
+            smp.draft = smp.next_draft(min(k, max_new_tokens - len(smp.tokens) - 1)) if k > 0 and self.alive[b] else []
+        T = 1 + max((len(smp.draft) for smp in self.samples), default=0)
+        dev, W, B = self.mask.device, self.width, self.size
+        self.mask[:, W:W + T] = 1
+        if T == 1:
+            ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
+            h, _ = lm._hidden(ids, attention_mask=self.mask[:, :W + 1] if self.padded else None,
+                              past_key_values=self.cache, position_ids=self.pos, use_cache=True, prompts=self.shared)
+        else:
+            ids = torch.tensor([[t] + smp.draft + [0] * (T - 1 - len(smp.draft))
+                                for t, smp in zip(next_tokens, self.samples)], device=dev)
+            own = self.mask[:, :W].bool()[:, None].expand(B, T, W)
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None].expand(B, T, T)
+            h = lm._fast.verify(ids, self.pos + torch.arange(T, device=dev), torch.cat([own, causal], 2).reshape(B * T, W + T),
+                                self.cache, self.shared)
+        for smp in self.samples:
+            smp.fed = T
+        self.head_values[:, W:W + T] = lm.model.values_from_hidden(h)
+        self.width, self.pos = W + T, self.pos + 1
         live = [b for b in range(self.size) if self.alive[b]]
-        h_live = h[:, -1] if len(live) == self.size else h[torch.tensor(live, device=dev), -1]
-        self.logits = lm._logits(h_live)
-        lm.usage.decode_tokens += self.size
+        h_live = h if len(live) == B else h[torch.tensor(live, device=dev)]
+        self.logits = lm._logits(h_live.reshape(len(live) * T, -1)).view(len(live), T, -1)
+        lm.usage.decode_tokens += B * T
+        lm.usage.draft_tokens += B * (T - 1)
         return True
 
     def _store(self, b: int, cache: PrefixCache) -> None:
@@ -337,8 +389,13 @@ class _Batch:
         smp, W, g = self.samples[b], self.width, self.group_of[b]
         P, fed = len(smp.prompt.tokens), len(smp.tokens) - 1
         tokens = smp.prompt.tokens + smp.tokens[:-1]
-        own = [(layer.keys[b][:, W - fed:W], layer.values[b][:, W - fed:W]) for layer in self.layers]
-        own_values = self.head_values[b, W - fed:W]
+        cols = self.mask[b, :W].nonzero().squeeze(1)  # the columns in use: fed tokens, not a draft's holes
+        if len(cols) != fed:
+            raise RuntimeError(f"row {b}: {len(cols)} own columns in use for {fed} fed tokens")
+        if fed and int(cols[0]) == W - fed:  # no holes: views, not copies
+            cols = slice(W - fed, W)
+        own = [(layer.keys[b][:, cols], layer.values[b][:, cols]) for layer in self.layers]
+        own_values = self.head_values[b, cols]
         if cache.match_length(tokens[:P]) == P:
             cache.insert(tokens, own, own_values, start=P)
             return
@@ -346,21 +403,27 @@ class _Batch:
               for k, v, (ok, ov) in zip(self.keys, self.values, own)]
         cache.insert(tokens, kv, torch.cat([self.prompts[g].values, own_values]))
 
-    def _select(self, keep: list[int]) -> None:
-        """Keep rows `keep` only, the own columns they use and the prompts they continue."""
+    def _select(self, keep: list[int], room: int = 1) -> None:
+        """Keep rows `keep` only, the own columns in use (a draft's holes squeezed out, right-aligned
+        again) with at least `room` columns of room, and the prompts they continue."""
         dev = self.mask.device
         idx = torch.tensor(keep, device=dev)
-        # Rows are right-aligned, so the columns any kept row uses are one range [start, width).
-        start = self.width - int(self.mask[idx, :self.width].sum(1).max())
-        room = self.mask.shape[1] - self.width
+        used = self.mask[idx, :self.width].bool()
+        counts = used.sum(1)
+        n = int(counts.max())
+        # Row r's columns in use, in order, after n - count[r] left-padding slots (which repeat a
+        # column, masked): a stable sort puts the unused columns first.
+        order = torch.sort(used.to(torch.int8), dim=1, stable=True).indices[:, self.width - n:]
+        pad = torch.arange(n, device=dev)[None] < (n - counts)[:, None]
+        room = max(room, self.mask.shape[1] - n)  # the capacity it had: squeezed holes become room
         for layer in self.layers:
-            layer.select(idx, start)
-        self.mask = _with_room(self.mask[idx, start:self.width], room)
-        self.head_values = _with_room(self.head_values[idx, start:self.width], room)
-        self.pos, self.width = self.pos[idx], self.width - start
+            layer.gather(idx, order, room)
+        self.mask = _with_room((~pad).long(), room)
+        self.head_values = _with_room(self.head_values[idx[:, None], order], room)
+        self.pos, self.width = self.pos[idx], n
         self.samples = [self.samples[b] for b in keep]
         self.alive = [True] * len(keep)
-        self.padded = not bool(self.mask[:, :self.width].all())
+        self.padded = bool(pad.any())
         used = {self.group_of[b] for b in keep}
         self.prompts = [p if g in used else None for g, p in enumerate(self.prompts)]  # freed, not copied
         self.group_of = [self.group_of[b] for b in keep]
@@ -368,6 +431,9 @@ class _Batch:
         if len(self.prompts) > 8 and 4 * live < len(self.prompts):  # mostly free: a smaller slab
             self._regrow(live, self.prompt_len)
         self._share(dev)
+
+
+DRAFT_MAX = 4  # draft tokens per row and step at most (lookup.py; more gained little on the bench's samples)
 
 
 def slab_slots(batch: "_Batch | None", live: int, length: int) -> int:

@@ -70,6 +70,10 @@ class LocalLM(Scheduler):
         self.lock = _FairLock()  # the model, the prefix cache and the tokenizer
         self.eos_ids = self._eos_ids()
         self.max_batch_rows = max_batch_rows
+        # Draft tokens (lm/lookup.py, kv.py's _Batch.step) where the layer kernels can verify them:
+        # rows x (1 + draft) up to this many query rows per step. ALPHAMATH_DRAFTS=0 turns drafts off.
+        drafts = os.environ.get("ALPHAMATH_DRAFTS", "1").strip() != "0"
+        self.draft_rows = self._fast.verify_rows() if self._fast is not None and drafts else 0
         self._queue: list[_Request] = []  # generate() calls waiting to join the decode batch
         self._cv = threading.Condition()
         self._batch: _Batch | None = None  # the running decode batch, stepped by the leading caller

@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 
-from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row, slab_slots
+from alphamath.lm.kv import DRAFT_MAX, _Batch, _Decoding, _Request, _Row, slab_slots
 
 DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once
 # The KV of the running batch (its distinct prompts, and rows x (width + room) own slots) is
@@ -117,9 +117,10 @@ class Scheduler:
         groups, plen = (batch.live_prompts, batch.prompt_len) if batch is not None else (0, 0)
         for r in same:  # an empty batch takes its first request whatever its size
             # KV slots: the prompt slab (each distinct prompt once, padded, with room; twice with
-            # prompt_tiles), and each row's own columns (padded to the widest row) with room for max_new_tokens.
+            # prompt_tiles), and each row's own columns (padded to the widest row) with room for max_new_tokens
+            # (and a draft's columns).
             g, p = groups + len(r.prompts), max([plen] + [len(t) for t in r.prompts])
-            slots = (1 + self._prompt_tiles) * slab_slots(batch, g, p) + (rows + r.rows) * (width + key[3])
+            slots = (1 + self._prompt_tiles) * slab_slots(batch, g, p) + (rows + r.rows) * (width + key[3] + DRAFT_MAX)
             kv_bytes = slots * self._kv_bytes_per_slot
             if (rows + r.rows > self.max_batch_rows or kv_bytes > self.max_batch_kv_bytes) and (admit or batch is not None):
                 break

@@ -163,7 +163,7 @@ inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, 
 template <int D>
 void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
           const float* q, const int64_t* qs, const float* pk, const float* pv, const int64_t* ps, int64_t plen,
-          const float* ok, const float* ov, const int64_t* os, int64_t W, const bool* valid,
+          const float* ok, const float* ov, const int64_t* os, int64_t W, int64_t per, const bool* valid,
           float* out, const int64_t* outs) {
   const int64_t R = (int64_t)rows.size(), M = R * g, S = plen + W;
   thread_local std::vector<float> qf, sc;
@@ -176,7 +176,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   scores<D>(qf.data(), M, pkb, ps[2], plen, scale, [](int64_t) { return true; }, sc.data(), S);
   for (int64_t r = 0; r < R; ++r) {  // own columns: each row's own keys
     const int64_t b = rows[r];
-    scores<D>(&qf[r * g * D], g, ok + b * os[0] + h * os[1], os[2], W, scale,
+    scores<D>(&qf[r * g * D], g, ok + (b / per) * os[0] + h * os[1], os[2], W, scale,
               [&](int64_t w) { return valid == nullptr || valid[b * W + w]; }, &sc[r * g * S + plen], S);
   }
   for (int64_t i = 0; i < M; ++i) {
@@ -202,7 +202,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     for (int c = 0; c < D / 8; ++c) o[c] = _mm256_setzero_ps();
     const int64_t b = rows[i / g];
     weighted_sum<D>(si, pvb, ps[2], plen, o);
-    weighted_sum<D>(si + plen, ov + b * os[0] + h * os[1], os[2], W, o);
+    weighted_sum<D>(si + plen, ov + (b / per) * os[0] + h * os[1], os[2], W, o);
     const __m256 inv = _mm256_set1_ps(1.0f / l);
     float* oi = out + b * outs[0] + h * outs[1] + (i % g) * outs[2];
     for (int c = 0; c < D / 8; ++c) _mm256_storeu_ps(oi + 8 * c, _mm256_mul_ps(o[c], inv));
@@ -285,7 +285,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
-// q [B, Hk, g, D]; own_k/own_v [B, Hk, W, D] (last dim contiguous); own_valid [B, W] bool or empty;
+// q [B, Hk, g, D]; own_k/own_v [B / per, Hk, W, D] (last dim contiguous; query rows b * per .. b * per + per - 1
+// continue own row b: a draft's positions); own_valid [B, W] bool (per query row) or empty;
 // prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B]. Returns [B, Hk, g, D], all fp32.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tensor own_v, torch::Tensor own_valid,
                                torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
@@ -296,7 +297,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   const int64_t B = q.size(0), Hk = q.size(1), g = q.size(2), D = q.size(3), G = prompt_k.size(0), W = own_k.size(2);
   TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
   TORCH_CHECK(q.stride(3) == 1, "q's last dim must be contiguous");
-  TORCH_CHECK(own_k.size(0) == B && own_k.size(1) == Hk && own_k.size(3) == D && own_k.stride(3) == 1, "own_k shape");
+  TORCH_CHECK(own_k.size(0) > 0 && B % own_k.size(0) == 0 && own_k.size(1) == Hk && own_k.size(3) == D &&
+              own_k.stride(3) == 1, "own_k shape");
+  const int64_t per = B / own_k.size(0);  // a draft's query rows: `per` consecutive rows share one row's own K/V
   TORCH_CHECK(own_v.sizes() == own_k.sizes() && own_v.strides() == own_k.strides(), "own_v must be laid out as own_k");
   TORCH_CHECK(prompt_k.size(1) == Hk && prompt_k.size(3) == D && prompt_k.stride(3) == 1, "prompt_k shape");
   TORCH_CHECK(prompt_v.sizes() == prompt_k.sizes() && prompt_v.strides() == prompt_k.strides(), "prompt_v layout");
@@ -331,9 +334,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
       const int64_t gi = t / Hk, h = t % Hk;
       if (rows[gi].empty()) continue;
       if (D == 64)
-        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, op, outs);
+        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, per, valid, op, outs);
       else
-        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, op, outs);
+        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, per, valid, op, outs);
     }
   });
   return out;

@@ -103,7 +103,8 @@ template <int D>
 void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
           const bf16* q, const int64_t* qs,                       // q [B, Hk, g, D] contiguous
           const bf16* pk, const bf16* pv, const int64_t* ps, int64_t plen,  // prompt K/V [G, Hk, L, D]
-          const bf16* ok, const bf16* ov, const int64_t* os, int64_t W,     // own K/V [B, Hk, W, D]
+          const bf16* ok, const bf16* ov, const int64_t* os, int64_t W,     // own K/V [B / per, Hk, W, D]
+          int64_t per,                                          // query rows per own row (row b owns b / per)
           const bool* valid, int64_t vs,                        // own columns in use [B, W] or null
           const bf16* kt, const bf16* vt, int64_t Lq,           // prompt_tiles' kt / vt of this task, or null
           bf16* out) {
@@ -180,7 +181,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   // ---- scores against each row's own columns (a few per row: plain dot products) ----
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = rows[r];
-    const bf16* okb = ok + b * os[0] + h * os[1];
+    const bf16* okb = ok + (b / per) * os[0] + h * os[1];
     for (int64_t w = 0; w < Wp; ++w) {
       const bool use = w < W && (valid == nullptr || valid[b * vs + w]);
       if (!use) {
@@ -295,7 +296,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   // ---- P.V over each row's own columns, normalise, write bf16 ----
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = rows[r];
-    const bf16* ovb = ov + b * os[0] + h * os[1];
+    const bf16* ovb = ov + (b / per) * os[0] + h * os[1];
     for (int64_t w = 0; w < W; ++w) {
       if (valid != nullptr && !valid[b * vs + w]) continue;
       __m512 vf[V16];
@@ -388,7 +389,8 @@ void amx_tile(const bf16* x, int64_t m, int64_t K, const bf16* w, int64_t P, con
 }
 }  // namespace
 
-// q [B, Hk, g, D]; own_k/own_v [B, Hk, W, D] (last dim contiguous); own_valid [B, W] bool or empty;
+// q [B, Hk, g, D]; own_k/own_v [B / per, Hk, W, D] (last dim contiguous; query rows b * per .. b * per + per - 1
+// continue own row b: a draft's positions); own_valid [B, W] bool (per query row) or empty;
 // prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B]. Returns [B, Hk, g, D], all bf16.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tensor own_v, torch::Tensor own_valid,
                                torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
@@ -399,7 +401,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   q = q.contiguous();
   const int64_t B = q.size(0), Hk = q.size(1), g = q.size(2), D = q.size(3), G = prompt_k.size(0), W = own_k.size(2);
   TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
-  TORCH_CHECK(own_k.size(0) == B && own_k.size(1) == Hk && own_k.size(3) == D && own_k.stride(3) == 1, "own_k shape");
+  TORCH_CHECK(own_k.size(0) > 0 && B % own_k.size(0) == 0 && own_k.size(1) == Hk && own_k.size(3) == D &&
+              own_k.stride(3) == 1, "own_k shape");
+  const int64_t per = B / own_k.size(0);  // a draft's query rows: `per` consecutive rows share one row's own K/V
   TORCH_CHECK(own_v.sizes() == own_k.sizes() && own_v.strides() == own_k.strides(), "own_v must be laid out as own_k");
   TORCH_CHECK(prompt_k.size(1) == Hk && prompt_k.size(3) == D && prompt_k.stride(3) == 1, "prompt_k shape");
   TORCH_CHECK(prompt_v.sizes() == prompt_k.sizes() && prompt_v.strides() == prompt_k.strides(), "prompt_v layout");
@@ -448,10 +452,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
       if (rows[gi].empty()) continue;
       const int64_t tile = (gi * Hk + h) * (D / 2) * Lq * 2;  // elements per (group, head) in kt and in vt
       if (D == 64)
-        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, vs,
+        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, per, valid, vs,
                  tiles ? ktp + tile : nullptr, tiles ? vtp + tile : nullptr, Lq, op);
       else
-        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, valid, vs,
+        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, per, valid, vs,
                   nullptr, nullptr, 0, op);
     }
   });

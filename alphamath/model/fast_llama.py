@@ -33,6 +33,8 @@ from alphamath.model import decode as kernel
 from alphamath.model.attention import SharedPrompts, shared_prompt_attention
 from alphamath.model.packed import Linear, fp16_below_rows
 
+VERIFY_ROWS = 16  # query rows of a draft-verifying step (FastLlama.verify_rows)
+
 
 @dataclass
 class _Layer:
@@ -207,6 +209,49 @@ class FastLlama:
             gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps, norm)).chunk(2, dim=-1)
             x = x + layer.down(layer.act(gate) * up)
         return _rms(x, self.norm, self.eps, norm), cache
+
+    def verify_rows(self) -> int:
+        """The most query rows `verify` takes at once here (0: it cannot run: no layer kernels). Up to 16
+        rows a step costs about what one row costs (it reads every weight once; AMX multiplies 16 rows per
+        tile), so a row's last token and its draft fit in what a few-row step pays anyway."""
+        x = self.embed[:1][None]
+        if x.dtype == torch.bfloat16:
+            ok = self.layered and kernel.usable(x, self.head_dim) and kernel.norm_usable(x, self.norm)
+            return VERIFY_ROWS if ok and self.head_dim % 32 == 0 else 0
+        ok = self.layered_f32 and avx2.usable(x, self.head_dim)
+        return min(VERIFY_ROWS, self.fp16_below - 1) if ok else 0
+
+    @torch.inference_mode()
+    def verify(self, ids, positions, own_valid, cache, prompts: SharedPrompts) -> torch.Tensor:
+        """A decode step that feeds T tokens per row (its last sampled token and a draft, kv.py's
+        _Batch.step) -> the final-normed hidden states [B, T, hidden]. ids/positions [B, T]; own_valid
+        [B * T, W + T] bool: query row b * T + j sees row b's own columns in use before the step and the
+        step's first j + 1; the cache (each row's own columns) gains T columns per row.
+        Each position is one query row of the layer kernels (the T rows of a row share its own K/V), so it
+        computes what a one-token step from the same columns computes; `verify_rows` says if they run."""
+        B, T = ids.shape
+        x = F.embedding(ids.reshape(B * T, 1), self.embed)
+        cos, sin = self.rotary(x, positions.reshape(B * T, 1))
+        group = prompts.group.repeat_interleave(T)
+        fp32, hq, hk, D = x.dtype == torch.float32, self.hq, self.hk, self.head_dim
+        for i, layer in enumerate(self.layers):
+            if fp32:
+                q, k, v = avx2.decode_qkv(x, layer.norm1, layer.qkv.f16, layer.qkv.bias, cos, sin, hq, hk, self.eps)
+            else:
+                q, k, v = kernel.decode_qkv(x, layer.norm1, layer.qkv.weight, layer.qkv.bias, cos, sin, hq, hk,
+                                            self.eps)
+            k, v = cache.update(k.reshape(B, T, hk, D).transpose(1, 2), v.reshape(B, T, hk, D).transpose(1, 2), i)
+            if fp32:
+                x = avx2.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
+                                     group, self.scale, layer.o.f16, layer.o.bias, layer.norm2, layer.gate_up.f16,
+                                     layer.gate_up.bias, layer.down.f16, layer.down.bias, self.eps)
+            else:
+                x = kernel.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
+                                       group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
+                                       layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias,
+                                       self.eps, prompts.tiles[i] if prompts.tiles else None)
+        x = avx2.rms_norm(x, self.norm, self.eps) if fp32 else kernel.rms_norm(x, self.norm, self.eps)
+        return x.view(B, T, -1)
 
     def _layers_f32(self, x, cos, sin, mask, cache, prompts: SharedPrompts) -> torch.Tensor:
         """A decode step's layers in fp32, two avx2.cpp calls per layer around the cache update: the

@@ -1,0 +1,50 @@
+"""Draft tokens by prompt lookup: the tokens that followed the last earlier occurrence of the text's
+last n-gram (n = 3, else 2, else 1).
+
+Why: a decode step of a few rows costs the same as a step of up to ~16 (it reads every weight once
+either way), and a search's steps are mostly such few-row steps: the tail of each expansion, where
+the longest of its samples decodes alone. A solution step repeats much of what came before it (the
+question's numbers, the previous steps' variables, code, the few-shot format), so the tokens that
+followed the same n-gram earlier are often the ones sampled next. On the bench's MCTS samples
+(`make bench`'s problems) drafts of 3 tokens were accepted at ~1 token per step: 2.0 tokens per
+sequential step instead of 1. Verification keeps the samples exact (kv.py's _Batch.step), so a
+draft only ever costs compute, never changes what is sampled.
+"""
+from __future__ import annotations
+
+N_MAX = 3  # longest n-gram looked up
+
+
+class Lookup:
+    """An index of a token sequence's n-grams (n <= N_MAX) to where each last occurred, grown as tokens
+    are appended. An n-gram is indexed once the token after it exists, so the sequence's own last
+    n-gram finds its previous occurrence, not itself."""
+
+    def __init__(self, tokens: list[int], index: dict | None = None, indexed: int = 0):
+        self.tokens = tokens
+        self.index: dict[tuple, int] = index if index is not None else {}  # n-gram -> position after it
+        self.indexed = indexed  # positions [0, indexed) have their n-grams ending before them indexed
+        self.extend_to(len(tokens))
+
+    def extend_to(self, length: int) -> None:
+        """Index the n-grams ending before positions up to `length - 1` (each one's next token exists)."""
+        t, index = self.tokens, self.index
+        for e in range(max(self.indexed, 1), length):  # the n-grams ending at e - 1, followed by t[e]
+            for n in range(1, min(N_MAX, e) + 1):
+                index[tuple(t[e - n:e])] = e
+        self.indexed = max(self.indexed, length)
+
+    def fork(self, tokens: list[int]) -> "Lookup":
+        """A Lookup of `tokens`, which start with this one's tokens: the index is copied, not rebuilt."""
+        return Lookup(tokens, dict(self.index), self.indexed)
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens that followed the last earlier occurrence of the sequence's longest matching
+        final n-gram; [] if none occurred."""
+        t = self.tokens
+        self.extend_to(len(t))
+        for n in range(min(N_MAX, len(t)), 0, -1):
+            e = self.index.get(tuple(t[len(t) - n:]))
+            if e is not None:
+                return t[e:e + k]
+        return []
