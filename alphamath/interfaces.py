@@ -77,6 +77,7 @@ class Usage:
     prefill_tokens: int = 0
     decode_tokens: int = 0  # every position a decode step fed, drafts included
     draft_tokens: int = 0  # of those, positions fed a draft token (lm/lookup.py), accepted or not
+    draft_accepted: int = 0  # of those, draft tokens the samples drew (the rest was computed for nothing)
     calls: dict = field(default_factory=dict)
 
     @property

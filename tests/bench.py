@@ -18,8 +18,8 @@
    token trie of the prompt, every sample's fed tokens, the scored states and the expanded
    prefixes, plus the fed tokens of samples the tree merged because an identical step was already
    there); beside it the stricter ratio to distinct positions (siblings' identical first tokens once),
-   and the ratio without the positions fed draft tokens (lm/lookup.py: computed, accepted or not, in
-   steps whose rows cost no more than one row). The engine also searches each problem with drafts off
+   and the ratio without the positions fed draft tokens the samples did not draw (lm/lookup.py:
+   computed on purpose, in steps whose extra rows cost little). The engine also searches each problem with drafts off
    (ALPHAMATH_DRAFTS=0), timed, so what the drafts moved is measured in the same run.
 3. The engine searching the problems at once (solve_many, decode batches shared between searches).
 4. The gRPC stack vs the in-process engine, like for like (tests/bench_grpc.py).
@@ -184,12 +184,13 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
                  hf_rss_mb=peak_rss_mb())
         lm.reset_cache()
         timed = Recorder(LocalPolicy(lm), LocalValue(lm))
-        before, drafted = lm.usage.computed, lm.usage.draft_tokens
+        before, drafted, accepted = lm.usage.computed, lm.usage.draft_tokens, lm.usage.draft_accepted
         t0 = time.perf_counter()
         tree2 = solve(p.question, "mcts", timed, timed, sandbox, cfg, ground_truth=p.answer, question_id=p.id,
                       rewards=True)
         r.update(engine_wall_s=time.perf_counter() - t0, engine_model_s=timed.model_s,
                  engine_computed=lm.usage.computed - before, engine_drafted=lm.usage.draft_tokens - drafted,
+                 engine_draft_accepted=lm.usage.draft_accepted - accepted,
                  engine_rss_mb=peak_rss_mb(), same_tree_engine=shape(tree2) == shape(tree))
         r["same_tree"] = r["same_tree_hf"] and r["same_tree_engine"]
         # The engine without drafts (lm/lookup.py), what drafts moved: its tree can differ from the
@@ -206,7 +207,8 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
             lm.draft_rows = rows_on
         rows.append(r)
         print(f"  {p.id}: {r['nodes']} nodes, needed {needed} tokens; engine {r['engine_wall_s']:.1f} s "
-              f"({r['engine_model_s']:.1f} s model, {r['engine_computed']} tokens, {r['engine_drafted']} of them drafts); "
+              f"({r['engine_model_s']:.1f} s model, {r['engine_computed']} tokens, {r['engine_drafted']} of them drafts, "
+              f"{r['engine_draft_accepted']} drafts accepted); "
               f"HF {r['hf_wall_s']:.1f} s ({hf.model_s:.1f} s model, {hf.computed} tokens); same tree: HF "
               f"{r['same_tree_hf']}, engine rerun {r['same_tree_engine']}; engine without drafts "
               f"{r['nodraft_wall_s']:.1f} s (same tree {r['same_tree_nodraft']})", flush=True)
@@ -225,8 +227,8 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
            "engine_computed_over_needed": token_ratio(total("engine_computed"), total("needed")),
            "hf_computed_over_needed": token_ratio(total("hf_computed"), total("needed")),
            "engine_computed_over_distinct": token_ratio(total("engine_computed"), total("distinct")),
-           "engine_undrafted_over_needed": token_ratio(total("engine_computed") - total("engine_drafted"),
-                                                       total("needed")),
+           "engine_unrejected_over_needed": token_ratio(
+               total("engine_computed") - total("engine_drafted") + total("engine_draft_accepted"), total("needed")),
            "engine_s_per_problem": total("engine_wall_s") / len(rows),
            "nodraft_s_per_problem": total("nodraft_wall_s") / len(rows),
            "hf_s_per_problem": total("hf_wall_s") / len(rows),
@@ -247,8 +249,8 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
           f"HF/engine {out['model_s_ratio']:.2f}x | |")
     print(f"| tokens computed / needed | {out['engine_computed_over_needed']:.3f} | "
           f"{out['hf_computed_over_needed']:.3f} | (engine target <= 1.1) | |")
-    print(f"| tokens computed / needed, the draft positions (accepted or not) left out | "
-          f"{out['engine_undrafted_over_needed']:.3f} | | | |")
+    print(f"| tokens computed / needed, rejected draft positions left out (what was computed twice or for "
+          f"nothing else) | {out['engine_unrejected_over_needed']:.3f} | | | |")
     print(f"| tokens computed / distinct positions (siblings' identical first tokens once) | "
           f"{out['engine_computed_over_distinct']:.3f} | | | |")
     print(f"| seconds per problem, the {len(rows)} searched at once ({out['concurrent_nodes']} nodes vs "

@@ -736,7 +736,7 @@ def test_verified_drafts_sample_what_one_token_steps_sample(kernel_model_dir, mo
     from alphamath.lm.kv import _Batch, _Decoding
 
     lm = LocalLM(kernel_model_dir, dtype=dtype, decode_weights="fp16")
-    assert lm.draft_rows == 16
+    assert lm.draft_rows >= 16
     texts = ["Question: what is 2 + 3?", "Question: what is 7 * 6 minus 5, and then halved?"][:prompts]
     kw = dict(temperature=1.0, max_new_tokens=40, seed=3)
     truth, steps, squeezes = {}, [], []
@@ -770,9 +770,9 @@ def test_verified_drafts_sample_what_one_token_steps_sample(kernel_model_dir, mo
 
     monkeypatch.setattr(_Decoding, "next_draft", oracle)
     lm.reset_cache()
-    lm.draft_rows, steps[:], squeezes[:], truth = 16, [], [], {}
+    lm.draft_rows, steps[:], squeezes[:], truth = 16, [], [], {}  # 6 rows: drafts of 1; 3 rows: of 4
     drafted = lm.generate(texts, 3, **kw)
-    assert lm.usage.draft_tokens > 0 and len(steps) < plain_steps  # drafts were accepted
+    assert 0 < lm.usage.draft_accepted < lm.usage.draft_tokens and len(steps) < plain_steps  # accepted and rejected
     assert squeezes  # the rows ran out of room and were squeezed at least once
     tol = 2e-2 if dtype == "bf16" else 1e-4  # bf16: where a column sits changes the attention's sum order
     for a, b in zip(drafted, plain):

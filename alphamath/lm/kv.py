@@ -331,6 +331,7 @@ class _Batch:
                 finished = lm._finished(smp, tok, stop, max_new_tokens, self.window)
                 if not finished and j < len(smp.draft) and tok == smp.draft[j]:
                     accepted.append(i)
+                    lm.usage.draft_accepted += 1
                     continue
                 if smp.fed > j + 1:  # the draft's columns past position j hold rejected tokens
                     self.mask[b, self.width - smp.fed + j + 1:self.width] = 0

@@ -33,7 +33,11 @@ from alphamath.model import decode as kernel
 from alphamath.model.attention import SharedPrompts, shared_prompt_attention
 from alphamath.model.packed import Linear, fp16_below_rows
 
-VERIFY_ROWS = 16  # query rows of a draft-verifying step (FastLlama.verify_rows)
+# Query rows a draft-verifying step may hold (FastLlama.verify_rows). bf16 (AMX Xeon, s26): a step of R rows
+# cost ~16.8 + 0.6 R ms up to ~40 rows, and a draft row gave ~0.3-0.5 tokens, so drafts paid up to ~40 rows
+# (1 row + 4 drafts: 18.3 ms for ~2.1 tokens; 20 rows + 1 draft each: 40.8 ms against 33.5 for ~1.5
+# tokens a row). fp32 (avx2.cpp) rows cost more (~1.5 ms each on a Zen 2), hence fewer there.
+VERIFY_ROWS_BF16, VERIFY_ROWS_FP32 = 40, 16
 
 
 @dataclass
@@ -211,15 +215,15 @@ class FastLlama:
         return _rms(x, self.norm, self.eps, norm), cache
 
     def verify_rows(self) -> int:
-        """The most query rows `verify` takes at once here (0: it cannot run: no layer kernels). Up to 16
-        rows a step costs about what one row costs (it reads every weight once; AMX multiplies 16 rows per
-        tile), so a row's last token and its draft fit in what a few-row step pays anyway."""
+        """The most query rows `verify` takes at once here (0: it cannot run: no layer kernels). A step of
+        few rows is bound by reading the weights, not by arithmetic, so a row's last token and its draft
+        cost little more than the token alone (see VERIFY_ROWS_BF16)."""
         x = self.embed[:1][None]
         if x.dtype == torch.bfloat16:
             ok = self.layered and kernel.usable(x, self.head_dim) and kernel.norm_usable(x, self.norm)
-            return VERIFY_ROWS if ok and self.head_dim % 32 == 0 else 0
+            return VERIFY_ROWS_BF16 if ok and self.head_dim % 32 == 0 else 0
         ok = self.layered_f32 and avx2.usable(x, self.head_dim)
-        return min(VERIFY_ROWS, self.fp16_below - 1) if ok else 0
+        return min(VERIFY_ROWS_FP32, self.fp16_below - 1) if ok else 0
 
     @torch.inference_mode()
     def verify(self, ids, positions, own_valid, cache, prompts: SharedPrompts) -> torch.Tensor:
