@@ -841,3 +841,15 @@ def test_lookup_drafts_what_followed_the_last_earlier_occurrence_of_the_final_ng
     assert prompt.tokens == [5, 6, 7, 8, 9, 6, 7, 1, 2] and prompt.draft(3) == []  # the fork copied the index
     seq = Lookup([4, 4])
     assert seq.draft(3) == [4]  # a token's previous occurrence, never the final n-gram itself
+
+
+def test_draft_length_weighs_the_yield_of_a_draft_against_the_rows_it_adds():
+    from alphamath.lm.lookup import DRAFT_MAX, draft_length
+
+    assert draft_length(1, 0.35, 0.03, 40) == DRAFT_MAX  # one row: four more rows cost 12%, yield 140%
+    assert draft_length(1, 0.0, 0.03, 40) == 0  # nothing accepted: no row is worth adding
+    assert draft_length(5, 0.1, 0.03, 40) == 0  # (1 + 0.1 k) / (1 + 0.03 (5k + 4)) peaks at k = 0 ...
+    assert draft_length(5, 0.35, 0.03, 40) == DRAFT_MAX  # ... and at k = 4 when a third of drafts land
+    assert draft_length(20, 0.35, 0.03, 40) == 0  # twenty rows: a draft row costs more than it yields
+    assert draft_length(10, 0.45, 0.03, 25) == 1  # the step's row cap: 10 x (k + 1) <= 25
+    assert draft_length(3, 0.35, 0.03, 3) == 0  # no room for any draft

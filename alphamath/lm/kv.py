@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from alphamath.lm.lookup import Lookup
+from alphamath.lm.lookup import YIELD_PRIOR, Lookup, draft_length
 from alphamath.lm.radix_cache import KV, PrefixCache
 from alphamath.model import decode
 from alphamath.model.attention import SharedPrompts
@@ -180,6 +180,7 @@ class _Batch:
         self.values: list | None = None
         self.slab_tiles: list | None = None  # per layer decode.prompt_tiles of keys/values (columns = Lq)
         self.shared: SharedPrompts | None = None
+        self.draft_yield = YIELD_PRIOR  # tokens accepted per draft position, a running mean (lookup.draft_length)
 
     @property
     def size(self) -> int:
@@ -320,6 +321,7 @@ class _Batch:
         live = [b for b in range(self.size) if self.alive[b]]  # rows of `logits`, in order
         next_tokens = [0] * self.size  # finished rows are fed a dummy token
         todo, j, holes = list(range(len(live))), 0, False
+        drafted, accepted_now = sum(len(self.samples[b].draft) for b in live), 0
         while todo:  # position j of the rows whose samples so far equalled their drafts
             rows = [live[i] for i in todo]
             toks, lps = lm._pick(self.logits[todo, j], [self.samples[b] for b in rows], temperature, top_p)
@@ -331,7 +333,7 @@ class _Batch:
                 finished = lm._finished(smp, tok, stop, max_new_tokens, self.window)
                 if not finished and j < len(smp.draft) and tok == smp.draft[j]:
                     accepted.append(i)
-                    lm.usage.draft_accepted += 1
+                    accepted_now += 1
                     continue
                 if smp.fed > j + 1:  # the draft's columns past position j hold rejected tokens
                     self.mask[b, self.width - smp.fed + j + 1:self.width] = 0
@@ -348,10 +350,13 @@ class _Batch:
                     req.done.set()
             todo, j = accepted, j + 1
         self.padded = self.padded or holes
+        if drafted:
+            lm.usage.draft_accepted += accepted_now
+            self.draft_yield += 0.25 * (accepted_now / drafted - self.draft_yield)
         n_alive = sum(self.alive)
         if not n_alive:
             return False
-        k = min(DRAFT_MAX, lm.draft_rows // n_alive - 1) if lm.draft_rows else 0  # draft tokens per row
+        k = draft_length(n_alive, self.draft_yield, lm.row_cost, lm.draft_rows) if lm.draft_rows else 0
         if 8 * (self.size - n_alive) >= self.size or self.width + 1 + k > self.mask.shape[1]:
             keep = [b for b in range(self.size) if self.alive[b]]
             self._select(keep, 1 + k)
@@ -432,9 +437,6 @@ class _Batch:
         if len(self.prompts) > 8 and 4 * live < len(self.prompts):  # mostly free: a smaller slab
             self._regrow(live, self.prompt_len)
         self._share(dev)
-
-
-DRAFT_MAX = 4  # draft tokens per row and step at most (lookup.py; more gained little on the bench's samples)
 
 
 def slab_slots(batch: "_Batch | None", live: int, length: int) -> int:

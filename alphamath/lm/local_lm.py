@@ -74,6 +74,7 @@ class LocalLM(Scheduler):
         # rows x (1 + draft) up to this many query rows per step. ALPHAMATH_DRAFTS=0 turns drafts off.
         drafts = os.environ.get("ALPHAMATH_DRAFTS", "1").strip() != "0"
         self.draft_rows = self._fast.verify_rows() if self._fast is not None and drafts else 0
+        self.row_cost = self._fast.row_cost() if self._fast is not None else 1.0  # a query row / a one-row step
         self._queue: list[_Request] = []  # generate() calls waiting to join the decode batch
         self._cv = threading.Condition()
         self._batch: _Batch | None = None  # the running decode batch, stepped by the leading caller

@@ -10,7 +10,8 @@ import hashlib
 
 import torch
 
-from alphamath.lm.kv import DRAFT_MAX, _Batch, _Decoding, _Request, _Row, slab_slots
+from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row, slab_slots
+from alphamath.lm.lookup import DRAFT_MAX
 
 DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once
 # The KV of the running batch (its distinct prompts, and rows x (width + room) own slots) is

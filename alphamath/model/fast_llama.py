@@ -33,11 +33,12 @@ from alphamath.model import decode as kernel
 from alphamath.model.attention import SharedPrompts, shared_prompt_attention
 from alphamath.model.packed import Linear, fp16_below_rows
 
-# Query rows a draft-verifying step may hold (FastLlama.verify_rows). bf16 (AMX Xeon, s26): a step of R rows
-# cost ~16.8 + 0.6 R ms up to ~40 rows, and a draft row gave ~0.3-0.5 tokens, so drafts paid up to ~40 rows
-# (1 row + 4 drafts: 18.3 ms for ~2.1 tokens; 20 rows + 1 draft each: 40.8 ms against 33.5 for ~1.5
-# tokens a row). fp32 (avx2.cpp) rows cost more (~1.5 ms each on a Zen 2), hence fewer there.
+# Query rows a draft-verifying step may hold (FastLlama.verify_rows), and a query row's cost relative to a
+# one-row step (FastLlama.row_cost, for lm/lookup.draft_length). bf16 (AMX Xeon, s26): a step of R rows cost
+# ~16.5 + 0.5 R ms up to ~40 rows (1 row 16.8, 1 row + 4 drafts 18.3, 5 rows 18.8, + 2 drafts each 24.4,
+# 20 rows 33.5, + 1 each 40.8). fp32 (avx2.cpp, Zen 2, s25): 1 row 16.9 ms, 5 rows 23.1, 20 rows 73.9.
 VERIFY_ROWS_BF16, VERIFY_ROWS_FP32 = 40, 16
+ROW_COST_BF16, ROW_COST_FP32 = 0.03, 0.09
 
 
 @dataclass
@@ -224,6 +225,10 @@ class FastLlama:
             return VERIFY_ROWS_BF16 if ok and self.head_dim % 32 == 0 else 0
         ok = self.layered_f32 and avx2.usable(x, self.head_dim)
         return min(VERIFY_ROWS_FP32, self.fp16_below - 1) if ok else 0
+
+    def row_cost(self) -> float:
+        """A decode step's cost per query row beyond the first, relative to a one-row step."""
+        return ROW_COST_BF16 if self.embed.dtype == torch.bfloat16 else ROW_COST_FP32
 
     @torch.inference_mode()
     def verify(self, ids, positions, own_valid, cache, prompts: SharedPrompts) -> torch.Tensor:
