@@ -36,9 +36,11 @@ from alphamath.model.packed import Linear, fp16_below_rows
 # Query rows a draft-verifying step may hold (FastLlama.verify_rows), and a query row's cost relative to a
 # one-row step (FastLlama.row_cost, for lm/lookup.draft_length). bf16 (AMX Xeon, s26): a step of R rows cost
 # ~16.5 + 0.5 R ms up to ~40 rows (1 row 16.8, 1 row + 4 drafts 18.3, 5 rows 18.8, + 2 drafts each 24.4,
-# 20 rows 33.5, + 1 each 40.8). fp32 (avx2.cpp, Zen 2, s25): 1 row 16.9 ms, 5 rows 23.1, 20 rows 73.9.
+# 20 rows 33.5, + 1 each 40.8). fp32 (avx2.cpp's linear_f16 on the same Xeon, s26): 1 row 24.5, + 4 drafts 28.9,
+# 5 rows 28.6, + 2 each 53.8, 20 rows 75.1: ~2.5 ms a row past the first few (a Zen 2, s25: 1 row 16.9 ms,
+# 5 rows 23.1, 20 rows 73.9).
 VERIFY_ROWS_BF16, VERIFY_ROWS_FP32 = 40, 16
-ROW_COST_BF16, ROW_COST_FP32 = 0.03, 0.09
+ROW_COST_BF16, ROW_COST_FP32 = 0.03, 0.1
 
 
 @dataclass
