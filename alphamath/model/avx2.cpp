@@ -12,6 +12,7 @@
 // once a step has rows enough to be compute-bound, and at a few rows each thread streams its own
 // contiguous run of panels, as fast as memory reads them.
 #include <torch/extension.h>
+#include "attention_args.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -294,33 +295,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   TORCH_CHECK(q.scalar_type() == at::kFloat && own_k.scalar_type() == at::kFloat && own_v.scalar_type() == at::kFloat &&
               prompt_k.scalar_type() == at::kFloat && prompt_v.scalar_type() == at::kFloat,
               "decode_attention (avx2) computes fp32");
-  const int64_t B = q.size(0), Hk = q.size(1), g = q.size(2), D = q.size(3), G = prompt_k.size(0), W = own_k.size(2);
-  TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
-  TORCH_CHECK(q.stride(3) == 1, "q's last dim must be contiguous");
-  TORCH_CHECK(own_k.size(0) > 0 && B % own_k.size(0) == 0 && own_k.size(1) == Hk && own_k.size(3) == D &&
-              own_k.stride(3) == 1, "own_k shape");
-  const int64_t per = B / own_k.size(0);  // a draft's query rows: `per` consecutive rows share one row's own K/V
-  TORCH_CHECK(own_v.sizes() == own_k.sizes() && own_v.strides() == own_k.strides(), "own_v must be laid out as own_k");
-  TORCH_CHECK(prompt_k.size(1) == Hk && prompt_k.size(3) == D && prompt_k.stride(3) == 1, "prompt_k shape");
-  TORCH_CHECK(prompt_v.sizes() == prompt_k.sizes() && prompt_v.strides() == prompt_k.strides(), "prompt_v layout");
-  TORCH_CHECK(prompt_len.numel() == G && group_of.numel() == B, "prompt_len [G], group_of [B]");
-  auto plen = prompt_len.to(at::kLong).contiguous();
-  auto grp = group_of.to(at::kLong).contiguous();
-  const int64_t* pl = plen.data_ptr<int64_t>();
-  const int64_t* go = grp.data_ptr<int64_t>();
-  std::vector<std::vector<int64_t>> rows(G);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(go[b] >= 0 && go[b] < G, "group_of out of range");
-    rows[go[b]].push_back(b);
-  }
-  for (int64_t i = 0; i < G; ++i) TORCH_CHECK(pl[i] >= 0 && pl[i] <= prompt_k.size(2), "prompt_len out of range");
-  const bool* valid = nullptr;
-  torch::Tensor vmask;
-  if (own_valid.numel()) {
-    vmask = own_valid.to(at::kBool).contiguous();
-    TORCH_CHECK(vmask.size(0) == B && vmask.size(1) == W, "own_valid [B, W]");
-    valid = vmask.data_ptr<bool>();
-  }
+  const AttentionArgs a = attention_args(q, own_k, own_v, own_valid, prompt_k, prompt_v, prompt_len, group_of);
+  const int64_t B = a.B, Hk = a.Hk, g = a.g, D = a.D, G = a.G, W = a.W, per = a.per;
+  const int64_t* pl = a.plen;
+  const auto& rows = a.rows;
+  const bool* valid = a.valid;
   auto out = torch::empty({B, Hk, g, D}, q.options());
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const int64_t ps[3] = {prompt_k.stride(0), prompt_k.stride(1), prompt_k.stride(2)};

@@ -16,12 +16,17 @@ log = logging.getLogger(__name__)
 
 
 def build(directory: str | None, name: str, source: Path, flags: list[str]):
-    """Compile (or load the cached build of) one extension; raises if the toolchain cannot."""
+    """Compile (or load the cached build of) one extension; raises if the toolchain cannot. torch's build
+    cache keys on the source and the flags, not on included headers, so the headers beside the source
+    (attention_args.h) go into the flags by their hash: editing one rebuilds."""
+    import hashlib
+
     from torch.utils.cpp_extension import load
     if directory:
         Path(directory).mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                build_directory=directory, verbose=False)
+    headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))).hexdigest()[:16]
+    return load(name=name, sources=[str(source)], extra_cflags=flags + [f"-DALPHAMATH_HEADERS={headers}"],
+                extra_ldflags=["-fopenmp"], build_directory=directory, verbose=False)
 
 
 def prebuilt(name: str):
