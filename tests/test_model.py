@@ -370,6 +370,30 @@ def test_shared_prompt_attention_equals_softmax_over_each_rows_prompt_and_own_ke
         torch.testing.assert_close(got[b].float(), want, **tol)
 
 
+def attention_case(dtype, head_dim, group_of):
+    """decode_attention's inputs: prompts of odd lengths (not multiples of the kernels' key blocks), groups
+    of different sizes, left-padded own columns read through strided views of a wider buffer (as
+    _RoomyLayer holds them); and the reference, softmax attention over row b's joined keys in `ref`."""
+    torch.manual_seed(0)
+    Hk, g, D, L, W = 3, 3, head_dim, 37, 21
+    lens, own_lens = [37, 1, 20, 5], [21, 1, 3, 17, 2, 4, 9][: len(group_of)]
+    B, G = len(group_of), len(lens)
+    pk, pv = torch.randn(G, Hk, L, D).to(dtype), torch.randn(G, Hk, L, D).to(dtype)
+    q = torch.randn(B, Hk, g, D).to(dtype)
+    k = torch.randn(B, Hk, W + 11, D).to(dtype)[:, :, :W]
+    v = torch.randn(B, Hk, W + 11, D).to(dtype)[:, :, :W]
+    real = torch.tensor([[c >= W - n for c in range(W)] for n in own_lens])
+
+    def want(b, valid, ref):
+        gi, n = group_of[b], lens[group_of[b]]
+        cols = real[b] if valid is not None else torch.ones(W, dtype=torch.bool)
+        keys = torch.cat([pk[gi, :, :n], k[b][:, cols]], 1).to(ref)
+        vals = torch.cat([pv[gi, :, :n], v[b][:, cols]], 1).to(ref)
+        return torch.softmax(q[b].to(ref) @ keys.transpose(1, 2) * D ** -0.5, -1) @ vals
+
+    return q, k, v, real, pk, pv, torch.tensor(lens), want
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("one_each", [False, True])
 def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_keys(one_each, head_dim):
@@ -378,32 +402,20 @@ def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_ke
     columns read through strided views of a wider buffer (as _RoomyLayer holds them), and a group no row
     continues. Runs where the kernel can (bf16 with AVX512-BF16); elsewhere the torch path is used."""
     kernel = decode_kernels_or_skip()
-    torch.manual_seed(0)
-    Hk, g, D, L, W = 3, 3, head_dim, 37, 21
-    lens, group_of = [37, 1, 20, 5], ([0, 1, 2] if one_each else [0, 2, 0, 1, 0, 2, 0])
-    own_lens = [21, 1, 3, 17, 2, 4, 9][: len(group_of)]
-    B, G = len(group_of), len(lens)
-    pk, pv = torch.randn(G, Hk, L, D).bfloat16(), torch.randn(G, Hk, L, D).bfloat16()
-    q = torch.randn(B, Hk, g, D).bfloat16()
-    k = torch.randn(B, Hk, W + 11, D).bfloat16()[:, :, :W]  # views of a buffer with room, as in decoding
-    v = torch.randn(B, Hk, W + 11, D).bfloat16()[:, :, :W]
-    real = torch.tensor([[c >= W - n for c in range(W)] for n in own_lens])
+    group_of = [0, 1, 2] if one_each else [0, 2, 0, 1, 0, 2, 0]
+    q, k, v, real, pk, pv, lens, want = attention_case(torch.bfloat16, head_dim, group_of)
+    B, G, Hk, D = len(group_of), pk.shape[0], pk.shape[1], head_dim
     for valid in (real, None):
-        got = kernel.decode_attention(q, k, v, valid, pk, pv, torch.tensor(lens), torch.tensor(group_of), D ** -0.5)
+        got = kernel.decode_attention(q, k, v, valid, pk, pv, lens, torch.tensor(group_of), D ** -0.5)
         assert got.shape == q.shape and got.dtype == torch.bfloat16
         for b in range(B):
-            gi, n = group_of[b], lens[group_of[b]]
-            cols = real[b] if valid is not None else torch.ones(W, dtype=torch.bool)
-            keys = torch.cat([pk[gi, :, :n], k[b][:, cols]], 1).float()
-            vals = torch.cat([pv[gi, :, :n], v[b][:, cols]], 1).float()
-            want = torch.softmax(q[b].float() @ keys.transpose(1, 2) * D ** -0.5, -1) @ vals
-            torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(got[b].float(), want(b, valid, torch.float32), atol=1e-2, rtol=1e-2)
         if head_dim == 64 and kernel.tiles_on():  # AMX: the same sums from the prompt's tiles, laid out once
             tiles = kernel.prompt_tiles(pk, pv)
             assert tiles[0].shape == (G, Hk, D // 2, 64, 2) and tiles[1].shape == (G, Hk, 32, D, 2)
             one = [0] * B  # every row on the longest prompt: 21 queries, more than a 16-row tile
             for groups in (group_of, one):
-                args = (q, k, v, valid, pk, pv, torch.tensor(lens), torch.tensor(groups), D ** -0.5)
+                args = (q, k, v, valid, pk, pv, lens, torch.tensor(groups), D ** -0.5)
                 tiled, pairs = kernel.decode_attention(*args, tiles), kernel.decode_attention(*args)
                 # TDPBF16PS and vdpbf16ps round a pair's products apart: at most one bf16 step, rarely
                 step = 2.0 ** -7 * pairs.float().abs().clamp_min(2.0 ** -20)
@@ -676,27 +688,15 @@ def test_avx2_decode_attention_equals_softmax_over_each_rows_prompt_and_own_keys
     of odd lengths (not multiples of its 8-key blocks), groups of different sizes, left-padded own
     columns read through strided views of a wider buffer, and a prompt no row continues."""
     avx2 = avx2_kernels_or_skip()
-    torch.manual_seed(0)
-    Hk, g, D, L, W = 3, 3, head_dim, 37, 21
-    lens, group_of = [37, 1, 20, 5], [0, 2, 0, 1, 0, 2, 0]
-    own_lens = [21, 1, 3, 17, 2, 4, 9]
-    B, G = len(group_of), len(lens)
-    pk, pv, q = torch.randn(G, Hk, L, D), torch.randn(G, Hk, L, D), torch.randn(B, Hk, g, D)
-    k = torch.randn(B, Hk, W + 11, D)[:, :, :W]
-    v = torch.randn(B, Hk, W + 11, D)[:, :, :W]
-    real = torch.tensor([[c >= W - n for c in range(W)] for n in own_lens])
+    group_of = [0, 2, 0, 1, 0, 2, 0]
+    q, k, v, real, pk, pv, lens, want = attention_case(torch.float32, head_dim, group_of)
     for valid in (real, None):
-        got = avx2.decode_attention(q, k, v, valid, pk, pv, torch.tensor(lens), torch.tensor(group_of), D ** -0.5)
+        got = avx2.decode_attention(q, k, v, valid, pk, pv, lens, torch.tensor(group_of), head_dim ** -0.5)
         assert got.shape == q.shape and got.dtype == torch.float32
-        for b in range(B):
-            gi, n = group_of[b], lens[group_of[b]]
-            cols = real[b] if valid is not None else torch.ones(W, dtype=torch.bool)
-            keys = torch.cat([pk[gi, :, :n], k[b][:, cols]], 1).double()
-            vals = torch.cat([pv[gi, :, :n], v[b][:, cols]], 1).double()
-            want = torch.softmax(q[b].double() @ keys.transpose(1, 2) * D ** -0.5, -1) @ vals
-            torch.testing.assert_close(got[b].double(), want, atol=2e-6, rtol=2e-6)
+        for b in range(len(group_of)):
+            torch.testing.assert_close(got[b].double(), want(b, valid, torch.float64), atol=2e-6, rtol=2e-6)
     with pytest.raises(RuntimeError, match="fp32"):
-        avx2.decode_attention(q.bfloat16(), k, v, None, pk, pv, torch.tensor(lens), torch.tensor(group_of), 0.1)
+        avx2.decode_attention(q.bfloat16(), k, v, None, pk, pv, lens, torch.tensor(group_of), 0.1)
 
 
 def test_avx2_decode_layers_sample_what_the_layer_loop_samples(kernel_model_dir, monkeypatch):

@@ -114,7 +114,7 @@ class _Decoding:
             if self.prompt.lookup is None:
                 self.prompt.lookup = Lookup(list(self.prompt.tokens))
             self.lookup = self.prompt.lookup.fork(list(self.prompt.tokens))
-        self.lookup.tokens[len(self.prompt.tokens):] = self.tokens
+        self.lookup.tokens += self.tokens[len(self.lookup.tokens) - len(self.prompt.tokens):]  # the new ones
         return self.lookup.draft(k)
 
 

@@ -49,19 +49,7 @@ _kernel = extension.Kernel(NAME, SOURCE, FLAGS, lambda: None if cpu_ok() else "t
                            "fp32 decode kernels")
 
 
-def build(directory: str | None = None):
-    """Compile (or load the cached build of) the kernels; raises if the toolchain cannot."""
-    return _kernel.build(directory)
-
-
-def kernel():
-    """The compiled module, or None where it cannot run here (said once, in the log, with the reason)."""
-    return _kernel()
-
-
-def failed() -> str | None:
-    """Why `kernel()` is None here (None while it loads or where it did)."""
-    return _kernel.failed
+kernel, build, failed = _kernel, _kernel.build, _kernel.reason  # the module (or None), compile, why None
 
 
 def linear_usable(weight: torch.Tensor) -> bool:

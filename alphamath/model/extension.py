@@ -43,8 +43,9 @@ def prebuilt(name: str):
 
 
 class Kernel:
-    """One extension for one process: loaded once (prebuilt, else built), or None where it cannot run
-    here, with the reason (`failed`) said once in the log; ALPHAMATH_DECODE_KERNEL=0 turns it off."""
+    """One extension for one process: calling it gives the module, loaded once (prebuilt, else built), or
+    None where it cannot run here, with the reason (`reason()`) said once in the log;
+    ALPHAMATH_DECODE_KERNEL=0 turns it off."""
 
     def __init__(self, name: str, source: Path, flags: list[str], cannot_run: Callable[[], str | None], what: str):
         """`cannot_run()`: why this CPU cannot run the module, or None; `what` names it in the log."""
@@ -55,7 +56,12 @@ class Kernel:
         self.failed: str | None = None
 
     def build(self, directory: str | None = None):
+        """Compile (or load the cached build of) the module, into `directory` if given; raises if the toolchain cannot."""
         return build(directory, self.name, self.source, self.flags)
+
+    def reason(self) -> str | None:
+        """Why the module is None here (None while it loads or where it did)."""
+        return self.failed
 
     def __call__(self):
         if self.module is not None or self.failed is not None:

@@ -176,26 +176,17 @@ class FastLlama:
         rope = norm and cos.dtype == torch.bfloat16 and self.head_dim % 32 == 0
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
         mask = self._mask(attention_mask, S, past, input_ids.device)
-        if prompts is not None and self.layered_f32 and B < self.fp16_below and avx2.usable(x, self.head_dim):
-            return self._layers_f32(x, cos, sin, mask, cache, prompts), cache
         fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode.cpp: bf16 with AVX512-BF16
+        f32 = prompts is not None and self.layered_f32 and B < self.fp16_below and avx2.usable(x, self.head_dim)
+        if f32 or (fused and rope and self.layered):  # the loop's operations, two C++ calls per layer
+            return self._kernel_layers(x, cos, sin, None if mask is None else mask[:, 0, 0], cache, prompts, 1), cache
         if fused:
             own_valid = None if mask is None else mask[:, 0, 0]
         elif mask is not None:  # SDPA and the shared-prompt flash kernel take it additive, in the KV dtype
             mask = self._fold_mask(mask, S, x.dtype)
         hq, hk, D = self.hq, self.hk, self.head_dim
-        layered = fused and rope and self.layered
         for i, layer in enumerate(self.layers):
             tiles = prompts.tiles[i] if prompts is not None and prompts.tiles else None
-            if layered:  # the same operations as below, in two calls around the cache update
-                q, k, v = kernel.decode_qkv(x, layer.norm1, layer.qkv.weight, layer.qkv.bias, cos, sin, hq, hk,
-                                            self.eps)
-                k, v = cache.update(k, v, i)
-                x = kernel.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
-                                       prompts.group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
-                                       layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias,
-                                       self.eps, tiles)
-                continue
             qkv = layer.qkv(_rms(x, layer.norm1, self.eps, norm)).view(B, S, hq + 2 * hk, D)
             if rope:
                 qk = kernel.rope(qkv, cos, sin, hq + hk)
@@ -243,8 +234,16 @@ class FastLlama:
         B, T = ids.shape
         x = F.embedding(ids.reshape(B * T, 1), self.embed)
         cos, sin = self.rotary(x, positions.reshape(B * T, 1))
-        group = prompts.group.repeat_interleave(T)
+        return self._kernel_layers(x, cos, sin, own_valid, cache, prompts, T).view(B, T, -1)
+
+    def _kernel_layers(self, x, cos, sin, own_valid, cache, prompts: SharedPrompts, T: int) -> torch.Tensor:
+        """A decode step's layers and final norm as two C++ calls per layer around the cache update
+        (decode.cpp's in bf16, avx2.cpp's fp16-weight ones in fp32): the operations of `hidden`'s loop
+        without ~25 Python-dispatched operations per layer. x [B * T, 1, hidden] holds T positions of each
+        of B rows (`verify`; T = 1: a plain step); own_valid [B * T, W + T] bool or None."""
         fp32, hq, hk, D = x.dtype == torch.float32, self.hq, self.hk, self.head_dim
+        B = x.shape[0] // T
+        group = prompts.group if T == 1 else prompts.group.repeat_interleave(T)
         for i, layer in enumerate(self.layers):
             if fp32:
                 q, k, v = avx2.decode_qkv(x, layer.norm1, layer.qkv.f16, layer.qkv.bias, cos, sin, hq, hk, self.eps)
@@ -261,22 +260,7 @@ class FastLlama:
                                        group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
                                        layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias,
                                        self.eps, prompts.tiles[i] if prompts.tiles else None)
-        x = avx2.rms_norm(x, self.norm, self.eps) if fp32 else kernel.rms_norm(x, self.norm, self.eps)
-        return x.view(B, T, -1)
-
-    def _layers_f32(self, x, cos, sin, mask, cache, prompts: SharedPrompts) -> torch.Tensor:
-        """A decode step's layers in fp32, two avx2.cpp calls per layer around the cache update: the
-        operations of `hidden`'s loop, from one C++ call per half layer instead of ~25 torch operations.
-        `mask`: `_mask`'s boolean mask of the rows' own columns, or None."""
-        own_valid = None if mask is None else mask[:, 0, 0]
-        for i, layer in enumerate(self.layers):
-            q, k, v = avx2.decode_qkv(x, layer.norm1, layer.qkv.f16, layer.qkv.bias, cos, sin, self.hq, self.hk,
-                                      self.eps)
-            k, v = cache.update(k, v, i)
-            x = avx2.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
-                                 prompts.group, self.scale, layer.o.f16, layer.o.bias, layer.norm2, layer.gate_up.f16,
-                                 layer.gate_up.bias, layer.down.f16, layer.down.bias, self.eps)
-        return avx2.rms_norm(x, self.norm, self.eps)
+        return avx2.rms_norm(x, self.norm, self.eps) if fp32 else kernel.rms_norm(x, self.norm, self.eps)
 
     def step_weight_bytes(self, rows: int) -> int:
         """Bytes of weights a forward of `rows` rows reads (matmuls and norms; one embedding row each)."""
