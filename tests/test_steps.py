@@ -26,6 +26,13 @@ def s(text, finish="stop"):
     ("Run:\n<code>\n\n</code>", "stop", "malformed", {}),
     ("\\boxed{unbalanced", "eos", "malformed", {}),
     ("<step><step></code></output>\\boxed{}", "eos", "malformed", {}),
+    # a code or output tag in prose: a block closed that was never opened, an output the sandbox never wrote
+    ("Ali has 2 bags of 8 cards each.\n</code>", "stop", "malformed", {"reason": "</code> outside a code block"}),
+    ("The total is 5 * 10 = 50.\n<output>\n100\n</output></step>", "stop", "malformed", {}),
+    ("So it takes 10 minutes.\n</output></step>", "stop", "malformed", {"reason": "</output> outside a code block"}),
+    ("It printed <output>\n9\n</output>\nNow add.\n<code>\nprint(9+1)\n</code>", "stop", "malformed", {}),
+    # an answer stays an answer: it is judged by its value, not its form
+    ("<output>So the answer is 300.</output>", "eos", "answer", {"answer": "300"}),
 ])
 def test_parse_step(text, finish, kind, extra):
     step = parse_step(s(text, finish))
