@@ -95,9 +95,9 @@ _BLOCK_TAGS = (CODE_OPEN, CODE_CLOSE, OUTPUT_OPEN, OUTPUT_CLOSE)
 def stray_tag(text: str) -> str | None:
     """A code or output tag in a step's prose: "x = 5.\n</code>" closes a block never opened, and
     "<output>100</output>" invents what only the sandbox may write. Such a step is malformed. Kept as
-    text, it made a state the policy imitated (on make learn's first problems at N=20, 228 of 570 open
-    text steps), and with a zero head its Q of 0 beat every explored sibling, so MCTS spent its budget
-    deepening such chains instead of looking for a correct path."""
+    text, it made a state the policy imitated (637 of 1732 open text steps in 48 base-model trees of
+    make learn's first problems at N=20), and with a zero head its Q of 0 beat every explored sibling,
+    so MCTS spent its budget deepening such chains instead of looking for a correct path."""
     return next((t for t in _BLOCK_TAGS if t in text), None)
 
 

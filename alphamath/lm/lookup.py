@@ -26,14 +26,8 @@ def draft_length(rows: int, yield_: float, row_cost: float, max_rows: int) -> in
     where yield_ is the tokens accepted per draft position so far and row_cost a query row's cost
     relative to a one-row step (FastLlama.row_cost). Few rows: drafts are nearly free; many rows, or
     text that does not repeat itself (a low yield): none."""
-    best, best_k = 1.0 / (1 + row_cost * (rows - 1)), 0
-    for k in range(1, DRAFT_MAX + 1):
-        if rows * (k + 1) > max_rows:
-            break
-        gain = (1 + yield_ * k) / (1 + row_cost * (rows * (k + 1) - 1))
-        if gain > best:
-            best, best_k = gain, k
-    return best_k
+    k_max = max(0, min(DRAFT_MAX, max_rows // rows - 1))  # rows * (k + 1) <= max_rows
+    return max(range(k_max + 1), key=lambda k: (1 + yield_ * k) / (1 + row_cost * (rows * (k + 1) - 1)))
 
 
 class Lookup:

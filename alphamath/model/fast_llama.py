@@ -178,11 +178,10 @@ class FastLlama:
         mask = self._mask(attention_mask, S, past, input_ids.device)
         fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode.cpp: bf16 with AVX512-BF16
         f32 = prompts is not None and self.layered_f32 and B < self.fp16_below and avx2.usable(x, self.head_dim)
+        own_valid = None if mask is None or prompts is None else mask[:, 0, 0]  # the C++ kernels take it boolean
         if f32 or (fused and rope and self.layered):  # the loop's operations, two C++ calls per layer
-            return self._kernel_layers(x, cos, sin, None if mask is None else mask[:, 0, 0], cache, prompts, 1), cache
-        if fused:
-            own_valid = None if mask is None else mask[:, 0, 0]
-        elif mask is not None:  # SDPA and the shared-prompt flash kernel take it additive, in the KV dtype
+            return self._kernel_layers(x, cos, sin, own_valid, cache, prompts, 1), cache
+        if not fused and mask is not None:  # SDPA and the shared-prompt flash kernel take it additive, in the KV dtype
             mask = self._fold_mask(mask, S, x.dtype)
         hq, hk, D = self.hq, self.hk, self.head_dim
         for i, layer in enumerate(self.layers):
