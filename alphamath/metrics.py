@@ -152,6 +152,7 @@ class ValueReport:
     best_of_n: float | None = None    # share of trees whose highest-valued answer is right
     random_pick: float | None = None  # the same for a uniformly random answer (a constant head)
     majority: float | None = None     # the same for the most frequent answer (self-consistency)
+    oracle: float | None = None       # share of trees holding a right answer: a perfect head's best-of-N
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,14 +163,17 @@ class ValueReport:
                 f"MSE {f(self.mse)} vs constant {f(self.constant_mse)} (ratio {f(self.mse_ratio)}) "
                 f"on {self.steps} steps; ECE {f(self.ece)}; per question: AUC {f(self.within_auc)} "
                 f"({self.within_trees} trees), best-of-N {f(self.best_of_n)} vs random {f(self.random_pick)} "
-                f"and majority {f(self.majority)}")
+                f"and majority {f(self.majority)}, oracle {f(self.oracle)}")
 
 
 def per_question(rows: Sequence[Sequence[tuple[float, bool, str]]]) -> dict:
     """Within-question metrics from each tree's answers as (value, correct, answer text).
 
     Ties are counted in expectation (a random pick among the tied), so a constant head scores
-    best_of_n == random_pick and within_auc 0.5 exactly. Trees without answers are left out."""
+    best_of_n == random_pick and within_auc 0.5 exactly. `oracle`, the share of trees holding a
+    right answer, is the ceiling of any selection rule on the same answers: the gap between it and
+    best_of_n is what a better head could win without a better policy. Trees without answers are
+    left out."""
     rows = [r for r in rows if r]
     aucs = [a for a in (roc_auc([v for v, _, _ in r], [c for _, c, _ in r]) for r in rows) if a is not None]
 
@@ -188,7 +192,8 @@ def per_question(rows: Sequence[Sequence[tuple[float, bool, str]]]) -> dict:
         vote.append(expected_correct([x for g in counts.values() if len(g) == most for x in g]))  # is their mean
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"within_auc": mean(aucs), "within_trees": len(aucs), "best_of_n": mean(best),
-            "random_pick": mean(rand), "majority": mean(vote)}
+            "random_pick": mean(rand), "majority": mean(vote),
+            "oracle": mean([float(any(c for _, c, _ in r)) for r in rows])}
 
 
 def scored_nodes(tree: Tree, outcomes: dict[int, float] | None = None) -> tuple[list[int], list[int]]:

@@ -102,6 +102,7 @@ def test_value_report_scores_states_and_never_reads_stored_rewards():
     assert rep.mse > 0 and rep.mse_ratio < 1.0
     assert [len(rep.per_tree[0]["answers"]), len(rep.per_tree[0]["steps"])] == [3, 4]
     assert rep.within_auc == 1.0 and rep.within_trees == 1 and rep.best_of_n == 1.0 and rep.random_pick < 1.0
+    assert rep.oracle == 1.0
     assert not math.isnan(rep.ece)
 
 
@@ -117,6 +118,7 @@ def test_per_question_metrics_on_hand_built_answers():
     assert m["random_pick"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
     # majority: a -> "8" (wrong); b -> "4" (right); c -> a tie of "1" and "2", both wrong
     assert m["majority"] == pytest.approx(1 / 3)
+    assert m["oracle"] == pytest.approx(2 / 3)  # a and b hold a right answer, c does not
 
 
 def test_a_constant_head_picks_at_random_and_reads_half_within_questions():
@@ -126,5 +128,6 @@ def test_a_constant_head_picks_at_random_and_reads_half_within_questions():
     m = per_question(rows)
     assert m["within_auc"] == 0.5 and m["best_of_n"] == pytest.approx(m["random_pick"])
     assert m["majority"] == pytest.approx((0.0 + 1.0) / 2)
+    assert m["oracle"] == 1.0 and m["best_of_n"] < m["oracle"]  # both trees hold a right answer
     assert per_question([]) == {"within_auc": None, "within_trees": 0, "best_of_n": None,
-                                "random_pick": None, "majority": None}
+                                "random_pick": None, "majority": None, "oracle": None}

@@ -219,7 +219,7 @@ def value_metrics(value, trees) -> dict:
     return {"trees": rep.trees, "auc": rep.auc, "mse": rep.mse, "constant_mse": rep.constant_mse,
             "mse_ratio": rep.mse_ratio, "ece": rep.ece, "steps": rep.steps, "answers": rep.answers,
             "within_auc": rep.within_auc, "best_of_n": rep.best_of_n, "random_pick": rep.random_pick,
-            "majority": rep.majority, "tree_sq": tree_sq}
+            "majority": rep.majority, "oracle": rep.oracle, "tree_sq": tree_sq}
 
 
 def publish_promotion(store, checkpoint_id: str, bootstrap: str | None, topic: str | None = None,
