@@ -38,9 +38,11 @@ from alphamath.model.packed import Linear, fp16_below_rows
 # ~16.5 + 0.5 R ms up to ~40 rows (1 row 16.8, 1 row + 4 drafts 18.3, 5 rows 18.8, + 2 drafts each 24.4,
 # 20 rows 33.5, + 1 each 40.8). fp32 (avx2.cpp's linear_f16 on the same Xeon, s26): 1 row 24.5, + 4 drafts 28.9,
 # 5 rows 28.6, + 2 each 53.8, 20 rows 75.1: ~2.5 ms a row past the first few (a Zen 2, s25: 1 row 16.9 ms,
-# 5 rows 23.1, 20 rows 73.9).
+# 5 rows 23.1, 20 rows 73.9). bf16 without AMX (decode.cpp's vdpbf16ps pairs; a Zen 4, s28: 1 row 9.5 ms,
+# 5 rows 14.3, 10 rows 16.9, 20 rows 24.8, 40 rows 44.1): ~0.8 ms a row, 0.085 of a one-row step, so the
+# AMX figure there made drafts look 3x cheaper than they are.
 VERIFY_ROWS_BF16, VERIFY_ROWS_FP32 = 40, 16
-ROW_COST_BF16, ROW_COST_FP32 = 0.03, 0.1
+ROW_COST_BF16_TILES, ROW_COST_BF16, ROW_COST_FP32 = 0.03, 0.085, 0.1
 
 
 @dataclass
@@ -220,7 +222,9 @@ class FastLlama:
 
     def row_cost(self) -> float:
         """A decode step's cost per query row beyond the first, relative to a one-row step."""
-        return ROW_COST_BF16 if self.embed.dtype == torch.bfloat16 else ROW_COST_FP32
+        if self.embed.dtype != torch.bfloat16:
+            return ROW_COST_FP32
+        return ROW_COST_BF16_TILES if kernel.tiles_on() else ROW_COST_BF16
 
     @torch.inference_mode()
     def verify(self, ids, positions, own_valid, cache, prompts: SharedPrompts) -> torch.Tensor:
