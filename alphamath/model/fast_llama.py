@@ -40,7 +40,7 @@ from alphamath.model.packed import Linear, fp16_below_rows
 # 5 rows 28.6, + 2 each 53.8, 20 rows 75.1: ~2.5 ms a row past the first few (a Zen 2, s25: 1 row 16.9 ms,
 # 5 rows 23.1, 20 rows 73.9). bf16 without AMX (decode.cpp's vdpbf16ps pairs; a Zen 4, s28: 1 row 9.5 ms,
 # 5 rows 14.3, 10 rows 16.9, 20 rows 24.8, 40 rows 44.1): ~0.8 ms a row, 0.085 of a one-row step, so the
-# AMX figure there made drafts look 3x cheaper than they are.
+# AMX figure there made drafts look 3x cheaper than they are (at a yield of 0.35 drafts stop at 6 rows, not 20).
 VERIFY_ROWS_BF16, VERIFY_ROWS_FP32 = 40, 16
 ROW_COST_BF16_TILES, ROW_COST_BF16, ROW_COST_FP32 = 0.03, 0.085, 0.1
 
