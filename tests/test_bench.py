@@ -58,3 +58,18 @@ def test_grpc_bench_in_flight_is_littles_law_and_overhead_is_extra_time_per_prob
     assert in_flight(5.0, 0.0) == 0.0
     assert overhead(40.0, 30.0) == pytest.approx(1 / 3)
     assert overhead(30.0, 30.0) == 0.0
+
+
+def test_grpc_bench_counts_the_tokens_each_kept_step_generated():
+    """bench_grpc's work measure: the token counts of a tree's steps (the root generated none), so two
+    levels whose trees differ compare per unit of work."""
+    from alphamath.steps import Step
+    from alphamath.tree import Tree
+    from tests.bench_grpc import generated_tokens
+
+    tree = Tree(question="q", prompt="p")
+    a = tree.add_child(0, Step(kind="text", text="a"), 0.5, token_count=12)
+    tree.add_child(a.id, Step(kind="answer", text="b", answer="1"), 0.5, token_count=30)
+    tree.add_child(0, Step(kind="text", text="c"), 0.5, token_count=7)
+    assert generated_tokens(tree) == 49
+    assert generated_tokens(Tree(question="q", prompt="p")) == 0
