@@ -770,9 +770,12 @@ def test_verified_drafts_sample_what_one_token_steps_sample(kernel_model_dir, mo
 
     monkeypatch.setattr(_Decoding, "next_draft", oracle)
     lm.reset_cache()
-    # 6 rows: drafts of 1; 3 rows: of 4. The row cost is pinned to AMX's (FastLlama.row_cost): the draft
+    # 6 rows: drafts of 1; 3 rows: of 4. bf16's row cost is pinned to AMX's (FastLlama.row_cost): the draft
     # rule's pricing is not under test here, and without AMX tiles 6 rows would draft nothing
-    lm.draft_rows, lm.row_cost, steps[:], squeezes[:], truth = 16, 0.03, [], [], {}
+    if dtype == "bf16":
+        from alphamath.model.fast_llama import ROW_COST_BF16_TILES
+        lm.row_cost = ROW_COST_BF16_TILES
+    lm.draft_rows, steps[:], squeezes[:], truth = 16, [], [], {}
     drafted = lm.generate(texts, 3, **kw)
     assert 0 < lm.usage.draft_accepted < lm.usage.draft_tokens and len(steps) < plain_steps  # accepted and rejected
     assert squeezes  # the rows ran out of room and were squeezed at least once
