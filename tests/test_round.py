@@ -125,6 +125,42 @@ def test_gate_uses_a_paired_sign_test_and_the_value_head():
     assert not d.promote and "significantly worse than the current head" in d.reasons[-1]
 
 
+def test_the_head_against_the_constant_is_a_paired_test_over_held_out_trees():
+    """Session 27's round 1 (greedy 14 -> 34% on arithmetic) was kept back by an MSE ratio of 1.038
+    on 17 held-out trees. A ratio a few trees explain no longer blocks; a head worse on every tree does."""
+    from tests.fakes import ConstValue
+    from alphamath.steps import Step
+    from alphamath.tree import Tree
+    from search_svc.mcts import backup
+    from trainer_svc.promote import value_metrics
+    ids = [f"p{i}" for i in range(50)]
+    same = {m: {i: n < 10 for n, i in enumerate(ids)} for m in ("greedy", "sbs")}
+    cur = {"greedy_acc": 0.2, "sbs_acc": 0.2, "outcomes": same}
+    trees = "abcdefghijklmnopq"
+    const = {q: 0.40 for q in trees}
+    # 17 trees: worse than the constant on 9, better on 8; ratio above 1 by a few trees' noise
+    noisy = {q: 0.40 + (0.12 if i % 2 == 0 else -0.11) for i, q in enumerate(trees)}
+    value = {"mse": 0.415, "constant_mse": 0.40, "mse_ratio": 1.038, "steps": 300, "auc": 0.7,
+             "tree_sq": noisy, "tree_const_sq": const}
+    zero = {"mse": 2.6, "constant_mse": 0.40, "mse_ratio": 6.5, "steps": 300, "auc": 0.5,
+            "tree_sq": {q: 2.6 for q in trees}, "tree_const_sq": const}
+    d = gate({**cur, "value": value}, {**cur, "value": zero})
+    assert d.promote and "within noise on 17 trees" in d.reasons[-1]
+    worse = {**value, "tree_sq": {q: 0.45 + 0.001 * i for i, q in enumerate(trees)}, "mse_ratio": 1.13}
+    d = gate({**cur, "value": worse}, {**cur, "value": zero})
+    assert not d.promote and "significantly worse than the constant predictor on 17" in d.reasons[-1]
+    # value_metrics gives each tree's error of the best constant beside the head's
+    t = Tree(question="q", prompt="P<step>", ground_truth="7", question_id="q1")
+    right = t.add_child(0, Step("so \\boxed{7}", "answer", answer="7"), 0.5)
+    wrong = t.add_child(0, Step("so \\boxed{5}", "answer", answer="5"), 0.5)
+    for n, ok in ((right, True), (wrong, False)):
+        n.terminal_reason, n.correct = "answer", ok
+        backup(t, n.id, 1.0 if ok else -1.0)
+    m = value_metrics(ConstValue(0.5), [t])
+    # targets +1 and -1: the best constant is 0 (error 1 each); the head's 0.5 errs 0.25 and 2.25
+    assert m["tree_const_sq"] == {"q1": 1.0} and m["tree_sq"] == {"q1": 1.25}
+
+
 def test_gate_tests_each_named_set_as_well_as_the_pool():
     """Session 13's round 2: pooled greedy 19 -> 12 of 100 (5 won, 12 lost, one-sided p 0.072)
     passed, while the hand-written set fell 5 -> 0 of 50 (0 won, 5 lost, p 1/32 = 0.031)."""
