@@ -291,7 +291,8 @@ def run(cfg: LearnConfig, say=print) -> dict:
         # the checkpoint in force (the base of this round) never trained on this round's fresh trees
         prev = [r for r in report["rows"] if r["checkpoint"] == rep.base][-1]
         base_engine = load_engine(base_path, cfg.dtype)
-        prev["value_next"] = {k: v for k, v in value_metrics(base_engine.value, trees).items() if k != "tree_sq"}
+        prev["value_next"] = {k: v for k, v in value_metrics(base_engine.value, trees).items()
+                              if k not in ("tree_sq", "tree_const_sq")}
         del base_engine
         outcomes = dict(rep.after["outcomes"])
         if cfg.zero_head_every_round or rnd == cfg.rounds:  # the candidate is loaded only for this
