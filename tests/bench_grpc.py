@@ -109,15 +109,20 @@ class InProcess:
         self.sandbox.close()
 
 
-def through_grpc(addr: str, problems, concurrency: int, busy: list | None = None) -> tuple[float, list]:
-    """Wall seconds and answers of Solve calls at this concurrency; each call's seconds go to `busy`."""
+def through_grpc(addr: str, problems, concurrency: int, busy: list | None = None,
+                 tokens: list | None = None) -> tuple[float, list]:
+    """Wall seconds and answers of Solve calls at this concurrency; each call's seconds go to `busy`,
+    and with `tokens` each tree's generated tokens go there (the call then asks for the tree)."""
     from app.client import solve
 
     def one(p):
         t0 = time.perf_counter()
-        r = solve(addr, p.question, METHOD, PARAMS, timeout_s=1800, ground_truth=p.answer, question_id=p.id)
+        r = solve(addr, p.question, METHOD, PARAMS, timeout_s=1800, ground_truth=p.answer, question_id=p.id,
+                  include_tree=tokens is not None)
         if busy is not None:
             busy.append(time.perf_counter() - t0)
+        if tokens is not None:
+            tokens.append(response_tokens(r))
         return r
 
     start = time.perf_counter()
@@ -130,6 +135,15 @@ def generated_tokens(tree) -> int:
     """Tokens the policy generated for a tree's steps (each kept sample's token count): the work a
     search did, which differs between runs whose batches round differently."""
     return sum(n.token_count for n in tree.nodes)
+
+
+def response_tokens(resp) -> int:
+    """generated_tokens of the tree a Solve response carries (include_tree), so that the stack's
+    levels, whose trees differ from the in-process ones, also compare per unit of work."""
+    from alphamath.tree import Tree
+    if not resp.tree.HasField("tree_json"):
+        raise ValueError("the Solve response carries no tree: ask with include_tree")
+    return generated_tokens(Tree.from_json(resp.tree.tree_json))
 
 
 def in_flight(busy_s: float, wall_s: float) -> float:
@@ -183,18 +197,19 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
             # Concurrency 1, interleaved problem by problem so that load from other processes on
             # this machine hits both paths alike.
             t_in = t_grpc = 0.0
-            tokens_in, same = 0, True
+            tokens_in, tokens_grpc, same = 0, [], True
             for prob in problems[: counts[1]]:
                 secs, (a_in,) = inproc.solve([prob], 1)
                 t_in += secs
                 tokens_in += inproc.tokens
-                secs_g, (a_g,) = through_grpc(addr, [prob], 1)
+                secs_g, (a_g,) = through_grpc(addr, [prob], 1, tokens=tokens_grpc)
                 t_grpc += secs_g
                 same &= a_in == a_g
                 print(f"  {prob.id}: in-process {secs:6.1f} s   gRPC {secs_g:6.1f} s", file=sys.stderr)
             out["inproc_c1_ppm"] = counts[1] / t_in * 60
             out["inproc_c1_tok_s"] = tokens_in / t_in
             out["grpc_c1_ppm"] = counts[1] / t_grpc * 60
+            out["grpc_c1_tok_s"] = sum(tokens_grpc) / t_grpc
             out["same_answers_c1"] = float(same)
             for c in LEVELS[1:]:
                 cold_start()
@@ -202,9 +217,10 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
                 out[f"inproc_c{c}_ppm"] = counts[c] / secs * 60
                 out[f"inproc_c{c}_in_flight"] = in_flight(inproc.busy, secs)
                 out[f"inproc_c{c}_tok_s"] = inproc.tokens / secs
-                busy: list = []
-                secs_g, _ = through_grpc(addr, problems[: counts[c]], c, busy)
+                busy, tokens_grpc = [], []
+                secs_g, _ = through_grpc(addr, problems[: counts[c]], c, busy, tokens_grpc)
                 out[f"grpc_c{c}_ppm"] = counts[c] / secs_g * 60
+                out[f"grpc_c{c}_tok_s"] = sum(tokens_grpc) / secs_g
                 out[f"grpc_c{c}_in_flight"] = in_flight(sum(busy), secs_g)
                 print(f"  concurrency {c}: {counts[c]} problems in {secs:.1f} s in-process, {secs_g:.1f} s gRPC",
                       file=sys.stderr)
@@ -221,15 +237,17 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
     out["grpc_speedup_c16_over_c1"] = out["grpc_c16_ppm"] / out["grpc_c1_ppm"]
     out["inproc_speedup_c16_over_c1"] = out["inproc_c16_ppm"] / out["inproc_c1_ppm"]
     out["inproc_tok_speedup_c16_over_c1"] = out["inproc_c16_tok_s"] / out["inproc_c1_tok_s"]
+    out["grpc_tok_speedup_c16_over_c1"] = out["grpc_c16_tok_s"] / out["grpc_c1_tok_s"]
     print(f"\n== gRPC stack vs in-process, both with separate policy and value models ({METHOD} {PARAMS}, gsm8k dev) ==")
     print("| concurrency | problems | in-process problems/min | gRPC stack problems/min | stack overhead "
-          "| problems in flight on average, in-process / stack | in-process generated tokens/s |")
+          "| problems in flight on average, in-process / stack | generated tokens/s, in-process / stack |")
     print("|---|---|---|---|---|---|---|")
     for c in LEVELS:
         flight = (f"{out[f'inproc_c{c}_in_flight']:.1f} / {out[f'grpc_c{c}_in_flight']:.1f}"
                   if f"inproc_c{c}_in_flight" in out else "1 / 1")
         print(f"| {c} | {counts[c]} | {out[f'inproc_c{c}_ppm']:.2f} | {out[f'grpc_c{c}_ppm']:.2f} | "
-              f"{out[f'grpc_overhead_c{c}'] * 100:+.1f}% | {flight} | {out[f'inproc_c{c}_tok_s']:.1f} |")
+              f"{out[f'grpc_overhead_c{c}'] * 100:+.1f}% | {flight} | {out[f'inproc_c{c}_tok_s']:.1f} / "
+              f"{out[f'grpc_c{c}_tok_s']:.1f} |")
     services = ", ".join(f"{k[6:-7]} {v:.0f}" for k, v in out.items()
                          if k.startswith("stack_") and k.endswith("_rss_mb") and k != "stack_rss_mb")
     print(f"peak RSS MB: in-process {out['inproc_rss_mb']:.0f}; stack {out['stack_rss_mb']:.0f} ({services})")
@@ -239,7 +257,8 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
           f"{'met' if ok1 else 'NOT met'}); same answers as in-process: {bool(out['same_answers_c1'])}")
     print(f"throughput 16 vs 1: stack {out['grpc_speedup_c16_over_c1']:.2f}x (target >= 3x: "
           f"{'met' if ok16 else 'NOT met'}), in-process {out['inproc_speedup_c16_over_c1']:.2f}x; "
-          f"in-process per generated token {out['inproc_tok_speedup_c16_over_c1']:.2f}x")
+          f"per generated token: stack {out['grpc_tok_speedup_c16_over_c1']:.2f}x, in-process "
+          f"{out['inproc_tok_speedup_c16_over_c1']:.2f}x")
     for k, v in out.items():
         if callable(report):
             report(k, v)

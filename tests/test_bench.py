@@ -73,3 +73,21 @@ def test_grpc_bench_counts_the_tokens_each_kept_step_generated():
     tree.add_child(0, Step(kind="text", text="c"), 0.5, token_count=7)
     assert generated_tokens(tree) == 49
     assert generated_tokens(Tree(question="q", prompt="p")) == 0
+
+
+def test_the_stacks_tokens_come_from_the_tree_its_solve_response_carries():
+    """The stack's levels count their work as the in-process ones do: from the tree the Solve
+    response carries (include_tree), and a response without one is an error, not zero work."""
+    import pytest
+
+    from alphamath.steps import Step
+    from alphamath.tree import Tree
+    from search_svc.server import response_from_tree
+    from tests.bench_grpc import response_tokens
+
+    tree = Tree(question="q", prompt="p", question_id="q1")
+    a = tree.add_child(0, Step(kind="text", text="a"), 0.5, token_count=12)
+    tree.add_child(a.id, Step(kind="answer", text="b", answer="1"), 0.5, token_count=30)
+    assert response_tokens(response_from_tree(tree, "sbs", True, 1.0)) == 42
+    with pytest.raises(ValueError, match="include_tree"):
+        response_tokens(response_from_tree(tree, "sbs", False, 1.0))
