@@ -139,34 +139,39 @@ def _paired(candidate: dict, current: dict, method: str,
     return ([bool(a[i]) for i in keep], [bool(b[i]) for i in keep]) if keep else None
 
 
+def _excess(errors: dict, other: dict, confidence: float) -> tuple[int, dict | None]:
+    """Paired bootstrap of the candidate's per-tree squared error over `other`'s, on the trees both
+    have: (trees compared, the interval; None where they share none)."""
+    from alphamath.metrics import paired_bootstrap
+    trees = sorted(set(errors) & set(other))
+    if not trees:
+        return 0, None
+    return len(trees), paired_bootstrap([errors[q] for q in trees], [other[q] for q in trees],
+                                        resamples=2000, confidence=confidence)
+
+
 def value_gate(candidate: dict, current: dict, alpha: float = ALPHA) -> tuple[bool, str]:
     """Candidate head vs the constant predictor and vs the current head on the same held-out trees:
     it fails only where its per-tree squared error is significantly higher (paired bootstrap)."""
     c, b = candidate["value"], current["value"]
     if c.get("mse_ratio") is None:
         return True, "value: no held-out step to judge the head on (not gated)"
-    from alphamath.metrics import paired_bootstrap
     text = (f"value: MSE {c['mse']:.4f} vs current {b.get('mse') or 0:.4f}, constant {c['constant_mse']:.4f} "
             f"(ratio {c['mse_ratio']:.3f}), AUC {c.get('auc')} vs {b.get('auc')}")
     confidence = 1 - 2 * alpha if alpha < 0.5 else 0.0
-    cs, ks = c.get("tree_sq") or {}, c.get("tree_const_sq") or {}
-    trees = sorted(set(cs) & set(ks))
-    if trees:
-        r = paired_bootstrap([cs[q] for q in trees], [ks[q] for q in trees], resamples=2000, confidence=confidence)
-        if r["lo"] > 0:
-            return False, text + (f"; significantly worse than the constant predictor on {len(trees)} held-out "
-                                  f"trees ({confidence:.0%} CI of the excess [{r['lo']:.4f}, {r['hi']:.4f}])")
-        if c["mse_ratio"] >= 1.0:
-            text += f"; not better than the constant, but within noise on {len(trees)} trees (CI lo {r['lo']:.4f})"
-    elif c["mse_ratio"] >= 1.0:
+    cs = c.get("tree_sq") or {}
+    n, r = _excess(cs, c.get("tree_const_sq") or {}, confidence)
+    if r is None and c["mse_ratio"] >= 1.0:
         return False, (f"value: MSE {c['mse']:.4f} is no better than the constant predictor's "
                        f"{c['constant_mse']:.4f} (ratio {c['mse_ratio']:.3f}) on {c['steps']} held-out steps")
-    bs = b.get("tree_sq") or {}
-    common = sorted(set(cs) & set(bs))
-    if common:
-        r = paired_bootstrap([cs[q] for q in common], [bs[q] for q in common], resamples=2000, confidence=confidence)
-        if r["lo"] > 0:
-            return False, text + f"; significantly worse than the current head ({confidence:.0%} CI of the excess [{r['lo']:.4f}, {r['hi']:.4f}])"
+    if r is not None and r["lo"] > 0:
+        return False, text + (f"; significantly worse than the constant predictor on {n} held-out "
+                              f"trees ({confidence:.0%} CI of the excess [{r['lo']:.4f}, {r['hi']:.4f}])")
+    if r is not None and c["mse_ratio"] >= 1.0:
+        text += f"; not better than the constant, but within noise on {n} trees (CI lo {r['lo']:.4f})"
+    _, r = _excess(cs, b.get("tree_sq") or {}, confidence)
+    if r is not None and r["lo"] > 0:
+        return False, text + f"; significantly worse than the current head ({confidence:.0%} CI of the excess [{r['lo']:.4f}, {r['hi']:.4f}])"
     return True, text + " (ok)"
 
 
@@ -224,15 +229,15 @@ def gate(candidate: dict, current: dict, threshold: float = THRESHOLD, metrics: 
 def value_metrics(value, trees) -> dict:
     """What the gate needs of a head on held-out trees: value_report's summary plus each tree's
     mean squared error against the value target (for the paired comparison)."""
-    from alphamath.metrics import value_report
+    from alphamath.metrics import mse, value_report
     from search_svc.engine import default_checker
     rep = value_report(trees, value, check=default_checker())
     tree_sq, tree_const_sq = {}, {}
     for row in rep.per_tree:
         if row["steps"]:
-            q, n = row["question_id"], len(row["steps"])
-            tree_sq[q] = sum((p - t) ** 2 for p, t in row["steps"]) / n
-            tree_const_sq[q] = sum((rep.constant - t) ** 2 for _, t in row["steps"]) / n
+            pred, target = zip(*row["steps"])
+            tree_sq[row["question_id"]] = mse(pred, target)
+            tree_const_sq[row["question_id"]] = mse([rep.constant] * len(target), target)
     return {"trees": rep.trees, "auc": rep.auc, "mse": rep.mse, "constant_mse": rep.constant_mse,
             "mse_ratio": rep.mse_ratio, "ece": rep.ece, "steps": rep.steps, "answers": rep.answers,
             "within_auc": rep.within_auc, "best_of_n": rep.best_of_n, "random_pick": rep.random_pick,
