@@ -90,14 +90,14 @@ def test_a_head_that_declares_itself_constant_is_judged_without_a_forward_pass()
     scored, fixed = ConstValue(-0.3), ConstValue(-0.3)
     fixed.constant = -0.3  # as LocalValue says of a head whose weights are all zero
     a, b = value_report([_tree()], scored), value_report([_tree()], fixed)
-    assert scored.calls == 4 and fixed.calls == 0
+    assert scored.calls == 5 and fixed.calls == 0  # 4 states, after the root (scored first for its cache)
     assert (a.auc, a.mse, a.mse_ratio, a.per_tree) == (b.auc, b.mse, b.mse_ratio, b.per_tree)
 
 
 def test_value_report_scores_states_and_never_reads_stored_rewards():
     oracle = ConstValue(-0.5, by_text={"boxed{7}": 0.9})
     rep = value_report([_tree()], oracle)
-    assert rep.auc == 1.0 and oracle.calls == 4  # every answer and visited step scored afresh
+    assert rep.auc == 1.0 and oracle.calls == 5  # every answer and visited step scored afresh, after the root
     # a head that predicts each stored reward would have MSE 0 at the answers; this one does not
     assert rep.mse > 0 and rep.mse_ratio < 1.0
     assert [len(rep.per_tree[0]["answers"]), len(rep.per_tree[0]["steps"])] == [3, 4]
@@ -131,3 +131,45 @@ def test_a_constant_head_picks_at_random_and_reads_half_within_questions():
     assert m["oracle"] == 1.0 and m["best_of_n"] < m["oracle"]  # both trees hold a right answer
     assert per_question([]) == {"within_auc": None, "within_trees": 0, "best_of_n": None,
                                 "random_pick": None, "majority": None, "oracle": None}
+
+
+def test_value_report_computes_each_token_of_a_tree_once(tiny_model_dir):
+    """On the prefix-cached engine, value_report scores parents before children, so the question's
+    prompt and each step are computed once, and every value equals that state scored on its own."""
+    import torch
+
+    from alphamath.lm import LocalLM
+    from alphamath.local import LocalValue
+    from alphamath.steps import render_prompt
+
+    def engine():
+        lm = LocalLM(tiny_model_dir, dtype="fp32")
+        torch.manual_seed(0)
+        torch.nn.init.normal_(lm.model.value_head.weight, std=0.5)  # a head that says something
+        return lm
+
+    lm = engine()
+    t = Tree(question="Ann has 3 apples and buys 4 more. How many?", ground_truth="7", question_id="q1",
+             prompt=render_prompt("Ann has 3 apples and buys 4 more. How many?", lm.tokenizer))
+    a = t.add_child(0, Step("Ann starts with 3 apples and buys 4 more.", "text"), 0.5)
+    b = t.add_child(0, Step("We add the apples.", "text"), 0.5)
+    a2 = t.add_child(a.id, Step("She now has 3 + 4 apples.", "text"), 0.5)
+    leaves = [(t.add_child(a2.id, Step("So \\boxed{7}", "answer", answer="7"), 0.5), True),
+              (t.add_child(a2.id, Step("So \\boxed{8}", "answer", answer="8"), 0.5), False),
+              (t.add_child(b.id, Step("Thus \\boxed{12}", "answer", answer="12"), 0.5), False)]
+    for n, ok in leaves:
+        n.terminal_reason, n.correct = "answer", ok
+        backup(t, n.id, 1.0 if ok else -1.0)
+
+    rep = value_report([t], LocalValue(lm))
+    scored = [n.id for n in t.nodes[1:]]
+    unique = len(lm.encode(t.state(0))) + sum(
+        len(lm.encode(t.state(i))) - len(lm.encode(t.state(t.nodes[i].parent))) for i in scored)
+    assert unique > 300 and rep.steps == len(scored)  # the prompt dominates: recomputing it would show
+    assert lm.usage.prefill_tokens <= unique + len(scored)  # a token per state where text joins a step
+
+    alone = engine()  # each state on an empty cache
+    got = dict(zip(scored, (v for v, _ in rep.per_tree[0]["steps"])))  # steps: every visited node, by id
+    for i in scored:
+        alone.cache.clear()
+        assert alone.score([t.state(i)])[0] == pytest.approx(got[i], abs=1e-4)
