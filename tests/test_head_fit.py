@@ -117,3 +117,26 @@ def test_the_probe_judges_a_head_fit_on_one_set_of_questions_on_another():
     assert r["auc"] > 0.95 and r["mse_ratio"] < 0.1  # the signal carries across questions
     test.x = test.x[torch.randperm(len(test.y), generator=torch.Generator().manual_seed(0))]  # features scrambled
     assert split(train, test, balanced=False)["mse_ratio"] > 1.0
+
+
+def test_features_cost_the_same_when_the_lineage_outgrows_the_cache(tiny_model_dir):
+    """Questions a few at a time: every state still finds its prompt and parent cached when all the
+    questions' tokens are many times what the prefix cache holds (a lineage at the default budget),
+    so a small cache computes what an unbounded one does."""
+    from alphamath.lm import LocalLM
+    from alphamath.steps import render_prompt
+
+    def features(max_cached_tokens):
+        lm = LocalLM(tiny_model_dir, dtype="fp32", max_cached_tokens=max_cached_tokens)
+        trees = []
+        for i in range(12):
+            t = make_tree(f"q{i}", answers=("4", str(i + 5), str(i + 20)))
+            t.prompt = render_prompt(f"Tom has {i} pens and buys {i + 2} more. How many does he have?", lm.tokenizer)
+            trees.append(t)
+        f = step_features(lm, [e for t in trees for e in extract_examples(t)], chunk=4)
+        return f, lm.usage.prefill_tokens, len(lm.encode(trees[0].prompt))
+
+    (small, computed, prompt), (big, needed, _) = features(600), features(10**6)
+    assert len(small.keys) == 12 * 4 and small.keys == big.keys and torch.allclose(small.x, big.x, atol=1e-5)
+    assert 12 * prompt > 600 * 5  # the prompts alone are five times what the small cache holds
+    assert computed <= needed + prompt  # at most the shared instructions once more (one pass by depth: 1.7x)

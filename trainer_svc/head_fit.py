@@ -47,9 +47,12 @@ def step_features(lm, examples: Sequence, weights: Sequence[float] | None = None
     """The value head's input at every distinct state of `examples`' paths (trainer_svc.examples.Example),
     read by the serving engine (alphamath.lm.LocalLM.features): the head is fit on exactly the
     numbers `score` will apply it to, state by state as inference tokenizes them. A state shared by
-    several paths (a common prefix) is one row per question. Prompts go first, then states by depth,
-    so every state finds its parent in the prefix cache: a tree's prompt and shared steps are
-    computed once, not once per path as a forward of each path would."""
+    several paths (a common prefix) is one row per question. A few questions at a time (about
+    `chunk` states), their prompts go first, then their states by depth, so every state finds its
+    parent in the prefix cache: a tree's prompt and shared steps are computed once, not once per
+    path as a forward of each path would. One pass by depth over all questions did that only while
+    the whole lineage fit in the cache: a lineage's states are far more tokens than the cache holds
+    at the default memory budget, so prompts and parents were evicted before their children came."""
     from alphamath.steps import STEP_OPEN
 
     weights = [1.0] * len(examples) if weights is None else list(weights)
@@ -62,13 +65,28 @@ def step_features(lm, examples: Sequence, weights: Sequence[float] | None = None
                              ex.steps[k])
     if not rows:
         raise ValueError("no step in any example")
-    prompts = list(dict.fromkeys(ex.prompt for ex in examples))
-    for i in range(0, len(prompts), chunk):
-        lm.features(prompts[i:i + chunk])
-    keys = sorted(rows, key=lambda k: rows[k][0])  # parents before children (stable: first-seen order)
+    prompts: dict[str, dict[str, None]] = {}  # question -> its distinct prompts
+    members: dict[str, list[str]] = {}  # question -> its states' keys
+    for ex in examples:
+        prompts.setdefault(ex.question_id, {})[ex.prompt] = None
+    for key, row in rows.items():
+        members.setdefault(row[4], []).append(key)
+    keys: list[str] = []
     xs = []
-    for i in range(0, len(keys), chunk):
-        xs.append(lm.features([rows[k][1] for k in keys[i:i + chunk]]))
+    block: list[str] = []
+    for n, q in enumerate(members, 1):
+        block.append(q)
+        if sum(len(members[b]) for b in block) < chunk and n < len(members):
+            continue
+        ps = [p for b in block for p in prompts[b]]
+        for i in range(0, len(ps), chunk):
+            lm.features(ps[i:i + chunk])
+        for depth in sorted({rows[k][0] for b in block for k in members[b]}):
+            level = [k for b in block for k in members[b] if rows[k][0] == depth]
+            for i in range(0, len(level), chunk):
+                xs.append(lm.features([rows[k][1] for k in level[i:i + chunk]]))
+                keys.extend(level[i:i + chunk])
+        block = []
     col = lambda j: [rows[k][j] for k in keys]  # noqa: E731
     return Features(torch.cat(xs), torch.tensor(col(2), dtype=torch.float32), torch.tensor(col(3), dtype=torch.float32),
                     col(4), col(5), keys)
