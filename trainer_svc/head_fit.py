@@ -12,6 +12,7 @@ only learns jointly with the policy.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -74,19 +75,22 @@ def step_features(lm, examples: Sequence, weights: Sequence[float] | None = None
     keys: list[str] = []
     xs = []
     block: list[str] = []
+    size = 0  # states in the block
     for n, q in enumerate(members, 1):
         block.append(q)
-        if sum(len(members[b]) for b in block) < chunk and n < len(members):
+        size += len(members[q])
+        if size < chunk and n < len(members):
             continue
         ps = [p for b in block for p in prompts[b]]
         for i in range(0, len(ps), chunk):
             lm.features(ps[i:i + chunk])
-        for depth in sorted({rows[k][0] for b in block for k in members[b]}):
-            level = [k for b in block for k in members[b] if rows[k][0] == depth]
+        by_depth = sorted((k for b in block for k in members[b]), key=lambda k: rows[k][0])  # stable
+        for _, level in itertools.groupby(by_depth, key=lambda k: rows[k][0]):
+            level = list(level)
             for i in range(0, len(level), chunk):
                 xs.append(lm.features([rows[k][1] for k in level[i:i + chunk]]))
                 keys.extend(level[i:i + chunk])
-        block = []
+        block, size = [], 0
     col = lambda j: [rows[k][j] for k in keys]  # noqa: E731
     return Features(torch.cat(xs), torch.tensor(col(2), dtype=torch.float32), torch.tensor(col(3), dtype=torch.float32),
                     col(4), col(5), keys)
