@@ -154,6 +154,8 @@ class ValueReport:
     random_pick: float | None = None  # the same for a uniformly random answer (a constant head)
     majority: float | None = None     # the same for the most frequent answer (self-consistency)
     oracle: float | None = None       # share of trees holding a right answer: a perfect head's best-of-N
+    question_ratio: float | None = None  # the MSE ratio of a head that knew each tree's mean target and
+                                         # nothing within a tree: what ranking questions alone can reach
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,7 +166,22 @@ class ValueReport:
                 f"MSE {f(self.mse)} vs constant {f(self.constant_mse)} (ratio {f(self.mse_ratio)}) "
                 f"on {self.steps} steps; ECE {f(self.ece)}; per question: AUC {f(self.within_auc)} "
                 f"({self.within_trees} trees), best-of-N {f(self.best_of_n)} vs random {f(self.random_pick)} "
-                f"and majority {f(self.majority)}, oracle {f(self.oracle)}")
+                f"and majority {f(self.majority)}, oracle {f(self.oracle)}; a head that knew only each "
+                f"question's mean target: ratio {f(self.question_ratio)}")
+
+
+def question_ratio(per_tree_targets: Sequence[Sequence[float]]) -> float | None:
+    """MSE of predicting every step by its own tree's mean target, over the constant predictor's:
+    the share of the targets' variance that lies within questions. A head can go below it only by
+    telling a question's good steps from its bad ones; knowing which questions are easy, however
+    well, stops there (round 1 of `make learn` at 96 problems: 0.835, so an MSE ratio of 0.8 is out
+    of reach of difficulty alone, session 31). None without targets; 1.0 when they are all equal."""
+    flat = [y for ys in per_tree_targets for y in ys]
+    if not flat:
+        return None
+    _, cm = constant_predictor(flat)
+    within = sum(mse([sum(ys) / len(ys)] * len(ys), ys) * len(ys) for ys in per_tree_targets if ys) / len(flat)
+    return within / cm if cm else 1.0
 
 
 def per_question(rows: Sequence[Sequence[tuple[float, bool, str]]]) -> dict:
@@ -264,6 +281,7 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
     return ValueReport(trees=n_trees, answers=len(preds_a), answers_correct=sum(labels_a), auc=auc,
                        steps=len(preds_s), mse=m, constant=c, constant_mse=cm, mse_ratio=ratio,
                        ece=expected_calibration_error(rel), reliability=rel, per_tree=per_tree,
+                       question_ratio=question_ratio([[y for _, y in row["steps"]] for row in per_tree]),
                        **per_question([row["answers"] for row in per_tree]))
 
 

@@ -86,6 +86,17 @@ def test_value_report_of_a_zero_head_reads_auc_half_and_ratio_at_least_one():
     assert rep.constant_mse == pytest.approx(constant_predictor(targets)[1])
 
 
+def test_question_ratio_is_the_share_of_the_targets_variance_within_trees():
+    from alphamath.metrics import question_ratio
+    # mean -0.5: constant MSE (2.25 + 3 * 0.25) / 4 = 0.75; within the trees (1 + 1 + 0 + 0) / 4 = 0.5
+    assert question_ratio([[1.0, -1.0], [-1.0, -1.0]]) == pytest.approx(0.5 / 0.75)
+    assert question_ratio([[0.5], [-0.5], [1.0, 1.0]]) == 0.0  # nothing varies within a tree
+    assert question_ratio([[1.0, -1.0, 0.0]]) == pytest.approx(1.0)  # one tree: all of it is within
+    assert question_ratio([[-1.0, -1.0], [-1.0]]) == 1.0 and question_ratio([[], []]) is None
+    rep = value_report([_tree(), _tree()], ConstValue(0.0))  # two copies of one tree: nothing between them
+    assert rep.question_ratio == pytest.approx(1.0)
+
+
 def test_a_head_that_declares_itself_constant_is_judged_without_a_forward_pass():
     scored, fixed = ConstValue(-0.3), ConstValue(-0.3)
     fixed.constant = -0.3  # as LocalValue says of a head whose weights are all zero

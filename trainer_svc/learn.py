@@ -193,7 +193,7 @@ def table(report: dict) -> str:
     def num(v):
         return "  n/a" if v is None else f"{v:5.3f}"
     head = (f"{'round':<6}{'checkpoint':<22}{'arith g':>8}{'sbs':>6}{'sbs0':>6}{'hand g':>8}{'sbs':>6}{'sbs0':>6}"
-            f"{'AUC':>7}{'AUC/q':>7}{'MSE/c':>7}{'cover':>7}  promoted")
+            f"{'AUC':>7}{'AUC/q':>7}{'MSE/c':>7}{'q-only':>7}{'cover':>7}  promoted")
     lines = [head]
     for r in report["rows"]:
         a, v = r["acc"], r.get("value_next") or r.get("value_held") or {}
@@ -201,6 +201,7 @@ def table(report: dict) -> str:
         lines.append(f"{r['round']:<6}{r['checkpoint'][:21]:<22}{pct(a.get('arith_greedy')):>8}{pct(a.get('arith_sbs')):>6}"
                      f"{pct(a.get('arith_sbs_zero')):>6}{pct(a.get('hand_greedy')):>8}{pct(a.get('hand_sbs')):>6}"
                      f"{pct(a.get('hand_sbs_zero')):>6}{num(v.get('auc')):>7}{num(v.get('within_auc')):>7}{num(v.get('mse_ratio')):>7}"
+                     f"{num(v.get('question_ratio')):>7}"
                      f"{pct(cov):>7}  {r.get('promoted', '')}")
     lines.append("paired, all held-out problems (exact sign test, two-sided p):")
     lines += [f"  round {c['round']}: {c['a']} vs {c['b']}: {c['points']:+.1f} points "

@@ -241,7 +241,7 @@ def value_metrics(value, trees) -> dict:
     return {"trees": rep.trees, "auc": rep.auc, "mse": rep.mse, "constant_mse": rep.constant_mse,
             "mse_ratio": rep.mse_ratio, "ece": rep.ece, "steps": rep.steps, "answers": rep.answers,
             "within_auc": rep.within_auc, "best_of_n": rep.best_of_n, "random_pick": rep.random_pick,
-            "majority": rep.majority, "oracle": rep.oracle, "tree_sq": tree_sq,
+            "majority": rep.majority, "oracle": rep.oracle, "question_ratio": rep.question_ratio, "tree_sq": tree_sq,
             "tree_const_sq": tree_const_sq}
 
 
