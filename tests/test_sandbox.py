@@ -497,3 +497,30 @@ def test_an_error_is_still_named_when_the_code_broke_traceback(runsc):
     r = runsc.execute(["import builtins\ndef no(*a, **k):\n    raise ImportError('no imports')\n"
                        "builtins.__import__ = no\nraise KeyError('k')"])
     assert r.error == "KeyError" and r.stdout == ""
+
+
+def test_a_run_that_ended_before_a_passed_deadline_is_read_not_timed_out():
+    """The executor's host-side deadline counts wall time this process may not have run (paused
+    with SIGSTOP, or starved): output already written when it looks is the run's, not a timeout."""
+    from alphamath.sandbox.executor import _Box, _read_until, _wait_line
+
+    out_r, out_w = socket.socketpair()
+    err_r, err_w = socket.socketpair()
+    out_w.sendall(b"42\n")
+    err_w.sendall(b'{"exit": 0}\n')
+    out_w.close()
+    err_w.close()
+    box = _Box(id="b", proc=None, bundle=None, status=bytearray(), io=(None, out_r, err_r))
+    assert _read_until(box, time.monotonic() - 5.0, want_ready=False, stdout_cap=1024) == (b"42\n", "eof")
+    assert bytes(box.status) == b'{"exit": 0}\n'
+
+    idle_r, idle_w = socket.socketpair()  # a run still going when its deadline passed: a timeout
+    box = _Box(id="c", proc=None, bundle=None, status=bytearray(), io=(None, idle_r, idle_w))
+    assert _read_until(box, time.monotonic() - 5.0, want_ready=False, stdout_cap=1024) == (b"", "timeout")
+
+    a, b = socket.socketpair()
+    b.sendall(b"up\n")
+    assert _wait_line(a, b"up\n", time.monotonic() - 5.0)  # the line was there: not a timeout
+    assert not _wait_line(a, b"READY\n", time.monotonic() - 5.0)  # nothing more came
+    for s in (out_r, err_r, idle_r, idle_w, a, b):
+        s.close()

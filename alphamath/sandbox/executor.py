@@ -748,10 +748,9 @@ def _wait_line(stream: socket.socket, line: bytes, deadline: float) -> bool:
     seen = b""
     stream.setblocking(True)
     while line not in seen:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        stream.settimeout(remaining)
+        # A passed deadline still reads what has arrived (a timeout of 0 polls): the process may not
+        # have run while the sandbox answered (a paused or starved host), and that is not a timeout.
+        stream.settimeout(max(0.0, deadline - time.monotonic()))
         try:
             chunk = stream.recv(256)
         except (socket.timeout, OSError):
@@ -781,10 +780,15 @@ def _read_until(box: _Box, deadline: float, want_ready: bool, stdout_cap: int):
         sel.register(stream, selectors.EVENT_READ, tag)
     try:
         while sel.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            # Past the deadline, poll: what the sandbox wrote before it is read, and only a run with
+            # nothing left to read is a timeout. Checking the clock first called a run that finished
+            # in time a timeout whenever this process had not run for a while (a host paused with
+            # SIGSTOP, or starved), and discarded its output.
+            remaining = max(0.0, deadline - time.monotonic())
+            events = sel.select(remaining)
+            if not events and remaining == 0.0:
                 return bytes(out), "timeout"
-            for key, _ in sel.select(remaining):
+            for key, _ in events:
                 try:
                     chunk = os.read(key.fileobj.fileno(), 65536)
                 except BlockingIOError:
