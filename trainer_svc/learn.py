@@ -42,7 +42,7 @@ class LearnConfig:
     rounds: int = 3
     k: int = 96                    # fresh training problems per round. Sessions 30-31 (48 -> 96): the head's
                                    # refit first beat the constant on ~140 questions (round 2); 3 rounds took
-                                   # 1.91 h on an AMX Xeon, ~2.3 h estimated on a Zen 4 (budget 2.5 h)
+                                   # 1.91 h on an AMX Xeon (s31), 2.27 h on a Zen 4 (s32); budget 2.5 h
     iterations: int = 20           # MCTS simulations per training problem
     n_children: int = 5
     max_new_tokens: int = 128      # per step, search and evaluation
