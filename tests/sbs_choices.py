@@ -1,0 +1,122 @@
+"""Where SBS's answer comes from at one checkpoint, and what other selection rules would pick from the
+same trees (issue 12: SBS with the trained head against greedy and against a zeroed head).
+
+Runs greedy, SBS(B1, B2) with the checkpoint's head and SBS with the head zeroed on held-out problems,
+keeps every answer node each SBS tree generated (depth, value, right or wrong, answer text), and
+reports per method: accuracy, the depth of the chosen answer, and alphamath.metrics.per_question
+over the tree's answers (within-question AUC of the values, best-of-N by value, a random pick,
+majority vote, a value-weighted vote, the oracle); per SBS run also the head's mean value of depth-1 answers against
+depth-1 open steps (a head that rates answers above open steps ends its beams early); then exact
+sign tests between the methods on the same problems.
+
+    python -m tests.sbs_choices --model var/learn/checkpoints/round-1-XXXX --problems var/learn/heldout.jsonl \
+        --out choices.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_method(engine, problems, method: str, value, cfg, check, concurrency: int) -> dict:
+    """{problem id: {correct, depth (of the chosen answer), answers, opens}} for one method."""
+    from search_svc.engine import solve_many
+    rows = {}
+
+    def done(p, tree, _secs):
+        chosen = tree.meta.get("answer_node")
+        rows[p.id] = {
+            "correct": bool(tree.meta.get("correct")),
+            "depth": tree.nodes[chosen].depth if chosen is not None else None,
+            "answers": [{"depth": n.depth, "value": n.value, "correct": bool(check(n.answer, p.answer)),
+                         "answer": n.answer} for n in tree.nodes if n.terminal_reason == "answer"],
+            "opens": [[n.depth, n.value] for n in tree.nodes
+                      if n.id and not n.terminal and n.value is not None],
+        }
+    rows_per_search = cfg.beam_b1 * cfg.beam_b2 if method == "greedy" else 1
+    solve_many(problems, method, engine.policy, value, engine.sandbox, cfg, done,
+               concurrency=concurrency * rows_per_search, serve=engine.lm.serve, check=check)
+    return rows
+
+
+def weighted_vote(answers) -> float | None:
+    """Expected correctness of a value-weighted vote over one tree's (value, correct, answer text):
+    each answer text scores the sum of its members' (1 + value) / 2, the head's chance each is right;
+    tied top groups are a random pick among them. Under a constant head it is majority vote."""
+    if not answers:
+        return None
+    score: dict[str, float] = {}
+    for v, _, text in answers:
+        score[text] = score.get(text, 0.0) + (1 + v) / 2
+    top = max(score.values())
+    tied = [t for t, s in score.items() if s == top]
+    return mean([mean([c for _, c, t in answers if t == text]) for text in tied])
+
+
+def summary(rows: dict) -> dict:
+    """Accuracy, chosen depths and the selection rules over each tree's answers."""
+    from alphamath.metrics import per_question
+    answers = [[(a["value"], a["correct"], a["answer"]) for a in r["answers"]] for r in rows.values()]
+    a1 = [a["value"] for r in rows.values() for a in r["answers"] if a["depth"] == 1]
+    o1 = [v for r in rows.values() for d, v in r["opens"] if d == 1]
+    return {"solved": sum(r["correct"] for r in rows.values()), "n": len(rows),
+            "chosen_depth": dict(Counter(str(r["depth"]) for r in rows.values())),
+            **per_question(answers),
+            "weighted_vote": mean([w for w in map(weighted_vote, answers) if w is not None]),
+            "depth1_answer_value": mean(a1), "depth1_open_value": mean(o1)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
+    ap.add_argument("--problems", default="var/learn/heldout.jsonl")
+    ap.add_argument("--out", required=True, help="JSON: every method's rows and summary")
+    ap.add_argument("--b1", type=int, default=3)
+    ap.add_argument("--b2", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=8)
+    args = ap.parse_args(argv)
+
+    from alphamath.data import load_problems
+    from alphamath.metrics import sign_test
+    from alphamath.runtime import load_engine, peak_rss_mb
+    from alphamath.search_config import SearchConfig
+    from search_svc.engine import default_checker
+    from trainer_svc.learn import ZeroValue
+
+    engine = load_engine(args.model)
+    problems = load_problems(args.problems)
+    check = default_checker()
+    cfg = SearchConfig(beam_b1=args.b1, beam_b2=args.b2, max_new_tokens=args.max_new_tokens).validate()
+    out = Path(args.out)
+    res = json.loads(out.read_text()) if out.exists() else {}  # resumable: a finished method is kept
+    for name, method, value in (("greedy", "greedy", engine.value), ("sbs", "sbs", engine.value),
+                                ("sbs_zero", "sbs", ZeroValue())):
+        if name not in res:
+            t0 = time.perf_counter()
+            rows = run_method(engine, problems, method, value, cfg, check, args.concurrency)
+            res[name] = {"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+            out.write_text(json.dumps(res))
+        res[name]["summary"] = summary(res[name]["rows"])
+        print(name, json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                                for k, v in res[name]["summary"].items()}), f"{res[name]['seconds']} s", flush=True)
+    names = list(res)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ra, rb = res[a]["rows"], res[b]["rows"]
+            ids = sorted(set(ra) & set(rb))
+            t = sign_test([ra[k]["correct"] for k in ids], [rb[k]["correct"] for k in ids])
+            print(f"{a} vs {b}: {t['a_only']} won, {t['b_only']} lost of {len(ids)}, p = {t['p_value']:.3g}")
+    out.write_text(json.dumps(res))
+    print(f"peak RSS {peak_rss_mb()} MB")
+
+
+if __name__ == "__main__":
+    main()
