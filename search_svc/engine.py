@@ -50,7 +50,7 @@ def solve(question: str, method: str, policy: Policy, value: Value, sandbox: San
     if method == "mcts":
         mcts(tree, policy, value, sandbox, cfg, search_check, on_progress)
     elif method == "sbs":
-        sbs(tree, policy, value, sandbox, cfg, search_check, on_progress)
+        sbs(tree, policy, value, sandbox, cfg, search_check, equiv=check, on_progress=on_progress)
     elif method == "greedy":
         greedy(tree, policy, value, sandbox, cfg, search_check, on_progress)
     else:

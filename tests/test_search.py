@@ -184,7 +184,7 @@ def test_sbs_keeps_top_b1_and_final_answers_shrink_the_beam():
     assert all(c[1] == 2 for c in policy.calls[1:])
 
 
-def test_sbs_with_no_kept_answer_falls_back_to_the_best_answer_it_generated():
+def test_sbs_with_no_kept_answer_still_answers_from_the_answers_it_generated():
     # The head rates open states above answers: the beam keeps "a" paths until the depth limit.
     policy = ScriptedPolicy({(): [sample("a</step>"), sample("x \\boxed{x}</step>")],
                              ("a",): [sample("a</step>"), sample("y \\boxed{y}</step>")],
@@ -194,11 +194,27 @@ def test_sbs_with_no_kept_answer_falls_back_to_the_best_answer_it_generated():
     t = solve("q", "sbs", policy, value, ScriptedSandbox(), cfg, ground_truth="y", check=exact)
     assert sorted(n.answer for n in t.nodes if n.terminal_reason == "answer") == ["x", "y"]
     assert {n.terminal_reason for n in t.nodes if n.depth == 3} == {"max_depth"}  # the beam ran out of depth
-    assert t.meta["answer"] == "y" and t.meta["correct"] is True and t.meta["fallback"] is True
+    assert t.meta["kept_answers"] == 0  # the beam kept none: the vote runs over what was generated
+    assert t.meta["answer"] == "y" and t.meta["correct"] is True  # y: (1 - 0.2) / 2 > x: (1 - 0.9) / 2
     # With no answer generated at all, there is still none to give.
     policy = ScriptedPolicy({(): [sample("a</step>")], ("a",): [sample("a</step>")], ("a", "a"): [sample("a</step>")]})
     t = solve("q", "sbs", policy, value, ScriptedSandbox(), cfg, ground_truth="y", check=exact)
-    assert t.meta.get("answer") is None and t.meta["fallback"] is False
+    assert t.meta.get("answer") is None and t.meta["kept_answers"] == 0
+
+
+def test_sbs_answers_by_a_value_weighted_vote_over_every_answer_it_generated():
+    # Root: three samples answer "5", one "4"; every answer is final at depth 1 (B1 = 4).
+    root = [sample("five \\boxed{5}</step>"), sample("again \\boxed{5}</step>"),
+            sample("still \\boxed{5}</step>"), sample("four \\boxed{4}</step>")]
+    cfg = SearchConfig(beam_b1=4, beam_b2=1, max_depth=8)
+    # A constant head: a majority vote (5 wins 3 x 0.5 against 0.5), whatever the ground truth.
+    t = solve("q", "sbs", ScriptedPolicy({(): root}), ConstValue(0.0), ScriptedSandbox(), cfg,
+              ground_truth="4", check=exact)
+    assert t.meta["answer"] == "5" and t.meta["correct"] is False
+    # A head sure of "4" and of nothing else outweighs the three: 0.95 against 3 x 0.05.
+    value = ConstValue(-0.9, by_text={"four": 0.9})
+    t = solve("q", "sbs", ScriptedPolicy({(): root}), value, ScriptedSandbox(), cfg, ground_truth="4", check=exact)
+    assert t.meta["answer"] == "4" and t.meta["correct"] is True
 
 
 def test_greedy_and_majority():
