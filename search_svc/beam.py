@@ -12,8 +12,8 @@ at -0.9). A head that cannot, which at this model size is what self-training giv
 AUC 0.53 at round 1 and 0.60 at round 2, session 33), no longer picks nearly at random among the
 samples but falls back on their agreement: under a constant head the vote is a majority vote. On
 the same trees it answered 20 and 29 of 100 held-out problems where the highest value answered 15
-and 27 (README). It also answers when the beam kept no answer (every kept path ran into the depth
-limit), where the paper's code returns nothing.
+and 27 (README: so far a gain the size of run-to-run noise). It also answers when the beam kept
+no answer (every kept path ran into the depth limit), where the paper's code returns nothing.
 """
 from __future__ import annotations
 
