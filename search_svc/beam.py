@@ -48,11 +48,13 @@ def sbs(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchC
     answers = [n for n in tree.nodes if n.terminal_reason == "answer" and n.value is not None]
     tree.meta["iterations_done"] = step
     tree.meta["kept_answers"] = len(final)
-    return finish(tree, vote(answers, equiv or (lambda a, b: a == b)), check)
+    return finish(tree, vote(answers, equiv), check)
 
 
-def group_answers(answers: list[Node], same: Checker) -> list[list[Node]]:
-    """Answer nodes grouped by equivalence, in the order each group was first seen."""
+def group_answers(answers: list[Node], same: Checker | None = None) -> list[list[Node]]:
+    """Answer nodes grouped by equivalence (`same`; default: identical text), in the order each
+    group was first seen."""
+    same = same or (lambda a, b: a == b)
     groups: list[list[Node]] = []
     for node in answers:
         for g in groups:
@@ -64,7 +66,7 @@ def group_answers(answers: list[Node], same: Checker) -> list[list[Node]]:
     return groups
 
 
-def vote(answers: list[Node], same: Checker) -> Node | None:
+def vote(answers: list[Node], same: Checker | None = None) -> Node | None:
     """Value-weighted vote: each group of equivalent answers scores the sum of (1 + value) / 2 over
     its members; the best group's highest-valued member (ties: the group seen first)."""
     groups = group_answers(answers, same)
@@ -109,7 +111,7 @@ def majority(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: Se
     leaves = rollouts(tree, cfg.majority_k, cfg.temperature or 0.6, policy, value, sandbox, cfg, on_progress)
     answered = [n for n in leaves if n.terminal_reason == "answer"]
     evaluate(tree, answered, value, check=None)
-    groups = group_answers(answered, equiv or (lambda a, b: a == b))
+    groups = group_answers(answered, equiv)
     tree.meta["votes"] = {g[0].answer: len(g) for g in groups}
     best = max(groups, key=lambda g: (len(g), sum(n.value for n in g)), default=None)
     return finish(tree, max(best, key=lambda n: n.value) if best else None, check)
