@@ -35,6 +35,8 @@ def test_tiny_round_end_to_end(tiny_model_dir, tmp_path, broker, topics, db):
     report = run_round(cfg, say=lines.append)
     assert report.round == 1 and report.base == "embedded" and report.trees == 2
     assert report.examples > 0 and report.promoted and report.reloaded
+    assert report.trained_correct_trees <= report.correct_trees <= report.trees  # a kept path is a found one
+    assert any("kept for training" in line for line in lines)
     assert {"greedy_acc", "sbs_acc", "value_acc"} <= set(report.before) & set(report.after)
     assert any(line.startswith("metric") for line in lines) and "PROMOTED" in lines[-1] + "\n".join(lines)
     store = Store(url, schema)

@@ -305,6 +305,7 @@ def run(cfg: LearnConfig, say=print) -> dict:
         row = {"round": rnd, "checkpoint": rep.candidate, "base": rep.base, "promoted": rep.promoted,
                "gate": rep.reasons, "acc": split(outcomes, ids), "outcomes": outcomes,
                "trees": rep.trees, "examples": rep.examples, "correct_trees": rep.correct_trees,
+               "trained_correct_trees": rep.trained_correct_trees,
                "coverage": coverage(trees, budgets),
                "value_held": {k: v for k, v in (rep.after.get("value") or {}).items() if k != "tree_sq"},
                "round_seconds": rep.seconds}

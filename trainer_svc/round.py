@@ -81,6 +81,7 @@ class RoundReport:
     trees: int
     examples: int
     correct_trees: int
+    trained_correct_trees: int  # those with a correct path the examples keep (see examples.py)
     reloaded: bool
     seconds: dict
 
@@ -97,7 +98,8 @@ class RoundReport:
                 lines.append(f"{'value ' + k:<12} {'n/a' if b is None else format(b, '.3f'):>8} "
                              f"{'n/a' if a is None else format(a, '.3f'):>8}")
         verdict = "PROMOTED" if self.promoted else "kept the current checkpoint"
-        lines.append(f"round {self.round}: {self.trees} trees ({self.correct_trees} with a correct path), "
+        lines.append(f"round {self.round}: {self.trees} trees ({self.correct_trees} with a correct path, "
+                     f"{self.trained_correct_trees} of them kept for training), "
                      f"{self.examples} examples; {verdict}")
         lines += [f"  {r}" for r in self.reasons]
         lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
@@ -216,6 +218,9 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
         counts = store.counts(current.id)
         correct_trees = sum(1 for tr in store.trees(current.id)
                             if tr.question_id in ids and any(n.correct for n in tr.nodes))
+        # Fewer: a path whose every code step failed is dropped even when its answer is right.
+        trained_correct_trees = len({e.question_id for e in store.examples(current.id)
+                                     if e.correct and e.question_id in ids})
         secs["ingest"] = time.perf_counter() - t
         say(f"ingested: {counts['trees']} trees, {counts['examples']} examples "
             f"({counts['correct_examples']} correct paths) for checkpoint {current.id}")
@@ -260,7 +265,7 @@ def run_round(cfg: RoundConfig | None = None, engine_factory: Callable[[str, str
             say(f"services reloaded: serving {slot.checkpoint}" if reloaded
                 else f"WARNING: the listener did not switch to {cand_id} within {cfg.reload_timeout_s}s")
         report = RoundReport(rnd, current.id, cand_id, decision.promote, before, after, decision.reasons,
-                             counts["trees"], n_examples, correct_trees, reloaded, secs)
+                             counts["trees"], n_examples, correct_trees, trained_correct_trees, reloaded, secs)
         say(report.table())
         return report
     finally:
