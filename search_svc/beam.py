@@ -66,13 +66,18 @@ def group_answers(answers: list[Node], same: Checker | None = None) -> list[list
     return groups
 
 
+def vote_score(values) -> float:
+    """A group's score in the vote: the sum of (1 + value) / 2, the head's chance that each is right."""
+    return sum((1 + v) / 2 for v in values)
+
+
 def vote(answers: list[Node], same: Checker | None = None) -> Node | None:
-    """Value-weighted vote: each group of equivalent answers scores the sum of (1 + value) / 2 over
-    its members; the best group's highest-valued member (ties: the group seen first)."""
+    """Value-weighted vote: each group of equivalent answers scores `vote_score` of its members'
+    values; the best group's highest-valued member (ties: the group seen first)."""
     groups = group_answers(answers, same)
     if not groups:
         return None
-    best = max(groups, key=lambda g: sum((1 + n.value) / 2 for n in g))
+    best = max(groups, key=lambda g: vote_score(n.value for n in g))
     return max(best, key=lambda n: n.value)
 
 

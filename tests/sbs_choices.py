@@ -48,13 +48,15 @@ def run_method(engine, problems, method: str, value, cfg, check, concurrency: in
 
 def weighted_vote(answers) -> float | None:
     """Expected correctness of a value-weighted vote over one tree's (value, correct, answer text):
-    each answer text scores the sum of its members' (1 + value) / 2, the head's chance each is right;
-    tied top groups are a random pick among them. Under a constant head it is majority vote."""
+    each answer text scores SBS's `vote_score` of its members' values; tied top groups are a random
+    pick among them. Under a constant head it is majority vote."""
+    from search_svc.beam import vote_score
     if not answers:
         return None
-    score: dict[str, float] = {}
+    values: dict[str, list[float]] = {}
     for v, _, text in answers:
-        score[text] = score.get(text, 0.0) + (1 + v) / 2
+        values.setdefault(text, []).append(v)
+    score = {text: vote_score(vs) for text, vs in values.items()}
     top = max(score.values())
     tied = [t for t, s in score.items() if s == top]
     return mean([mean([c for _, c, t in answers if t == text]) for text in tied])
