@@ -18,6 +18,7 @@ output block and "</step>") or at "</step>". The last step states the final answ
 """
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 
@@ -123,6 +124,22 @@ def find_answer(text: str) -> str | None:
     return None
 
 
+def is_python(code: str) -> bool:
+    """Does a code block parse as Python? Parsing only: nothing is compiled to bytecode or run here
+    (the sandbox runs code). The small policy often writes its arithmetic in a code block as prose,
+    "There are 12 * 3 = 36 boxes" or "3 * 12 = 36". Run, that is a SyntaxError whose traceback
+    the next step must read past, and `trainer_svc.examples` drops a path whose every code step
+    failed, so a right answer reached that way taught nothing: in session 34's round-1 trees 9 of
+    the 35 problems with a correct answer had one only after such a step. Read as the prose step it
+    is, the same reasoning is a normal step of a correct path. A deliberate difference from the
+    paper's code, which runs every block."""
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a NUL byte
+        return False
+    return True
+
+
 def parse_step(sample: Sample) -> Step:
     """Classify one sampled step. Never raises: anything unusable is a malformed terminal."""
     raw = sample.text or ""
@@ -136,7 +153,9 @@ def parse_step(sample: Sample) -> Step:
             return Step(body, "malformed", reason="empty code block")
         if tag := stray_tag(head):
             return Step(body, "malformed", reason=f"{tag} outside a code block")
-        return Step(head.rstrip() + "\n" if head.strip() else "", "code", code=code)
+        if is_python(code):
+            return Step(head.rstrip() + "\n" if head.strip() else "", "code", code=code)
+        body = (head.rstrip() + "\n" if head.strip() else "") + code.strip() + STEP_CLOSE  # prose: read as prose
     text = body[: -len(STEP_CLOSE)] if body.rstrip().endswith(STEP_CLOSE) else body
     text = text.rstrip()
     if STEP_CLOSE in text:

@@ -31,6 +31,13 @@ def s(text, finish="stop"):
     ("The total is 5 * 10 = 50.\n<output>\n100\n</output></step>", "stop", "malformed", {}),
     ("So it takes 10 minutes.\n</output></step>", "stop", "malformed", {"reason": "</output> outside a code block"}),
     ("It printed <output>\n9\n</output>\nNow add.\n<code>\nprint(9+1)\n</code>", "stop", "malformed", {}),
+    # prose in a code block (not Python) is read as the prose step it is, never sent to the sandbox
+    ("Find the total.\n<code>\nThere are 12 * 3 = 36 boxes\n</code>", "stop", "text",
+     {"text": "Find the total.\nThere are 12 * 3 = 36 boxes", "code": None}),
+    ("<code>\n3 * 12 = 36\n</code>", "stop", "text", {"text": "3 * 12 = 36", "code": None}),
+    ("So:\n<code>\nThe answer is \\boxed{36}.\n</code>", "stop", "answer", {"answer": "36", "code": None}),
+    ("Count.\n<code>\nx = 3 * 12\nprint(x)\n</code>", "stop", "code", {"code": "x = 3 * 12\nprint(x)"}),
+    ("Count.\n<code>\nprint(1)\x00\n</code>", "stop", "text", {"code": None}),
     # an answer stays an answer: it is judged by its value, not its form
     ("<output>So the answer is 300.</output>", "eos", "answer", {"answer": "300"}),
 ])
@@ -70,3 +77,9 @@ def test_state_and_prefix_rendering():
         + STEP_OPEN + "So 5.</step>\n"
     assert generation_prefix(prompt, [code, text]) == state + STEP_OPEN
     assert generation_prefix(prompt, []) == prompt == render_state(prompt, [])
+
+
+def test_prose_in_a_code_block_renders_as_a_prose_step():
+    """The state the next step continues from shows the prose, not a traceback."""
+    step = parse_step(s("Find the total.\n<code>\nThere are 12 * 3 = 36 boxes\n</code>"))
+    assert render_state("Q<step>", [step]) == "Q<step>Find the total.\nThere are 12 * 3 = 36 boxes</step>\n"
