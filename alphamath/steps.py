@@ -153,9 +153,10 @@ def parse_step(sample: Sample) -> Step:
             return Step(body, "malformed", reason="empty code block")
         if tag := stray_tag(head):
             return Step(body, "malformed", reason=f"{tag} outside a code block")
+        thought = head.rstrip() + "\n" if head.strip() else ""
         if is_python(code):
-            return Step(head.rstrip() + "\n" if head.strip() else "", "code", code=code)
-        body = (head.rstrip() + "\n" if head.strip() else "") + code.strip() + STEP_CLOSE  # prose: read as prose
+            return Step(thought, "code", code=code)
+        body = thought + code.strip() + STEP_CLOSE  # prose: read on as a closed prose step
     text = body[: -len(STEP_CLOSE)] if body.rstrip().endswith(STEP_CLOSE) else body
     text = text.rstrip()
     if STEP_CLOSE in text:
