@@ -601,21 +601,22 @@ def kernel_model_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def test_decode_layer_kernels_sample_what_the_layer_loop_samples_bit_for_bit(kernel_model_dir, monkeypatch):
-    """fast_llama runs a decode step's layers as decode_qkv / decode_rest (two C++ calls per layer);
-    its torch loop over the same kernels must give the same tokens and log-probs, exactly."""
+    """fast_llama runs a decode step's layers in one C++ call (decode_layers: decode_qkv, the cache write
+    and decode_rest per layer); its torch loop over the same kernels must give the same tokens and
+    log-probs, exactly."""
     decode = decode_kernels_or_skip()
     from alphamath.lm import LocalLM
 
     calls = []
-    real = decode.decode_rest
-    monkeypatch.setattr(decode, "decode_rest", lambda *a: (calls.append(1), real(*a))[1])
+    real = decode.decode_layers
+    monkeypatch.setattr(decode, "decode_layers", lambda *a: (calls.append(1), real(*a))[1])
     monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "pairs")  # the default off AMX CPUs
     lm = LocalLM(kernel_model_dir, dtype="bf16")
     assert lm._fast.layered
     prompts = ["Question: what is 2 + 3?", "Question: what is 7 * 6 minus 5, and then halved?"]
     kw = dict(temperature=1.0, max_new_tokens=12, seed=3)
     layered = lm.generate(prompts, 3, **kw)
-    assert len(calls) >= 2 * 11  # two layers per decode step
+    assert len(calls) >= 11  # one call per decode step
     lm.reset_cache()
     lm._fast.layered, seen = False, len(calls)
     loop = lm.generate(prompts, 3, **kw)

@@ -31,9 +31,10 @@ Sampling: softmax, cumsum, searchsorted and a gather over [rows, 49k] fp32 took 
 step (13%); three vectorised passes per row over the logits pick the same token (inverse CDF with
 the row's own uniform) and its log-prob in ~2 ms.
 
-A decode step's layer (decode_qkv, decode_rest): the same kernels and torch operations as
-fast_llama's layer loop in two calls per layer around the cache update, so no Python runs between
-them (at batch 1, Python's dispatch of ~25 operations per layer was ~1.5 ms of a 10 ms step).
+A decode step's layers (decode_layers): the same kernels and torch operations as fast_llama's layer
+loop, per layer decode_qkv, the cache write and decode_rest, all in one call, so no Python runs
+between them (at batch 1, Python's dispatch of ~25 operations per layer was ~1.5 ms of a 10 ms step;
+two calls per layer around a Python cache update left ~6% of a step at 1, 5 and 16 rows on a Zen 5).
 
 RMSNorm and RoPE: torch computes LlamaRMSNorm's bf16 form in ~10 ops (cast, square, mean, rsqrt,
 multiply, cast, scale) and the rotation in ~8, each op a dispatch of a few us at batch 1: 61 norms and
@@ -191,6 +192,26 @@ def decode_rest(x, q, k, v, own_valid, prompts_k, prompts_v, lengths, group, sca
         _EMPTY if gate_up_bias is None else gate_up_bias, down, _EMPTY if down_bias is None else down_bias, float(eps),
         kt, vt)
 
+
+def decode_layers(x, cos, sin, own_valid, layers, buffers, n: int, T: int, prompts, group, scale: float, hq: int,
+                  hk: int, eps: float, final_norm):
+    """Every decoder layer of a decode step and the final norm in one call: per layer decode_qkv, the
+    rows' T new K/V columns written at column n of `buffers` [(K, V) per layer, [B, hk, >= n + T, D]],
+    then decode_rest over their columns [0, n + T). x [B * T, 1, H]; `layers` fast_llama's decoder
+    layers; `prompts` the step's SharedPrompts, `group` [B * T] each query row's prompt. The same
+    numbers as the two calls per layer."""
+    def b(t):
+        return _EMPTY if t is None else t
+
+    weights = [t for layer in layers for t in (layer.norm1, layer.qkv.weight, b(layer.qkv.bias), layer.o.weight,
+                                                b(layer.o.bias), layer.norm2, layer.gate_up.weight,
+                                                b(layer.gate_up.bias), layer.down.weight, b(layer.down.bias))]
+    kt = [t[0] for t in prompts.tiles] if prompts.tiles else []
+    vt = [t[1] for t in prompts.tiles] if prompts.tiles else []
+    return kernel().decode_layers(x, cos, sin, _EMPTY_BOOL if own_valid is None else own_valid, weights,
+                                  [k for k, _ in buffers], [v for _, v in buffers], int(n), int(T), prompts.keys,
+                                  prompts.values, prompts.lengths, group, kt, vt, float(scale), int(hq),
+                                  int(hk), float(eps), final_norm)
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

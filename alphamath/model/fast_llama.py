@@ -247,6 +247,16 @@ class FastLlama:
         fp32, hq, hk, D = x.dtype == torch.float32, self.hq, self.hk, self.head_dim
         B = x.shape[0] // T
         group = prompts.group if T == 1 else prompts.group.repeat_interleave(T)
+        if not fp32:  # bf16: every layer in one C++ call (decode.decode_layers), the cache written in place
+            own = [cache.layers[i] for i in range(len(self.layers))]
+            n = own[0].n
+            if any(layer.n != n for layer in own) or n + T > own[0]._k.shape[2]:
+                raise RuntimeError(f"KV buffer out of room or uneven: {n} + {T} > {own[0]._k.shape[2]}")
+            h = kernel.decode_layers(x, cos, sin, own_valid, self.layers, [(layer._k, layer._v) for layer in own], n,
+                                     T, prompts, group, self.scale, hq, hk, self.eps, self.norm)
+            for layer in own:
+                layer._set(n + T)
+            return h
         for i, layer in enumerate(self.layers):
             if fp32:
                 q, k, v = avx2.decode_qkv(x, layer.norm1, layer.qkv.f16, layer.qkv.bias, cos, sin, hq, hk, self.eps)
