@@ -38,18 +38,24 @@ SYSTEM = (
     "In the last step give the final answer as \\boxed{answer}."
 )
 
+# The worked examples compute the whole answer in code and read it off the output in the last step.
+# Until session 36 they computed a part in code and the rest in prose ("36 - 7 = 29"): the embedded
+# model copied that shape and got the prose arithmetic wrong, and the trained policy, after a correct
+# print(12 * 6 + 5) printed 77, wrote "12 + 5 = 27" at priors 0.83-0.99 (session 35's round-2 trees).
+# Measured on the embedded model (60 problems per set): greedy 7 -> 20 on data/arith/dev and 0 -> 4
+# on data/handwritten/dev; SBS(3,5) 14 -> 14 and 2 -> 6 (docs/measurements.md, session 36).
 FEW_SHOT = [
     (
         "Tom has 3 boxes with 12 apples each. He gives away 7 apples. How many apples are left?",
-        "<step>First find how many apples Tom has in total.\n<code>\nprint(3 * 12)\n</code>\n"
-        "<output>\n36\n</output>\n</step>\n"
-        "<step>He gives away 7, so 36 - 7 = 29 apples are left. The answer is \\boxed{29}.</step>",
+        "<step>Tom has 3 * 12 apples and gives away 7, so the apples left are 3 * 12 - 7.\n<code>\n"
+        "print(3 * 12 - 7)\n</code>\n<output>\n29\n</output>\n</step>\n"
+        "<step>The code printed 29. The answer is \\boxed{29}.</step>",
     ),
     (
         "A shirt costs $20 and is on sale for 25% off. What is the sale price in dollars?",
-        "<step>The discount is 25% of 20.\n<code>\nprint(20 * 25 / 100)\n</code>\n"
-        "<output>\n5.0\n</output>\n</step>\n"
-        "<step>The sale price is 20 - 5 = 15 dollars. The answer is \\boxed{15}.</step>",
+        "<step>The discount is 25% of 20, and the sale price is 20 minus the discount.\n<code>\n"
+        "print(20 - 20 * 25 / 100)\n</code>\n<output>\n15.0\n</output>\n</step>\n"
+        "<step>The code printed 15.0. The answer is \\boxed{15}.</step>",
     ),
 ]
 

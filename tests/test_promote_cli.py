@@ -292,3 +292,14 @@ def test_cli_sandbox_choice(store, problems, monkeypatch, capsys):
     assert "stop after choosing the sandbox" in capsys.readouterr().err
     assert main(["--sandbox-addr", "alphamath-sandbox"]) == 2 and len(given) == 3
     assert "--sandbox-addr must be HOST:PORT" in capsys.readouterr().err
+
+
+def test_a_stored_evaluation_is_not_reused_after_the_prompt_changed(problems, monkeypatch):
+    """The round-0 prompt's worked examples are part of what an accuracy was measured on."""
+    import alphamath.steps as steps
+
+    _, loaded = problems
+    before = eval_fingerprint(loaded, EvalConfig())
+    assert eval_fingerprint(loaded, EvalConfig()) == before
+    monkeypatch.setattr(steps, "FEW_SHOT", steps.FEW_SHOT[:1])
+    assert eval_fingerprint(loaded, EvalConfig()) != before

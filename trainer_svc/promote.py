@@ -74,7 +74,13 @@ class EvalConfig:
 
 
 def eval_fingerprint(problems: Sequence, cfg: EvalConfig) -> str:
+    """What a stored evaluation was measured on: methods, search settings, the round-0 prompt (its
+    instructions and worked examples: a changed prompt must not reuse a stored base accuracy) and
+    the problems."""
+    from alphamath.steps import render_prompt
+
     h = hashlib.sha256(json.dumps({"methods": list(cfg.methods), "search": cfg.search}, sort_keys=True).encode())
+    h.update(render_prompt("").encode())
     for p in problems:
         h.update(f"\x00{p.id}\x00{p.question}\x00{p.answer}".encode())
     return h.hexdigest()[:16]
