@@ -853,3 +853,20 @@ def test_draft_length_weighs_the_yield_of_a_draft_against_the_rows_it_adds():
     assert draft_length(20, 0.35, 0.03, 40) == 0  # twenty rows: a draft row costs more than it yields
     assert draft_length(10, 0.45, 0.03, 25) == 1  # the step's row cap: 10 x (k + 1) <= 25
     assert draft_length(3, 0.35, 0.03, 3) == 0  # no room for any draft
+
+
+def test_a_cache_layer_written_in_place_counts_its_columns_and_refuses_to_overrun():
+    """decode.decode_layers writes a step's K/V into a _RoomyLayer's buffers; `advance` counts them
+    and, like `update`, refuses columns past the room the batch reserved."""
+    import torch
+
+    from alphamath.lm.kv import _RoomyLayer
+
+    layer = _RoomyLayer.empty(torch.zeros(1, 2, 3, 4), rows=2, width=3, room=2)
+    k, v, n = layer.buffers()
+    assert (k.shape, v.shape, n) == ((2, 2, 5, 4), (2, 2, 5, 4), 3)
+    k[:, :, n:n + 2] = 1.0
+    layer.advance(2)
+    assert layer.keys.shape[2] == 5 and bool((layer.keys[:, :, 3:] == 1).all())
+    with pytest.raises(RuntimeError, match="out of room"):
+        layer.advance(1)

@@ -56,6 +56,17 @@ class _RoomyLayer(DynamicLayer):
         self.n = n
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The K and V buffers [B, H, n + room, D] and the filled width n, for a kernel that writes the
+        next columns in place (decode.decode_layers); `advance` then counts them."""
+        return self._k, self._v, self.n
+
+    def advance(self, m: int) -> None:
+        """Count m more columns as filled: they were written into `buffers()` in place."""
+        if self.n + m > self._k.shape[2]:
+            raise RuntimeError(f"KV buffer out of room: {self.n} + {m} > {self._k.shape[2]}")
+        self._set(self.n + m)
+
     def update(self, key_states, value_states, cache_kwargs=None):
         n, m = self.n, key_states.shape[-2]
         if n + m > self._k.shape[2]:  # every admission leaves max_new_tokens of room: a bug if reached

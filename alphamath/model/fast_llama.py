@@ -240,22 +240,26 @@ class FastLlama:
         return self._kernel_layers(x, cos, sin, own_valid, cache, prompts, T).view(B, T, -1)
 
     def _kernel_layers(self, x, cos, sin, own_valid, cache, prompts: SharedPrompts, T: int) -> torch.Tensor:
-        """A decode step's layers and final norm as two C++ calls per layer around the cache update
-        (decode.cpp's in bf16, avx2.cpp's fp16-weight ones in fp32): the operations of `hidden`'s loop
-        without ~25 Python-dispatched operations per layer. x [B * T, 1, hidden] holds T positions of each
+        """A decode step's layers and final norm in C++: in bf16 one call for every layer when the cache's
+        layers expose their buffers (decode.decode_layers), else two calls per layer around the cache
+        update (decode.cpp's in bf16, avx2.cpp's fp16-weight ones in fp32): the operations of `hidden`'s
+        loop without ~25 Python-dispatched operations per layer. x [B * T, 1, hidden] holds T positions of each
         of B rows (`verify`; T = 1: a plain step); own_valid [B * T, W + T] bool or None."""
         fp32, hq, hk, D = x.dtype == torch.float32, self.hq, self.hk, self.head_dim
         B = x.shape[0] // T
         group = prompts.group if T == 1 else prompts.group.repeat_interleave(T)
-        if not fp32:  # bf16: every layer in one C++ call (decode.decode_layers), the cache written in place
-            own = [cache.layers[i] for i in range(len(self.layers))]
-            n = own[0].n
-            if any(layer.n != n for layer in own) or n + T > own[0]._k.shape[2]:
-                raise RuntimeError(f"KV buffer out of room or uneven: {n} + {T} > {own[0]._k.shape[2]}")
-            h = kernel.decode_layers(x, cos, sin, own_valid, self.layers, [(layer._k, layer._v) for layer in own], n,
-                                     T, prompts, group, self.scale, hq, hk, self.eps, self.norm)
+        own = [cache.layers[i] for i in range(len(self.layers))]
+        if not fp32 and all(hasattr(layer, "buffers") for layer in own):
+            # bf16: every layer in one C++ call (decode.decode_layers), the K/V written into the cache's
+            # buffers in place (kv.py's _RoomyLayer, what decode batches hold)
+            buffers = [layer.buffers() for layer in own]
+            n = buffers[0][2]
+            if any(b[2] != n or n + T > b[0].shape[2] for b in buffers):
+                raise RuntimeError(f"KV buffers out of room or uneven: {n} + {T} columns")
+            h = kernel.decode_layers(x, cos, sin, own_valid, self.layers, [(k, v) for k, v, _ in buffers], n, T,
+                                     prompts, group, self.scale, hq, hk, self.eps, self.norm)
             for layer in own:
-                layer._set(n + T)
+                layer.advance(T)
             return h
         for i, layer in enumerate(self.layers):
             if fp32:
