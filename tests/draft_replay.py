@@ -34,7 +34,7 @@ def draft_with_reach(look: Lookup, length: int, k: int) -> tuple[list[int], int]
     look.extend_to(length)
     for n in range(min(N_MAX, length), 0, -1):
         e = look.index.get(tuple(t[length - n:length]))
-        if e is not None and e < length:
+        if e is not None:
             return t[e:min(e + k, length)], reach(t, length, e)
     return [], 0
 

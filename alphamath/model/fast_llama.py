@@ -119,6 +119,7 @@ class FastLlama:
         silu = getattr(cfg, "hidden_act", None) == "silu"
         mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.layered = silu and all(m.pairs for m in mats)
+        self.layer_weights = kernel.layer_weights(self.layers) if self.layered else None  # decode_layers' inputs
         self.layered_f32 = silu and all(m.f16 is not None for m in mats)
 
     def _mask(self, attention_mask, S: int, past: int, device) -> torch.Tensor | None:
@@ -251,13 +252,10 @@ class FastLlama:
         own = [cache.layers[i] for i in range(len(self.layers))]
         if not fp32 and all(hasattr(layer, "buffers") for layer in own):
             # bf16: every layer in one C++ call (decode.decode_layers), the K/V written into the cache's
-            # buffers in place (kv.py's _RoomyLayer, what decode batches hold)
+            # buffers in place (kv.py's _RoomyLayer, what decode batches hold; the kernel checks the room)
             buffers = [layer.buffers() for layer in own]
-            n = buffers[0][2]
-            if any(b[2] != n or n + T > b[0].shape[2] for b in buffers):
-                raise RuntimeError(f"KV buffers out of room or uneven: {n} + {T} columns")
-            h = kernel.decode_layers(x, cos, sin, own_valid, self.layers, [(k, v) for k, v, _ in buffers], n, T,
-                                     prompts, group, self.scale, hq, hk, self.eps, self.norm)
+            h = kernel.decode_layers(x, cos, sin, own_valid, self.layer_weights, [(k, v) for k, v, _ in buffers],
+                                     buffers[0][2], T, prompts, group, self.scale, hq, hk, self.eps, self.norm)
             for layer in own:
                 layer.advance(T)
             return h
