@@ -131,6 +131,29 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10
             "p_below_zero": sum(m < 0 for m in means) / resamples}
 
 
+def auc_interval(per_tree: Sequence[Sequence[tuple[float, bool]]], resamples: int = 1000, seed: int = 0,
+                 confidence: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the pooled AUC, resampling whole trees: a tree's answers
+    share a question, so they are not independent draws. Two reports on different trees (the gate's
+    held-out quarter of a round, the next round's fresh trees) agree when their intervals overlap.
+    None when no resample has both classes."""
+    trees = [t for t in per_tree if t]
+    if not trees:
+        return None
+    rng, aucs = random.Random(seed), []
+    for _ in range(resamples):
+        pick = [trees[rng.randrange(len(trees))] for _ in trees]
+        a = roc_auc([v for t in pick for v, _ in t], [c for t in pick for _, c in t])
+        if a is not None:
+            aucs.append(a)
+    if not aucs:
+        return None
+    aucs.sort()
+    lo = aucs[int((1 - confidence) / 2 * len(aucs))]
+    hi = aucs[min(len(aucs) - 1, int((1 + confidence) / 2 * len(aucs)))]
+    return lo, hi
+
+
 # ---- the value report of a head on finished trees ---------------------------------------------
 
 
@@ -156,13 +179,16 @@ class ValueReport:
     oracle: float | None = None       # share of trees holding a right answer: a perfect head's best-of-N
     question_ratio: float | None = None  # the MSE ratio of a head that knew each tree's mean target and
                                          # nothing within a tree: what ranking questions alone can reach
+    auc_lo: float | None = None       # 95% bootstrap interval of auc, trees resampled (auc_interval)
+    auc_hi: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         f = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
-        return (f"{self.trees} trees: AUC {f(self.auc)} on {self.answers} answers ({self.answers_correct} correct); "
+        ci = f" [{f(self.auc_lo)}, {f(self.auc_hi)}]" if self.auc_lo is not None else ""
+        return (f"{self.trees} trees: AUC {f(self.auc)}{ci} on {self.answers} answers ({self.answers_correct} correct); "
                 f"MSE {f(self.mse)} vs constant {f(self.constant_mse)} (ratio {f(self.mse_ratio)}) "
                 f"on {self.steps} steps; ECE {f(self.ece)}; per question: AUC {f(self.within_auc)} "
                 f"({self.within_trees} trees), best-of-N {f(self.best_of_n)} vs random {f(self.random_pick)} "
@@ -278,10 +304,12 @@ def value_report(trees: Iterable[Tree], value: Value, bins: int = 10, batch: int
     c, cm = constant_predictor(targets_s) if targets_s else (None, None)
     ratio = (m / cm if cm else (math.inf if m else 1.0)) if m is not None and cm is not None else None
     rel = reliability(preds_a, labels_a, bins)
+    ci = auc_interval([[(v, c) for v, c, _ in row["answers"]] for row in per_tree]) if auc is not None else None
     return ValueReport(trees=n_trees, answers=len(preds_a), answers_correct=sum(labels_a), auc=auc,
                        steps=len(preds_s), mse=m, constant=c, constant_mse=cm, mse_ratio=ratio,
                        ece=expected_calibration_error(rel), reliability=rel, per_tree=per_tree,
                        question_ratio=question_ratio([[y for _, y in row["steps"]] for row in per_tree]),
+                       auc_lo=ci[0] if ci else None, auc_hi=ci[1] if ci else None,
                        **per_question([row["answers"] for row in per_tree]))
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from alphamath.metrics import (constant_predictor, expected_calibration_error, mse, paired_bootstrap,
+from alphamath.metrics import (auc_interval, constant_predictor, expected_calibration_error, mse, paired_bootstrap,
                                reliability, roc_auc, sign_test, value_report)
 from alphamath.steps import Step
 from alphamath.tree import Tree
@@ -184,3 +184,18 @@ def test_value_report_computes_each_token_of_a_tree_once(tiny_model_dir):
     for i in scored:
         alone.cache.clear()
         assert alone.score([t.state(i)])[0] == pytest.approx(got[i], abs=1e-4)
+
+
+def test_auc_interval_resamples_whole_trees():
+    # every tree ranks its right answer above its wrong one: each resample reads AUC 1.0
+    perfect = [[(0.9, True), (-0.9, False)]] * 5
+    assert auc_interval(perfect) == (1.0, 1.0)
+    # one tree reversed among four: the interval holds the pooled AUC and is narrower with more trees
+    mixed = [[(0.5, True), (-0.5, False)]] * 3 + [[(-0.6, True), (0.6, False)]]
+    lo, hi = auc_interval(mixed)
+    pooled = roc_auc([v for t in mixed for v, _ in t], [c for t in mixed for _, c in t])
+    assert lo <= pooled <= hi and lo < hi
+    lo4, hi4 = auc_interval(mixed * 4)
+    assert hi4 - lo4 < hi - lo
+    assert auc_interval([[(0.1, True)], [(0.2, True)]]) is None  # one class: AUC undefined everywhere
+    assert auc_interval([]) is None

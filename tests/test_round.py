@@ -245,3 +245,17 @@ def test_sigterm_unwinds_the_cli_so_its_broker_is_stopped():
         run_cli(run, None)
     assert e.value.code == 143 and cleaned == ["broker stopped"]
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
+def test_round_table_shows_the_auc_with_its_interval():
+    from trainer_svc.round import RoundReport
+    rep = RoundReport(round=1, base="a", candidate="b", promoted=False,
+                      before={"greedy_acc": 0.2, "value": {"auc": 0.5, "mse_ratio": 1.0}},
+                      after={"greedy_acc": 0.3, "value": {"auc": 0.631, "auc_lo": 0.52, "auc_hi": 0.74,
+                                                          "trees": 29, "mse_ratio": 0.98}},
+                      reasons=["why"], trees=96, examples=300, correct_trees=40, trained_correct_trees=35,
+                      reloaded=False, seconds={"train": 1.0})
+    lines = rep.table().splitlines()
+    auc = next(line for line in lines if line.startswith("value auc"))
+    assert "0.500" in auc and "0.631" in auc and "95% interval 0.520-0.740, 29 trees" in auc
+    assert any(line.startswith("value mse_ratio") and "0.980" in line for line in lines)

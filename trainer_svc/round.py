@@ -95,8 +95,12 @@ class RoundReport:
         for k in ("auc", "mse_ratio"):
             b, a = (self.before.get("value") or {}).get(k), (self.after.get("value") or {}).get(k)
             if a is not None or b is not None:
+                ci = ""
+                if k == "auc" and (self.after.get("value") or {}).get("auc_lo") is not None:
+                    v = self.after["value"]  # the held-out trees are few: say how far the AUC can move
+                    ci = f"   (after: 95% interval {v['auc_lo']:.3f}-{v['auc_hi']:.3f}, {v['trees']} trees)"
                 lines.append(f"{'value ' + k:<12} {'n/a' if b is None else format(b, '.3f'):>8} "
-                             f"{'n/a' if a is None else format(a, '.3f'):>8}")
+                             f"{'n/a' if a is None else format(a, '.3f'):>8}{ci}")
         verdict = "PROMOTED" if self.promoted else "kept the current checkpoint"
         lines.append(f"round {self.round}: {self.trees} trees ({self.correct_trees} with a correct path, "
                      f"{self.trained_correct_trees} of them kept for training), "
