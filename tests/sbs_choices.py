@@ -10,7 +10,12 @@ depth-1 open steps (a head that rates answers above open steps ends its beams ea
 sign tests between the methods on the same problems.
 
     python -m tests.sbs_choices --model var/learn/checkpoints/round-1-XXXX --problems var/learn/heldout.jsonl \
-        --out choices.json
+        --out choices.json [--temperature 0.6] [--anchor]
+
+`--anchor` adds `sbs_anchor`: SBS where each beam node's B2 children include its greedy (temperature
+0) next step, so greedy's own steps are always among the candidates the head ranks (session 37: on
+60 fresh arithmetic problems at a round-1 checkpoint it answered 33 against plain SBS's 40 and
+greedy's 42; not adopted).
 """
 from __future__ import annotations
 
@@ -44,6 +49,15 @@ def run_method(engine, problems, method: str, value, cfg, check, concurrency: in
     solve_many(problems, method, engine.policy, value, engine.sandbox, cfg, done,
                concurrency=concurrency * rows_per_search, serve=engine.lm.serve, check=check)
     return rows
+
+
+def anchored_expand(tree, node_ids, width, policy, sandbox, cfg, temperature=None, seed=None, unique=True):
+    """search_svc.expand.expand with each node's greedy next step among its `width` children."""
+    from search_svc.expand import expand
+    greedy = expand(tree, node_ids, 1, policy, sandbox, cfg, temperature=0.0, seed=seed, unique=unique)
+    sampled = expand(tree, node_ids, width - 1, policy, sandbox, cfg, temperature=temperature, seed=seed,
+                     unique=unique)
+    return [g + s for g, s in zip(greedy, sampled)]
 
 
 def weighted_vote(answers) -> float | None:
@@ -84,6 +98,8 @@ def main(argv=None) -> None:
     ap.add_argument("--b2", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.6, help="SBS's sampling temperature")
+    ap.add_argument("--anchor", action="store_true", help="also run sbs_anchor (see above)")
     args = ap.parse_args(argv)
 
     from alphamath.data import load_problems
@@ -96,14 +112,20 @@ def main(argv=None) -> None:
     engine = load_engine(args.model)
     problems = load_problems(args.problems)
     check = default_checker()
-    cfg = SearchConfig(beam_b1=args.b1, beam_b2=args.b2, max_new_tokens=args.max_new_tokens).validate()
+    from search_svc import beam
+    cfg = SearchConfig(beam_b1=args.b1, beam_b2=args.b2, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature).validate()
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {}  # resumable: a finished method is kept
-    for name, method, value in (("greedy", "greedy", engine.value), ("sbs", "sbs", engine.value),
-                                ("sbs_zero", "sbs", ZeroValue())):
+    runs = [("greedy", "greedy", engine.value), ("sbs", "sbs", engine.value), ("sbs_zero", "sbs", ZeroValue())]
+    for name, method, value in runs + ([("sbs_anchor", "sbs", engine.value)] if args.anchor else []):
         if name not in res:
             t0 = time.perf_counter()
-            rows = run_method(engine, problems, method, value, cfg, check, args.concurrency)
+            plain, beam.expand = beam.expand, (anchored_expand if name == "sbs_anchor" else beam.expand)
+            try:
+                rows = run_method(engine, problems, method, value, cfg, check, args.concurrency)
+            finally:
+                beam.expand = plain
             res[name] = {"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
             out.write_text(json.dumps(res))
         res[name]["summary"] = summary(res[name]["rows"])

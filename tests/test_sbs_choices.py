@@ -30,3 +30,17 @@ def test_weighted_vote_sums_each_answers_chance_and_is_majority_under_a_constant
     assert weighted_vote(flat) == 0.0                         # 1.0 against 0.5: majority
     assert weighted_vote([(0.0, True, "4"), (0.0, False, "5")]) == 0.5  # a tie is a random pick
     assert weighted_vote([]) is None
+
+
+
+def test_anchored_expansion_puts_the_greedy_step_first_and_merges_a_sample_equal_to_it():
+    from alphamath.search_config import SearchConfig
+    from alphamath.tree import Tree
+    from tests.fakes import ScriptedPolicy, ScriptedSandbox, sample
+    from tests.sbs_choices import anchored_expand
+
+    policy = ScriptedPolicy({}, default=[sample("A.</step>"), sample("B.</step>"), sample("C.</step>")])
+    tree = Tree(question="q", prompt="P<step>")
+    groups = anchored_expand(tree, [0], 3, policy, ScriptedSandbox(), SearchConfig(temperature=0.6))
+    assert [(n, t) for _, n, t in policy.calls] == [(1, 0.0), (2, 0.6)]  # one greedy step, B2 - 1 samples
+    assert [c.text for c in groups[0]] == ["A.", "B."]  # the sampled "A." is the greedy child already
