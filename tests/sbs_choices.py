@@ -10,7 +10,7 @@ depth-1 open steps (a head that rates answers above open steps ends its beams ea
 sign tests between the methods on the same problems.
 
     python -m tests.sbs_choices --model var/learn/checkpoints/round-1-XXXX --problems var/learn/heldout.jsonl \
-        --out choices.json [--temperature 0.6] [--anchor]
+        --out choices.json [--temperature 0.6] [--seed 0] [--anchor]
 
 `--anchor` adds `sbs_anchor`: SBS where each beam node's B2 children include its greedy (temperature
 0) next step, so greedy's own steps are always among the candidates the head ranks (session 37: on
@@ -100,6 +100,7 @@ def main(argv=None) -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.6, help="SBS's sampling temperature")
     ap.add_argument("--anchor", action="store_true", help="also run sbs_anchor (see above)")
+    ap.add_argument("--seed", type=int, default=0, help="SBS's sampling seed")
     args = ap.parse_args(argv)
 
     from alphamath.data import load_problems
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
     check = default_checker()
     from search_svc import beam
     cfg = SearchConfig(beam_b1=args.b1, beam_b2=args.b2, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature).validate()
+                       temperature=args.temperature, seed=args.seed).validate()
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {}  # resumable: a finished method is kept
     runs = [("greedy", "greedy", engine.value), ("sbs", "sbs", engine.value), ("sbs_zero", "sbs", ZeroValue())]
