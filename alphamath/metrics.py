@@ -124,11 +124,15 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10
         raise ValueError(f"paired samples need equal, non-empty lengths, got {len(a)} and {len(b)}")
     d = [float(x) - float(y) for x, y in zip(a, b)]
     n, rng = len(d), random.Random(seed)
-    means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    lo_i = int((1 - confidence) / 2 * resamples)
-    hi_i = min(resamples - 1, int((1 + confidence) / 2 * resamples))
-    return {"diff": sum(d) / n, "lo": means[lo_i], "hi": means[hi_i],
-            "p_below_zero": sum(m < 0 for m in means) / resamples}
+    means = [sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples)]
+    lo, hi = percentile_interval(means, confidence)
+    return {"diff": sum(d) / n, "lo": lo, "hi": hi, "p_below_zero": sum(m < 0 for m in means) / resamples}
+
+
+def percentile_interval(stats: Sequence[float], confidence: float) -> tuple[float, float]:
+    """The central `confidence` share of bootstrap statistics: (lower, upper) percentiles."""
+    s = sorted(stats)
+    return s[int((1 - confidence) / 2 * len(s))], s[min(len(s) - 1, int((1 + confidence) / 2 * len(s)))]
 
 
 def auc_interval(per_tree: Sequence[Sequence[tuple[float, bool]]], resamples: int = 1000, seed: int = 0,
@@ -146,12 +150,7 @@ def auc_interval(per_tree: Sequence[Sequence[tuple[float, bool]]], resamples: in
         a = roc_auc([v for t in pick for v, _ in t], [c for t in pick for _, c in t])
         if a is not None:
             aucs.append(a)
-    if not aucs:
-        return None
-    aucs.sort()
-    lo = aucs[int((1 - confidence) / 2 * len(aucs))]
-    hi = aucs[min(len(aucs) - 1, int((1 + confidence) / 2 * len(aucs)))]
-    return lo, hi
+    return percentile_interval(aucs, confidence) if aucs else None
 
 
 # ---- the value report of a head on finished trees ---------------------------------------------
@@ -188,7 +187,8 @@ class ValueReport:
     def summary(self) -> str:
         f = lambda v, p=3: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
         ci = f" [{f(self.auc_lo)}, {f(self.auc_hi)}]" if self.auc_lo is not None else ""
-        return (f"{self.trees} trees: AUC {f(self.auc)}{ci} on {self.answers} answers ({self.answers_correct} correct); "
+        return (f"{self.trees} trees: AUC {f(self.auc)}{ci} on {self.answers} answers "
+                f"({self.answers_correct} correct); "
                 f"MSE {f(self.mse)} vs constant {f(self.constant_mse)} (ratio {f(self.mse_ratio)}) "
                 f"on {self.steps} steps; ECE {f(self.ece)}; per question: AUC {f(self.within_auc)} "
                 f"({self.within_trees} trees), best-of-N {f(self.best_of_n)} vs random {f(self.random_pick)} "

@@ -107,13 +107,13 @@ def main(argv=None) -> None:
     from alphamath.metrics import sign_test
     from alphamath.runtime import load_engine, peak_rss_mb
     from alphamath.search_config import SearchConfig
+    from search_svc import beam
     from search_svc.engine import default_checker
     from trainer_svc.learn import ZeroValue
 
     engine = load_engine(args.model)
     problems = load_problems(args.problems)
     check = default_checker()
-    from search_svc import beam
     cfg = SearchConfig(beam_b1=args.b1, beam_b2=args.b2, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, seed=args.seed).validate()
     out = Path(args.out)

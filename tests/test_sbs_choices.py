@@ -32,7 +32,6 @@ def test_weighted_vote_sums_each_answers_chance_and_is_majority_under_a_constant
     assert weighted_vote([]) is None
 
 
-
 def test_anchored_expansion_puts_the_greedy_step_first_and_merges_a_sample_equal_to_it():
     from alphamath.search_config import SearchConfig
     from alphamath.tree import Tree

@@ -244,8 +244,8 @@ def value_metrics(value, trees) -> dict:
             pred, target = zip(*row["steps"])
             tree_sq[row["question_id"]] = mse(pred, target)
             tree_const_sq[row["question_id"]] = mse([rep.constant] * len(target), target)
-    return {"trees": rep.trees, "auc": rep.auc, "auc_lo": rep.auc_lo, "auc_hi": rep.auc_hi, "mse": rep.mse, "constant_mse": rep.constant_mse,
-            "mse_ratio": rep.mse_ratio, "ece": rep.ece, "steps": rep.steps, "answers": rep.answers,
+    return {"trees": rep.trees, "auc": rep.auc, "auc_lo": rep.auc_lo, "auc_hi": rep.auc_hi, "mse": rep.mse,
+            "constant_mse": rep.constant_mse, "mse_ratio": rep.mse_ratio, "ece": rep.ece, "steps": rep.steps, "answers": rep.answers,
             "within_auc": rep.within_auc, "best_of_n": rep.best_of_n, "random_pick": rep.random_pick,
             "majority": rep.majority, "oracle": rep.oracle, "question_ratio": rep.question_ratio, "tree_sq": tree_sq,
             "tree_const_sq": tree_const_sq}

@@ -92,13 +92,13 @@ class RoundReport:
             b, a = self.before.get(k), self.after.get(k)
             lines.append(f"{k:<12} {b if b is None else format(b, '8.1%'):>8} "
                          f"{a if a is None else format(a, '8.1%'):>8}")
+        vb, va = self.before.get("value") or {}, self.after.get("value") or {}
         for k in ("auc", "mse_ratio"):
-            b, a = (self.before.get("value") or {}).get(k), (self.after.get("value") or {}).get(k)
+            b, a = vb.get(k), va.get(k)
             if a is not None or b is not None:
-                ci = ""
-                if k == "auc" and (self.after.get("value") or {}).get("auc_lo") is not None:
-                    v = self.after["value"]  # the held-out trees are few: say how far the AUC can move
-                    ci = f"   (after: 95% interval {v['auc_lo']:.3f}-{v['auc_hi']:.3f}, {v['trees']} trees)"
+                ci = ""  # the held-out trees are few: say how far the AUC can move
+                if k == "auc" and va.get("auc_lo") is not None:
+                    ci = f"   (after: 95% interval {va['auc_lo']:.3f}-{va['auc_hi']:.3f}, {va['trees']} trees)"
                 lines.append(f"{'value ' + k:<12} {'n/a' if b is None else format(b, '.3f'):>8} "
                              f"{'n/a' if a is None else format(a, '.3f'):>8}{ci}")
         verdict = "PROMOTED" if self.promoted else "kept the current checkpoint"
