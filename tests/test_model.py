@@ -437,11 +437,13 @@ def test_decode_attention_kernel_rejects_what_it_cannot_compute():
         kernel.decode_attention(q, kv, kv, None, pk, pk, torch.tensor([6]), ok["group_of"], 0.125)
 
 
-def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob():
-    """decode.cpp's sampler against torch's inverse CDF over softmax(logits / T): the same token for the
-    same uniform (away from a boundary, where fp32 sums in another order may round either way), its exact
-    log-prob, a vocabulary that is not a multiple of the kernel's 16-wide blocks, and u at both ends."""
-    decode = decode_kernels_or_skip()
+@pytest.mark.parametrize("kernels", ["decode", "avx2"])
+def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob(kernels):
+    """decode.cpp's and avx2.cpp's samplers against torch's inverse CDF over softmax(logits / T): the same
+    token for the same uniform (away from a boundary, where fp32 sums in another order may round either way),
+    its exact log-prob, a vocabulary that is not a multiple of the kernels' 16- and 8-wide blocks, and u at
+    both ends."""
+    decode = decode_kernels_or_skip() if kernels == "decode" else avx2_kernels_or_skip()
     torch.manual_seed(0)
     B, V = 64, 1003
     logits = torch.randn(B, V) * 3
@@ -701,21 +703,32 @@ def test_avx2_decode_attention_equals_softmax_over_each_rows_prompt_and_own_keys
 
 
 def test_avx2_decode_layers_sample_what_the_layer_loop_samples(kernel_model_dir, monkeypatch):
-    """In fp32, fast_llama runs a decode step's layers as avx2.decode_qkv / decode_rest (two C++ calls
-    per layer, fp16 weights); its torch loop (fp16 weights through the same linear_f16) must give the
-    same tokens, and log-probs equal to fp32 rounding."""
+    """In fp32, fast_llama runs a decode step's layers in one C++ call (avx2.decode_layers: decode_qkv, the
+    cache write and decode_rest per layer, fp16 weights). Its two calls per layer, where a cache has no
+    buffers to write in place, must give the same samples bit for bit; its torch loop (fp16 weights
+    through the same linear_f16) the same tokens, and log-probs equal to fp32 rounding."""
     avx2 = avx2_kernels_or_skip()
     from alphamath.lm import LocalLM
+    from alphamath.lm import kv
 
     calls = []
-    real = avx2.decode_rest
-    monkeypatch.setattr(avx2, "decode_rest", lambda *a: (calls.append(1), real(*a))[1])
+    real = avx2.decode_layers
+    monkeypatch.setattr(avx2, "decode_layers", lambda *a: (calls.append(1), real(*a))[1])
     lm = LocalLM(kernel_model_dir, dtype="fp32", decode_weights="fp16")  # the suite defaults to float weights
     assert lm._fast.layered_f32 and lm._fast.lm_head.f16 is not None
     prompts = ["Question: what is 2 + 3?", "Question: what is 7 * 6 minus 5, and then halved?"]
     kw = dict(temperature=1.0, max_new_tokens=12, seed=3)
     layered = lm.generate(prompts, 3, **kw)
-    assert len(calls) >= 2 * 11  # two layers per decode step
+    assert len(calls) >= 11  # one call per decode step
+    lm.reset_cache()
+    with monkeypatch.context() as m:
+        m.delattr(kv._RoomyLayer, "buffers")
+        seen = len(calls)
+        two_calls = lm.generate(prompts, 3, **kw)
+    assert len(calls) == seen
+    for a, b in zip(layered, two_calls):
+        assert [(s.text, s.token_count, s.cumulative_logprob) for s in a] == \
+            [(s.text, s.token_count, s.cumulative_logprob) for s in b]
     lm.reset_cache()
     lm._fast.layered_f32, seen = False, len(calls)
     loop = lm.generate(prompts, 3, **kw)

@@ -4,7 +4,9 @@
 //   rms_norm          transformers' LlamaRMSNorm of fp32 rows in one pass (torch: ~6 ops per call);
 //   rope              rotary embedding of the q and k heads of a qkv projection (torch: ~8 ops);
 //   decode_attention  attention over shared prompts and each row's own columns;
-//   decode_qkv/rest   a decode step's decoder layer from the kernels above, in two calls.
+//   decode_qkv/rest   a decode step's decoder layer from the kernels above, in two calls;
+//   decode_layers     every layer of a decode step, its cache writes and the final norm, in one call;
+//   sample            one token per row from softmax(logits / T) by inverse CDF, and its log-prob.
 //
 // linear_f16: output panel b (16 outputs) of row r is sum_k x[r][k] * w[16 b + i][k]. A tile is up to 6
 // rows x 16 outputs: 12 fp32 accumulators; per k one 32-byte load of the panel's 16 fp16 weights, two
@@ -379,6 +381,97 @@ torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, tor
   return x + linear_f16(at::silu(gate_up.narrow(-1, 0, I)) * gate_up.narrow(-1, I, I), down_w, down_b);
 }
 
+// One token per row of logits [B, V] fp32 from softmax(logits / T) by inverse CDF (the first token whose
+// cumulative probability exceeds u[b] times the total), and its log-prob: decode.cpp's sampler in AVX2. The
+// torch path (softmax, cumsum, searchsorted, log over the 49k vocabulary) took ~0.4 ms of a ~15 ms batch-1 step.
+std::vector<torch::Tensor> sample(torch::Tensor logits, torch::Tensor u, double temperature) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "logits must be [B, V] fp32");
+  TORCH_CHECK(temperature > 0, "sample needs temperature > 0 (greedy picks the argmax)");
+  logits = logits.contiguous();
+  auto uu = u.to(at::kFloat).contiguous();
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(uu.numel() == B && V > 0, "one uniform per row");
+  auto tokens = torch::empty({B}, at::kLong);
+  auto logp = torch::empty({B}, at::kFloat);
+  const float* x0 = logits.data_ptr<float>();
+  const float* up = uu.data_ptr<float>();
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  float* lp = logp.data_ptr<float>();
+  const float inv_t = (float)(1.0 / temperature);
+  const int64_t V8 = V / 8 * 8;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* x = x0 + b * V;
+      __m256 mv = _mm256_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < V8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + j));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, mv);
+      float m = *std::max_element(lanes, lanes + 8);
+      for (int64_t j = V8; j < V; ++j) m = std::max(m, x[j]);
+      const __m256 vm = _mm256_set1_ps(m), vt = _mm256_set1_ps(inv_t);
+      auto block = [&](int64_t j) { return exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vt)); };
+      auto one = [&](int64_t j) { return std::exp((x[j] - m) * inv_t); };
+      double total = 0;
+      for (int64_t j = 0; j < V8; j += 8) total += hsum(block(j));
+      for (int64_t j = V8; j < V; ++j) total += one(j);
+      const double target = (double)up[b] * total;
+      double run = 0;
+      int64_t tok = -1;
+      for (int64_t j = 0; j < V8 && tok < 0; j += 8) {
+        const __m256 e = block(j);
+        const double s = hsum(e);
+        if (run + s <= target) { run += s; continue; }
+        alignas(32) float ev[8];
+        _mm256_store_ps(ev, e);
+        for (int k = 0; k < 8; ++k) {
+          run += ev[k];
+          if (run > target) { tok = j + k; break; }
+        }
+        if (tok < 0) tok = j + 7;  // rounding: the block's sum passed the target, its elements did not
+      }
+      for (int64_t j = V8; j < V && tok < 0; ++j) {
+        run += one(j);
+        if (run > target) tok = j;
+      }
+      if (tok < 0) tok = V - 1;  // u * total rounded past the last boundary (as torch's clamp)
+      tp[b] = tok;
+      lp[b] = (float)((x[tok] - m) * inv_t - std::log(total));
+    }
+  });
+  return {tokens, logp};
+}
+
+// decode_layers: every decoder layer of a decode step and the final norm in one call, as decode.cpp's is for
+// bf16: per layer decode_qkv, the rows' T new K/V columns written at column n of the cache's buffers (kv.py's
+// _RoomyLayer.update), then decode_rest over columns [0, n + T). The same kernels in the same order as
+// fast_llama's two calls per layer, so the same numbers, without the loop's Python (the cache update, the
+// reshapes, 60 calls: ~2 of a batch-1 step's ~20 ms on a Zen 3). x [B * T, 1, H]; weights: 10 per layer (norm1,
+// qkv, qkv bias, o, o bias, norm2, gate_up, its bias, down, its bias; matmuls as pack_f16 panels, a bias may be
+// empty); cache_k/v [B, hk, >= n + T, D] per layer.
+torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor own_valid,
+                            std::vector<torch::Tensor> weights, std::vector<torch::Tensor> cache_k,
+                            std::vector<torch::Tensor> cache_v, int64_t n, int64_t T,
+                            std::vector<torch::Tensor> prompt_k, std::vector<torch::Tensor> prompt_v,
+                            torch::Tensor prompt_len, torch::Tensor group_of, double scale, int64_t hq, int64_t hk,
+                            double eps, torch::Tensor final_norm) {
+  const int64_t layers = cache_k.size(), B = x.size(0) / T, D = cos.size(-1);
+  TORCH_CHECK(weights.size() == 10 * (size_t)layers && cache_v.size() == (size_t)layers &&
+              prompt_k.size() == (size_t)layers && prompt_v.size() == (size_t)layers,
+              "decode_layers: 10 weights, a K and V buffer and a prompt K/V per layer");
+  for (int64_t i = 0; i < layers; ++i) {
+    const torch::Tensor* w = &weights[10 * i];
+    TORCH_CHECK(cache_k[i].size(2) >= n + T && cache_v[i].size(2) >= n + T, "KV buffer out of room: ", n, " + ", T,
+                " > ", cache_k[i].size(2));
+    auto qkv = decode_qkv(x, w[0], w[1], w[2], cos, sin, hq, hk, eps);
+    cache_k[i].narrow(2, n, T).copy_(qkv[1].reshape({B, T, hk, D}).transpose(1, 2));
+    cache_v[i].narrow(2, n, T).copy_(qkv[2].reshape({B, T, hk, D}).transpose(1, 2));
+    x = decode_rest(x, qkv[0], cache_k[i].narrow(2, 0, n + T), cache_v[i].narrow(2, 0, n + T), own_valid,
+                    prompt_k[i], prompt_v[i], prompt_len, group_of, scale, w[3], w[4], w[5], w[6], w[7], w[8], w[9],
+                    eps);
+  }
+  return rms_norm(x, final_norm, eps);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("pack_f16", &pack_f16, "a weight [N, K] as fp16 panels of 16 outputs [N / 16, K, 16], for linear_f16", nogil);
@@ -388,4 +481,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "shared-prompt decode attention (fp32, AVX2)", nogil);
   m.def("decode_qkv", &decode_qkv, "a decode step's q, k, v of one decoder layer (fp32, AVX2)", nogil);
   m.def("decode_rest", &decode_rest, "a decode step's attention and MLP of one decoder layer (fp32, AVX2)", nogil);
+  m.def("decode_layers", &decode_layers, "a decode step's decoder layers, cache writes and final norm (fp32, AVX2)",
+        nogil);
+  m.def("sample", &sample, "inverse-CDF sampling from softmax(logits / T), with the token's log-prob (AVX2)", nogil);
 }

@@ -121,6 +121,7 @@ class FastLlama:
         self.layered = silu and all(m.pairs for m in mats)
         self.layer_weights = kernel.layer_weights(self.layers) if self.layered else None  # decode_layers' inputs
         self.layered_f32 = silu and all(m.f16 is not None for m in mats)
+        self.layer_weights_f32 = avx2.layer_weights(self.layers) if self.layered_f32 else None
 
     def _mask(self, attention_mask, S: int, past: int, device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, S, past + S]: key j is seen by new token s if it is real and
@@ -241,21 +242,27 @@ class FastLlama:
         return self._kernel_layers(x, cos, sin, own_valid, cache, prompts, T).view(B, T, -1)
 
     def _kernel_layers(self, x, cos, sin, own_valid, cache, prompts: SharedPrompts, T: int) -> torch.Tensor:
-        """A decode step's layers and final norm in C++: in bf16 one call for every layer when the cache's
-        layers expose their buffers (decode.decode_layers), else two calls per layer around the cache
-        update (decode.cpp's in bf16, avx2.cpp's fp16-weight ones in fp32): the operations of `hidden`'s
-        loop without ~25 Python-dispatched operations per layer. x [B * T, 1, hidden] holds T positions of each
-        of B rows (`verify`; T = 1: a plain step); own_valid [B * T, W + T] bool or None."""
+        """A decode step's layers and final norm in C++: one call for every layer when the cache's layers
+        expose their buffers (decode.decode_layers in bf16, avx2.decode_layers in fp32), else two calls per
+        layer around the cache update (decode.cpp's in bf16, avx2.cpp's fp16-weight ones in fp32): the
+        operations of `hidden`'s loop without ~25 Python-dispatched operations per layer. x [B * T, 1, hidden]
+        holds T positions of each of B rows (`verify`; T = 1: a plain step); own_valid [B * T, W + T] bool or
+        None."""
         fp32, hq, hk, D = x.dtype == torch.float32, self.hq, self.hk, self.head_dim
         B = x.shape[0] // T
         group = prompts.group if T == 1 else prompts.group.repeat_interleave(T)
         own = [cache.layers[i] for i in range(len(self.layers))]
-        if not fp32 and all(hasattr(layer, "buffers") for layer in own):
-            # bf16: every layer in one C++ call (decode.decode_layers), the K/V written into the cache's
-            # buffers in place (kv.py's _RoomyLayer, what decode batches hold; the kernel checks the room)
+        if all(hasattr(layer, "buffers") for layer in own):
+            # every layer in one C++ call (decode.decode_layers, avx2.decode_layers in fp32), the K/V written into
+            # the cache's buffers in place (kv.py's _RoomyLayer, what decode batches hold; the kernel checks the room)
             buffers = [layer.buffers() for layer in own]
-            h = kernel.decode_layers(x, cos, sin, own_valid, self.layer_weights, [(k, v) for k, v, _ in buffers],
-                                     buffers[0][2], T, prompts, group, self.scale, hq, hk, self.eps, self.norm)
+            kv, n = [(k, v) for k, v, _ in buffers], buffers[0][2]
+            if fp32:
+                h = avx2.decode_layers(x, cos, sin, own_valid, self.layer_weights_f32, kv, n, T, prompts, group,
+                                       self.scale, hq, hk, self.eps, self.norm)
+            else:
+                h = kernel.decode_layers(x, cos, sin, own_valid, self.layer_weights, kv, n, T, prompts, group,
+                                         self.scale, hq, hk, self.eps, self.norm)
             for layer in own:
                 layer.advance(T)
             return h
