@@ -437,13 +437,11 @@ def test_decode_attention_kernel_rejects_what_it_cannot_compute():
         kernel.decode_attention(q, kv, kv, None, pk, pk, torch.tensor([6]), ok["group_of"], 0.125)
 
 
-@pytest.mark.parametrize("kernels", ["decode", "avx2"])
-def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob(kernels):
-    """decode.cpp's and avx2.cpp's samplers against torch's inverse CDF over softmax(logits / T): the same
-    token for the same uniform (away from a boundary, where fp32 sums in another order may round either way),
-    its exact log-prob, a vocabulary that is not a multiple of the kernels' 16- and 8-wide blocks, and u at
-    both ends."""
-    decode = decode_kernels_or_skip() if kernels == "decode" else avx2_kernels_or_skip()
+def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob():
+    """avx2.cpp's sampler against torch's inverse CDF over softmax(logits / T): the same token for the same
+    uniform (away from a boundary, where fp32 sums in another order may round either way), its exact
+    log-prob, a vocabulary that is not a multiple of the kernel's 8-wide blocks, and u at both ends."""
+    avx2 = avx2_kernels_or_skip()
     torch.manual_seed(0)
     B, V = 64, 1003
     logits = torch.randn(B, V) * 3
@@ -451,7 +449,7 @@ def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob(kernels):
     for T in (1.0, 0.7, 1.3):
         u = torch.rand(B)
         u[1], u[2] = 0.0, 1.0 - 2 ** -24
-        toks, logp = decode.sample(logits, u, T)
+        toks, logp = avx2.sample(logits, u, T)
         probs = torch.softmax(logits.double() / T, -1)
         cdf = probs.cumsum(-1)
         want = torch.searchsorted(cdf, u.double().unsqueeze(1), right=True).squeeze(1).clamp(max=V - 1)
@@ -462,7 +460,7 @@ def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob(kernels):
         torch.testing.assert_close(logp.double(), probs.log().gather(1, toks.unsqueeze(1)).squeeze(1), atol=1e-4, rtol=1e-5)
         assert toks[0] == 7 and toks[1] == probs[1].nonzero()[0]
     with pytest.raises(RuntimeError, match="temperature > 0"):
-        decode.sample(logits, u, 0.0)
+        avx2.sample(logits, u, 0.0)
 
 
 def test_rms_norm_kernel_is_llama_rms_norm_with_an_fp64_sum_of_squares():
@@ -638,11 +636,12 @@ def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):
     (tmp_path / "image").mkdir()
     shutil.copy(decode.kernel().__file__, tmp_path / "image" / f"{decode.NAME}.so")
     code = ("import torch; from alphamath.model import decode; m = decode.kernel(); "
-            "t, _ = m.sample(torch.tensor([[0.0, 50.0, 0.0]]), torch.tensor([0.5]), 1.0); print(m.__file__, t.item())")
+            "y = m.rms_norm(torch.ones(2, 16).bfloat16(), torch.ones(16).bfloat16(), 1e-5); "
+            "print(m.__file__, 'x'.join(map(str, y.shape)))")
     env = {**os.environ, "ALPHAMATH_KERNEL_DIR": str(tmp_path / "image"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "jit")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(tmp_path / "image" / f"{decode.NAME}.so"), "1"]
+    assert out.stdout.split() == [str(tmp_path / "image" / f"{decode.NAME}.so"), "2x16"]
     assert not (tmp_path / "jit").exists()  # nothing was compiled
 
 

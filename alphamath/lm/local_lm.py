@@ -52,7 +52,7 @@ class LocalLM(Scheduler):
         if self.tokenizer is None:
             raise ValueError("LocalLM needs a tokenizer (none was saved with the model)")
         configure_allocator()
-        decode.kernel() or avx2.kernel()  # built or loaded now, not inside the first decode step
+        decode.kernel(), avx2.kernel()  # built or loaded now, not inside the first decode step
         cfg = self.model.lm.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._kv_bytes_per_slot = (2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
@@ -328,11 +328,9 @@ class LocalLM(Scheduler):
         # Inverse-CDF sampling: one uniform per row from the row's own generator (so a sample does not
         # depend on its batch-mates), then one batched search of the cumulative distribution.
         u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
-        if top_p == 1.0 and logits.device.type == "cpu":  # decode.cpp's or avx2.cpp's sampler: the same draw
-            sampler = decode if decode.kernel() is not None else avx2 if avx2.kernel() is not None else None
-            if sampler is not None:
-                toks, picked = sampler.sample(logits.float(), u, temperature)
-                return toks.tolist(), picked.tolist()
+        if top_p == 1.0 and logits.device.type == "cpu" and avx2.kernel() is not None:  # avx2.cpp: the same draw
+            toks, picked = avx2.sample(logits.float(), u, temperature)
+            return toks.tolist(), picked.tolist()
         probs = torch.softmax(logits / temperature, dim=-1)
         if top_p < 1.0:
             sorted_p, order = torch.sort(probs, dim=-1, descending=True)

@@ -1,7 +1,6 @@
 // A decode step's hot spots beside the matmuls, for CPUs with AVX512-BF16 (decode.py says why
 // they exist and how they are built and checked):
 //   decode_attention  attention over shared prompts and each row's own columns (bf16);
-//   sample            one token per row from softmax(logits / T) by inverse CDF, and its log-prob;
 //   rms_norm          transformers' LlamaRMSNorm of bf16 rows in one pass (torch: ~10 ops per call);
 //   rope              rotary embedding of the q and k heads of a bf16 qkv projection (torch: ~8 ops);
 //   linear            x w^T of bf16 rows, the weight laid out in vdpbf16ps pairs (pack_linear), which is
@@ -441,65 +440,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   return out;
 }
 
-// logits [B, V] fp32, u [B] uniforms in [0, 1), temperature > 0 -> (tokens [B] int64, log-probs [B] fp32).
-// Row b's token is the first j whose cumulative probability exceeds u_b (torch.searchsorted(cdf, u *
-// cdf[-1], right=True) over softmax(logits / T)), in three passes over the row: max, sum of
-// exp((x - max) / T), then the scan, 16 at a time, recomputing the same exps. log p = (x - max) / T - log sum.
-std::vector<torch::Tensor> sample(torch::Tensor logits, torch::Tensor u, double temperature) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "logits must be [B, V] fp32");
-  TORCH_CHECK(temperature > 0, "sample needs temperature > 0 (greedy picks the argmax)");
-  logits = logits.contiguous();
-  auto uu = u.to(at::kFloat).contiguous();
-  const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(uu.numel() == B && V > 0, "one uniform per row");
-  auto tokens = torch::empty({B}, at::kLong);
-  auto logp = torch::empty({B}, at::kFloat);
-  const float* x0 = logits.data_ptr<float>();
-  const float* up = uu.data_ptr<float>();
-  int64_t* tp = tokens.data_ptr<int64_t>();
-  float* lp = logp.data_ptr<float>();
-  const float inv_t = (float)(1.0 / temperature);
-  const int64_t V16 = V / 16 * 16;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const float* x = x0 + b * V;
-      __m512 mv = _mm512_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < V16; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + j));
-      float m = _mm512_reduce_max_ps(mv);
-      for (int64_t j = V16; j < V; ++j) m = std::max(m, x[j]);
-      const __m512 vm = _mm512_set1_ps(m), vt = _mm512_set1_ps(inv_t);
-      auto block = [&](int64_t j) { return exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm), vt)); };
-      auto one = [&](int64_t j) { return std::exp((x[j] - m) * inv_t); };
-      double total = 0;
-      for (int64_t j = 0; j < V16; j += 16) total += _mm512_reduce_add_ps(block(j));
-      for (int64_t j = V16; j < V; ++j) total += one(j);
-      const double target = (double)up[b] * total;
-      double run = 0;
-      int64_t tok = -1;
-      for (int64_t j = 0; j < V16 && tok < 0; j += 16) {
-        const __m512 e = block(j);
-        const double s = _mm512_reduce_add_ps(e);
-        if (run + s <= target) { run += s; continue; }
-        alignas(64) float ev[16];
-        _mm512_store_ps(ev, e);
-        for (int k = 0; k < 16; ++k) {
-          run += ev[k];
-          if (run > target) { tok = j + k; break; }
-        }
-        if (tok < 0) tok = j + 15;  // rounding: the block's sum passed the target, its elements did not
-      }
-      for (int64_t j = V16; j < V && tok < 0; ++j) {
-        run += one(j);
-        if (run > target) tok = j;
-      }
-      if (tok < 0) tok = V - 1;  // u * total rounded past the last boundary (as torch's clamp)
-      tp[b] = tok;
-      lp[b] = (float)((x[tok] - m) * inv_t - std::log(total));
-    }
-  });
-  return {tokens, logp};
-}
-
 // y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))): LlamaRMSNorm's two roundings (normalise in fp32, cast
 // to bf16, scale in bf16), both round-to-nearest-even as torch rounds. The squares are summed in fp64
 // (a bf16 square is exact there), where the order of the sum changes nothing at fp32 precision; torch
@@ -813,5 +753,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)", nogil);
   m.def("decode_attention", &decode_attention, "shared-prompt decode attention (bf16, AVX512-BF16)", nogil);
   m.def("lay_tiles", &lay_tiles, "a prompt's K/V into its slab slot in prompt_tiles' layouts, zeros after", nogil);
-  m.def("sample", &sample, "inverse-CDF sampling from softmax(logits / T), with the token's log-prob", nogil);
 }

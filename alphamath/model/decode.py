@@ -218,9 +218,3 @@ def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prom
                                   [k for k, _ in buffers], [v for _, v in buffers], int(n), int(T), prompts.keys,
                                   prompts.values, prompts.lengths, group, kt, vt, float(scale), int(hq),
                                   int(hk), float(eps), final_norm)
-
-
-def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] fp32, u [B] uniforms -> (tokens [B], log-probs [B]) of softmax(logits / T) by
-    inverse CDF: the first token whose cumulative probability exceeds u."""
-    return tuple(kernel().sample(logits, u, float(temperature)))
