@@ -71,6 +71,8 @@ RULES = {
     "4 tokens (the engine's longest)": lambda m: 4,
     "m >= 4: 1, m >= 8: 2, m >= 16: 4": lambda m: 0 if m < 4 else 1 if m < 8 else 2 if m < 16 else 4,
     "m >= 6: 1, m >= 8: 2, m >= 16: 4": lambda m: 0 if m < 6 else 1 if m < 8 else 2 if m < 16 else 4,
+    "1, m >= 4: 2, m >= 8: 3, m >= 16: 4": lambda m: 1 if m < 4 else 2 if m < 8 else 3 if m < 16 else 4,
+    "m >= 2: 1, m >= 4: 2, m >= 16: 4": lambda m: 0 if m < 2 else 1 if m < 4 else 2 if m < 16 else 4,
     "m >= 8: 4": lambda m: 4 if m >= 8 else 0,
     "m >= 16: 4": lambda m: 4 if m >= 16 else 0,
 }

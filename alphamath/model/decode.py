@@ -193,25 +193,13 @@ def decode_rest(x, q, k, v, own_valid, prompts_k, prompts_v, lengths, group, sca
         kt, vt)
 
 
-def layer_weights(layers) -> list:
-    """fast_llama's decoder layers' tensors in decode_layers' order, 10 per layer (norm1, qkv, its bias,
-    o, its bias, norm2, gate_up, its bias, down, its bias; a missing bias as an empty tensor). Built once
-    per model: the packed weights never change after loading."""
-    def b(t):
-        return _EMPTY if t is None else t
-
-    return [t for layer in layers for t in (layer.norm1, layer.qkv.weight, b(layer.qkv.bias), layer.o.weight,
-                                            b(layer.o.bias), layer.norm2, layer.gate_up.weight, b(layer.gate_up.bias),
-                                            layer.down.weight, b(layer.down.bias))]
-
-
 def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prompts, group, scale: float, hq: int,
                   hk: int, eps: float, final_norm):
     """Every decoder layer of a decode step and the final norm in one call: per layer decode_qkv, the
     rows' T new K/V columns written at column n of `buffers` [(K, V) per layer, [B, hk, >= n + T, D]],
-    then decode_rest over their columns [0, n + T). x [B * T, 1, H]; `weights` layer_weights(layers);
-    `prompts` the step's SharedPrompts, `group` [B * T] each query row's prompt. The same numbers as
-    the two calls per layer."""
+    then decode_rest over their columns [0, n + T). x [B * T, 1, H]; `weights`
+    fast_llama.layer_weights(layers, "weight"); `prompts` the step's SharedPrompts, `group` [B * T] each
+    query row's prompt. The same numbers as the two calls per layer."""
     kt = [t[0] for t in prompts.tiles] if prompts.tiles else []
     vt = [t[1] for t in prompts.tiles] if prompts.tiles else []
     return kernel().decode_layers(x, cos, sin, _EMPTY_BOOL if own_valid is None else own_valid, weights,

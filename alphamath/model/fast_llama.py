@@ -45,6 +45,20 @@ VERIFY_ROWS_BF16, VERIFY_ROWS_FP32 = 40, 16
 ROW_COST_BF16_TILES, ROW_COST_BF16, ROW_COST_FP32 = 0.03, 0.085, 0.1
 
 
+def layer_weights(layers, packed: str) -> list:
+    """The decoder layers' tensors in decode_layers' order, 10 per layer (norm1, qkv, its bias, o, its bias,
+    norm2, gate_up, its bias, down, its bias; a missing bias as an empty tensor), each matmul's weight as
+    the kernel reads it: `packed` "weight" (decode.cpp's bf16 pairs) or "f16" (avx2.cpp's fp16 panels).
+    Built once per model: the packed weights never change after loading."""
+    def b(t):
+        return torch.empty(0) if t is None else t
+
+    return [t for layer in layers for t in (
+        layer.norm1, getattr(layer.qkv, packed), b(layer.qkv.bias), getattr(layer.o, packed), b(layer.o.bias),
+        layer.norm2, getattr(layer.gate_up, packed), b(layer.gate_up.bias), getattr(layer.down, packed),
+        b(layer.down.bias))]
+
+
 @dataclass
 class _Layer:
     norm1: torch.Tensor
@@ -119,9 +133,9 @@ class FastLlama:
         silu = getattr(cfg, "hidden_act", None) == "silu"
         mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.layered = silu and all(m.pairs for m in mats)
-        self.layer_weights = kernel.layer_weights(self.layers) if self.layered else None  # decode_layers' inputs
+        self.layer_weights = layer_weights(self.layers, "weight") if self.layered else None  # decode_layers' inputs
         self.layered_f32 = silu and all(m.f16 is not None for m in mats)
-        self.layer_weights_f32 = avx2.layer_weights(self.layers) if self.layered_f32 else None
+        self.layer_weights_f32 = layer_weights(self.layers, "f16") if self.layered_f32 else None
 
     def _mask(self, attention_mask, S: int, past: int, device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, S, past + S]: key j is seen by new token s if it is real and
