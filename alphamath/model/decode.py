@@ -1,5 +1,6 @@
 """A decode step's hot spots as C++ kernels (decode.cpp), for CPUs with AVX512-BF16: the matmuls,
-attention over shared prompts (bf16), sampling, RMSNorm and RoPE.
+attention over shared prompts (bf16), RMSNorm and RoPE (tokens are drawn by avx2.cpp's `sample`, on
+every CPU with AVX2).
 
 Matmuls: a batch-1 decode step reads every weight (269 MB in bf16) to compute one row, so its floor is
 the memory's read bandwidth. oneDNN's packed bf16 matmul read at about half of it for a few rows (a
