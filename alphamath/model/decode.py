@@ -30,7 +30,8 @@ vdpbf16ps: the outputs differ by one bf16 step in about 1 in 10^4.
 
 Sampling: softmax, cumsum, searchsorted and a gather over [rows, 49k] fp32 took ~28 ms of a 120-row
 step (13%); three vectorised passes per row over the logits pick the same token (inverse CDF with
-the row's own uniform) and its log-prob in ~2 ms.
+the row's own uniform) and its log-prob in ~2 ms. Since session 38 that sampler is avx2.cpp's, one
+for every CPU with AVX2 (the logits are fp32 on all of them).
 
 A decode step's layers (decode_layers): the same kernels and torch operations as fast_llama's layer
 loop, per layer decode_qkv, the cache write and decode_rest, all in one call, so no Python runs
