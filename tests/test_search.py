@@ -1,5 +1,4 @@
 """Search arithmetic pinned on hand-built trees with a scripted policy, value and sandbox."""
-import math
 import random
 
 import pytest
