@@ -15,6 +15,7 @@
 // contiguous run of panels, as fast as memory reads them.
 #include <torch/extension.h>
 #include "attention_args.h"
+#include "decode_layers.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -444,34 +445,24 @@ std::vector<torch::Tensor> sample(torch::Tensor logits, torch::Tensor u, double 
   return {tokens, logp};
 }
 
-// decode_layers: every decoder layer of a decode step and the final norm in one call, as decode.cpp's is for
-// bf16: per layer decode_qkv, the rows' T new K/V columns written at column n of the cache's buffers (kv.py's
-// _RoomyLayer.update), then decode_rest over columns [0, n + T). The same kernels in the same order as
-// fast_llama's two calls per layer, so the same numbers, without the loop's Python (the cache update, the
-// reshapes, 60 calls: ~2 of a batch-1 step's ~20 ms on a Zen 3). x [B * T, 1, H]; weights: 10 per layer (norm1,
-// qkv, qkv bias, o, o bias, norm2, gate_up, its bias, down, its bias; matmuls as pack_f16 panels, a bias may be
-// empty); cache_k/v [B, hk, >= n + T, D] per layer.
+// decode_layers: every decoder layer of a decode step and the final norm in one call (decode_layers.h's loop
+// over decode_qkv and decode_rest), as decode.cpp's is for bf16; matmul weights as pack_f16 panels.
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor own_valid,
                             std::vector<torch::Tensor> weights, std::vector<torch::Tensor> cache_k,
                             std::vector<torch::Tensor> cache_v, int64_t n, int64_t T,
                             std::vector<torch::Tensor> prompt_k, std::vector<torch::Tensor> prompt_v,
                             torch::Tensor prompt_len, torch::Tensor group_of, double scale, int64_t hq, int64_t hk,
                             double eps, torch::Tensor final_norm) {
-  const int64_t layers = cache_k.size(), B = x.size(0) / T, D = cos.size(-1);
-  TORCH_CHECK(weights.size() == 10 * (size_t)layers && cache_v.size() == (size_t)layers &&
-              prompt_k.size() == (size_t)layers && prompt_v.size() == (size_t)layers,
-              "decode_layers: 10 weights, a K and V buffer and a prompt K/V per layer");
-  for (int64_t i = 0; i < layers; ++i) {
-    const torch::Tensor* w = &weights[10 * i];
-    TORCH_CHECK(cache_k[i].size(2) >= n + T && cache_v[i].size(2) >= n + T, "KV buffer out of room: ", n, " + ", T,
-                " > ", cache_k[i].size(2));
-    auto qkv = decode_qkv(x, w[0], w[1], w[2], cos, sin, hq, hk, eps);
-    cache_k[i].narrow(2, n, T).copy_(qkv[1].reshape({B, T, hk, D}).transpose(1, 2));
-    cache_v[i].narrow(2, n, T).copy_(qkv[2].reshape({B, T, hk, D}).transpose(1, 2));
-    x = decode_rest(x, qkv[0], cache_k[i].narrow(2, 0, n + T), cache_v[i].narrow(2, 0, n + T), own_valid,
-                    prompt_k[i], prompt_v[i], prompt_len, group_of, scale, w[3], w[4], w[5], w[6], w[7], w[8], w[9],
-                    eps);
-  }
+  x = layer_loop(
+      x, weights, cache_k, cache_v, prompt_k, prompt_v, n, T, hk, cos.size(-1),
+      [&](const torch::Tensor& h, const torch::Tensor* w) {
+        return decode_qkv(h, w[0], w[1], w[2], cos, sin, hq, hk, eps);
+      },
+      [&](size_t i, const torch::Tensor& h, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+          const torch::Tensor* w) {
+        return decode_rest(h, q, k, v, own_valid, prompt_k[i], prompt_v[i], prompt_len, group_of, scale, w[3], w[4],
+                           w[5], w[6], w[7], w[8], w[9], eps);
+      });
   return rms_norm(x, final_norm, eps);
 }
 

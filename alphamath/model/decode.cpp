@@ -17,6 +17,7 @@
 // (Kt[p][j] = k_j[2p:2p+2]) so one vdpbf16ps multiplies a query pair into 16 keys at once.
 #include <torch/extension.h>
 #include "attention_args.h"
+#include "decode_layers.h"
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -702,13 +703,8 @@ torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, tor
   return x + linear(at::silu(gate_up.narrow(-1, 0, I)) * gate_up.narrow(-1, I, I), down_w, down_b);
 }
 
-// decode_layers: every decoder layer of a decode step and the final norm in one call: per layer decode_qkv, the
-// rows' T new K/V columns written at column n of the cache's buffers (kv.py's _RoomyLayer.update), then
-// decode_rest over columns [0, n + T). The same kernels and operations in the same order as fast_llama's
-// Python loop over decode_qkv / decode_rest, so the same numbers; the loop's Python (the cache update, the
-// reshapes, 60 calls) was 6-7% of a step at 1, 5 and 16 rows on a Zen 5. x [B * T, 1, H]; weights: 10 per layer
-// (norm1, qkv, qkv bias, o, o bias, norm2, gate_up, its bias, down, its bias; a bias may be empty);
-// cache_k/v [B, hk, >= n + T, D] per layer; prompt_kt/vt per layer, or empty lists (no AMX tiles).
+// decode_layers: every decoder layer of a decode step and the final norm in one call (decode_layers.h's loop
+// over decode_qkv and decode_rest); prompt_kt/vt per layer, or empty lists (no AMX tiles).
 torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor own_valid,
                             std::vector<torch::Tensor> weights, std::vector<torch::Tensor> cache_k,
                             std::vector<torch::Tensor> cache_v, int64_t n, int64_t T,
@@ -716,24 +712,20 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
                             torch::Tensor prompt_len, torch::Tensor group_of, std::vector<torch::Tensor> prompt_kt,
                             std::vector<torch::Tensor> prompt_vt, double scale, int64_t hq, int64_t hk, double eps,
                             torch::Tensor final_norm) {
-  const int64_t layers = cache_k.size(), B = x.size(0) / T, D = cos.size(-1);
-  TORCH_CHECK(weights.size() == 10 * (size_t)layers && cache_v.size() == (size_t)layers &&
-              prompt_k.size() == (size_t)layers && prompt_v.size() == (size_t)layers,
-              "decode_layers: 10 weights, a K and V buffer and a prompt K/V per layer");
   const bool tiles = !prompt_kt.empty();
-  TORCH_CHECK(!tiles || (prompt_kt.size() == (size_t)layers && prompt_vt.size() == (size_t)layers),
+  TORCH_CHECK(!tiles || (prompt_kt.size() == cache_k.size() && prompt_vt.size() == cache_k.size()),
               "decode_layers: prompt tiles for every layer or none");
-  for (int64_t i = 0; i < layers; ++i) {
-    const torch::Tensor* w = &weights[10 * i];
-    TORCH_CHECK(cache_k[i].size(2) >= n + T && cache_v[i].size(2) >= n + T, "KV buffer out of room: ", n, " + ", T,
-                " > ", cache_k[i].size(2));
-    auto qkv = decode_qkv(x, w[0], w[1], w[2], cos, sin, hq, hk, eps);
-    cache_k[i].narrow(2, n, T).copy_(qkv[1].reshape({B, T, hk, D}).transpose(1, 2));
-    cache_v[i].narrow(2, n, T).copy_(qkv[2].reshape({B, T, hk, D}).transpose(1, 2));
-    x = decode_rest(x, qkv[0], cache_k[i].narrow(2, 0, n + T), cache_v[i].narrow(2, 0, n + T), own_valid,
-                    prompt_k[i], prompt_v[i], prompt_len, group_of, scale, w[3], w[4], w[5], w[6], w[7], w[8], w[9],
-                    eps, tiles ? prompt_kt[i] : torch::empty({0}), tiles ? prompt_vt[i] : torch::empty({0}));
-  }
+  x = layer_loop(
+      x, weights, cache_k, cache_v, prompt_k, prompt_v, n, T, hk, cos.size(-1),
+      [&](const torch::Tensor& h, const torch::Tensor* w) {
+        return decode_qkv(h, w[0], w[1], w[2], cos, sin, hq, hk, eps);
+      },
+      [&](size_t i, const torch::Tensor& h, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+          const torch::Tensor* w) {
+        return decode_rest(h, q, k, v, own_valid, prompt_k[i], prompt_v[i], prompt_len, group_of, scale, w[3], w[4],
+                           w[5], w[6], w[7], w[8], w[9], eps, tiles ? prompt_kt[i] : torch::empty({0}),
+                           tiles ? prompt_vt[i] : torch::empty({0}));
+      });
   return rms_norm(x, final_norm, eps);
 }
 

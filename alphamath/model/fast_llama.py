@@ -133,9 +133,10 @@ class FastLlama:
         silu = getattr(cfg, "hidden_act", None) == "silu"
         mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.layered = silu and all(m.pairs for m in mats)
-        self.layer_weights = layer_weights(self.layers, "weight") if self.layered else None  # decode_layers' inputs
         self.layered_f32 = silu and all(m.f16 is not None for m in mats)
-        self.layer_weights_f32 = layer_weights(self.layers, "f16") if self.layered_f32 else None
+        # decode_layers' inputs: bf16 pairs for decode.cpp's, fp16 panels for avx2.cpp's
+        self.layer_weights = (layer_weights(self.layers, "weight") if self.layered else
+                              layer_weights(self.layers, "f16") if self.layered_f32 else None)
 
     def _mask(self, attention_mask, S: int, past: int, device) -> torch.Tensor | None:
         """Boolean [B or 1, 1, S, past + S]: key j is seen by new token s if it is real and
@@ -270,13 +271,9 @@ class FastLlama:
             # every layer in one C++ call (decode.decode_layers, avx2.decode_layers in fp32), the K/V written into
             # the cache's buffers in place (kv.py's _RoomyLayer, what decode batches hold; the kernel checks the room)
             buffers = [layer.buffers() for layer in own]
-            kv, n = [(k, v) for k, v, _ in buffers], buffers[0][2]
-            if fp32:
-                h = avx2.decode_layers(x, cos, sin, own_valid, self.layer_weights_f32, kv, n, T, prompts, group,
-                                       self.scale, hq, hk, self.eps, self.norm)
-            else:
-                h = kernel.decode_layers(x, cos, sin, own_valid, self.layer_weights, kv, n, T, prompts, group,
-                                         self.scale, hq, hk, self.eps, self.norm)
+            h = (avx2 if fp32 else kernel).decode_layers(
+                x, cos, sin, own_valid, self.layer_weights, [(k, v) for k, v, _ in buffers], buffers[0][2], T,
+                prompts, group, self.scale, hq, hk, self.eps, self.norm)
             for layer in own:
                 layer.advance(T)
             return h
