@@ -17,15 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from alphamath.lm.lookup import N_MAX, Lookup
-
-
-def reach(tokens: list[int], end: int, at: int, cap: int = 64) -> int:
-    """How many tokens before `end` equal those before `at` (the match behind a draft), up to cap."""
-    m = 0
-    while m < cap and at - m - 1 >= 0 and tokens[at - m - 1] == tokens[end - m - 1]:
-        m += 1
-    return m
+from alphamath.lm.lookup import N_MAX, Lookup, draft_cut, reach
 
 
 def draft_with_reach(look: Lookup, length: int, k: int) -> tuple[list[int], int]:
@@ -69,7 +61,7 @@ RULES = {
     "no drafts": lambda m: 0,
     "1 token": lambda m: 1,
     "4 tokens (the engine's longest)": lambda m: 4,
-    "m >= 4: 1, m >= 8: 2, m >= 16: 4": lambda m: 0 if m < 4 else 1 if m < 8 else 2 if m < 16 else 4,
+    "m >= 4: 1, m >= 8: 2, m >= 16: 4 (the engine's, lookup.draft_cut)": draft_cut,
     "m >= 6: 1, m >= 8: 2, m >= 16: 4": lambda m: 0 if m < 6 else 1 if m < 8 else 2 if m < 16 else 4,
     "1, m >= 4: 2, m >= 8: 3, m >= 16: 4": lambda m: 1 if m < 4 else 2 if m < 8 else 3 if m < 16 else 4,
     "m >= 2: 1, m >= 4: 2, m >= 16: 4": lambda m: 0 if m < 2 else 1 if m < 4 else 2 if m < 16 else 4,

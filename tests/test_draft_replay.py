@@ -12,7 +12,7 @@ def test_a_sample_that_repeats_its_prompt_is_accepted_whole_and_a_cut_rule_pays_
     assert none == {"tokens_per_step": 5 / 5, "rejected_per_token": 0.0, "cost_per_token": 1.0, "generated": 5}
     # The cut rule drafts only once the match reaches 4 tokens back: after 5 6 7 8, its one token 9 is
     # kept, but it is the sample's last, so that step still gains one token.
-    cut = replay([(prompt, sample)], RULES["m >= 4: 1, m >= 8: 2, m >= 16: 4"], 0.1)
+    cut = replay([(prompt, sample)], RULES["m >= 4: 1, m >= 8: 2, m >= 16: 4 (the engine's, lookup.draft_cut)"], 0.1)
     assert cut == {"tokens_per_step": 1.0, "rejected_per_token": 0.0, "cost_per_token": (4 + 1.1) / 5,
                    "generated": 5}
 

@@ -831,16 +831,31 @@ def test_lookup_drafts_what_followed_the_last_earlier_occurrence_of_the_final_ng
     from alphamath.lm.lookup import Lookup
 
     prompt = Lookup([5, 6, 7, 8, 9, 6, 7, 1, 2])
-    assert prompt.draft(3) == []  # the final bigram (1, 2) and token 2 never occurred before
+    assert prompt.draft(3, cut=None) == []  # the final bigram (1, 2) and token 2 never occurred before
     seq = prompt.fork([5, 6, 7, 8, 9, 6, 7, 1, 2])
     seq.tokens += [5, 6, 7]  # (5, 6, 7) occurred at the start: 8, 9, 6 followed it
-    assert seq.draft(3) == [8, 9, 6]
+    assert seq.draft(3, cut=None) == [8, 9, 6]
     seq.tokens += [3, 6, 7]  # (3, 6, 7) never; (6, 7) last at positions 10-11, followed by 3 (not 8 or 1)
-    assert seq.draft(2) == [3, 6]
-    assert seq.draft(10) == [3, 6, 7]  # a draft stops where the sequence ends
-    assert prompt.tokens == [5, 6, 7, 8, 9, 6, 7, 1, 2] and prompt.draft(3) == []  # the fork copied the index
+    assert seq.draft(2, cut=None) == [3, 6]
+    assert seq.draft(10, cut=None) == [3, 6, 7]  # a draft stops where the sequence ends
+    assert prompt.tokens == [5, 6, 7, 8, 9, 6, 7, 1, 2] and prompt.draft(3, cut=None) == []  # the fork copied the index
     seq = Lookup([4, 4])
-    assert seq.draft(3) == [4]  # a token's previous occurrence, never the final n-gram itself
+    assert seq.draft(3, cut=None) == [4]  # a token's previous occurrence, never the final n-gram itself
+
+
+def test_lookup_drafts_as_many_tokens_as_its_match_reaches_back():
+    """The engine's drafts are cut by how far back the match behind them reaches (lookup.draft_cut): a
+    short match is a guess, a long one a copy in progress."""
+    from alphamath.lm.lookup import DRAFT_MAX, Lookup, draft_cut, reach
+
+    assert [draft_cut(m) for m in (0, 3, 4, 7, 8, 15, 16, 40)] == [0, 0, 1, 1, 2, 2, DRAFT_MAX, DRAFT_MAX]
+    text = list(range(100, 130))  # 30 distinct tokens
+    assert reach(text + text[:5], 35, 5) == 5 and reach(text + [1] + text[:5], 36, 5) == 5
+    for m, want in ((3, 0), (4, 1), (9, 2), (20, 4)):
+        seq = Lookup(text + [7] + text[:m])  # a copy of the text's first m tokens in progress
+        assert seq.draft(DRAFT_MAX) == text[m:m + want], m
+        assert seq.draft(DRAFT_MAX, cut=None) == text[m:m + DRAFT_MAX]
+    assert Lookup(text + [7] + text[:20]).draft(1) == text[20:21]  # k still bounds it
 
 
 def test_draft_length_weighs_the_yield_of_a_draft_against_the_rows_it_adds():

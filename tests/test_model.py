@@ -738,15 +738,22 @@ def test_avx2_decode_layers_sample_what_the_layer_loop_samples(kernel_model_dir,
             assert abs(x.cumulative_logprob - y.cumulative_logprob) <= 1e-4 * max(1.0, abs(y.cumulative_logprob))
 
 
-@pytest.mark.parametrize("dtype,prompts", [("bf16", 1), ("bf16", 2), ("fp32", 1)])
-def test_verified_drafts_sample_what_one_token_steps_sample(kernel_model_dir, monkeypatch, dtype, prompts):
+@pytest.mark.parametrize("dtype,prompts,two_calls", [("bf16", 1, False), ("bf16", 2, False), ("fp32", 1, False),
+                                                     ("fp32", 2, True)])
+def test_verified_drafts_sample_what_one_token_steps_sample(kernel_model_dir, monkeypatch, dtype, prompts, two_calls):
     """Drafts fed and verified in one step (FastLlama.verify, kv.py's _Batch.step) must sample the tokens
-    that one-token steps sample, with their log-probs, whether a draft is right, wrong at its end or wrong
-    throughout; the columns of rejected drafts are holes that later steps, the room squeeze and the
-    prefix cache skip, so every stored KV equals an uncached forward's."""
+    that one-token steps sample, with their log-probs, whether a draft is right, wrong at its end, wrong
+    throughout, or shorter than its neighbours' (a ragged step: no row is padded to the longest draft); the
+    columns of rejected drafts and of shorter drafts are holes that later steps, the room squeeze and the
+    prefix cache skip, so every stored KV equals an uncached forward's. two_calls: the layers in two
+    kernel calls around the cache update (a cache without buffers), not decode_layers' one call."""
     (decode_kernels_or_skip if dtype == "bf16" else avx2_kernels_or_skip)()
     from alphamath.lm import LocalLM
+    from alphamath.lm import kv
     from alphamath.lm.kv import _Batch, _Decoding
+
+    if two_calls:
+        monkeypatch.delattr(kv._RoomyLayer, "buffers")
 
     lm = LocalLM(kernel_model_dir, dtype=dtype, decode_weights="fp16")
     assert lm.draft_rows >= 16
@@ -771,27 +778,35 @@ def test_verified_drafts_sample_what_one_token_steps_sample(kernel_model_dir, mo
     plain_kv = {key: [(k.clone(), v.clone()) for k, v in lm.cache.match(p + t[:-1])[1]] for key, (p, t) in truth.items()}
     calls = []
 
-    def oracle(self, k):  # the true continuation; every third draft wrong at its end, every third throughout
-        calls.append(1)
+    def oracle(self, k):  # the true continuation; every third draft wrong at its end, every third throughout;
+        calls.append(1)   # every fourth cut to one token, every fifth none
         _, tokens = reference[(tuple(self.prompt.tokens), self.seed_key)]
         d = tokens[len(self.tokens):len(self.tokens) + k]
         if d and len(calls) % 3 == 1:
             d[-1] = (d[-1] + 1) % lm._fast.embed.shape[0]
         elif len(calls) % 3 == 2:
             d = [(t + 7) % lm._fast.embed.shape[0] for t in d]
-        return d
+        return d[:1] if len(calls) % 4 == 0 else [] if len(calls) % 5 == 0 else d
 
     monkeypatch.setattr(_Decoding, "next_draft", oracle)
+    verify, ragged = lm._fast.verify, []
+
+    def spy_verify(ids, own_of, col, *a):  # a ragged step feeds fewer queries than rows x its widest draft
+        T = a[-1]
+        ragged.append(len(ids) < (int(own_of.max()) + 1) * T or len(set(own_of.tolist())) <= int(own_of.max()))
+        return verify(ids, own_of, col, *a)
+
+    monkeypatch.setattr(lm._fast, "verify", spy_verify)
     lm.reset_cache()
-    # 6 rows: drafts of 1; 3 rows: of 4. bf16's row cost is pinned to AMX's (FastLlama.row_cost): the draft
-    # rule's pricing is not under test here, and without AMX tiles 6 rows would draft nothing
-    if dtype == "bf16":
-        from alphamath.model.fast_llama import ROW_COST_BF16_TILES
-        lm.row_cost = ROW_COST_BF16_TILES
+    # 6 rows: drafts of 1; 3 rows: of 4. The row cost is pinned to AMX's (FastLlama.row_cost): the draft
+    # rule's pricing is not under test here, and at fp32's or bf16-without-tiles' cost 6 rows draft nothing
+    from alphamath.model.fast_llama import ROW_COST_BF16_TILES
+    lm.row_cost = ROW_COST_BF16_TILES
     lm.draft_rows, steps[:], squeezes[:], truth = 16, [], [], {}
     drafted = lm.generate(texts, 3, **kw)
     assert 0 < lm.usage.draft_accepted < lm.usage.draft_tokens and len(steps) < plain_steps  # accepted and rejected
     assert squeezes  # the rows ran out of room and were squeezed at least once
+    assert any(ragged)  # rows of different draft lengths, or finished rows, in one verifying step
     tol = 2e-2 if dtype == "bf16" else 1e-4  # bf16: where a column sits changes the attention's sum order
     for a, b in zip(drafted, plain):
         assert [(s.text, s.token_count, s.finish_reason) for s in a] == [(s.text, s.token_count, s.finish_reason) for s in b]

@@ -182,6 +182,7 @@ class _Batch:
         self.cache = DynamicCache()
         self.cache.layers = self.layers
         self.mask = self.head_values = self.pos = self.logits = None
+        self.first: list[int] = []  # live row i's logits at position j: logits[first[i] + j]
         self.width = 0  # own columns of the widest row
         self.padded = False
         self.prompts: list[_Row | None] = []  # slot g: the prompt held there, None when the slot is free
@@ -230,14 +231,15 @@ class _Batch:
         self._share(dev)
         W = self.width
         pos = torch.tensor([[len(smp.prompt.tokens)] for smp in new], device=dev)  # of the next fed token
-        logits = torch.stack([smp.prompt.last_logits for smp in new])[:, None]  # [R, 1, V]: position 0 only
+        logits = torch.stack([smp.prompt.last_logits for smp in new])  # [R, V]: each new row's position 0
         mask, head_values = torch.zeros(R, W, dtype=torch.long, device=dev), torch.zeros(R, W, device=dev)
+        first = list(range(R))
         if old:
             mask, head_values = torch.cat([self.mask[:, :W], mask]), torch.cat([self.head_values[:, :W], head_values])
-            logits = logits.expand(-1, self.logits.shape[1], -1)  # positions past 0 are never read: no draft
+            first = self.first + [len(self.logits) + r for r in first]
             pos, logits = torch.cat([self.pos, pos]), torch.cat([self.logits, logits])
         self.mask, self.head_values = _with_room(mask, room), _with_room(head_values, room)
-        self.pos, self.logits = pos, logits
+        self.pos, self.logits, self.first = pos, logits, first
         self.samples += new
         self.alive += [True] * R
         # With no padding (rows that started together: every MCTS expansion) no mask is passed.
@@ -327,7 +329,10 @@ class _Batch:
         the token drawn equals the draft token fed at the next position, that position's logits are
         the ones a plain step would have computed next, so it samples there too, and so on. The tokens
         and log-probs are those of one-token steps; a rejected draft's columns stay as holes (masked)
-        until the rows are next compacted (`_select`)."""
+        until the rows are next compacted (`_select`). Such a step is ragged: each live row feeds 1 + its own
+        draft's length, finished rows nothing, and the step's columns a row did not feed are holes too, so no
+        position is computed only to pad a row to the longest draft (s38: padding had kept the token ratio
+        above 1.1 under a rule that drafted less)."""
         stop, temperature, top_p, max_new_tokens = self.key
         live = [b for b in range(self.size) if self.alive[b]]  # rows of `logits`, in order
         next_tokens = [0] * self.size  # finished rows are fed a dummy token
@@ -335,7 +340,8 @@ class _Batch:
         drafted, accepted_now = sum(len(self.samples[b].draft) for b in live), 0
         while todo:  # position j of the rows whose samples so far equalled their drafts
             rows = [live[i] for i in todo]
-            toks, lps = lm._pick(self.logits[todo, j], [self.samples[b] for b in rows], temperature, top_p)
+            at = [self.first[i] + j for i in todo]
+            toks, lps = lm._pick(self.logits[at], [self.samples[b] for b in rows], temperature, top_p)
             accepted = []
             for i, b, tok, lp in zip(todo, rows, toks, lps):
                 smp = self.samples[b]
@@ -376,27 +382,42 @@ class _Batch:
             smp.draft = smp.next_draft(min(k, max_new_tokens - len(smp.tokens) - 1)) if k > 0 and self.alive[b] else []
         T = 1 + max((len(smp.draft) for smp in self.samples), default=0)
         dev, W, B = self.mask.device, self.width, self.size
-        self.mask[:, W:W + T] = 1
         if T == 1:
+            self.mask[:, W] = 1
             ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
             h, _ = lm._hidden(ids, attention_mask=self.mask[:, :W + 1] if self.padded else None,
                               past_key_values=self.cache, position_ids=self.pos, use_cache=True, prompts=self.shared)
+            self.head_values[:, W:W + 1] = lm.model.values_from_hidden(h)
+            live = [b for b in range(B) if self.alive[b]]
+            h = (h if len(live) == B else h[torch.tensor(live, device=dev)]).reshape(len(live), -1)
+            self.first = list(range(len(live)))
         else:
-            ids = torch.tensor([[t] + smp.draft + [0] * (T - 1 - len(smp.draft))
-                                for t, smp in zip(next_tokens, self.samples)], device=dev)
-            own = self.mask[:, :W].bool()[:, None].expand(B, T, W)
-            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None].expand(B, T, T)
-            h = lm._fast.verify(ids, self.pos + torch.arange(T, device=dev), torch.cat([own, causal], 2).reshape(B * T, W + T),
-                                self.cache, self.shared)
+            # Ragged: each live row is fed its last token and its own draft, no padding to the longest one; the
+            # columns no query feeds (a shorter draft's, a finished row's) stay masked holes.
+            own_of, col, ids = [], [], []
+            self.first = []
+            for b, smp in enumerate(self.samples):
+                if self.alive[b]:
+                    self.first.append(len(own_of))
+                    ids += [next_tokens[b]] + smp.draft
+                    own_of += [b] * (1 + len(smp.draft))
+                    col += range(1 + len(smp.draft))
+            own_of, col = torch.tensor(own_of, device=dev), torch.tensor(col, device=dev)
+            self.mask[:, W:W + T] = 0
+            self.mask[own_of, W + col] = 1
+            own = self.mask[own_of, :W].bool()
+            causal = torch.arange(T, device=dev)[None] <= col[:, None]
+            h = lm._fast.verify(torch.tensor(ids, device=dev), own_of, col, self.pos[own_of, 0] + col,
+                                torch.cat([own, causal], 1), self.cache, self.shared, T)
+            self.head_values[:, W:W + T] = 0
+            self.head_values[own_of, W + col] = lm.model.values_from_hidden(h)
+            self.padded = self.padded or len(own_of) < B * T
         for smp in self.samples:
             smp.fed = T
-        self.head_values[:, W:W + T] = lm.model.values_from_hidden(h)
         self.width, self.pos = W + T, self.pos + 1
-        live = [b for b in range(self.size) if self.alive[b]]
-        h_live = h if len(live) == B else h[torch.tensor(live, device=dev)]
-        self.logits = lm._logits(h_live.reshape(len(live) * T, -1)).view(len(live), T, -1)
-        lm.usage.decode_tokens += B * T
-        lm.usage.draft_tokens += B * (T - 1)
+        self.logits = lm._logits(h)  # [queries, V]: live row i's position j at row first[i] + j
+        lm.usage.decode_tokens += B if T == 1 else len(h)
+        lm.usage.draft_tokens += len(h) - len(self.first) if T > 1 else 0
         return True
 
     def _store(self, b: int, cache: PrefixCache) -> None:

@@ -1,7 +1,8 @@
 // decode_attention's arguments, checked once for both kernel sets (decode.cpp in bf16, avx2.cpp in fp32):
-// q [B, Hk, g, D]; own_k/own_v [B / per, Hk, W, D] (query rows b * per .. b * per + per - 1 continue own row b:
-// a draft's positions); own_valid [B, W] bool or empty; prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G];
-// group_of [B]. It also groups the query rows by the prompt they continue, which both kernels parallelise over.
+// q [B, Hk, g, D]; own_k/own_v [R, Hk, W, D]: the own rows, query row b continuing own row own_of[b] (a draft's
+// positions are query rows of one own row; own_of empty: rows b * per .. b * per + per - 1 continue own row b,
+// per = B / R); own_valid [B, W] bool or empty; prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B].
+// It also groups the query rows by the prompt they continue, which both kernels parallelise over.
 // extension.py folds this file's hash into the build flags, so editing it rebuilds both modules.
 #pragma once
 
@@ -11,8 +12,9 @@
 #include <vector>
 
 struct AttentionArgs {
-  int64_t B, Hk, g, D, G, W, per;
-  torch::Tensor lengths, mask;  // prompt_len as int64, own_valid as bool (kept alive for the raw pointers)
+  int64_t B, Hk, g, D, G, W;
+  torch::Tensor lengths, mask, owner;  // prompt_len, own_valid as bool, own_of (kept alive for the raw pointers)
+  const int64_t* own;           // [B]: each query row's own row
   const int64_t* plen;          // [G]
   const bool* valid;            // [B, W], or null: every own column in use
   std::vector<std::vector<int64_t>> rows;  // the query rows of each prompt
@@ -21,15 +23,23 @@ struct AttentionArgs {
 inline AttentionArgs attention_args(const torch::Tensor& q, const torch::Tensor& own_k, const torch::Tensor& own_v,
                                     const torch::Tensor& own_valid, const torch::Tensor& prompt_k,
                                     const torch::Tensor& prompt_v, const torch::Tensor& prompt_len,
-                                    const torch::Tensor& group_of) {
+                                    const torch::Tensor& group_of, const torch::Tensor& own_of) {
   AttentionArgs a;
   a.B = q.size(0), a.Hk = q.size(1), a.g = q.size(2), a.D = q.size(3), a.G = prompt_k.size(0), a.W = own_k.size(2);
   const int64_t B = a.B, Hk = a.Hk, D = a.D, G = a.G;
   TORCH_CHECK(D == 64 || D == 128, "head_dim must be 64 or 128, got ", D);
   TORCH_CHECK(q.stride(3) == 1, "q's last dim must be contiguous");
-  TORCH_CHECK(own_k.size(0) > 0 && B % own_k.size(0) == 0 && own_k.size(1) == Hk && own_k.size(3) == D &&
-              own_k.stride(3) == 1, "own_k shape");
-  a.per = B / own_k.size(0);
+  const int64_t R = own_k.size(0);
+  TORCH_CHECK(R > 0 && own_k.size(1) == Hk && own_k.size(3) == D && own_k.stride(3) == 1, "own_k shape");
+  if (own_of.numel()) {
+    TORCH_CHECK(own_of.numel() == B, "own_of [B]");
+    a.owner = own_of.to(at::kLong).contiguous();
+  } else {
+    TORCH_CHECK(B % R == 0, "without own_of, the query rows must be a multiple of the own rows");
+    a.owner = at::arange(B, at::kLong).div(B / R, "floor");
+  }
+  a.own = a.owner.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(a.own[b] >= 0 && a.own[b] < R, "own_of out of range");
   TORCH_CHECK(own_v.sizes() == own_k.sizes() && own_v.strides() == own_k.strides(), "own_v must be laid out as own_k");
   TORCH_CHECK(prompt_k.size(1) == Hk && prompt_k.size(3) == D && prompt_k.stride(3) == 1, "prompt_k shape");
   TORCH_CHECK(prompt_v.sizes() == prompt_k.sizes() && prompt_v.strides() == prompt_k.strides(), "prompt_v layout");

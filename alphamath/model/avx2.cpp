@@ -167,7 +167,7 @@ inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, 
 template <int D>
 void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
           const float* q, const int64_t* qs, const float* pk, const float* pv, const int64_t* ps, int64_t plen,
-          const float* ok, const float* ov, const int64_t* os, int64_t W, int64_t per, const bool* valid,
+          const float* ok, const float* ov, const int64_t* os, int64_t W, const int64_t* own, const bool* valid,
           float* out, const int64_t* outs) {
   const int64_t R = (int64_t)rows.size(), M = R * g, S = plen + W;
   thread_local std::vector<float> qf, sc;
@@ -180,7 +180,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   scores<D>(qf.data(), M, pkb, ps[2], plen, scale, [](int64_t) { return true; }, sc.data(), S);
   for (int64_t r = 0; r < R; ++r) {  // own columns: each row's own keys
     const int64_t b = rows[r];
-    scores<D>(&qf[r * g * D], g, ok + (b / per) * os[0] + h * os[1], os[2], W, scale,
+    scores<D>(&qf[r * g * D], g, ok + own[b] * os[0] + h * os[1], os[2], W, scale,
               [&](int64_t w) { return valid == nullptr || valid[b * W + w]; }, &sc[r * g * S + plen], S);
   }
   for (int64_t i = 0; i < M; ++i) {
@@ -206,7 +206,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     for (int c = 0; c < D / 8; ++c) o[c] = _mm256_setzero_ps();
     const int64_t b = rows[i / g];
     weighted_sum<D>(si, pvb, ps[2], plen, o);
-    weighted_sum<D>(si + plen, ov + (b / per) * os[0] + h * os[1], os[2], W, o);
+    weighted_sum<D>(si + plen, ov + own[b] * os[0] + h * os[1], os[2], W, o);
     const __m256 inv = _mm256_set1_ps(1.0f / l);
     float* oi = out + b * outs[0] + h * outs[1] + (i % g) * outs[2];
     for (int c = 0; c < D / 8; ++c) _mm256_storeu_ps(oi + 8 * c, _mm256_mul_ps(o[c], inv));
@@ -289,18 +289,18 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
-// q [B, Hk, g, D]; own_k/own_v [B / per, Hk, W, D] (last dim contiguous; query rows b * per .. b * per + per - 1
-// continue own row b: a draft's positions); own_valid [B, W] bool (per query row) or empty;
-// prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B]. Returns [B, Hk, g, D], all fp32.
+// q [B, Hk, g, D]; own_k/own_v [R, Hk, W, D] (last dim contiguous); own_valid [B, W] bool (per query row) or
+// empty; prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B]; own_of [B] (query row b continues own
+// row own_of[b]: a draft's positions continue one row) or empty (attention_args.h). Returns [B, Hk, g, D], fp32.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tensor own_v, torch::Tensor own_valid,
                                torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
-                               torch::Tensor group_of, double scale) {
+                               torch::Tensor group_of, torch::Tensor own_of, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && own_k.scalar_type() == at::kFloat && own_v.scalar_type() == at::kFloat &&
               prompt_k.scalar_type() == at::kFloat && prompt_v.scalar_type() == at::kFloat,
               "decode_attention (avx2) computes fp32");
-  const AttentionArgs a = attention_args(q, own_k, own_v, own_valid, prompt_k, prompt_v, prompt_len, group_of);
-  const int64_t B = a.B, Hk = a.Hk, g = a.g, D = a.D, G = a.G, W = a.W, per = a.per;
-  const int64_t* pl = a.plen;
+  const AttentionArgs a = attention_args(q, own_k, own_v, own_valid, prompt_k, prompt_v, prompt_len, group_of, own_of);
+  const int64_t B = a.B, Hk = a.Hk, g = a.g, D = a.D, G = a.G, W = a.W;
+  const int64_t *pl = a.plen, *own = a.own;
   const auto& rows = a.rows;
   const bool* valid = a.valid;
   auto out = torch::empty({B, Hk, g, D}, q.options());
@@ -316,9 +316,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
       const int64_t gi = t / Hk, h = t % Hk;
       if (rows[gi].empty()) continue;
       if (D == 64)
-        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, per, valid, op, outs);
+        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, op, outs);
       else
-        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, per, valid, op, outs);
+        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, op, outs);
     }
   });
   return out;
@@ -370,12 +370,12 @@ std::vector<torch::Tensor> decode_qkv(torch::Tensor x, torch::Tensor norm, torch
 // rows' own columns after the update [B, hk, W, D].
 torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor own_valid,
                           torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
-                          torch::Tensor group_of, double scale, torch::Tensor o_w, torch::Tensor o_b,
-                          torch::Tensor norm2, torch::Tensor gate_up_w, torch::Tensor gate_up_b, torch::Tensor down_w,
-                          torch::Tensor down_b, double eps) {
+                          torch::Tensor group_of, torch::Tensor own_of, double scale, torch::Tensor o_w,
+                          torch::Tensor o_b, torch::Tensor norm2, torch::Tensor gate_up_w, torch::Tensor gate_up_b,
+                          torch::Tensor down_w, torch::Tensor down_b, double eps) {
   const int64_t B = x.size(0), hq = q.size(1), D = q.size(3), hk = k.size(1);
   auto o = decode_attention(q.reshape({B, hk, hq / hk, D}), k, v, own_valid, prompt_k, prompt_v, prompt_len, group_of,
-                            scale);
+                            own_of, scale);
   x = x + linear_f16(o.reshape({B, 1, hq * D}), o_w, o_b);
   auto gate_up = linear_f16(rms_norm(x, norm2, eps), gate_up_w, gate_up_b);
   const int64_t I = gate_up.size(-1) / 2;
@@ -451,17 +451,17 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
                             std::vector<torch::Tensor> weights, std::vector<torch::Tensor> cache_k,
                             std::vector<torch::Tensor> cache_v, int64_t n, int64_t T,
                             std::vector<torch::Tensor> prompt_k, std::vector<torch::Tensor> prompt_v,
-                            torch::Tensor prompt_len, torch::Tensor group_of, double scale, int64_t hq, int64_t hk,
-                            double eps, torch::Tensor final_norm) {
+                            torch::Tensor prompt_len, torch::Tensor group_of, torch::Tensor own_of, torch::Tensor col,
+                            double scale, int64_t hq, int64_t hk, double eps, torch::Tensor final_norm) {
   x = layer_loop(
-      x, weights, cache_k, cache_v, prompt_k, prompt_v, n, T, hk, cos.size(-1),
+      x, weights, cache_k, cache_v, prompt_k, prompt_v, n, T, own_of, col, hk, cos.size(-1),
       [&](const torch::Tensor& h, const torch::Tensor* w) {
         return decode_qkv(h, w[0], w[1], w[2], cos, sin, hq, hk, eps);
       },
       [&](size_t i, const torch::Tensor& h, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
           const torch::Tensor* w) {
-        return decode_rest(h, q, k, v, own_valid, prompt_k[i], prompt_v[i], prompt_len, group_of, scale, w[3], w[4],
-                           w[5], w[6], w[7], w[8], w[9], eps);
+        return decode_rest(h, q, k, v, own_valid, prompt_k[i], prompt_v[i], prompt_len, group_of, own_of, scale, w[3],
+                           w[4], w[5], w[6], w[7], w[8], w[9], eps);
       });
   return rms_norm(x, final_norm, eps);
 }

@@ -83,11 +83,13 @@ def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) ->
     return kernel().rope(qkv, cos, sin, int(heads))
 
 
-def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group_of, scale: float) -> torch.Tensor:
-    """q [B, Hk, g, D]; own_k/own_v [B, Hk, W, D]; own_valid [B, W] bool or None; keys/values [G, Hk, L, D];
-    prompt_len [G]; group_of [B] -> [B, Hk, g, D], fp32."""
+def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group_of, scale: float,
+                     own_of=None) -> torch.Tensor:
+    """q [B, Hk, g, D]; own_k/own_v [R, Hk, W, D]; own_valid [B, W] bool or None; keys/values [G, Hk, L, D];
+    prompt_len [G]; group_of [B]; own_of [B] the own row each query row continues (None: rows b * B/R ..
+    continue own row b) -> [B, Hk, g, D], fp32."""
     return kernel().decode_attention(q, own_k, own_v, _EMPTY_BOOL if own_valid is None else own_valid, keys, values,
-                                     prompt_len, group_of, float(scale))
+                                     prompt_len, group_of, _EMPTY if own_of is None else own_of, float(scale))
 
 
 def decode_qkv(x, norm, qkv, qkv_bias, cos, sin, hq: int, hk: int, eps: float):
@@ -98,25 +100,27 @@ def decode_qkv(x, norm, qkv, qkv_bias, cos, sin, hq: int, hk: int, eps: float):
 
 
 def decode_rest(x, q, k, v, own_valid, prompts_k, prompts_v, lengths, group, scale: float,
-                o, o_bias, norm, gate_up, gate_up_bias, down, down_bias, eps: float):
+                o, o_bias, norm, gate_up, gate_up_bias, down, down_bias, eps: float, own_of=None):
     """A decode step's layer, second half: x + o(attention over the prompts and own columns k/v), then
     + down(silu(gate) * up) with gate|up = gate_up(rms_norm(x)); weights laid out by `pack_f16`."""
     return kernel().decode_rest(
         x, q, k, v, _EMPTY_BOOL if own_valid is None else own_valid, prompts_k, prompts_v, lengths, group,
-        float(scale), o, _EMPTY if o_bias is None else o_bias, norm, gate_up,
+        _EMPTY if own_of is None else own_of, float(scale), o, _EMPTY if o_bias is None else o_bias, norm, gate_up,
         _EMPTY if gate_up_bias is None else gate_up_bias, down, _EMPTY if down_bias is None else down_bias, float(eps))
 
 
 def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prompts, group, scale: float, hq: int,
-                  hk: int, eps: float, final_norm):
+                  hk: int, eps: float, final_norm, own_of=None, col=None):
     """Every decoder layer of a decode step and the final norm in one call: per layer decode_qkv, the rows'
     T new K/V columns written at column n of `buffers` [(K, V) per layer, [B, hk, >= n + T, D]], then
-    decode_rest over their columns [0, n + T). x [B * T, 1, H]; `weights` fast_llama.layer_weights(layers,
-    "f16"); `prompts` the step's SharedPrompts, `group` [B * T] each query row's prompt. The same numbers
+    decode_rest over their columns [0, n + T). x [Q, 1, H] (Q = B * T; ragged: query row r is own row
+    own_of[r]'s column n + col[r], int64 [Q], decode_layers.h); `weights` fast_llama.layer_weights(layers,
+    "f16"); `prompts` the step's SharedPrompts, `group` [Q] each query row's prompt. The same numbers
     as the two calls per layer."""
     return kernel().decode_layers(x, cos, sin, _EMPTY_BOOL if own_valid is None else own_valid, weights,
                                   [k for k, _ in buffers], [v for _, v in buffers], int(n), int(T), prompts.keys,
-                                  prompts.values, prompts.lengths, group, float(scale), int(hq), int(hk), float(eps),
+                                  prompts.values, prompts.lengths, group, _EMPTY if own_of is None else own_of,
+                                  _EMPTY if col is None else col, float(scale), int(hq), int(hk), float(eps),
                                   final_norm)
 
 

@@ -104,8 +104,8 @@ template <int D>
 void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
           const bf16* q, const int64_t* qs,                       // q [B, Hk, g, D] contiguous
           const bf16* pk, const bf16* pv, const int64_t* ps, int64_t plen,  // prompt K/V [G, Hk, L, D]
-          const bf16* ok, const bf16* ov, const int64_t* os, int64_t W,     // own K/V [B / per, Hk, W, D]
-          int64_t per,                                          // query rows per own row (row b owns b / per)
+          const bf16* ok, const bf16* ov, const int64_t* os, int64_t W,     // own K/V [R, Hk, W, D]
+          const int64_t* own,                                   // query row b continues own row own[b]
           const bool* valid, int64_t vs,                        // own columns in use [B, W] or null
           const bf16* kt, const bf16* vt, int64_t Lq,           // prompt_tiles' kt / vt of this task, or null
           bf16* out) {
@@ -182,7 +182,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   // ---- scores against each row's own columns (a few per row: plain dot products) ----
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = rows[r];
-    const bf16* okb = ok + (b / per) * os[0] + h * os[1];
+    const bf16* okb = ok + own[b] * os[0] + h * os[1];
     for (int64_t w = 0; w < Wp; ++w) {
       const bool use = w < W && (valid == nullptr || valid[b * vs + w]);
       if (!use) {
@@ -297,7 +297,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   // ---- P.V over each row's own columns, normalise, write bf16 ----
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = rows[r];
-    const bf16* ovb = ov + (b / per) * os[0] + h * os[1];
+    const bf16* ovb = ov + own[b] * os[0] + h * os[1];
     for (int64_t w = 0; w < W; ++w) {
       if (valid != nullptr && !valid[b * vs + w]) continue;
       __m512 vf[V16];
@@ -390,19 +390,20 @@ void amx_tile(const bf16* x, int64_t m, int64_t K, const bf16* w, int64_t P, con
 }
 }  // namespace
 
-// q [B, Hk, g, D]; own_k/own_v [B / per, Hk, W, D] (last dim contiguous; query rows b * per .. b * per + per - 1
-// continue own row b: a draft's positions); own_valid [B, W] bool (per query row) or empty;
-// prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B]. Returns [B, Hk, g, D], all bf16.
+// q [B, Hk, g, D]; own_k/own_v [R, Hk, W, D] (last dim contiguous); own_valid [B, W] bool (per query row) or
+// empty; prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B]; own_of [B] (query row b continues own
+// row own_of[b]: a draft's positions continue one row) or empty (attention_args.h). Returns [B, Hk, g, D], bf16.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tensor own_v, torch::Tensor own_valid,
                                torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
-                               torch::Tensor group_of, double scale, torch::Tensor prompt_kt, torch::Tensor prompt_vt) {
+                               torch::Tensor group_of, torch::Tensor own_of, double scale, torch::Tensor prompt_kt,
+                               torch::Tensor prompt_vt) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && own_k.scalar_type() == at::kBFloat16 &&
               prompt_k.scalar_type() == at::kBFloat16, "decode_attention computes bf16");
   TORCH_CHECK(own_v.scalar_type() == at::kBFloat16 && prompt_v.scalar_type() == at::kBFloat16, "bf16 values");
   q = q.contiguous();
-  const AttentionArgs a = attention_args(q, own_k, own_v, own_valid, prompt_k, prompt_v, prompt_len, group_of);
-  const int64_t B = a.B, Hk = a.Hk, g = a.g, D = a.D, G = a.G, W = a.W, per = a.per;
-  const int64_t* pl = a.plen;
+  const AttentionArgs a = attention_args(q, own_k, own_v, own_valid, prompt_k, prompt_v, prompt_len, group_of, own_of);
+  const int64_t Hk = a.Hk, g = a.g, D = a.D, G = a.G, W = a.W;
+  const int64_t *pl = a.plen, *own = a.own;
   const auto& rows = a.rows;
   const bool* valid = a.valid;
   const int64_t vs = valid ? W : 0;
@@ -431,10 +432,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
       if (rows[gi].empty()) continue;
       const int64_t tile = (gi * Hk + h) * (D / 2) * Lq * 2;  // elements per (group, head) in kt and in vt
       if (D == 64)
-        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, per, valid, vs,
+        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, vs,
                  tiles ? ktp + tile : nullptr, tiles ? vtp + tile : nullptr, Lq, op);
       else
-        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, per, valid, vs,
+        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, vs,
                   nullptr, nullptr, 0, op);
     }
   });
@@ -691,12 +692,13 @@ std::vector<torch::Tensor> decode_qkv(torch::Tensor x, torch::Tensor norm, torch
 // rows' own columns after the update [B, hk, W, D].
 torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor own_valid,
                           torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
-                          torch::Tensor group_of, double scale, torch::Tensor o_w, torch::Tensor o_b,
-                          torch::Tensor norm2, torch::Tensor gate_up_w, torch::Tensor gate_up_b, torch::Tensor down_w,
-                          torch::Tensor down_b, double eps, torch::Tensor prompt_kt, torch::Tensor prompt_vt) {
+                          torch::Tensor group_of, torch::Tensor own_of, double scale, torch::Tensor o_w,
+                          torch::Tensor o_b, torch::Tensor norm2, torch::Tensor gate_up_w, torch::Tensor gate_up_b,
+                          torch::Tensor down_w, torch::Tensor down_b, double eps, torch::Tensor prompt_kt,
+                          torch::Tensor prompt_vt) {
   const int64_t B = x.size(0), hq = q.size(1), D = q.size(3), hk = k.size(1);
   auto o = decode_attention(q.reshape({B, hk, hq / hk, D}), k, v, own_valid, prompt_k, prompt_v, prompt_len, group_of,
-                            scale, prompt_kt, prompt_vt);
+                            own_of, scale, prompt_kt, prompt_vt);
   x = x + linear(o.reshape({B, 1, hq * D}), o_w, o_b);
   auto gate_up = linear(rms_norm(x, norm2, eps), gate_up_w, gate_up_b);
   const int64_t I = gate_up.size(-1) / 2;
@@ -709,21 +711,21 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
                             std::vector<torch::Tensor> weights, std::vector<torch::Tensor> cache_k,
                             std::vector<torch::Tensor> cache_v, int64_t n, int64_t T,
                             std::vector<torch::Tensor> prompt_k, std::vector<torch::Tensor> prompt_v,
-                            torch::Tensor prompt_len, torch::Tensor group_of, std::vector<torch::Tensor> prompt_kt,
-                            std::vector<torch::Tensor> prompt_vt, double scale, int64_t hq, int64_t hk, double eps,
-                            torch::Tensor final_norm) {
+                            torch::Tensor prompt_len, torch::Tensor group_of, torch::Tensor own_of, torch::Tensor col,
+                            std::vector<torch::Tensor> prompt_kt, std::vector<torch::Tensor> prompt_vt, double scale,
+                            int64_t hq, int64_t hk, double eps, torch::Tensor final_norm) {
   const bool tiles = !prompt_kt.empty();
   TORCH_CHECK(!tiles || (prompt_kt.size() == cache_k.size() && prompt_vt.size() == cache_k.size()),
               "decode_layers: prompt tiles for every layer or none");
   x = layer_loop(
-      x, weights, cache_k, cache_v, prompt_k, prompt_v, n, T, hk, cos.size(-1),
+      x, weights, cache_k, cache_v, prompt_k, prompt_v, n, T, own_of, col, hk, cos.size(-1),
       [&](const torch::Tensor& h, const torch::Tensor* w) {
         return decode_qkv(h, w[0], w[1], w[2], cos, sin, hq, hk, eps);
       },
       [&](size_t i, const torch::Tensor& h, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
           const torch::Tensor* w) {
-        return decode_rest(h, q, k, v, own_valid, prompt_k[i], prompt_v[i], prompt_len, group_of, scale, w[3], w[4],
-                           w[5], w[6], w[7], w[8], w[9], eps, tiles ? prompt_kt[i] : torch::empty({0}),
+        return decode_rest(h, q, k, v, own_valid, prompt_k[i], prompt_v[i], prompt_len, group_of, own_of, scale, w[3],
+                           w[4], w[5], w[6], w[7], w[8], w[9], eps, tiles ? prompt_kt[i] : torch::empty({0}),
                            tiles ? prompt_vt[i] : torch::empty({0}));
       });
   return rms_norm(x, final_norm, eps);

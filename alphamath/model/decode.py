@@ -87,13 +87,15 @@ def usable(x: torch.Tensor, head_dim: int) -> bool:
 
 
 def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group_of, scale: float,
-                     tiles: tuple | None = None) -> torch.Tensor:
-    """q [B, Hk, g, D]; own_k/own_v [B, Hk, W, D]; own_valid [B, W] bool or None (every column);
+                     tiles: tuple | None = None, own_of=None) -> torch.Tensor:
+    """q [B, Hk, g, D]; own_k/own_v [R, Hk, W, D]; own_valid [B, W] bool or None (every column);
     keys/values [G, Hk, L, D]; prompt_len [G]; group_of [B] -> [B, Hk, g, D]. `tiles`: prompt_tiles
-    of keys/values, for AMX (else the vdpbf16ps path)."""
+    of keys/values, for AMX (else the vdpbf16ps path). own_of [B]: the own row each query row continues
+    (None: rows b * B/R .. continue own row b)."""
     kt, vt = tiles or (_EMPTY, _EMPTY)
     return kernel().decode_attention(q, own_k, own_v, _EMPTY_BOOL if own_valid is None else own_valid, keys,
-                                     values, prompt_len, group_of, float(scale), kt, vt)
+                                     values, prompt_len, group_of, _EMPTY if own_of is None else own_of, float(scale),
+                                     kt, vt)
 
 
 def tiles_on() -> bool:
@@ -184,27 +186,30 @@ def decode_qkv(x, norm, qkv, qkv_bias, cos, sin, hq: int, hk: int, eps: float):
 
 
 def decode_rest(x, q, k, v, own_valid, prompts_k, prompts_v, lengths, group, scale: float,
-                o, o_bias, norm, gate_up, gate_up_bias, down, down_bias, eps: float, tiles: tuple | None = None):
+                o, o_bias, norm, gate_up, gate_up_bias, down, down_bias, eps: float, tiles: tuple | None = None,
+                own_of=None):
     """A decode step's layer, second half: x + o(attention over the prompts and own columns k/v), then
     + down(silu(gate) * up) with gate|up = gate_up(rms_norm(x)). The same numbers as the torch ops."""
     kt, vt = tiles or (_EMPTY, _EMPTY)
     return kernel().decode_rest(
         x, q, k, v, _EMPTY_BOOL if own_valid is None else own_valid, prompts_k, prompts_v, lengths, group,
-        float(scale), o, _EMPTY if o_bias is None else o_bias, norm, gate_up,
+        _EMPTY if own_of is None else own_of, float(scale), o, _EMPTY if o_bias is None else o_bias, norm, gate_up,
         _EMPTY if gate_up_bias is None else gate_up_bias, down, _EMPTY if down_bias is None else down_bias, float(eps),
         kt, vt)
 
 
 def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prompts, group, scale: float, hq: int,
-                  hk: int, eps: float, final_norm):
+                  hk: int, eps: float, final_norm, own_of=None, col=None):
     """Every decoder layer of a decode step and the final norm in one call: per layer decode_qkv, the
     rows' T new K/V columns written at column n of `buffers` [(K, V) per layer, [B, hk, >= n + T, D]],
-    then decode_rest over their columns [0, n + T). x [B * T, 1, H]; `weights`
-    fast_llama.layer_weights(layers, "weight"); `prompts` the step's SharedPrompts, `group` [B * T] each
+    then decode_rest over their columns [0, n + T). x [Q, 1, H] (Q = B * T; ragged: query row r is
+    own row own_of[r]'s column n + col[r], int64 [Q], decode_layers.h); `weights`
+    fast_llama.layer_weights(layers, "weight"); `prompts` the step's SharedPrompts, `group` [Q] each
     query row's prompt. The same numbers as the two calls per layer."""
     kt = [t[0] for t in prompts.tiles] if prompts.tiles else []
     vt = [t[1] for t in prompts.tiles] if prompts.tiles else []
     return kernel().decode_layers(x, cos, sin, _EMPTY_BOOL if own_valid is None else own_valid, weights,
                                   [k for k, _ in buffers], [v for _, v in buffers], int(n), int(T), prompts.keys,
-                                  prompts.values, prompts.lengths, group, kt, vt, float(scale), int(hq),
+                                  prompts.values, prompts.lengths, group, _EMPTY if own_of is None else own_of,
+                                  _EMPTY if col is None else col, kt, vt, float(scale), int(hq),
                                   int(hk), float(eps), final_norm)

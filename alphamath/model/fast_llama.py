@@ -244,28 +244,30 @@ class FastLlama:
         return ROW_COST_BF16_TILES if kernel.tiles_on() else ROW_COST_BF16
 
     @torch.inference_mode()
-    def verify(self, ids, positions, own_valid, cache, prompts: SharedPrompts) -> torch.Tensor:
-        """A decode step that feeds T tokens per row (its last sampled token and a draft, kv.py's
-        _Batch.step) -> the final-normed hidden states [B, T, hidden]. ids/positions [B, T]; own_valid
-        [B * T, W + T] bool: query row b * T + j sees row b's own columns in use before the step and the
-        step's first j + 1; the cache (each row's own columns) gains T columns per row.
-        Each position is one query row of the layer kernels (the T rows of a row share its own K/V), so it
-        computes what a one-token step from the same columns computes; `verify_rows` says if they run."""
-        B, T = ids.shape
-        x = F.embedding(ids.reshape(B * T, 1), self.embed)
-        cos, sin = self.rotary(x, positions.reshape(B * T, 1))
-        return self._kernel_layers(x, cos, sin, own_valid, cache, prompts, T).view(B, T, -1)
+    def verify(self, ids, own_of, col, positions, own_valid, cache, prompts: SharedPrompts, T: int) -> torch.Tensor:
+        """A decode step that feeds each row its last sampled token and its draft (kv.py's _Batch.step): Q query
+        rows, ragged (no row padded to the longest draft) -> the final-normed hidden states [Q, hidden].
+        ids/own_of/col/positions [Q] int64: query r feeds ids[r] at position positions[r] as row own_of[r]'s
+        step column col[r] (0 its last token, 1.. its draft); own_valid [Q, W + T] bool: query r sees its row's
+        own columns in use before the step and the step's columns up to col[r]; the cache (each row's own
+        columns) gains T columns per row, those no query fed zeros (masked by the caller).
+        Each query is one row of the layer kernels, so it computes what a one-token step from the same
+        columns computes; `verify_rows` says if they run."""
+        x = F.embedding(ids[:, None], self.embed)
+        cos, sin = self.rotary(x, positions[:, None])
+        return self._kernel_layers(x, cos, sin, own_valid, cache, prompts, T, own_of, col).squeeze(1)
 
-    def _kernel_layers(self, x, cos, sin, own_valid, cache, prompts: SharedPrompts, T: int) -> torch.Tensor:
+    def _kernel_layers(self, x, cos, sin, own_valid, cache, prompts: SharedPrompts, T: int, own_of=None,
+                       col=None) -> torch.Tensor:
         """A decode step's layers and final norm in C++: one call for every layer when the cache's layers
         expose their buffers (decode.decode_layers in bf16, avx2.decode_layers in fp32), else two calls per
         layer around the cache update (decode.cpp's in bf16, avx2.cpp's fp16-weight ones in fp32): the
-        operations of `hidden`'s loop without ~25 Python-dispatched operations per layer. x [B * T, 1, hidden]
-        holds T positions of each of B rows (`verify`; T = 1: a plain step); own_valid [B * T, W + T] bool or
-        None."""
+        operations of `hidden`'s loop without ~25 Python-dispatched operations per layer. x [Q, 1, hidden]: one
+        position of each of B rows (T = 1: a plain step), or query r at row own_of[r]'s step column col[r]
+        (`verify`); own_valid [Q, W + T] bool or None."""
         fp32, hq, hk, D = x.dtype == torch.float32, self.hq, self.hk, self.head_dim
-        B = x.shape[0] // T
-        group = prompts.group if T == 1 else prompts.group.repeat_interleave(T)
+        B = prompts.group.numel()  # rows
+        group = prompts.group if own_of is None else prompts.group[own_of]
         own = [cache.layers[i] for i in range(len(self.layers))]
         if all(hasattr(layer, "buffers") for layer in own):
             # every layer in one C++ call (decode.decode_layers, avx2.decode_layers in fp32), the K/V written into
@@ -273,7 +275,7 @@ class FastLlama:
             buffers = [layer.buffers() for layer in own]
             h = (avx2 if fp32 else kernel).decode_layers(
                 x, cos, sin, own_valid, self.layer_weights, [(k, v) for k, v, _ in buffers], buffers[0][2], T,
-                prompts, group, self.scale, hq, hk, self.eps, self.norm)
+                prompts, group, self.scale, hq, hk, self.eps, self.norm, own_of, col)
             for layer in own:
                 layer.advance(T)
             return h
@@ -283,16 +285,18 @@ class FastLlama:
             else:
                 q, k, v = kernel.decode_qkv(x, layer.norm1, layer.qkv.weight, layer.qkv.bias, cos, sin, hq, hk,
                                             self.eps)
+            if own_of is not None:  # ragged: each query's K/V at its row's column, zeros where no query fed one
+                k, v = (t.new_zeros(B, T, hk, D).index_put_((own_of, col), t.reshape(-1, hk, D)) for t in (k, v))
             k, v = cache.update(k.reshape(B, T, hk, D).transpose(1, 2), v.reshape(B, T, hk, D).transpose(1, 2), i)
             if fp32:
                 x = avx2.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
                                      group, self.scale, layer.o.f16, layer.o.bias, layer.norm2, layer.gate_up.f16,
-                                     layer.gate_up.bias, layer.down.f16, layer.down.bias, self.eps)
+                                     layer.gate_up.bias, layer.down.f16, layer.down.bias, self.eps, own_of)
             else:
                 x = kernel.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
                                        group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
                                        layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias,
-                                       self.eps, prompts.tiles[i] if prompts.tiles else None)
+                                       self.eps, prompts.tiles[i] if prompts.tiles else None, own_of)
         return avx2.rms_norm(x, self.norm, self.eps) if fp32 else kernel.rms_norm(x, self.norm, self.eps)
 
     def step_weight_bytes(self, rows: int) -> int:
