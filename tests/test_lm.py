@@ -861,13 +861,16 @@ def test_lookup_drafts_as_many_tokens_as_its_match_reaches_back():
 def test_draft_length_weighs_the_yield_of_a_draft_against_the_rows_it_adds():
     from alphamath.lm.lookup import DRAFT_MAX, draft_length
 
-    assert draft_length(1, 0.35, 0.03, 40) == DRAFT_MAX  # one row: four more rows cost 12%, yield 140%
-    assert draft_length(1, 0.0, 0.03, 40) == 0  # nothing accepted: no row is worth adding
-    assert draft_length(5, 0.1, 0.03, 40) == 0  # (1 + 0.1 k) / (1 + 0.03 (5k + 4)) peaks at k = 0 ...
-    assert draft_length(5, 0.35, 0.03, 40) == DRAFT_MAX  # ... and at k = 4 when a third of drafts land
-    assert draft_length(20, 0.35, 0.03, 40) == 0  # twenty rows: a draft row costs more than it yields
-    assert draft_length(10, 0.45, 0.03, 25) == 1  # the step's row cap: 10 x (k + 1) <= 25
-    assert draft_length(3, 0.35, 0.03, 3) == 0  # no room for any draft
+    assert draft_length([4], 0.35, 0.03, 40) == DRAFT_MAX  # one row: four more rows cost 12%, yield 140%
+    assert draft_length([4], 0.0, 0.03, 40) == 0  # nothing accepted: no row is worth adding
+    assert draft_length([4] * 5, 0.1, 0.03, 40) == 0  # (5 + 0.5 k) / (1 + 0.03 (5k + 4)) peaks at k = 0 ...
+    assert draft_length([4] * 5, 0.35, 0.03, 40) == DRAFT_MAX  # ... and at k = 4 when a third of drafts land
+    assert draft_length([4] * 20, 0.35, 0.03, 40) == 0  # twenty drafting rows: a draft row costs more than it yields
+    # A ragged step: rows without a draft add no query row, so two drafting rows among twenty still pay
+    assert draft_length([4, 4] + [0] * 18, 0.75, 0.03, 40) == DRAFT_MAX
+    assert draft_length([4] * 10, 0.45, 0.03, 25) == 1  # the step's row cap: 10 + 10 k <= 25
+    assert draft_length([4] * 3, 0.35, 0.03, 3) == 0  # no room for any draft
+    assert draft_length([1, 0, 2], 0.9, 0.03, 40) == 2  # k past the longest draft gains nothing: the smallest best k
 
 
 def test_a_cache_layer_written_in_place_counts_its_columns_and_refuses_to_overrun():

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from alphamath.lm.lookup import YIELD_PRIOR, Lookup, draft_length
+from alphamath.lm.lookup import DRAFT_MAX, YIELD_PRIOR, Lookup, draft_length
 from alphamath.lm.radix_cache import KV, PrefixCache
 from alphamath.model import decode
 from alphamath.model.attention import SharedPrompts
@@ -373,13 +373,19 @@ class _Batch:
         n_alive = sum(self.alive)
         if not n_alive:
             return False
-        k = draft_length(n_alive, self.draft_yield, lm.row_cost, lm.draft_rows) if lm.draft_rows else 0
+        k = 0
+        for b, smp in enumerate(self.samples):  # what the lookup offers each live row, then how much of it to feed
+            live_row = lm.draft_rows and self.alive[b]
+            smp.draft = smp.next_draft(min(DRAFT_MAX, max_new_tokens - len(smp.tokens) - 1)) if live_row else []
+        if lm.draft_rows:
+            k = draft_length([len(smp.draft) for b, smp in enumerate(self.samples) if self.alive[b]],
+                             self.draft_yield, lm.row_cost, lm.draft_rows)
         if 8 * (self.size - n_alive) >= self.size or self.width + 1 + k > self.mask.shape[1]:
             keep = [b for b in range(self.size) if self.alive[b]]
             self._select(keep, 1 + k)
             next_tokens = [next_tokens[b] for b in keep]
-        for b, smp in enumerate(self.samples):
-            smp.draft = smp.next_draft(min(k, max_new_tokens - len(smp.tokens) - 1)) if k > 0 and self.alive[b] else []
+        for smp in self.samples:
+            smp.draft = smp.draft[:k]
         T = 1 + max((len(smp.draft) for smp in self.samples), default=0)
         dev, W, B = self.mask.device, self.width, self.size
         if T == 1:

@@ -20,17 +20,25 @@ REACH_CAP = 16  # a match reaching this far back drafts DRAFT_MAX tokens
 YIELD_PRIOR = 0.35  # tokens accepted per draft position before a batch has measured its own (MCTS: 0.31-0.45)
 
 
-def draft_length(rows: int, yield_: float, row_cost: float, max_rows: int) -> int:
-    """Draft tokens per row for a step of `rows` rows: the k <= DRAFT_MAX (and rows * (k + 1) <= max_rows)
-    that maximises the tokens a step yields per unit of its cost,
+def draft_length(drafts: list[int], yield_: float, row_cost: float, max_rows: int) -> int:
+    """Draft tokens per row at most, for a step whose live rows have drafts of these lengths (what the lookup
+    offers them, cut by draft_cut): the k <= DRAFT_MAX (and feeding at most max_rows query rows) that
+    maximises the tokens a step yields per unit of its cost,
 
-        rows * (1 + yield_ * k) / (1 + row_cost * (rows * (k + 1) - 1)),
+        (rows + yield_ * drafted) / (1 + row_cost * (rows + drafted - 1)),   drafted = sum(min(d, k)),
 
     where yield_ is the tokens accepted per draft position so far and row_cost a query row's cost
-    relative to a one-row step (FastLlama.row_cost). Few rows: drafts are nearly free; many rows, or
-    text that does not repeat itself (a low yield): none."""
-    k_max = max(0, min(DRAFT_MAX, max_rows // rows - 1))  # rows * (k + 1) <= max_rows
-    return max(range(k_max + 1), key=lambda k: (1 + yield_ * k) / (1 + row_cost * (rows * (k + 1) - 1)))
+    relative to a one-row step (FastLlama.row_cost). A verifying step is ragged (kv.py), so a row without a
+    draft adds no query row. Few rows: drafts are nearly free; many rows, or text that does not repeat
+    itself (a low yield): none."""
+    rows = len(drafts)
+
+    def gain(k: int) -> float:
+        drafted = sum(min(d, k) for d in drafts)
+        return (rows + yield_ * drafted) / (1 + row_cost * (rows + drafted - 1))
+
+    fits = [k for k in range(1, DRAFT_MAX + 1) if rows + sum(min(d, k) for d in drafts) <= max_rows]
+    return max([0] + fits, key=gain)
 
 
 def reach(tokens: list[int], end: int, at: int, cap: int = REACH_CAP) -> int:
