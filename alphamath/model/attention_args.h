@@ -14,7 +14,10 @@
 struct AttentionArgs {
   int64_t B, Hk, g, D, G, W;
   torch::Tensor lengths, mask, owner;  // prompt_len, own_valid as bool, own_of (kept alive for the raw pointers)
-  const int64_t* own;           // [B]: each query row's own row
+  std::vector<int64_t> per_row;  // without own_of: b / per for each query row b (no tensor on the hot path)
+  const int64_t* own() const {  // [B]: each query row's own row
+    return owner.defined() ? owner.data_ptr<int64_t>() : per_row.data();
+  }
   const int64_t* plen;          // [G]
   const bool* valid;            // [B, W], or null: every own column in use
   std::vector<std::vector<int64_t>> rows;  // the query rows of each prompt
@@ -34,12 +37,13 @@ inline AttentionArgs attention_args(const torch::Tensor& q, const torch::Tensor&
   if (own_of.numel()) {
     TORCH_CHECK(own_of.numel() == B, "own_of [B]");
     a.owner = own_of.to(at::kLong).contiguous();
+    const int64_t* own = a.own();
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(own[b] >= 0 && own[b] < R, "own_of out of range");
   } else {
     TORCH_CHECK(B % R == 0, "without own_of, the query rows must be a multiple of the own rows");
-    a.owner = at::arange(B, at::kLong).div(B / R, "floor");
+    a.per_row.resize(B);
+    for (int64_t b = 0; b < B; ++b) a.per_row[b] = b / (B / R);
   }
-  a.own = a.owner.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(a.own[b] >= 0 && a.own[b] < R, "own_of out of range");
   TORCH_CHECK(own_v.sizes() == own_k.sizes() && own_v.strides() == own_k.strides(), "own_v must be laid out as own_k");
   TORCH_CHECK(prompt_k.size(1) == Hk && prompt_k.size(3) == D && prompt_k.stride(3) == 1, "prompt_k shape");
   TORCH_CHECK(prompt_v.sizes() == prompt_k.sizes() && prompt_v.strides() == prompt_k.strides(), "prompt_v layout");

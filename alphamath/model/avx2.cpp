@@ -300,7 +300,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
               "decode_attention (avx2) computes fp32");
   const AttentionArgs a = attention_args(q, own_k, own_v, own_valid, prompt_k, prompt_v, prompt_len, group_of, own_of);
   const int64_t B = a.B, Hk = a.Hk, g = a.g, D = a.D, G = a.G, W = a.W;
-  const int64_t *pl = a.plen, *own = a.own;
+  const int64_t *pl = a.plen, *own = a.own();
   const auto& rows = a.rows;
   const bool* valid = a.valid;
   auto out = torch::empty({B, Hk, g, D}, q.options());

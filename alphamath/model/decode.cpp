@@ -403,7 +403,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   q = q.contiguous();
   const AttentionArgs a = attention_args(q, own_k, own_v, own_valid, prompt_k, prompt_v, prompt_len, group_of, own_of);
   const int64_t Hk = a.Hk, g = a.g, D = a.D, G = a.G, W = a.W;
-  const int64_t *pl = a.plen, *own = a.own;
+  const int64_t *pl = a.plen, *own = a.own();
   const auto& rows = a.rows;
   const bool* valid = a.valid;
   const int64_t vs = valid ? W : 0;
