@@ -310,6 +310,8 @@ def engine_rates(lm, prompt: str, tokens: int, n: int, temperature: float = 0.6,
 def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
     import torch
 
+    from alphamath.model.packed import fp16_below_rows
+
     threads = torch.get_num_threads()
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(prompt)
@@ -323,9 +325,11 @@ def llama_cpp_vs_engine(args, lm, prompt: str) -> dict:
     eng = engine_rates(lm, prompt, args.decode_tokens, args.n_children, drafts=False)  # like for like
     drafted = engine_rates(lm, prompt, args.decode_tokens, args.n_children) if lm.draft_rows else None
     # The same engine with float weights in every matmul, where the default reads fp16 (model/packed.py):
-    # what the fp16 decode weights moved, measured in the same run.
+    # what the fp16 decode weights moved, measured in the same run. Only fp32 models read fp16 copies; a bf16
+    # model's "float" engine would be the same engine again (until s40 it ran anyway: its 10% spread read as
+    # a difference).
     exact = None
-    if lm.step_weight_bytes(1) < lm.step_weight_bytes(1 << 20):
+    if fp16_below_rows(lm.model.dtype, lm.device):
         from alphamath.lm import LocalLM
 
         exact = engine_rates(LocalLM(lm.model, decode_weights="float"), prompt, args.decode_tokens, args.n_children,
