@@ -3,7 +3,10 @@ import json
 
 import pytest
 
+from alphamath.data import load_problems
 from trainer_svc.learn import LearnConfig, coverage, paired, run, split, table, training_pool
+from trainer_svc.promote import EvalConfig, eval_fingerprint
+from trainer_svc.store import Store
 from alphamath.tree import Tree
 
 
@@ -70,6 +73,16 @@ def test_one_round_writes_report_and_learning_curve(tiny_model_dir, tmp_path):
     assert rows[1]["trees"] == 2 and set(rows[1]["coverage"]) == {"N=1", "N=2"}
     assert (tmp_path / "learn" / "learning.png").stat().st_size > 0
     assert {(c["round"], c["a"], c["b"]) for c in report["paired"]} >= {(1, "greedy", "round 0 greedy"), (1, "sbs", "sbs_zero")}
+    # the evaluations (and so the gate) sampled SBS at sbs_temperature: the stored base evaluation is keyed by it
+    store = Store(f"sqlite:///{tmp_path / 'learn' / 'trainer.db'}")
+    try:
+        sets = {c.metrics.get("eval_set") for c in store.checkpoints() if c.metrics}
+    finally:
+        store.close()
+    problems = load_problems(tmp_path / "learn" / "heldout.jsonl")
+    search = {"beam_b1": 1, "beam_b2": 2, "max_new_tokens": 8}
+    assert eval_fingerprint(problems, EvalConfig(search={**search, "temperature": cfg.sbs_temperature})) in sets
+    assert eval_fingerprint(problems, EvalConfig(search=search)) not in sets
     saved = json.loads((tmp_path / "learn" / "report.json").read_text())
     assert [r["round"] for r in saved["rows"]] == [0, 1]
     again = run(cfg, say=lines.append)  # resumable: a finished stage is not run again
