@@ -31,6 +31,8 @@ def test_every_round_draws_its_gsm8k_problems_from_the_same_easiest_set(tmp_path
     assert set(gs) == {p.id for p in easiest(load_problems(cfg.gsm8k_train), 12)}  # the 12 easiest, no other
     assert gs != sorted(gs, key=lambda i: int(i[1:]))  # shuffled: round 1 does not take the easiest 4
     assert [p.id for p in training_pool(cfg)] == [p.id for p in pool]  # seeded
+    one = training_pool(LearnConfig(**{**cfg.__dict__, "rounds": 1}))  # a 1-round run: the 3-round run's first round
+    assert [p.id for p in one[:8]] == [p.id for p in pool[:8]] and len(one) == len(pool)
 
 
 def test_paired_comparisons_count_discordant_problems():
@@ -93,3 +95,11 @@ def test_one_round_writes_report_and_learning_curve(tiny_model_dir, tmp_path):
     assert faster["rows"] == again["rows"] and faster["config"]["search_concurrency"] == 5
     with pytest.raises(ValueError, match="other settings"):
         run(LearnConfig(**{**cfg.__dict__, "iterations": 3}), say=lines.append)
+    # a finished run goes on with more rounds: its rows stay, round 2 takes fresh problems
+    longer = run(LearnConfig(**{**cfg.__dict__, "rounds": 2}), say=lines.append)
+    assert [r["round"] for r in longer["rows"]] == [0, 1, 2] and longer["rows"][0] == faster["rows"][0]
+    assert {k: v for k, v in longer["rows"][1].items() if k != "value_next"} == faster["rows"][1]
+    assert longer["rows"][1]["value_next"]["trees"] == 2  # round 1's head, now on round 2's fresh trees
+    assert longer["seconds"]["round1"] == saved["seconds"]["round1"]
+    r1 = longer["rows"][1]
+    assert longer["rows"][2]["base"] == (r1["checkpoint"] if r1["promoted"] is True else r1["base"])

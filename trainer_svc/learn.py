@@ -71,12 +71,14 @@ class LearnConfig:
 
 
 THROUGHPUT_ONLY = ("concurrency", "search_concurrency")  # how many at once: the same trees up to float noise
+POOL_ROUNDS = 3  # the training pool holds at least this many rounds' problems (training_pool: why)
 
 
 def _settings(config: dict) -> dict:
     """What a resumed run must share with the run it continues: everything but how many problems
-    run at once."""
-    return {k: v for k, v in config.items() if k not in THROUGHPUT_ONLY}
+    run at once and how many rounds it runs (a finished run goes on with more rounds: the pool of a
+    shorter run is the longer run's, up to POOL_ROUNDS)."""
+    return {k: v for k, v in config.items() if k not in THROUGHPUT_ONLY + ("rounds",)}
 
 
 class ZeroValue:
@@ -90,12 +92,14 @@ def training_pool(cfg: LearnConfig) -> list:
     """Arithmetic and GSM8K train problems, interleaved (one of each in turn). The GSM8K half is the
     easiest rounds * k / 2 in a seeded shuffle, so every round draws from the same difficulty and a
     round's coverage and accuracy compare with another's. Sorted easiest first, each round's
-    problems were harder than the last's: session 18's coverage fell 41.7 -> 33.3% by round 3."""
+    problems were harder than the last's: session 18's coverage fell 41.7 -> 33.3% by round 3. The easiest set
+    is sized for at least POOL_ROUNDS rounds, so a 1-round run's problems are a 3-round run's first round and
+    the run can go on to more rounds with fresh problems."""
     import random
 
     from alphamath.data import easiest, load_problems
     ar = load_problems(cfg.arith_train)
-    gs = easiest(load_problems(cfg.gsm8k_train), min(len(ar), -(-cfg.rounds * cfg.k // 2)))
+    gs = easiest(load_problems(cfg.gsm8k_train), min(len(ar), -(-max(cfg.rounds, POOL_ROUNDS) * cfg.k // 2)))
     random.Random(cfg.seed).shuffle(gs)
     return [p for pair in zip(ar, gs) for p in pair]
 
