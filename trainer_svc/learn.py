@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from alphamath.search_config import SBS_TEMPERATURE
+
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 SETS = {"arith": REPO / "data" / "arith" / "dev.jsonl", "hand": REPO / "data" / "handwritten" / "dev.jsonl"}
@@ -50,10 +52,9 @@ class LearnConfig:
                                    # 9 -> 18/100; round 2 at 2 epochs narrowed the policy (hand-written 10% -> 0%)
     b1: int = 3
     b2: int = 5
-    sbs_temperature: float = 0.3   # SBS's sampling in evaluation and the gate (data generation keeps 0.6).
-                                   # Session 37, round-1 checkpoint, 60 fresh arithmetic problems, 3 seeds:
-                                   # T 0.3 solved 44, 42, 44, T 0.6 40, 36, 38 (greedy 42): under a head
-                                   # that barely ranks within a question, the vote counts truer samples
+    sbs_temperature: float = SBS_TEMPERATURE  # SBS's sampling in evaluation and the gates (search_config: why).
+                                   # Chosen in session 37 on 60 fresh arithmetic problems at a round-1
+                                   # checkpoint, 3 seeds: T 0.3 solved 44, 42, 44, T 0.6 40, 36, 38 (greedy 42)
     eval_limit: int | None = 50    # problems per held-out set (None: all, 60 each): 50 makes one
                                    # problem 2 points and keeps 3 rounds within 2.5 h on 2 cores
     concurrency: int = 8           # evaluation: SBS searches at once (x B1*B2 decode rows; greedy runs

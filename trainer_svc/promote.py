@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Mapping, Sequence
 
-from alphamath.search_config import SearchConfig
+from alphamath.search_config import SBS_TEMPERATURE, SearchConfig
 from alphamath.runtime import load_engine
 from trainer_svc.registry import DEFAULT_DATA, held_out_trees
 
@@ -65,7 +65,8 @@ THRESHOLD = 0.0    # tolerated accuracy drop per gated metric
 @dataclass
 class EvalConfig:
     methods: tuple[str, ...] = ("greedy", "sbs")
-    search: dict = field(default_factory=lambda: {"beam_b1": 2, "beam_b2": 3, "max_new_tokens": 192})
+    search: dict = field(default_factory=lambda: {"beam_b1": 2, "beam_b2": 3, "max_new_tokens": 192,
+                                                  "temperature": SBS_TEMPERATURE})
     concurrency: int = 8   # problems searched at once (their model calls share decode batches); greedy,
                            # one row per problem, runs B1 * B2 times as many: the rows of an SBS batch
 
