@@ -374,10 +374,11 @@ class _Batch:
         if not n_alive:
             return False
         k = 0
+        drafting = n_alive < lm.draft_rows  # else no draft fits: skip the lookups (they catch up)
         for b, smp in enumerate(self.samples):  # what the lookup offers each live row, then how much of it to feed
-            live_row = lm.draft_rows and self.alive[b]
+            live_row = drafting and self.alive[b]
             smp.draft = smp.next_draft(min(DRAFT_MAX, max_new_tokens - len(smp.tokens) - 1)) if live_row else []
-        if lm.draft_rows:
+        if drafting:
             k = draft_length([len(smp.draft) for b, smp in enumerate(self.samples) if self.alive[b]],
                              self.draft_yield, lm.row_cost, lm.draft_rows)
         if 8 * (self.size - n_alive) >= self.size or self.width + 1 + k > self.mask.shape[1]:
