@@ -209,7 +209,8 @@ def mcts_vs_hf(args, lm, sandbox, problems) -> dict:
         print(f"  {p.id}: {r['nodes']} nodes, needed {needed} tokens; engine {r['engine_wall_s']:.1f} s "
               f"({r['engine_model_s']:.1f} s model, {r['engine_computed']} tokens, {r['engine_drafted']} of them drafts, "
               f"{r['engine_draft_accepted']} drafts accepted); "
-              f"HF {r['hf_wall_s']:.1f} s = {r['hf_wall_s'] / r['engine_wall_s']:.2f}x ({hf.model_s:.1f} s model, {hf.computed} tokens); same tree: HF "
+              f"HF {r['hf_wall_s']:.1f} s = {r['hf_wall_s'] / r['engine_wall_s']:.2f}x "
+              f"({hf.model_s:.1f} s model, {hf.computed} tokens); same tree: HF "
               f"{r['same_tree_hf']}, engine rerun {r['same_tree_engine']}; engine without drafts "
               f"{r['nodraft_wall_s']:.1f} s (same tree {r['same_tree_nodraft']})", flush=True)
 
