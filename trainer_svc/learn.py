@@ -52,9 +52,7 @@ class LearnConfig:
                                    # 9 -> 18/100; round 2 at 2 epochs narrowed the policy (hand-written 10% -> 0%)
     b1: int = 3
     b2: int = 5
-    sbs_temperature: float = SBS_TEMPERATURE  # SBS's sampling in evaluation and the gates (search_config: why).
-                                   # Chosen in session 37 on 60 fresh arithmetic problems at a round-1
-                                   # checkpoint, 3 seeds: T 0.3 solved 44, 42, 44, T 0.6 40, 36, 38 (greedy 42)
+    sbs_temperature: float = SBS_TEMPERATURE  # SBS's sampling in evaluation and the gates (search_config: why)
     eval_limit: int | None = 50    # problems per held-out set (None: all, 60 each): 50 makes one
                                    # problem 2 points and keeps 3 rounds within 2.5 h on 2 cores
     concurrency: int = 8           # evaluation: SBS searches at once (x B1*B2 decode rows; greedy runs
