@@ -335,6 +335,18 @@ def run_until_signal(stop: Callable[[], None], log: logging.Logger | None = None
         raise SystemExit(1)
 
 
+def serve_models(done: threading.Event, current: Callable[[], object | None]) -> None:
+    """Run `current()`'s LocalLM.serve on this thread until `done`, moving to the next model when a
+    checkpoint is swapped in; return when there is none (a remote backend). A model service calls it on
+    its main thread, so every decode step and score of the process runs on one thread and one OpenMP
+    pool (alphamath/lm/scheduler.py)."""
+    while not done.is_set():
+        lm = current()
+        if lm is None:
+            return
+        lm.serve(lambda: done.is_set() or current() is not lm)
+
+
 # ---------------------------------------------------------------- CPU threads
 
 def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from alphamath.service import (TGI_HTTP_PORT, add_model_server_flags, configure_threads, parse_config,
-                               run_until_signal, service_parser, setup_logging)
+                               run_until_signal, serve_models, service_parser, setup_logging)
 
 log = logging.getLogger("policy_svc")
 
@@ -74,16 +74,8 @@ def main(argv=None) -> int:
 
     listener = follow_checkpoints(args, server, load, "policy")
 
-    def decode(done):
-        """The main thread runs the local model's decode loop (one OpenMP pool; `LocalLM.serve`),
-        moving to the new model when a checkpoint is swapped in."""
-        while not done.is_set():
-            lm = server.servicer.loaded.lm
-            if lm is None:
-                return
-            lm.serve(lambda: done.is_set() or server.servicer.loaded.lm is not lm)
-
-    run_until_signal(lambda: (listener and listener.stop(), server.stop()), log, work=decode)
+    run_until_signal(lambda: (listener and listener.stop(), server.stop()), log,
+                     work=lambda done: serve_models(done, lambda: server.servicer.loaded.lm))
     return 0
 
 

@@ -93,7 +93,7 @@ def solve_many(problems, method: str, policy: Policy, value: Value, sandbox: San
     only with `rewards`) and call `done_one(problem, tree, seconds)` as each finishes, on one thread
     at a time. With concurrency > 1 the searches run on worker threads, so their generate() calls
     share decode batches, while this thread runs the model's decode loop: `serve(until)`
-    (LocalLM.serve; a remote policy needs none).
+    (LocalLM.serve; a remote policy needs none), which calls `until()` first once it serves.
 
     The first error, Ctrl-C (or SIGTERM as SystemExit) and `stop` (a threading.Event another thread
     may set) stop the batch: no new search starts, and each running one ends at its next model call
@@ -117,9 +117,19 @@ def solve_many(problems, method: str, policy: Policy, value: Value, sandbox: San
             done_one(p, *run(p))
         return
     lock, all_done, errors, left, handed = threading.Lock(), threading.Event(), [], [len(problems)], [0]
+    # Searches start once this thread serves: a search that called generate() before would run the decode
+    # loop on its own thread, whose OpenMP pool would then slow every step (lm/scheduler.py).
+    serving = threading.Event()
+    if serve is None:
+        serving.set()
+
+    def until() -> bool:
+        serving.set()  # serve() calls it first once it serves
+        return all_done.is_set() or stop.is_set()
 
     def task(p):
         try:
+            serving.wait()
             if stop.is_set():
                 return
             tree, secs = run(p)
@@ -143,12 +153,13 @@ def solve_many(problems, method: str, policy: Policy, value: Value, sandbox: San
             pool.submit(task, p)
         try:
             if serve is not None:
-                serve(lambda: all_done.is_set() or stop.is_set())
+                serve(until)
             else:
                 while not (all_done.wait(0.1) or stop.is_set()):
                     pass
         except BaseException as e:  # Ctrl-C: running searches end at their next model call
             stop.set()
+            serving.set()
             errors.append(e)
             raise
     if errors:

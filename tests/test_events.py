@@ -189,3 +189,21 @@ def test_fail_process_makes_a_service_exit_non_zero(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == "stopped\n" and "listener died" in proc.stderr
+
+
+def test_a_checkpoint_loads_on_a_thread_that_ends_with_the_load():
+    """The listener's thread lives on; the load's OpenMP pool must not (alphamath/lm/scheduler.py)."""
+    from alphamath.events import _on_a_thread_of_its_own
+
+    threads = []
+
+    def load(x):
+        threads.append(threading.current_thread())
+        if x == "bad":
+            raise ValueError("no such checkpoint")
+        return x + "!"
+
+    assert _on_a_thread_of_its_own(load, "ok") == "ok!"
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        _on_a_thread_of_its_own(load, "bad")
+    assert all(t is not threading.current_thread() and not t.is_alive() for t in threads) and len(threads) == 2

@@ -631,6 +631,67 @@ def test_serve_runs_other_threads_calls_on_the_serving_thread(lm, monkeypatch):
     assert not lm._leading and lm._batch is None
 
 
+def test_other_threads_score_and_features_run_on_the_serving_thread(lm, head_model_dir, monkeypatch):
+    """While a thread serves, score() and features() called on other threads, for this LocalLM or another
+    one in the process (the policy and value of a two-model layout), run on the serving thread between its
+    steps, with the values they have inline; an error reaches its caller, and serving goes on."""
+    other = LocalLM(head_model_dir, dtype="fp32")
+    states = [short_prompt(lm, f"What is {i} + 4?") + " Step 1" for i in range(3)]
+    want_values, want_features = other.score(states), other.features(states)
+    other.reset_cache()
+    threads, score = [], LocalLM._score
+
+    def spy(self, s):
+        threads.append(threading.get_ident())
+        return score(self, s)
+
+    monkeypatch.setattr(LocalLM, "_score", spy)
+    got, done = {}, threading.Event()
+
+    def call():
+        while not lm._leading:  # once the main thread serves
+            time.sleep(0.001)
+        got["generate"] = lm.generate([states[0]], 2, temperature=1.0, max_new_tokens=12, seed=1)
+        got["values"], got["own"] = other.score(states), lm.score(states[:1])
+        got["features"] = other.features(states)
+        with pytest.raises(ValueError, match="empty state"):
+            lm.score([""])
+        done.set()
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    lm.serve(done.is_set)
+    worker.join(10)
+    assert done.is_set() and threads == [threading.get_ident()] * 3
+    assert got["values"] == pytest.approx(want_values, abs=1e-5)
+    assert torch.allclose(got["features"], want_features, atol=1e-5)
+    assert not lm._leading
+
+
+def test_one_thread_serves_decode_loops_in_a_process(lm, head_model_dir):
+    """A second serve() while one runs is a clear error, not a second OpenMP pool; inline calls work after."""
+    other, started, errors = LocalLM(head_model_dir, dtype="fp32"), threading.Event(), []
+
+    def second():
+        started.wait(10)
+        try:
+            other.serve(lambda: True)
+        except RuntimeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=second)
+    t.start()
+
+    def until():  # while this thread serves, the other tries to
+        started.set()
+        t.join(10)
+        return True
+
+    lm.serve(until)
+    assert errors and "already serves" in str(errors[0]) and not other._leading
+    assert len(other.score([short_prompt(lm)])) == 1  # no one serves: computed on this thread
+
+
 def test_requests_join_the_batch_only_within_its_kv_budget(head_model_dir, monkeypatch):
     """Rows are padded to the widest prompt, so the batch's KV is bounded in bytes, not just rows: a
     request that would push it past the budget waits for the batch to shrink, and loses nothing."""

@@ -65,6 +65,7 @@ def test_ctrl_c_in_the_decode_loop_stops_the_batch():
     policy = BlockingPolicy(stop)
 
     def serve(until):
+        assert not until()  # as LocalLM.serve does once it serves: the searches start now
         assert policy.first_call.wait(30)
         raise KeyboardInterrupt
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from alphamath.service import (add_model_server_flags, configure_threads, parse_config, run_until_signal,
-                               service_parser, setup_logging)
+                               serve_models, service_parser, setup_logging)
 
 log = logging.getLogger("value_svc")
 
@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     from alphamath.events import follow_checkpoints
 
     listener = follow_checkpoints(args, server, load, "value")
-    run_until_signal(lambda: (listener and listener.stop(), server.stop()), log)
+    # The main thread computes every score (LocalLM.score hands them over to it).
+    run_until_signal(lambda: (listener and listener.stop(), server.stop()), log,
+                     work=lambda done: serve_models(done, lambda: getattr(server.servicer.loaded.value, "lm", None)))
     return 0
 
 

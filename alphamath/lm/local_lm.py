@@ -220,11 +220,15 @@ class LocalLM(Scheduler):
             self.usage.prefill_tokens += n
 
     # -- value ------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def score(self, states: Sequence[str]) -> list[float]:
-        """Value head at the last token of each state; cached prefixes are reused, new KV stored."""
+        """Value head at the last token of each state; cached prefixes are reused, new KV stored.
+        Computed on the thread serving decode loops, if one does (scheduler.py: one OpenMP pool)."""
         if not states:
             return []
+        return self._on_serving_thread(lambda: self._score(states))
+
+    @torch.inference_mode()
+    def _score(self, states: Sequence[str]) -> list[float]:
         with self.lock:
             self._count("score")
             unique = {s: None for s in states}
@@ -242,7 +246,6 @@ class LocalLM(Scheduler):
                     r.values = r.past_values
             return [float(rows[s].values[-1]) for s in states]
 
-    @torch.inference_mode()
     def features(self, states: Sequence[str]) -> torch.Tensor:
         """[len(states), H] float32: the trunk's output at the last token of each state, the input
         `score` gives the value head. A head fit on these (trainer_svc.head_fit) sees exactly what it
@@ -251,6 +254,10 @@ class LocalLM(Scheduler):
         recomputed (the cache keeps KV and values, not hidden states)."""
         if not states:
             return torch.empty(0, self.model.config.hidden_size)
+        return self._on_serving_thread(lambda: self._features(states))
+
+    @torch.inference_mode()
+    def _features(self, states: Sequence[str]) -> torch.Tensor:
         with self.lock:
             self._count("features")
             rows = {}

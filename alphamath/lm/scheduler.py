@@ -3,10 +3,21 @@
 It exists so that generate() calls from many threads (concurrent searches, RPC handlers) share every
 forward pass: a call queues a request, requests with the same sampling settings join the running
 batch when the batch has room, and the loop runs on a calling thread, never a thread of its own.
+
+One thread computes: libgomp gives every thread that runs a parallel region its own OpenMP pool, and once
+a process holds more pool threads than cores it cuts spinning to ~100 turns, so every parallel region of
+every decode step then sleeps and wakes its threads through futexes. One other thread that had run a single
+parallel torch op made batch-1 steps 1.4x slower (16.6 -> 23.9 ms) and 48-row steps 47.6 -> 67.6 ms (s42,
+AMX Xeon), for the life of the process. So while a thread serves decode loops (`serve`), every LocalLM's
+other model work (score, features) from other threads is handed to it (`_on_serving_thread`) and runs
+between its steps.
 """
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import deque
+from concurrent.futures import Future
 
 import torch
 
@@ -23,6 +34,34 @@ def _sample_seed(seed: int, k: int, prompt: str) -> int:
     """Seed of sample k of `prompt`: independent of which other requests share the batch."""
     digest = hashlib.sha256(f"{seed}:{k}:{prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class _Serving:
+    """The thread serving decode loops in this process, if any, and model work handed to it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.host: "Scheduler | None" = None  # the LocalLM whose serve() runs on `thread`
+        self.thread: int | None = None
+        self.calls: deque = deque()  # (fn, Future)
+
+    def run_calls(self) -> None:
+        """Run the work handed over so far (on the serving thread, between decode steps)."""
+        while True:
+            with self.lock:
+                if not self.calls:
+                    return
+                fn, fut = self.calls.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - the error belongs to the caller
+                    fut.set_exception(e)
+                    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                        raise
+
+
+_SERVING = _Serving()
 
 
 class Scheduler:
@@ -56,27 +95,58 @@ class Scheduler:
         """Run the decode loop on this thread, for generate() calls made on other threads, until
         `until()` is true. A program that searches (or serves RPCs) on worker threads calls this on
         its main thread, so every decode step runs on one thread and one OpenMP pool (see
-        `_wait_or_lead`); on return, waiting callers lead again."""
+        `_wait_or_lead`); so does every LocalLM's other model work meanwhile (`_on_serving_thread`).
+        On return, waiting callers lead again."""
         with self._cv:
             while self._leading:
                 self._cv.wait()
             self._leading = True
+        with _SERVING.lock:
+            if _SERVING.host is not None:
+                with self._cv:
+                    self._leading = False
+                    self._cv.notify_all()
+                raise RuntimeError("another thread already serves decode loops in this process")
+            _SERVING.host, _SERVING.thread = self, threading.get_ident()
         try:
             while not until():
+                _SERVING.run_calls()
                 with self._cv:
                     if self._batch is None and not self._queue:
-                        self._cv.wait(0.05)
+                        if not _SERVING.calls:
+                            self._cv.wait(0.05)
                         continue
                 self._lead(lambda: self._batch is None and not self._queue, None)
         finally:
+            with _SERVING.lock:
+                _SERVING.host = _SERVING.thread = None
+            _SERVING.run_calls()  # handed over before the host left: nobody else would run them
             with self._cv:
                 self._leading = False
                 self._cv.notify_all()
 
+    def _on_serving_thread(self, fn):
+        """fn() on the thread serving decode loops, if another thread does (see the module doc), else here."""
+        with _SERVING.lock:
+            host = _SERVING.host
+            if host is None or _SERVING.thread == threading.get_ident():
+                fut = None
+            else:
+                fut = Future()
+                _SERVING.calls.append((fn, fut))
+        if fut is None:
+            return fn()
+        with host._cv:
+            host._cv.notify_all()
+        return fut.result()
+
     def _lead(self, done, mine: _Request | None) -> None:
         """The decode loop: admits waiting requests at step boundaries and runs one step at a time
         until `done()`; the batch stays in `self._batch` for the next leader."""
+        serving = _SERVING.thread == threading.get_ident()
         while not done():
+            if serving:
+                _SERVING.run_calls()
             with self._cv:
                 admit = self._admissible(self._batch)
             try:
