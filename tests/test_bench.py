@@ -91,3 +91,13 @@ def test_the_stacks_tokens_come_from_the_tree_its_solve_response_carries():
     assert response_tokens(response_from_tree(tree, "sbs", True, 1.0)) == 42
     with pytest.raises(ValueError, match="include_tree"):
         response_tokens(response_from_tree(tree, "sbs", False, 1.0))
+
+
+def test_bench_grpc_reports_the_median_run_whole():
+    """Repeated levels report the run with the median problems/min, all of its figures from that run."""
+    from tests.bench_grpc import median_run
+
+    runs = [{"ppm": 90.0, "tok_s": 1.0}, {"ppm": 120.0, "tok_s": 2.0}, {"ppm": 100.0, "tok_s": 3.0}]
+    assert median_run(runs) == {"ppm": 100.0, "tok_s": 3.0}
+    assert median_run(runs[:2]) == {"ppm": 90.0, "tok_s": 1.0}  # an even count: the lower middle run
+    assert median_run(runs[:1]) == runs[0]
