@@ -335,16 +335,33 @@ def run_until_signal(stop: Callable[[], None], log: logging.Logger | None = None
         raise SystemExit(1)
 
 
-def serve_models(done: threading.Event, current: Callable[[], object | None]) -> None:
+def serve_models(done: threading.Event, current: Callable[[], object | None],
+                 ready: Callable[[], None] | None = None) -> None:
     """Run `current()`'s LocalLM.serve on this thread until `done`, moving to the next model when a
     checkpoint is swapped in; return when there is none (a remote backend). A model service calls it on
     its main thread, so every decode step and score of the process runs on one thread and one OpenMP
-    pool (alphamath/lm/scheduler.py)."""
+    pool (alphamath/lm/scheduler.py). `ready()` runs once, when the first model is served (or at once
+    for a remote backend), unless the process is already failing: a service reports SERVING only then,
+    since a request that came before would compute on its handler's thread and leave a pool there."""
+    pending = [ready]
+
+    def announce() -> None:
+        if pending[0] is not None and not _FATAL:
+            pending[0]()
+        pending[0] = None
+
+    def until_swapped(lm) -> Callable[[], bool]:
+        def until() -> bool:
+            announce()  # LocalLM.serve calls it first once it serves
+            return done.is_set() or current() is not lm
+        return until
+
     while not done.is_set():
         lm = current()
         if lm is None:
+            announce()
             return
-        lm.serve(lambda: done.is_set() or current() is not lm)
+        lm.serve(until_swapped(lm))
 
 
 # ---------------------------------------------------------------- CPU threads

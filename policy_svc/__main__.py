@@ -67,6 +67,7 @@ def main(argv=None) -> int:
                           http_port=args.http_port if args.backend == "local" else -1, max_workers=args.max_workers,
                           max_batch_size=args.max_batch_size, window_s=args.batch_window_ms / 1000,
                           max_queue=args.max_queue, workers=8)  # LocalLM merges concurrent calls into its running batch
+    server.grpc.set_serving(False)  # SERVING once the main thread serves the model (serve_models below)
     log.info("policy_svc serving", extra={"grpc_port": server.port, "metrics_port": server.metrics_port,
                                           "http_port": server.http_port, "backend": loaded.backend,
                                           "checkpoint": loaded.checkpoint})
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
     listener = follow_checkpoints(args, server, load, "policy")
 
     run_until_signal(lambda: (listener and listener.stop(), server.stop()), log,
-                     work=lambda done: serve_models(done, lambda: server.servicer.loaded.lm))
+                     work=lambda done: serve_models(done, lambda: server.servicer.loaded.lm,
+                                                   ready=lambda: server.grpc.set_serving(True)))
     return 0
 
 

@@ -44,3 +44,35 @@ def test_cpu_threads_follow_the_quota_the_affinity_and_omp_num_threads(tmp_path,
     assert cpu_threads({"OMP_NUM_THREADS": "3"}, limit("e", "200000 100000")) == 3  # an explicit setting wins
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert cpu_threads({}, limit("f", "800000 100000")) == 2  # a CPU set smaller than the quota
+
+
+def test_serve_models_reports_ready_once_the_first_model_is_served_and_follows_swaps():
+    """A model service reports SERVING only once its main thread serves (before, a request would compute
+    on its handler's thread); a swapped-in checkpoint is served next; a remote backend is ready at once."""
+    import threading
+
+    from alphamath.service import serve_models
+
+    done, served, ready = threading.Event(), [], []
+    models = ["A"]
+
+    class FakeLM:
+        def __init__(self, name):
+            self.name = name
+
+        def serve(self, until):
+            served.append((self.name, len(ready)))
+            assert not until()  # the first call: serving
+            if self.name == "A":
+                models[0] = "B"  # a checkpoint is swapped in
+            else:
+                done.set()
+            assert until()
+
+    lms = {"A": FakeLM("A"), "B": FakeLM("B")}
+    serve_models(done, lambda: lms[models[0]], ready=lambda: ready.append(1))
+    assert served == [("A", 0), ("B", 1)] and ready == [1]  # ready once, only after serving began
+
+    remote = []
+    serve_models(threading.Event(), lambda: None, ready=lambda: remote.append(1))
+    assert remote == [1]

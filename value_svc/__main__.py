@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     server = ValueServer(loaded, host=args.host, port=args.port, metrics_port=args.metrics_port,
                          max_workers=args.max_workers, max_batch_size=args.max_batch_size,
                          window_s=args.batch_window_ms / 1000, max_queue=args.max_queue)
+    server.grpc.set_serving(False)  # SERVING once the main thread serves the model (serve_models below)
     log.info("value_svc serving", extra={"grpc_port": server.port, "metrics_port": server.metrics_port,
                                          "checkpoint": loaded.checkpoint})
     from alphamath.events import follow_checkpoints
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     listener = follow_checkpoints(args, server, load, "value")
     # The main thread computes every score (LocalLM.score hands them over to it).
     run_until_signal(lambda: (listener and listener.stop(), server.stop()), log,
-                     work=lambda done: serve_models(done, lambda: getattr(server.servicer.loaded.value, "lm", None)))
+                     work=lambda done: serve_models(done, lambda: getattr(server.servicer.loaded.value, "lm", None),
+                                                   ready=lambda: server.grpc.set_serving(True)))
     return 0
 
 
