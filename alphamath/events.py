@@ -279,20 +279,10 @@ def _on_a_thread_of_its_own(fn, *args):
     """fn(*args) on a thread that ends with it. Loading a model runs parallel torch ops, and the listener's
     thread lives on: its OpenMP pool would outlast the load and slow every decode step after it (s42: a
     parallel op on one other thread made steps 1.4x slower; a pool ends with its thread)."""
-    out: dict = {}
+    from concurrent.futures import ThreadPoolExecutor
 
-    def run():
-        try:
-            out["value"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - raised on the calling thread
-            out["error"] = e
-
-    t = threading.Thread(target=run, name="checkpoint-load")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-load") as one:  # its exit joins the thread
+        return one.submit(fn, *args).result()
 
 
 def follow_checkpoints(args, server, load: Callable, service: str, on_fatal: Callable[[str], None] | None = None,

@@ -343,25 +343,23 @@ def serve_models(done: threading.Event, current: Callable[[], object | None],
     pool (alphamath/lm/scheduler.py). `ready()` runs once, when the first model is served (or at once
     for a remote backend), unless the process is already failing: a service reports SERVING only then,
     since a request that came before would compute on its handler's thread and leave a pool there."""
-    pending = [ready]
-
     def announce() -> None:
-        if pending[0] is not None and not _FATAL:
-            pending[0]()
-        pending[0] = None
-
-    def until_swapped(lm) -> Callable[[], bool]:
-        def until() -> bool:
-            announce()  # LocalLM.serve calls it first once it serves
-            return done.is_set() or current() is not lm
-        return until
+        nonlocal ready
+        if ready is not None and not _FATAL:
+            ready()
+        ready = None
 
     while not done.is_set():
         lm = current()
         if lm is None:
             announce()
             return
-        lm.serve(until_swapped(lm))
+
+        def until(lm=lm) -> bool:
+            announce()  # LocalLM.serve calls it first once it serves
+            return done.is_set() or current() is not lm
+
+        lm.serve(until)
 
 
 # ---------------------------------------------------------------- CPU threads
