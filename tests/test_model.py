@@ -423,6 +423,56 @@ def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_ke
                 assert (tiled == pairs).float().mean() >= 0.999
 
 
+def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts():
+    """A decode batch's root (kv.py's _Batch): prompts that continue one prefix hold only the rest in their
+    slots and the prefix once, as its own tiles. decode.cpp must compute what it computes over the whole
+    prompts: rooted and unrooted prompts in one step (root_len 0 holds a prompt whole), suffixes of odd
+    lengths and of one token, a root that is no multiple of the 32-key tiles, and exact fp32 attention.
+    Without the prompts' tiles a root is an error. The root needs AMX tiles (elsewhere it is never held)."""
+    decode = decode_kernels_or_skip()
+    if not decode.tiles_on():
+        pytest.skip("a root is held only where decode attention runs on AMX tiles")
+    g = torch.Generator().manual_seed(3)
+    bf, Hk, q_heads, D, W, R0 = torch.bfloat16, 3, 3, 64, 20, 70
+    suffix, rooted, per = [13, 1, 40, 7, 29], [True, True, False, True, True], 3
+    G, B = len(suffix), len(suffix) * per
+    rk, rv = (torch.randn(Hk, R0, D, generator=g).to(bf) for _ in range(2))
+    sk, sv = ([torch.randn(Hk, n, D, generator=g).to(bf) for n in suffix] for _ in range(2))
+    whole_k, whole_v = (torch.zeros(G, Hk, R0 + max(suffix), D, dtype=bf) for _ in range(2))
+    slot_k, slot_v = (torch.zeros(G, Hk, R0 + max(suffix), D, dtype=bf) for _ in range(2))
+    held = []
+    for i, n in enumerate(suffix):
+        whole_k[i, :, :R0 + n], whole_v[i, :, :R0 + n] = torch.cat([rk, sk[i]], 1), torch.cat([rv, sv[i]], 1)
+        start = R0 if rooted[i] else 0
+        slot_k[i, :, :R0 + n - start] = whole_k[i, :, start:R0 + n]
+        slot_v[i, :, :R0 + n - start] = whole_v[i, :, start:R0 + n]
+        held.append(R0 + n - start)
+    q = torch.randn(B, Hk, q_heads, D, generator=g).to(bf)
+    own_k, own_v = (torch.randn(B, Hk, W, D, generator=g).to(bf) for _ in range(2))
+    valid = torch.rand(B, W, generator=g) < 0.7
+    valid[:, -1] = True
+    group_of = torch.arange(B) // per
+    Lr = -(-R0 // 32) * 32
+    kt, vt = rk.new_empty(Hk, D // 2, Lr, 2), rk.new_empty(Hk, Lr // 2, D, 2)
+    decode.lay_tiles(rk, rv, kt, vt)
+    root = (kt, vt, torch.tensor([R0 if r else 0 for r in rooted]))
+    whole = decode.decode_attention(q, own_k, own_v, valid, whole_k, whole_v, torch.tensor([R0 + n for n in suffix]),
+                                    group_of, D ** -0.5, decode.prompt_tiles(whole_k, whole_v))
+    got = decode.decode_attention(q, own_k, own_v, valid, slot_k, slot_v, torch.tensor(held), group_of, D ** -0.5,
+                                  decode.prompt_tiles(slot_k, slot_v), root=root)
+    step = 2.0 ** -7 * whole.float().abs().clamp_min(2.0 ** -20)  # at most one bf16 step: sums in another order
+    assert ((got.float() - whole.float()).abs() <= step).all() and (got == whole).float().mean() >= 0.999
+    for b in range(B):
+        i = b // per
+        k = torch.cat([whole_k[i, :, :R0 + suffix[i]], own_k[b][:, valid[b]]], 1).float()
+        v = torch.cat([whole_v[i, :, :R0 + suffix[i]], own_v[b][:, valid[b]]], 1).float()
+        want = torch.softmax(q[b].float() @ k.transpose(1, 2) * D ** -0.5, -1) @ v
+        torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError, match="a root needs AMX tiles"):
+        decode.decode_attention(q, own_k, own_v, valid, slot_k, slot_v, torch.tensor(held), group_of, D ** -0.5,
+                                root=root)
+
+
 def test_decode_attention_kernel_rejects_what_it_cannot_compute():
     """Wrong dtypes or shapes are a clear error from the kernel, never a wrong answer."""
     kernel = decode_kernels_or_skip()
@@ -736,6 +786,55 @@ def test_avx2_decode_layers_sample_what_the_layer_loop_samples(kernel_model_dir,
         assert [(s.text, s.token_count) for s in a] == [(s.text, s.token_count) for s in b]
         for x, y in zip(a, b):
             assert abs(x.cumulative_logprob - y.cumulative_logprob) <= 1e-4 * max(1.0, abs(y.cumulative_logprob))
+
+
+@pytest.mark.parametrize("two_calls", [False, True])
+def test_a_decode_batch_holding_its_root_once_samples_and_stores_what_whole_prompts_do(kernel_model_dir, monkeypatch,
+                                                                                     two_calls):
+    """Prompts that open with one long prefix (as every question's few-shot prompt does) share a decode batch's
+    root (kv.py's _Batch: the prefix held once, the rest in each prompt's slot). It must sample what the
+    batch samples with each prompt held whole, and store the same KV in the prefix cache, also where the
+    prompt was evicted before its rows finished (the store then joins root, slot and own columns).
+    two_calls: the layers in two kernel calls around the cache update, not decode_layers' one call."""
+    decode = decode_kernels_or_skip()
+    if not decode.tiles_on():
+        pytest.skip("a root is held only where decode attention runs on AMX tiles")
+    from alphamath.lm import LocalLM
+    from alphamath.lm import kv
+
+    if two_calls:
+        monkeypatch.delattr(kv._RoomyLayer, "buffers")
+    roots = []
+    take = kv._Batch._take_root
+    monkeypatch.setattr(kv._Batch, "_take_root", lambda self, rows: (take(self, rows), roots.append(self.root))[0])
+    shared = "You are a careful tutor: solve each problem step by step, and check every step twice. " * 5
+    texts = [shared + "Question: what is 7 * 6 minus 5?", shared + "Question: what is 2 + 3, doubled?"]
+    kw = dict(temperature=1.0, max_new_tokens=16, seed=3)
+    runs, root_min_default = [], kv.ROOT_MIN
+    for root_min in (root_min_default, 10 ** 9):
+        monkeypatch.setattr(kv, "ROOT_MIN", root_min)
+        lm = LocalLM(kernel_model_dir, dtype="bf16", max_cached_tokens=150)  # too few for both prompts
+        out = lm.generate(texts, 3, **kw)
+        stored = {}
+        for text, samples in zip(texts, out):
+            for smp in samples:
+                tokens = lm.encode(text + smp.text)
+                m, kv_, _ = lm.cache.match(tokens)
+                stored[(text, smp.text)] = (m, kv_)
+        runs.append((out, stored))
+    assert len(roots) == 1 and roots[0] >= root_min_default  # the first run held a root; the second, none
+    (with_root, kept), (whole, kept_whole) = runs
+    for a, b in zip(with_root, whole):
+        assert [(s.text, s.token_count) for s in a] == [(s.text, s.token_count) for s in b]
+        for x, y in zip(a, b):
+            assert abs(x.cumulative_logprob - y.cumulative_logprob) <= 2e-2 * max(1.0, abs(y.cumulative_logprob))
+    assert kept.keys() == kept_whole.keys()
+    for key, (m, kv_) in kept.items():
+        m2, kv2 = kept_whole[key]
+        assert m == m2
+        for (k, v), (k2, v2) in zip(kv_ or [], kv2 or []):
+            torch.testing.assert_close(k.float(), k2.float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(v.float(), v2.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("dtype,prompts,two_calls", [("bf16", 1, False), ("bf16", 2, False), ("fp32", 1, False),

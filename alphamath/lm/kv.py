@@ -20,6 +20,8 @@ from alphamath.lm.radix_cache import KV, PrefixCache
 from alphamath.model import decode
 from alphamath.model.attention import SharedPrompts
 
+ROOT_MIN = 64  # tokens: a shorter shared prefix is not held apart as a batch's root (_Batch)
+
 
 class _RoomyLayer(DynamicLayer):
     """A cache layer with room for `room` more tokens, written in place.
@@ -171,11 +173,25 @@ class _Batch:
     into free slots and a prompt no row continues frees its slot, so neither copies the prompts that
     stay. Rebuilding the whole prompt set at every admission and drop had cost 30% of the decode
     loop's time at 16 concurrent searches (session 24). The slab grows, and shrinks, by a copy.
+
+    The root (AMX tiles only): every question's prompt opens with the same instructions and worked
+    examples (~340 of a prompt's ~420 tokens), and a slot holding each prompt whole made a step read
+    that prefix's KV once per prompt: at 16 searches, 16 times per layer, from memory. A batch takes
+    as its root the prefix that every cached sequence shares when it starts (`PrefixCache.branch_length`),
+    holds its KV once (`root_tiles`), and a prompt that continues it holds only the rest in its slot;
+    decode.cpp reads the root from cache for every prompt after the first. A prompt that does not
+    continue the root is held whole.
     """
 
-    def __init__(self, key: tuple, window: int, tiles: bool = False):
-        """`tiles`: hold the prompts' KV also as decode.prompt_tiles (decode attention on AMX tiles)."""
+    def __init__(self, key: tuple, window: int, tiles: bool = False, root: int = 0):
+        """`tiles`: hold the prompts' KV also as decode.prompt_tiles (decode attention on AMX tiles);
+        `root` (with tiles): the tokens of the root this batch holds once, taken from its first prompt
+        that continues past them (too short a root, under ROOT_MIN tokens, is not worth one)."""
         self.key, self.window, self.tiles = key, window, tiles
+        self.root = root if tiles and root >= ROOT_MIN else 0
+        self.root_tokens: list[int] = []
+        self.root_kv: list | None = None  # per layer (keys, values) [Hk, root, D] (_store joins them)
+        self.root_tiles: list | None = None  # per layer decode.prompt_tiles of root_kv
         self.samples: list[_Decoding] = []
         self.alive: list[bool] = []
         self.layers: list[_RoomyLayer] = []  # own columns; replaced in place, so `cache` sees the current ones
@@ -204,15 +220,38 @@ class _Batch:
 
     @property
     def prompt_len(self) -> int:
-        """Tokens of the longest prompt held."""
-        return max((len(p.tokens) for p in self.prompts if p is not None), default=0)
+        """Slot columns of the longest prompt held (what follows the root, for a prompt that continues it)."""
+        return max((len(p.tokens) - self._start(p) for p in self.prompts if p is not None), default=0)
+
+    def _start(self, row: _Row) -> int:
+        """Tokens of `row`'s prompt that the root holds: the root's, if the prompt continues it, else 0."""
+        return self.root if self.root_kv is not None and row.tokens[:self.root] == self.root_tokens else 0
+
+    def _take_root(self, rows: list[_Row]) -> None:
+        """Hold the root's KV once, from the first of `rows` that continues past it (none: no root)."""
+        R = self.root
+        first = next((row for row in rows if len(row.tokens) > R), None)
+        if first is None:
+            self.root = 0
+            return
+        self.root_tokens = first.tokens[:R]
+        self.root_kv = [(k[:, :R].clone(), v[:, :R].clone()) for k, v in first.kv]
+        Lr = -(-R // 32) * 32
+        self.root_tiles = []
+        for k, v in self.root_kv:
+            Hk, D = k.shape[0], k.shape[-1]
+            kt, vt = k.new_empty(Hk, D // 2, Lr, 2), k.new_empty(Hk, Lr // 2, D, 2)
+            decode.lay_tiles(k, v, kt, vt)
+            self.root_tiles.append((kt, vt))
 
     def add(self, new: list[_Decoding], room: int, dev) -> None:
         """Append samples: their prompts' KV joins the slab, once per distinct prompt, in free slots;
         their own columns start empty (left padding at the current width)."""
         fresh = list({id(smp.prompt): smp.prompt for smp in new}.values())
+        if self.keys is None and self.root:
+            self._take_root(fresh)
         R, old = len(new), self.size
-        live, longest = self.live_prompts + len(fresh), max(len(row.tokens) for row in fresh)
+        live, longest = self.live_prompts + len(fresh), max(len(row.tokens) - self._start(row) for row in fresh)
         if not self.fits(live, longest):
             self._regrow(live, max(self.prompt_len, longest), fresh[0].kv)
         slots = [g for g, p in enumerate(self.prompts) if p is None][:len(fresh)]
@@ -287,8 +326,10 @@ class _Batch:
         """Prompts `rows` into free slab slots `slots`: their KV, zeros after it, and their tiles, written
         in place (laying the tiles out apart and then copying them had doubled an admission's cost)."""
         for g, row in zip(slots, rows):
-            n = len(row.tokens)
+            s = self._start(row)
+            n = len(row.tokens) - s
             for layer, (k, v) in enumerate(row.kv):
+                k, v = k[:, s:], v[:, s:]
                 self.keys[layer][g, :, :n], self.values[layer][g, :, :n] = k, v
                 self.keys[layer][g, :, n:], self.values[layer][g, :, n:] = 0, 0  # a freed slot's old prompt
                 if self.tiles:  # decode.prompt_tiles' layouts (torch's strided copies were slower)
@@ -310,14 +351,19 @@ class _Batch:
             members[g] = torch.tensor((r + [r[0]] * (R - len(r))) if r else [0] * R, dtype=torch.long)
             if r:
                 slot[r] = g * R + torch.arange(len(r))
-        lens = torch.tensor([len(p.tokens) if p is not None else 0 for p in self.prompts[:G]], device=dev)
+        lens = torch.tensor([len(p.tokens) - self._start(p) if p is not None else 0 for p in self.prompts[:G]],
+                            device=dev)
+        root_len = None
+        if self.root_kv is not None:
+            root_len = torch.tensor([self._start(p) if p is not None else 0 for p in self.prompts[:G]], device=dev)
         mask = torch.zeros(G, 1, 1, L, dtype=self.keys[0].dtype, device=dev)
         mask.masked_fill_((torch.arange(L, device=dev)[None] >= lens[:, None])[:, None, None], float("-inf"))
         one_each = rows == [[b] for b in range(B)]  # row b continues prompt b: nothing to gather
         tiles = [(kt[:G], vt[:G]) for kt, vt in self.slab_tiles] if self.slab_tiles is not None else None
         self.shared = SharedPrompts([k[:G] for k in self.keys], [v[:G] for v in self.values], mask,
                                     members.to(dev), slot.to(dev), one_each, lens,
-                                    torch.tensor(self.group_of, dtype=torch.long, device=dev), tiles)
+                                    torch.tensor(self.group_of, dtype=torch.long, device=dev), tiles,
+                                    self.root_tiles if root_len is not None else None, root_len)
 
     def step(self, lm) -> bool:
         """Sample every live row's next tokens, retire finished samples, feed the rest. False when empty.
@@ -444,8 +490,10 @@ class _Batch:
         if cache.match_length(tokens[:P]) == P:
             cache.insert(tokens, own, own_values, start=P)
             return
-        kv = [(torch.cat([k[g, :, :P], ok], 1), torch.cat([v[g, :, :P], ov], 1))
-              for k, v, (ok, ov) in zip(self.keys, self.values, own)]
+        s = self._start(smp.prompt)
+        root = self.root_kv if s else [(k[g, :, :0], v[g, :, :0]) for k, v in zip(self.keys, self.values)]
+        kv = [(torch.cat([rk, k[g, :, :P - s], ok], 1), torch.cat([rv, v[g, :, :P - s], ov], 1))
+              for k, v, (ok, ov), (rk, rv) in zip(self.keys, self.values, own, root)]
         cache.insert(tokens, kv, torch.cat([self.prompts[g].values, own_values]))
 
     def _select(self, keep: list[int], room: int = 1) -> None:

@@ -74,6 +74,15 @@ class PrefixCache:
     def match_length(self, tokens: Sequence[int]) -> int:
         return sum(m for _, m in self._walk(tokens))
 
+    def branch_length(self, tokens: Sequence[int]) -> int:
+        """Tokens of `tokens` up to where the cached sequences that start as it does first branch (the
+        radix tree's first edge on its path: the prefix all of them share), if `tokens` holds that edge
+        whole; else 0. A decode batch holds this prefix once (kv.py's _Batch root)."""
+        child = self.root.children.get(tokens[0]) if len(tokens) else None
+        if child is None or list(tokens[:len(child.tokens)]) != child.tokens:
+            return 0
+        return len(child.tokens)
+
     def match(self, tokens: Sequence[int]) -> tuple[int, KV | None, torch.Tensor | None]:
         """(m, KV of tokens[:m], value-head outputs of tokens[:m]) for the longest cached prefix."""
         path = list(self._walk(tokens))

@@ -72,7 +72,12 @@ class SharedPrompts:
       lengths, group  [G] each prompt's length and [B] each row's prompt (decode.cpp's view
                     of the same layout: it needs no mask and no gathering);
       tiles         per layer decode.prompt_tiles(keys, values), where decode attention runs on AMX
-                    tiles, else None.
+                    tiles, else None;
+      root_tiles, root_len  with tiles only: per layer decode.prompt_tiles of a prefix held once (the
+                    few-shot prompt every question opens with) and [G] its length for each prompt, 0
+                    where a slot holds its prompt whole. A rooted prompt's slot, `lengths` and `mask`
+                    hold only what follows the root, so a step reads the root's KV once, not once per
+                    prompt. None: no root.
     """
 
     keys: list
@@ -84,6 +89,8 @@ class SharedPrompts:
     lengths: torch.Tensor | None = None
     group: torch.Tensor | None = None
     tiles: list | None = None
+    root_tiles: list | None = None
+    root_len: torch.Tensor | None = None
 
 
 _flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # -> (out, logsumexp)
@@ -99,6 +106,8 @@ def shared_prompt_attention(q, k, v, own_mask, prompts: SharedPrompts, layer: in
     The prompt pass stacks the queries of all rows of a prompt into one [R * g]-query attention, so
     each prompt's keys are read once per step however many rows continue it.
     """
+    if prompts.root_len is not None:
+        raise ValueError("shared_prompt_attention cannot read a root: only decode.cpp's AMX kernels hold one")
     B, Hk, g, D = q.shape
     G, R = prompts.members.shape
     if prompts.one_each:  # row b's queries are prompt b's: nothing to gather or scatter

@@ -108,10 +108,12 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
           const int64_t* own,                                   // query row b continues own row own[b]
           const bool* valid, int64_t vs,                        // own columns in use [B, W] or null
           const bf16* kt, const bf16* vt, int64_t Lq,           // prompt_tiles' kt / vt of this task, or null
+          const bf16* rkt, const bf16* rvt, int64_t Lrq, int64_t rlen,  // the root's tiles of this head, its length
           bf16* out) {
   constexpr int P = D / 2, V16 = D / 16, VC = D == 64 ? 6 : 2;  // VC queries per P.V pass: VC * V16 accumulators
   const int64_t R = (int64_t)rows.size(), M = R * g, Mp = (M + QC - 1) / QC * QC;
-  const int64_t Lp = (plen + 15) / 16 * 16, Wp = (W + 15) / 16 * 16, S = Lp + Wp;
+  // Score columns: the root's keys (rlen > 0: tiles only), the prompt's, the row's own.
+  const int64_t Lr = (rlen + 31) / 32 * 32, Lp = (plen + 15) / 16 * 16, Wp = (W + 15) / 16 * 16, S = Lr + Lp + Wp;
   // Scratch kept per thread across tasks and steps (a step runs G * Hk tasks per layer): sized, not
   // reallocated; qp is zeroed and kt's padding written as zeros, because their padding is read.
   thread_local std::vector<uint32_t> ks, qp, pp;
@@ -139,20 +141,34 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
       tile_config(m);
       _tile_loadd(4, &qp[i0 * P], P * 4);
       _tile_loadd(5, &qp[i0 * P + 16], P * 4);
+      const uint32_t* rktp = (const uint32_t*)rkt;  // the root's keys: [P][Lrq] pairs, read from cache by every task
+      for (int64_t j0 = 0; j0 < Lr; j0 += 16) {
+        _tile_zero(0);
+        _tile_loadd(6, rktp + j0, Lrq * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, rktp + 16 * Lrq + j0, Lrq * 4);
+        _tile_dpbf16ps(0, 5, 7);
+        _tile_stored(0, &sc[i0 * S + j0], S * 4);
+      }
       for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
         _tile_zero(0);
         _tile_loadd(6, ktp + j0, Lq * 4);
         _tile_dpbf16ps(0, 4, 6);
         _tile_loadd(7, ktp + 16 * Lq + j0, Lq * 4);
         _tile_dpbf16ps(0, 5, 7);
-        _tile_stored(0, &sc[i0 * S + j0], S * 4);
+        _tile_stored(0, &sc[i0 * S + Lr + j0], S * 4);
       }
     }
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
-        const __mmask16 in = (j0 + 16 <= plen) ? (__mmask16)0xFFFF : (__mmask16)((1u << std::max<int64_t>(plen - j0, 0)) - 1);
-        _mm512_storeu_ps(&sc[i * S + j0], _mm512_mask_mul_ps(ninf, in, _mm512_loadu_ps(&sc[i * S + j0]), vscale));
-      }
+    auto scale_cols = [&](int64_t from, int64_t cols, int64_t len) {  // scale, -inf past len
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+          const __mmask16 in = (j0 + 16 <= len) ? (__mmask16)0xFFFF : (__mmask16)((1u << std::max<int64_t>(len - j0, 0)) - 1);
+          float* x = &sc[i * S + from + j0];
+          _mm512_storeu_ps(x, _mm512_mask_mul_ps(ninf, in, _mm512_loadu_ps(x), vscale));
+        }
+    };
+    scale_cols(0, Lr, rlen);
+    scale_cols(Lr, Lp, plen);
   } else {
   // ---- scores against the prompt: Kt laid out by pair, 16 keys per vdpbf16ps ----
   const bf16* pkb = pk + grp * ps[0] + h * ps[1];
@@ -186,7 +202,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     for (int64_t w = 0; w < Wp; ++w) {
       const bool use = w < W && (valid == nullptr || valid[b * vs + w]);
       if (!use) {
-        for (int64_t qi = 0; qi < g; ++qi) sc[(r * g + qi) * S + Lp + w] = -INFINITY;
+        for (int64_t qi = 0; qi < g; ++qi) sc[(r * g + qi) * S + Lr + Lp + w] = -INFINITY;
         continue;
       }
       __m512 kf[V16];
@@ -195,7 +211,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
         const float* qq = &qf[(r * g + qi) * D];
         __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qq), kf[0]);
         for (int v = 1; v < V16; ++v) a = _mm512_fmadd_ps(_mm512_loadu_ps(qq + 16 * v), kf[v], a);
-        sc[(r * g + qi) * S + Lp + w] = _mm512_reduce_add_ps(a) * scale;
+        sc[(r * g + qi) * S + Lr + Lp + w] = _mm512_reduce_add_ps(a) * scale;
       }
     }
   }
@@ -221,12 +237,13 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     // ---- AMX: [16 queries x 32 keys] . [32 keys x 16 dims] tiles over the prompt, from the values laid
     // out by pair of keys once per batch; probabilities past the prompt are zeros, so are those values.
     // Tiles 0-3: C (dims 0-15 .. 48-63), 4: A, 6-7: B.
-    const int64_t La = (plen + 31) / 32 * 32, Lh = La / 2;
+    // pp row: the root's probabilities (Lr / 2 pairs, zeros past rlen), then the prompt's (La / 2 pairs).
+    const int64_t La = (plen + 31) / 32 * 32, Lh = (Lr + La) / 2;
     pp.resize((size_t)M * Lh);
     for (int64_t i = 0; i < M; ++i) {
-      for (int64_t j = 0; j < Lp; j += 16)
+      for (int64_t j = 0; j < Lr + Lp; j += 16)
         _mm256_storeu_si256((__m256i*)&pp[i * Lh + j / 2], (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(&sc[i * S + j])));
-      if (La > Lp) _mm256_storeu_si256((__m256i*)&pp[i * Lh + Lp / 2], _mm256_setzero_si256());
+      if (La > Lp) _mm256_storeu_si256((__m256i*)&pp[i * Lh + (Lr + Lp) / 2], _mm256_setzero_si256());
     }
     for (int64_t i0 = 0; i0 < M; i0 += 16) {
       const int64_t m = std::min<int64_t>(16, M - i0);
@@ -235,9 +252,9 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t c = 0; c < La / 32; ++c) {
+      for (int64_t c = 0; c < (Lr + La) / 32; ++c) {  // the root's key pairs, then the prompt's
         _tile_loadd(4, &pp[i0 * Lh + 16 * c], Lh * 4);
-        const bf16* vb = vt + 16 * c * D * 2;  // key pairs 16 c .. 16 c + 15, each [D][2]
+        const bf16* vb = c < Lr / 32 ? rvt + 16 * c * D * 2 : vt + 16 * (c - Lr / 32) * D * 2;  // 16 pairs, [D][2] each
         _tile_loadd(6, vb, D * 4);
         _tile_dpbf16ps(0, 4, 6);
         _tile_loadd(7, vb + 32, D * 4);
@@ -304,7 +321,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
       for (int v = 0; v < V16; ++v) vf[v] = load16(ovb + w * os[2] + 16 * v);
       for (int64_t qi = 0; qi < g; ++qi) {
         float* oo = &o[(r * g + qi) * D];
-        const __m512 pj = _mm512_set1_ps(sc[(r * g + qi) * S + Lp + w]);
+        const __m512 pj = _mm512_set1_ps(sc[(r * g + qi) * S + Lr + Lp + w]);
         for (int v = 0; v < V16; ++v) _mm512_storeu_ps(oo + 16 * v, _mm512_fmadd_ps(pj, vf[v], _mm512_loadu_ps(oo + 16 * v)));
       }
     }
@@ -396,7 +413,8 @@ void amx_tile(const bf16* x, int64_t m, int64_t K, const bf16* w, int64_t P, con
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tensor own_v, torch::Tensor own_valid,
                                torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
                                torch::Tensor group_of, torch::Tensor own_of, double scale, torch::Tensor prompt_kt,
-                               torch::Tensor prompt_vt) {
+                               torch::Tensor prompt_vt, torch::Tensor root_kt, torch::Tensor root_vt,
+                               torch::Tensor root_len) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && own_k.scalar_type() == at::kBFloat16 &&
               prompt_k.scalar_type() == at::kBFloat16, "decode_attention computes bf16");
   TORCH_CHECK(own_v.scalar_type() == at::kBFloat16 && prompt_v.scalar_type() == at::kBFloat16, "bf16 values");
@@ -417,6 +435,26 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
                 Lq % 32 == 0 && Lq >= prompt_k.size(2) && prompt_vt.size(2) == Lq / 2 && prompt_vt.size(3) == D,
                 "prompt_kt / prompt_vt must be prompt_tiles of prompt_k / prompt_v");
   }
+  // The root (a prefix every rooted prompt shares, held once: kv.py's _Batch): root_kt [Hk, D / 2, Lrq, 2] and
+  // root_vt [Hk, Lrq / 2, D, 2] in prompt_tiles' layouts; root_len [G]: its length for each prompt, 0 where a
+  // prompt holds its whole KV in its slot. Tiles only.
+  const bool rooted = root_len.numel() > 0;
+  int64_t Lrq = 0;
+  torch::Tensor rl;
+  if (rooted) {
+    TORCH_CHECK(tiles, "decode_attention: a root needs AMX tiles (prompt_kt / prompt_vt)");
+    Lrq = root_kt.size(2);
+    TORCH_CHECK(root_kt.is_contiguous() && root_vt.is_contiguous() && root_kt.dim() == 4 && root_kt.size(0) == Hk &&
+                root_kt.size(1) == D / 2 && Lrq % 32 == 0 && root_vt.dim() == 4 && root_vt.size(0) == Hk &&
+                root_vt.size(1) == Lrq / 2 && root_vt.size(2) == D && root_len.numel() == G,
+                "root_kt / root_vt must be prompt_tiles of one prompt's K/V, root_len [G]");
+    rl = root_len.to(at::kLong).contiguous();
+    for (int64_t i = 0; i < G; ++i)
+      TORCH_CHECK(rl.data_ptr<int64_t>()[i] >= 0 && rl.data_ptr<int64_t>()[i] <= Lrq, "root_len out of range");
+  }
+  const int64_t* rlp = rooted ? rl.data_ptr<int64_t>() : nullptr;
+  const bf16* rktp = rooted ? root_kt.data_ptr<bf16>() : nullptr;
+  const bf16* rvtp = rooted ? root_vt.data_ptr<bf16>() : nullptr;
   const bf16* ktp = tiles ? prompt_kt.data_ptr<bf16>() : nullptr;
   const bf16* vtp = tiles ? prompt_vt.data_ptr<bf16>() : nullptr;
   auto out = torch::empty_like(q);
@@ -431,12 +469,14 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
       const int64_t gi = t / Hk, h = t % Hk;
       if (rows[gi].empty()) continue;
       const int64_t tile = (gi * Hk + h) * (D / 2) * Lq * 2;  // elements per (group, head) in kt and in vt
+      const int64_t rlen = rooted ? rlp[gi] : 0, root = h * D * Lrq;  // the root's elements per head
       if (D == 64)
         task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, vs,
-                 tiles ? ktp + tile : nullptr, tiles ? vtp + tile : nullptr, Lq, op);
+                 tiles ? ktp + tile : nullptr, tiles ? vtp + tile : nullptr, Lq, rlen ? rktp + root : nullptr,
+                 rlen ? rvtp + root : nullptr, Lrq, rlen, op);
       else
         task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, vs,
-                  nullptr, nullptr, 0, op);
+                  nullptr, nullptr, 0, nullptr, nullptr, 0, 0, op);
     }
   });
   return out;
@@ -695,10 +735,11 @@ torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, tor
                           torch::Tensor group_of, torch::Tensor own_of, double scale, torch::Tensor o_w,
                           torch::Tensor o_b, torch::Tensor norm2, torch::Tensor gate_up_w, torch::Tensor gate_up_b,
                           torch::Tensor down_w, torch::Tensor down_b, double eps, torch::Tensor prompt_kt,
-                          torch::Tensor prompt_vt) {
+                          torch::Tensor prompt_vt, torch::Tensor root_kt, torch::Tensor root_vt,
+                          torch::Tensor root_len) {
   const int64_t B = x.size(0), hq = q.size(1), D = q.size(3), hk = k.size(1);
   auto o = decode_attention(q.reshape({B, hk, hq / hk, D}), k, v, own_valid, prompt_k, prompt_v, prompt_len, group_of,
-                            own_of, scale, prompt_kt, prompt_vt);
+                            own_of, scale, prompt_kt, prompt_vt, root_kt, root_vt, root_len);
   x = x + linear(o.reshape({B, 1, hq * D}), o_w, o_b);
   auto gate_up = linear(rms_norm(x, norm2, eps), gate_up_w, gate_up_b);
   const int64_t I = gate_up.size(-1) / 2;
@@ -712,11 +753,15 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
                             std::vector<torch::Tensor> cache_v, int64_t n, int64_t T,
                             std::vector<torch::Tensor> prompt_k, std::vector<torch::Tensor> prompt_v,
                             torch::Tensor prompt_len, torch::Tensor group_of, torch::Tensor own_of, torch::Tensor col,
-                            std::vector<torch::Tensor> prompt_kt, std::vector<torch::Tensor> prompt_vt, double scale,
-                            int64_t hq, int64_t hk, double eps, torch::Tensor final_norm) {
-  const bool tiles = !prompt_kt.empty();
+                            std::vector<torch::Tensor> prompt_kt, std::vector<torch::Tensor> prompt_vt,
+                            std::vector<torch::Tensor> root_kt, std::vector<torch::Tensor> root_vt,
+                            torch::Tensor root_len, double scale, int64_t hq, int64_t hk, double eps,
+                            torch::Tensor final_norm) {
+  const bool tiles = !prompt_kt.empty(), rooted = root_len.numel() > 0;
   TORCH_CHECK(!tiles || (prompt_kt.size() == cache_k.size() && prompt_vt.size() == cache_k.size()),
               "decode_layers: prompt tiles for every layer or none");
+  TORCH_CHECK(!rooted || (root_kt.size() == cache_k.size() && root_vt.size() == cache_k.size()),
+              "decode_layers: a root's tiles for every layer");
   x = layer_loop(
       x, weights, cache_k, cache_v, prompt_k, prompt_v, n, T, own_of, col, hk, cos.size(-1),
       [&](const torch::Tensor& h, const torch::Tensor* w) {
@@ -726,7 +771,8 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
           const torch::Tensor* w) {
         return decode_rest(h, q, k, v, own_valid, prompt_k[i], prompt_v[i], prompt_len, group_of, own_of, scale, w[3],
                            w[4], w[5], w[6], w[7], w[8], w[9], eps, tiles ? prompt_kt[i] : torch::empty({0}),
-                           tiles ? prompt_vt[i] : torch::empty({0}));
+                           tiles ? prompt_vt[i] : torch::empty({0}), rooted ? root_kt[i] : torch::empty({0}),
+                           rooted ? root_vt[i] : torch::empty({0}), root_len);
       });
   return rms_norm(x, final_norm, eps);
 }

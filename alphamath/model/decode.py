@@ -87,15 +87,22 @@ def usable(x: torch.Tensor, head_dim: int) -> bool:
 
 
 def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group_of, scale: float,
-                     tiles: tuple | None = None, own_of=None) -> torch.Tensor:
+                     tiles: tuple | None = None, own_of=None, root: tuple | None = None) -> torch.Tensor:
     """q [B, Hk, g, D]; own_k/own_v [R, Hk, W, D]; own_valid [B, W] bool or None (every column);
     keys/values [G, Hk, L, D]; prompt_len [G]; group_of [B] -> [B, Hk, g, D]. `tiles`: prompt_tiles
     of keys/values, for AMX (else the vdpbf16ps path). own_of [B]: the own row each query row continues
-    (None: rows b * B/R .. continue own row b)."""
+    (None: rows b * B/R .. continue own row b). `root` (with tiles): (kt [Hk, D/2, Lr, 2], vt, lengths [G])
+    of a prefix held once, which prompt g continues where lengths[g] > 0: its keys and values come before
+    the slot's (_root_args)."""
     kt, vt = tiles or (_EMPTY, _EMPTY)
     return kernel().decode_attention(q, own_k, own_v, _EMPTY_BOOL if own_valid is None else own_valid, keys,
                                      values, prompt_len, group_of, _EMPTY if own_of is None else own_of, float(scale),
-                                     kt, vt)
+                                     kt, vt, *_root_args(root))
+
+
+def _root_args(root: tuple | None) -> tuple:
+    """The kernels' root arguments: a root's tiles and per-prompt lengths, or empties (no root)."""
+    return root if root is not None else (_EMPTY, _EMPTY, _EMPTY)
 
 
 def tiles_on() -> bool:
@@ -187,7 +194,7 @@ def decode_qkv(x, norm, qkv, qkv_bias, cos, sin, hq: int, hk: int, eps: float):
 
 def decode_rest(x, q, k, v, own_valid, prompts_k, prompts_v, lengths, group, scale: float,
                 o, o_bias, norm, gate_up, gate_up_bias, down, down_bias, eps: float, tiles: tuple | None = None,
-                own_of=None):
+                own_of=None, root: tuple | None = None):
     """A decode step's layer, second half: x + o(attention over the prompts and own columns k/v), then
     + down(silu(gate) * up) with gate|up = gate_up(rms_norm(x)). The same numbers as the torch ops."""
     kt, vt = tiles or (_EMPTY, _EMPTY)
@@ -195,7 +202,7 @@ def decode_rest(x, q, k, v, own_valid, prompts_k, prompts_v, lengths, group, sca
         x, q, k, v, _EMPTY_BOOL if own_valid is None else own_valid, prompts_k, prompts_v, lengths, group,
         _EMPTY if own_of is None else own_of, float(scale), o, _EMPTY if o_bias is None else o_bias, norm, gate_up,
         _EMPTY if gate_up_bias is None else gate_up_bias, down, _EMPTY if down_bias is None else down_bias, float(eps),
-        kt, vt)
+        kt, vt, *_root_args(root))
 
 
 def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prompts, group, scale: float, hq: int,
@@ -208,8 +215,11 @@ def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prom
     query row's prompt. The same numbers as the two calls per layer."""
     kt = [t[0] for t in prompts.tiles] if prompts.tiles else []
     vt = [t[1] for t in prompts.tiles] if prompts.tiles else []
+    rkt = [t[0] for t in prompts.root_tiles] if prompts.root_tiles else []
+    rvt = [t[1] for t in prompts.root_tiles] if prompts.root_tiles else []
     return kernel().decode_layers(x, cos, sin, _EMPTY_BOOL if own_valid is None else own_valid, weights,
                                   [k for k, _ in buffers], [v for _, v in buffers], int(n), int(T), prompts.keys,
                                   prompts.values, prompts.lengths, group, _EMPTY if own_of is None else own_of,
-                                  _EMPTY if col is None else col, kt, vt, float(scale), int(hq),
+                                  _EMPTY if col is None else col, kt, vt, rkt, rvt,
+                                  _EMPTY if prompts.root_len is None else prompts.root_len, float(scale), int(hq),
                                   int(hk), float(eps), final_norm)

@@ -217,7 +217,8 @@ class FastLlama:
                 x = x + layer.o(self._attend(q, k, v, mask))
             elif fused:
                 o = kernel.decode_attention(q.reshape(B, hk, hq // hk, D), k, v, own_valid, prompts.keys[i],
-                                            prompts.values[i], prompts.lengths, prompts.group, self.scale, tiles)
+                                            prompts.values[i], prompts.lengths, prompts.group, self.scale, tiles,
+                                            root=_root(prompts, i))
                 x = x + layer.o(o.reshape(B, 1, hq * D))
             else:
                 o = shared_prompt_attention(q.reshape(B, hk, hq // hk, D), k, v, mask, prompts, i, self.scale)
@@ -266,6 +267,8 @@ class FastLlama:
         position of each of B rows (T = 1: a plain step), or query r at row own_of[r]'s step column col[r]
         (`verify`); own_valid [Q, W + T] bool or None."""
         fp32, hq, hk, D = x.dtype == torch.float32, self.hq, self.hk, self.head_dim
+        if fp32 and prompts.root_len is not None:
+            raise ValueError("avx2.cpp's kernels cannot read a root: only decode.cpp's AMX kernels hold one")
         B = prompts.group.numel()  # rows
         group = prompts.group if own_of is None else prompts.group[own_of]
         own = [cache.layers[i] for i in range(len(self.layers))]
@@ -296,7 +299,8 @@ class FastLlama:
                 x = kernel.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
                                        group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
                                        layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias,
-                                       self.eps, prompts.tiles[i] if prompts.tiles else None, own_of)
+                                       self.eps, prompts.tiles[i] if prompts.tiles else None, own_of,
+                                       _root(prompts, i))
         return avx2.rms_norm(x, self.norm, self.eps) if fp32 else kernel.rms_norm(x, self.norm, self.eps)
 
     def step_weight_bytes(self, rows: int) -> int:
@@ -308,3 +312,11 @@ class FastLlama:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
+
+
+def _root(prompts: SharedPrompts, layer: int) -> tuple | None:
+    """decode.cpp's root arguments for one layer (SharedPrompts.root_tiles), or None."""
+    if prompts.root_len is None:
+        return None
+    kt, vt = prompts.root_tiles[layer]
+    return kt, vt, prompts.root_len
