@@ -112,6 +112,18 @@ def test_prefix_cache_longest_prefix_partial_edges_and_shared_storage():
     assert c.match_length([1, 2, 3, 4, 5]) == 4
 
 
+def test_prefix_cache_branch_length_is_the_prefix_every_cached_sequence_starting_alike_shares():
+    """A decode batch's root (kv.py): the first edge on a sequence's path, if the sequence holds it whole."""
+    c = PrefixCache(max_tokens=100)
+    assert c.branch_length([1, 2, 3]) == 0 and c.branch_length([]) == 0  # nothing cached
+    c.insert([1, 2, 3, 4], _kv([1, 2, 3, 4]), torch.tensor([.1, .2, .3, .4]))
+    assert c.branch_length([1, 2, 3, 4, 5]) == 4  # one sequence: all of it
+    assert c.branch_length([1, 2, 3]) == 0  # does not hold the edge whole
+    c.insert([1, 2, 7], _kv([1, 2, 7]), torch.tensor([.1, .2, .7]))
+    assert c.branch_length([1, 2, 3, 4, 5]) == 2 == c.branch_length([1, 2, 9])  # they branch after [1, 2]
+    assert c.branch_length([5, 1, 2]) == 0  # starts unlike every cached sequence
+
+
 def test_prefix_cache_insert_past_a_cached_prefix_takes_only_the_new_kv():
     c = PrefixCache(max_tokens=100)
     c.insert([1, 2, 3], _kv([1, 2, 3]), torch.tensor([.1, .2, .3]))
