@@ -15,7 +15,9 @@ Every configuration solves the same first problems of gsm8k dev with the same se
 empty prefix caches (the stack's policy and value restarted, the in-process models' caches cleared)
 after one warm-up problem that is not measured. At concurrency 1 the two sides alternate problem by
 problem, so that load from other processes hits both alike. Concurrency 16 runs 3 times on each side and
-reports the median run (RUNS).
+reports the median run (RUNS). Concurrency 1 runs in as many blocks of its problems, one before each run
+at 16 (c1_blocks), so that the two levels of the 16-vs-1 ratio sample the same minutes: this machine
+class's speed drifted by +-20% over minutes (s42), which the ratio took whole while 1 ran first.
 Peak RSS: this process for the in-process side (VmHWM, reset before it starts, since the bench may have
 held other models before); each service process for the stack (VmHWM read before it stops: for the
 restarted policy and value, their peak at the last level, 16).
@@ -157,6 +159,18 @@ def in_flight(busy_s: float, wall_s: float) -> float:
     return busy_s / wall_s if wall_s > 0 else 0.0
 
 
+def c1_blocks(problems: list, k: int) -> list[list]:
+    """`problems` in k contiguous blocks, in order, as even as the count allows (the first ones larger):
+    concurrency 1's problems, one block before each of the k runs at the top concurrency."""
+    n, extra = divmod(len(problems), k)
+    out, i = [], 0
+    for b in range(k):
+        size = n + (b < extra)
+        out.append(problems[i:i + size])
+        i += size
+    return [b for b in out if b]
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median problems/min (the lower middle one of an even count), whole: its other
     figures belong to the same run."""
@@ -203,27 +217,28 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
                 through_grpc(addr, warm, 1)
                 inproc.solve(warm, 1)
 
-            cold_start()
-            # Concurrency 1, interleaved problem by problem so that load from other processes on
-            # this machine hits both paths alike.
-            t_in = t_grpc = 0.0
-            tokens_in, tokens_grpc, same = 0, [], True
-            for prob in problems[: counts[1]]:
-                secs, (a_in,) = inproc.solve([prob], 1)
-                t_in += secs
-                tokens_in += inproc.tokens
-                secs_g, (a_g,) = through_grpc(addr, [prob], 1, tokens=tokens_grpc)
-                t_grpc += secs_g
-                same &= a_in == a_g
-                print(f"  {prob.id}: in-process {secs:6.1f} s   gRPC {secs_g:6.1f} s", file=sys.stderr)
-            out["inproc_c1_ppm"] = counts[1] / t_in * 60
-            out["inproc_c1_tok_s"] = tokens_in / t_in
-            out["grpc_c1_ppm"] = counts[1] / t_grpc * 60
-            out["grpc_c1_tok_s"] = sum(tokens_grpc) / t_grpc
-            out["same_answers_c1"] = float(same)
+            c1 = {"in": 0.0, "grpc": 0.0, "tokens_in": 0, "tokens_grpc": [], "same": True}
+
+            def concurrency_1(block):
+                """Concurrency 1 on `block`, from cold caches, the two sides alternating problem by problem
+                so that load from other processes on this machine hits both paths alike."""
+                cold_start()
+                for prob in block:
+                    secs, (a_in,) = inproc.solve([prob], 1)
+                    c1["in"] += secs
+                    c1["tokens_in"] += inproc.tokens
+                    secs_g, (a_g,) = through_grpc(addr, [prob], 1, tokens=c1["tokens_grpc"])
+                    c1["grpc"] += secs_g
+                    c1["same"] &= a_in == a_g
+                    print(f"  {prob.id}: in-process {secs:6.1f} s   gRPC {secs_g:6.1f} s", file=sys.stderr)
+
+            top = LEVELS[-1]
+            blocks = c1_blocks(problems[: counts[1]], RUNS[top])
             for c in LEVELS[1:]:
                 runs_in, runs_grpc = [], []
-                for _ in range(RUNS[c]):
+                for r in range(RUNS[c]):
+                    if c == top and r < len(blocks):
+                        concurrency_1(blocks[r])
                     cold_start()
                     secs, _ = inproc.solve(problems[: counts[c]], c)
                     runs_in.append({"ppm": counts[c] / secs * 60, "in_flight": in_flight(inproc.busy, secs),
@@ -239,6 +254,11 @@ def run(report=None, *, scale: float = 1.0, model_dir: str | None = None) -> dic
                         out[f"{side}_c{c}_{k}"] = v
                     if len(runs) > 1:
                         out[f"{side}_c{c}_ppm_runs"] = [round(r["ppm"], 2) for r in runs]
+            out["inproc_c1_ppm"] = counts[1] / c1["in"] * 60
+            out["inproc_c1_tok_s"] = c1["tokens_in"] / c1["in"]
+            out["grpc_c1_ppm"] = counts[1] / c1["grpc"] * 60
+            out["grpc_c1_tok_s"] = sum(c1["tokens_grpc"]) / c1["grpc"]
+            out["same_answers_c1"] = float(c1["same"])
             out["inproc_rss_mb"] = vm_hwm_mb() or 0.0
             for service, pid in stack.running().items():
                 out[f"stack_{service}_rss_mb"] = vm_hwm_mb(pid) or 0.0

@@ -101,3 +101,13 @@ def test_bench_grpc_reports_the_median_run_whole():
     assert median_run(runs) == {"ppm": 100.0, "tok_s": 3.0}
     assert median_run(runs[:2]) == {"ppm": 90.0, "tok_s": 1.0}  # an even count: the lower middle run
     assert median_run(runs[:1]) == runs[0]
+
+
+def test_bench_grpc_splits_concurrency_1_into_contiguous_blocks_covering_every_problem_once():
+    """One block of concurrency 1's problems before each run at 16: in order, every problem once, sizes
+    as even as the count allows."""
+    from tests.bench_grpc import c1_blocks
+
+    assert c1_blocks(list(range(32)), 3) == [list(range(11)), list(range(11, 22)), list(range(22, 32))]
+    assert c1_blocks(list(range(4)), 1) == [[0, 1, 2, 3]]
+    assert c1_blocks(list(range(2)), 3) == [[0], [1]]  # fewer problems than runs: no empty block
