@@ -135,29 +135,23 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   if (tiles) {
     // ---- AMX: the prompt's scores as [16 queries x 32 dims] . [32 dims x 16 keys] tiles, from the
     // keys laid out by pair once per batch (prompt_tiles); tiles 0: C, 4-5: A (dims 0-31, 32-63), 6-7: B.
-    const uint32_t* ktp = (const uint32_t*)kt;  // [P][Lq] pairs
+    // keys: [P][stride] pairs; the root's (rkt) are read from cache by every task after the first
+    auto scores = [&](const uint32_t* keys, int64_t stride, int64_t cols, int64_t i0, int64_t at) {
+      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+        _tile_zero(0);
+        _tile_loadd(6, keys + j0, stride * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, keys + 16 * stride + j0, stride * 4);
+        _tile_dpbf16ps(0, 5, 7);
+        _tile_stored(0, &sc[i0 * S + at + j0], S * 4);
+      }
+    };
     for (int64_t i0 = 0; i0 < M; i0 += 16) {
-      const int64_t m = std::min<int64_t>(16, M - i0);
-      tile_config(m);
+      tile_config(std::min<int64_t>(16, M - i0));
       _tile_loadd(4, &qp[i0 * P], P * 4);
       _tile_loadd(5, &qp[i0 * P + 16], P * 4);
-      const uint32_t* rktp = (const uint32_t*)rkt;  // the root's keys: [P][Lrq] pairs, read from cache by every task
-      for (int64_t j0 = 0; j0 < Lr; j0 += 16) {
-        _tile_zero(0);
-        _tile_loadd(6, rktp + j0, Lrq * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_loadd(7, rktp + 16 * Lrq + j0, Lrq * 4);
-        _tile_dpbf16ps(0, 5, 7);
-        _tile_stored(0, &sc[i0 * S + j0], S * 4);
-      }
-      for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
-        _tile_zero(0);
-        _tile_loadd(6, ktp + j0, Lq * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_loadd(7, ktp + 16 * Lq + j0, Lq * 4);
-        _tile_dpbf16ps(0, 5, 7);
-        _tile_stored(0, &sc[i0 * S + Lr + j0], S * 4);
-      }
+      scores((const uint32_t*)rkt, Lrq, Lr, i0, 0);
+      scores((const uint32_t*)kt, Lq, Lp, i0, Lr);
     }
     auto scale_cols = [&](int64_t from, int64_t cols, int64_t len) {  // scale, -inf past len
       for (int64_t i = 0; i < M; ++i)
