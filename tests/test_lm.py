@@ -865,6 +865,49 @@ def test_the_prompt_slab_admits_in_place_frees_on_drop_and_reuses_freed_slots():
     _check_slab(batch, [e])
 
 
+def test_a_batch_holds_its_root_once_and_each_prompt_past_it_in_its_slot():
+    """A decode batch's root (AMX tiles only): the prefix its prompts share is laid out once as tiles, a
+    prompt that continues past it holds only the rest in its slot (lengths), with root_len naming the root;
+    a prompt that is the root and no more, or starts otherwise, is held whole. A root under ROOT_MIN
+    tokens is not held apart."""
+    from alphamath.lm.kv import ROOT_MIN, _Batch, _Decoding, _Row
+    from alphamath.model import decode
+
+    if decode.kernel() is None or not decode.tiles_on():
+        pytest.skip("a root is held only where decode attention runs on AMX tiles")
+    g = torch.Generator().manual_seed(5)
+    root = [tuple(torch.randn(3, 70, 64, generator=g).bfloat16() for _ in range(2)) for _ in range(2)]
+
+    def row(tokens, rooted=True):
+        extra = len(tokens) - 70 if rooted else len(tokens)
+        kv = [tuple(torch.cat([r[:, :70 if rooted else 0], torch.randn(3, extra, 64, generator=g).bfloat16()], 1)
+                    for r in layer) for layer in root]
+        out = _Row(tokens, len(tokens), None, None, kv=kv)
+        out.last_logits = torch.zeros(11)
+        return out
+
+    a, b = row(list(range(100))), row(list(range(70)) + [500] * 5)
+    same, other = row(list(range(70))), row([1000 + i for i in range(50)], rooted=False)
+    batch = _Batch((), 4, tiles=True, root=70)
+    batch.add([_Decoding(p, k, None) for p, k in ((a, 0), (a, 1), (b, 0), (same, 0), (other, 0))], 8,
+              torch.device("cpu"))
+    assert batch.root == 70 and batch.root_tokens == list(range(70))
+    for layer, (rk, rv) in enumerate(root):
+        want = decode.prompt_tiles(rk[None], rv[None])
+        kt, vt = batch.root_tiles[layer]
+        assert torch.equal(kt, want[0][0]) and torch.equal(vt, want[1][0])
+    starts = {id(a): 70, id(b): 70, id(same): 0, id(other): 0}
+    for slot, p in enumerate(batch.prompts[:4]):
+        start, n = starts[id(p)], len(p.tokens) - starts[id(p)]
+        for layer, (k, v) in enumerate(p.kv):
+            assert torch.equal(batch.keys[layer][slot, :, :n], k[:, start:])
+            assert torch.equal(batch.values[layer][slot, :, :n], v[:, start:])
+            assert not batch.keys[layer][slot, :, n:].any()
+    assert batch.shared.lengths.tolist() == [30, 5, 70, 50]
+    assert batch.shared.root_len.tolist() == [70, 70, 0, 0] and batch.shared.root_tiles is batch.root_tiles
+    assert _Batch((), 4, tiles=True, root=ROOT_MIN - 1).root == 0 == _Batch((), 4, tiles=False, root=70).root
+
+
 def test_attention_over_a_slab_with_a_freed_slot_equals_each_rows_own_attention():
     """After a drop frees a slot below a held one, decode attention over the slab (the torch path, and
     decode.cpp's where it runs, with the AMX tiles where they are on) must still equal, for every row,

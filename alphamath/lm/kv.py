@@ -224,8 +224,10 @@ class _Batch:
         return max((len(p.tokens) - self._start(p) for p in self.prompts if p is not None), default=0)
 
     def _start(self, row: _Row) -> int:
-        """Tokens of `row`'s prompt that the root holds: the root's, if the prompt continues it, else 0."""
-        return self.root if self.root_kv is not None and row.tokens[:self.root] == self.root_tokens else 0
+        """Tokens of `row`'s prompt that the root holds: the root's, if the prompt continues past it, else 0
+        (a prompt that is the root and no more is held whole: no slot is left empty)."""
+        R = self.root
+        return R if self.root_kv is not None and len(row.tokens) > R and row.tokens[:R] == self.root_tokens else 0
 
     def _take_root(self, rows: list[_Row]) -> None:
         """Hold the root's KV once, from the first of `rows` that continues past it (none: no root)."""
