@@ -6,7 +6,8 @@ A step of `prompts` x `rows` query rows over 30 layers, each layer with its own 
 reads them: from memory, not from cache; one layer's KV reused 30 times read 7.1 ms where 30 layers'
 read 12.4, s43), 32 own columns in use per row. "whole": every prompt's slot holds root + suffix, as
 before session 43; "root": the root's tiles once, each slot its suffix. The two alternate, 4 rounds,
-and the median step of each is printed. AMX tiles only (the root is held nowhere else).
+and the median step of each is printed. decode.cpp's AMX path where it runs, else (or with
+ALPHAMATH_DECODE_MATMUL=pairs) its vdpbf16ps path, which transposes each slot's keys every step.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def build(prompts: int, rows: int, root: int, suffix: int, held_root: bool):
     valid[:, :32] = True
     group_of = torch.arange(B) // rows
     n = suffix if held_root else root + suffix
+    tiles = decode.tiles_on()
     cols = -(-n // 32) * 32
     layers = []
     for _ in range(LAYERS):
@@ -42,7 +44,7 @@ def build(prompts: int, rows: int, root: int, suffix: int, held_root: bool):
             decode.lay_tiles(rk, rv, kt, vt)
             root_args = (kt, vt, torch.full((prompts,), root))
         layers.append((q, own_k, own_v, valid, pk, pv, torch.full((prompts,), n), group_of, D ** -0.5,
-                       decode.prompt_tiles(pk, pv), None, root_args))
+                       decode.prompt_tiles(pk, pv) if tiles else None, None, root_args))
     return layers
 
 
@@ -71,8 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--suffix", type=int, default=68, help="tokens of each prompt past the root")
     a = ap.parse_args(argv)
     from alphamath.model import decode
-    if decode.kernel() is None or not decode.tiles_on():
-        print("the root is held only where decode attention runs on AMX tiles; nothing to measure here")
+    if decode.kernel() is None:
+        print("decode.cpp does not run here (it needs AVX512-BF16): nothing to measure")
         return 1
     torch.manual_seed(0)
     whole = build(a.prompts, a.rows, a.root, a.suffix, False)
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
         got["whole"].append(round(step_ms(whole), 2))
         got["root"].append(round(step_ms(rooted), 2))
     w, r = statistics.median(got["whole"]), statistics.median(got["root"])
-    print(f"{a.prompts} prompts x {a.rows} rows, {a.root} + {a.suffix} prompt tokens, {LAYERS} layers: "
+    print(f"{'AMX tiles' if decode.tiles_on() else 'vdpbf16ps pairs'}: {a.prompts} prompts x {a.rows} rows, {a.root} + {a.suffix} prompt tokens, {LAYERS} layers: "
           f"whole {w:.2f} ms, root {r:.2f} ms per step ({w / r:.2f}x); rounds whole {got['whole']}, "
           f"root {got['root']}")
     return 0

@@ -866,15 +866,16 @@ def test_the_prompt_slab_admits_in_place_frees_on_drop_and_reuses_freed_slots():
 
 
 def test_a_batch_holds_its_root_once_and_each_prompt_past_it_in_its_slot():
-    """A decode batch's root (AMX tiles only): the prefix its prompts share is laid out once as tiles, a
+    """A decode batch's root (where decode.cpp computes attention): the prefix its prompts share is laid out
+    once as prompt_tiles, a
     prompt that continues past it holds only the rest in its slot (lengths), with root_len naming the root;
     a prompt that is the root and no more, or starts otherwise, is held whole. A root under ROOT_MIN
     tokens is not held apart."""
     from alphamath.lm.kv import ROOT_MIN, _Batch, _Decoding, _Row
     from alphamath.model import decode
 
-    if decode.kernel() is None or not decode.tiles_on():
-        pytest.skip("a root is held only where decode attention runs on AMX tiles")
+    if decode.kernel() is None:
+        pytest.skip("a root is held only where decode.cpp computes decode attention")
     g = torch.Generator().manual_seed(5)
     root = [tuple(torch.randn(3, 70, 64, generator=g).bfloat16() for _ in range(2)) for _ in range(2)]
 
@@ -888,7 +889,7 @@ def test_a_batch_holds_its_root_once_and_each_prompt_past_it_in_its_slot():
 
     a, b = row(list(range(100))), row(list(range(70)) + [500] * 5)
     same, other = row(list(range(70))), row([1000 + i for i in range(50)], rooted=False)
-    batch = _Batch((), 4, tiles=True, root=70)
+    batch = _Batch((), 4, tiles=decode.tiles_on(), root=70)
     batch.add([_Decoding(p, k, None) for p, k in ((a, 0), (a, 1), (b, 0), (same, 0), (other, 0))], 8,
               torch.device("cpu"))
     assert batch.root == 70 and batch.root_tokens == list(range(70))
@@ -905,7 +906,7 @@ def test_a_batch_holds_its_root_once_and_each_prompt_past_it_in_its_slot():
             assert not batch.keys[layer][slot, :, n:].any()
     assert batch.shared.lengths.tolist() == [30, 5, 70, 50]
     assert batch.shared.root_len.tolist() == [70, 70, 0, 0] and batch.shared.root_tiles is batch.root_tiles
-    assert _Batch((), 4, tiles=True, root=ROOT_MIN - 1).root == 0 == _Batch((), 4, tiles=False, root=70).root
+    assert _Batch((), 4, root=ROOT_MIN - 1).root == 0
 
 
 def test_attention_over_a_slab_with_a_freed_slot_equals_each_rows_own_attention():

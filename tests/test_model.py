@@ -423,17 +423,16 @@ def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_ke
                 assert (tiled == pairs).float().mean() >= 0.999
 
 
-def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts():
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(head_dim):
     """A decode batch's root (kv.py's _Batch): prompts that continue one prefix hold only the rest in their
-    slots and the prefix once, as its own tiles. decode.cpp must compute what it computes over the whole
-    prompts: rooted and unrooted prompts in one step (root_len 0 holds a prompt whole), suffixes of odd
-    lengths and of one token, a root that is no multiple of the 32-key tiles, and exact fp32 attention.
-    Without the prompts' tiles a root is an error. The root needs AMX tiles (elsewhere it is never held)."""
+    slots and the prefix once, laid out as prompt_tiles. decode.cpp must compute what it computes over the
+    whole prompts, on both paths (vdpbf16ps pairs; AMX tiles where they run, head size 64): rooted and
+    unrooted prompts in one step (root_len 0 holds a prompt whole), suffixes of odd lengths and of one token,
+    a root that is no multiple of the 32-key tiles, and exact fp32 attention."""
     decode = decode_kernels_or_skip()
-    if not decode.tiles_on():
-        pytest.skip("a root is held only where decode attention runs on AMX tiles")
     g = torch.Generator().manual_seed(3)
-    bf, Hk, q_heads, D, W, R0 = torch.bfloat16, 3, 3, 64, 20, 70
+    bf, Hk, q_heads, D, W, R0 = torch.bfloat16, 3, 3, head_dim, 20, 70
     suffix, rooted, per = [13, 1, 40, 7, 29], [True, True, False, True, True], 3
     G, B = len(suffix), len(suffix) * per
     rk, rv = (torch.randn(Hk, R0, D, generator=g).to(bf) for _ in range(2))
@@ -456,21 +455,24 @@ def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts():
     kt, vt = rk.new_empty(Hk, D // 2, Lr, 2), rk.new_empty(Hk, Lr // 2, D, 2)
     decode.lay_tiles(rk, rv, kt, vt)
     root = (kt, vt, torch.tensor([R0 if r else 0 for r in rooted]))
-    whole = decode.decode_attention(q, own_k, own_v, valid, whole_k, whole_v, torch.tensor([R0 + n for n in suffix]),
-                                    group_of, D ** -0.5, decode.prompt_tiles(whole_k, whole_v))
-    got = decode.decode_attention(q, own_k, own_v, valid, slot_k, slot_v, torch.tensor(held), group_of, D ** -0.5,
-                                  decode.prompt_tiles(slot_k, slot_v), root=root)
-    step = 2.0 ** -7 * whole.float().abs().clamp_min(2.0 ** -20)  # at most one bf16 step: sums in another order
-    assert ((got.float() - whole.float()).abs() <= step).all() and (got == whole).float().mean() >= 0.999
-    for b in range(B):
-        i = b // per
-        k = torch.cat([whole_k[i, :, :R0 + suffix[i]], own_k[b][:, valid[b]]], 1).float()
-        v = torch.cat([whole_v[i, :, :R0 + suffix[i]], own_v[b][:, valid[b]]], 1).float()
-        want = torch.softmax(q[b].float() @ k.transpose(1, 2) * D ** -0.5, -1) @ v
-        torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=1e-2)
-    with pytest.raises(RuntimeError, match="a root needs AMX tiles"):
+    paths = [False] + ([True] if D == 64 and decode.tiles_on() else [])
+    for tiled in paths:
+        whole = decode.decode_attention(q, own_k, own_v, valid, whole_k, whole_v,
+                                        torch.tensor([R0 + n for n in suffix]), group_of, D ** -0.5,
+                                        decode.prompt_tiles(whole_k, whole_v) if tiled else None)
+        got = decode.decode_attention(q, own_k, own_v, valid, slot_k, slot_v, torch.tensor(held), group_of,
+                                      D ** -0.5, decode.prompt_tiles(slot_k, slot_v) if tiled else None, root=root)
+        step = 2.0 ** -7 * whole.float().abs().clamp_min(2.0 ** -20)  # one bf16 step: sums in another order
+        assert ((got.float() - whole.float()).abs() <= step).all() and (got == whole).float().mean() >= 0.99
+        for b in range(B):
+            i = b // per
+            k = torch.cat([whole_k[i, :, :R0 + suffix[i]], own_k[b][:, valid[b]]], 1).float()
+            v = torch.cat([whole_v[i, :, :R0 + suffix[i]], own_v[b][:, valid[b]]], 1).float()
+            want = torch.softmax(q[b].float() @ k.transpose(1, 2) * D ** -0.5, -1) @ v
+            torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError, match="root_len out of range"):
         decode.decode_attention(q, own_k, own_v, valid, slot_k, slot_v, torch.tensor(held), group_of, D ** -0.5,
-                                root=root)
+                                root=(kt, vt, torch.tensor([Lr + 1] * G)))
 
 
 def test_decode_attention_kernel_rejects_what_it_cannot_compute():
@@ -788,17 +790,20 @@ def test_avx2_decode_layers_sample_what_the_layer_loop_samples(kernel_model_dir,
             assert abs(x.cumulative_logprob - y.cumulative_logprob) <= 1e-4 * max(1.0, abs(y.cumulative_logprob))
 
 
-@pytest.mark.parametrize("two_calls", [False, True])
+@pytest.mark.parametrize("matmul,two_calls", [("tiles", False), ("tiles", True), ("pairs", False)])
 def test_a_decode_batch_holding_its_root_once_samples_and_stores_what_whole_prompts_do(kernel_model_dir, monkeypatch,
-                                                                                     two_calls):
+                                                                                     matmul, two_calls):
     """Prompts that open with one long prefix (as every question's few-shot prompt does) share a decode batch's
     root (kv.py's _Batch: the prefix held once, the rest in each prompt's slot). It must sample what the
     batch samples with each prompt held whole, and store the same KV in the prefix cache, also where the
     prompt was evicted before its rows finished (the store then joins root, slot and own columns).
-    two_calls: the layers in two kernel calls around the cache update, not decode_layers' one call."""
+    two_calls: the layers in two kernel calls around the cache update, not decode_layers' one call; matmul:
+    decode.cpp's AMX tiles (where the CPU has them) or its vdpbf16ps pairs."""
     decode = decode_kernels_or_skip()
-    if not decode.tiles_on():
-        pytest.skip("a root is held only where decode attention runs on AMX tiles")
+    from alphamath.model.dtype import cpu_has_amx
+    if matmul == "tiles" and not (cpu_has_amx() and decode.kernel().set_tiles(True)):
+        pytest.skip("AMX tiles need a CPU with AMX-BF16 and the tile state granted")
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", matmul)
     from alphamath.lm import LocalLM
     from alphamath.lm import kv
 
@@ -814,6 +819,7 @@ def test_a_decode_batch_holding_its_root_once_samples_and_stores_what_whole_prom
     for root_min in (root_min_default, 10 ** 9):
         monkeypatch.setattr(kv, "ROOT_MIN", root_min)
         lm = LocalLM(kernel_model_dir, dtype="bf16", max_cached_tokens=150)  # too few for both prompts
+        assert lm._root and lm._prompt_tiles == (matmul == "tiles")
         out = lm.generate(texts, 3, **kw)
         stored = {}
         for text, samples in zip(texts, out):

@@ -174,21 +174,22 @@ class _Batch:
     stay. Rebuilding the whole prompt set at every admission and drop had cost 30% of the decode
     loop's time at 16 concurrent searches (session 24). The slab grows, and shrinks, by a copy.
 
-    The root (AMX tiles only): every question's prompt opens with the same instructions and worked
-    examples (~340 of a prompt's ~420 tokens), and a slot holding each prompt whole made a step read
-    that prefix's KV once per prompt: at 16 searches, 16 times per layer, from memory. A batch takes
-    as its root the prefix that every cached sequence shares when it starts (`PrefixCache.branch_length`),
-    holds its KV once (`root_tiles`), and a prompt that continues it holds only the rest in its slot;
-    decode.cpp reads the root from cache for every prompt after the first. A prompt that does not
-    continue the root is held whole.
+    The root (where decode.cpp computes decode attention): every question's prompt opens with the
+    same instructions and worked examples (~340 of a prompt's ~420 tokens), and a slot holding each
+    prompt whole made a step read that prefix's KV once per prompt: at 16 searches, 16 times per
+    layer, from memory. A batch takes as its root the prefix that every cached sequence shares when it
+    starts (`PrefixCache.branch_length`), holds its KV once (`root_tiles`, laid out as both of
+    decode.cpp's paths read it: no per-step transposing of its keys), and a prompt that continues it
+    holds only the rest in its slot; decode.cpp reads the root from cache for every prompt after the
+    first. A prompt that does not continue the root is held whole.
     """
 
     def __init__(self, key: tuple, window: int, tiles: bool = False, root: int = 0):
         """`tiles`: hold the prompts' KV also as decode.prompt_tiles (decode attention on AMX tiles);
-        `root` (with tiles): the tokens of the root this batch holds once, taken from its first prompt
-        that continues past them (too short a root, under ROOT_MIN tokens, is not worth one)."""
+        `root` (where decode.cpp computes decode attention): the tokens of the root this batch holds once,
+        taken from its first prompt that continues past them (under ROOT_MIN tokens it is not worth one)."""
         self.key, self.window, self.tiles = key, window, tiles
-        self.root = root if tiles and root >= ROOT_MIN else 0
+        self.root = root if root >= ROOT_MIN else 0
         self.root_tokens: list[int] = []
         self.root_kv: list | None = None  # per layer (keys, values) [Hk, root, D] (_store joins them)
         self.root_tiles: list | None = None  # per layer decode.prompt_tiles of root_kv

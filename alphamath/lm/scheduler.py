@@ -67,7 +67,7 @@ _SERVING = _Serving()
 class Scheduler:
     """The decode loop and admission of LocalLM (which mixes this in). The host owns the state used
     here: `_queue`, `_cv`, `_batch`, `_leading`, `lock`, `cache`, `device`, the batch limits,
-    `_prompt_tiles`, and `_lookup`, `_extend` and `encode`."""
+    `_prompt_tiles`, `_root`, and `_lookup`, `_extend` and `encode`."""
 
     def _wait_or_lead(self, req: _Request) -> None:
         """Wait for `req`, running the decode loop whenever no other thread is running it.
@@ -226,7 +226,7 @@ class Scheduler:
         if batch is None:  # its root: the prefix every cached sequence shares, the admitted prompts included
             first = reqs[0].prompts[0]
             batch = _Batch(reqs[0].key, max((len(self.encode(st)) for st in stop), default=0) + 4,
-                           self._prompt_tiles, self.cache.branch_length(first) if self._prompt_tiles else 0)
+                           self._prompt_tiles, self.cache.branch_length(first) if self._root else 0)
         batch.add(new, max_new_tokens, self.device)
         for r in distinct.values():  # copied into the batch: do not hold a second copy per prompt
             r.kv = r.past = r.past_values = None

@@ -73,9 +73,9 @@ class SharedPrompts:
                     of the same layout: it needs no mask and no gathering);
       tiles         per layer decode.prompt_tiles(keys, values), where decode attention runs on AMX
                     tiles, else None;
-      root_tiles, root_len  with tiles only: per layer decode.prompt_tiles of a prefix held once (the
-                    few-shot prompt every question opens with) and [G] its length for each prompt, 0
-                    where a slot holds its prompt whole. A rooted prompt's slot, `lengths` and `mask`
+      root_tiles, root_len  where decode.cpp computes attention: per layer decode.prompt_tiles of a
+                    prefix held once (the few-shot prompt every question opens with) and [G] its length
+                    for each prompt, 0 where a slot holds its prompt whole. A rooted prompt's slot, `lengths` and `mask`
                     hold only what follows the root, so a step reads the root's KV once, not once per
                     prompt. None: no root.
     """
@@ -107,7 +107,7 @@ def shared_prompt_attention(q, k, v, own_mask, prompts: SharedPrompts, layer: in
     each prompt's keys are read once per step however many rows continue it.
     """
     if prompts.root_len is not None:
-        raise ValueError("shared_prompt_attention cannot read a root: only decode.cpp's AMX kernels hold one")
+        raise ValueError("shared_prompt_attention cannot read a root: only decode.cpp's kernels hold one")
     B, Hk, g, D = q.shape
     G, R = prompts.members.shape
     if prompts.one_each:  # row b's queries are prompt b's: nothing to gather or scatter

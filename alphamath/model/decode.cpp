@@ -10,9 +10,10 @@
 //
 // decode_attention: a task is one (prompt group, KV head). Its queries are the g folded query heads of every row that
 // continues the prompt, M = rows * g. For each query i
-//     s_ij = scale * q_i . k_j     over the prompt's keys j < len(group) and the row's valid own keys
+//     s_ij = scale * q_i . k_j     over the root's keys (if the prompt continues the batch's root), the prompt's
+//                                  keys j < len(group) and the row's valid own keys
 //     o_i  = sum_j softmax(s_i)_j v_j
-// in three passes over a scratch row of scores (prompt keys, then own keys): scores, softmax, P.V.
+// in three passes over a scratch row of scores (root keys, prompt keys, own keys): scores, softmax, P.V.
 // The prompt's keys are read once per task whatever M is: they are laid out as bf16 pairs by key
 // (Kt[p][j] = k_j[2p:2p+2]) so one vdpbf16ps multiplies a query pair into 16 keys at once.
 #include <torch/extension.h>
@@ -112,7 +113,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
           bf16* out) {
   constexpr int P = D / 2, V16 = D / 16, VC = D == 64 ? 6 : 2;  // VC queries per P.V pass: VC * V16 accumulators
   const int64_t R = (int64_t)rows.size(), M = R * g, Mp = (M + QC - 1) / QC * QC;
-  // Score columns: the root's keys (rlen > 0: tiles only), the prompt's, the row's own.
+  // Score columns: the root's keys (rlen > 0), the prompt's, the row's own.
   const int64_t Lr = (rlen + 31) / 32 * 32, Lp = (plen + 15) / 16 * 16, Wp = (W + 15) / 16 * 16, S = Lr + Lp + Wp;
   // Scratch kept per thread across tasks and steps (a step runs G * Hk tasks per layer): sized, not
   // reallocated; qp is zeroed and kt's padding written as zeros, because their padding is read.
@@ -124,7 +125,7 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
   o.resize((size_t)M * D);
   qf.resize((size_t)M * D);
   inv_l.resize(M);
-  pp.resize((size_t)M * (Lp / 2));
+  pp.resize((size_t)M * ((Lr + Lp) / 2));
   auto qrow = [&](int64_t i) { return q + rows[i / g] * qs[0] + h * qs[1] + (i % g) * qs[2]; };
   for (int64_t i = 0; i < M; ++i) {
     std::memcpy(&qp[i * P], qrow(i), D * sizeof(bf16));
@@ -174,20 +175,25 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
       transpose16(r);
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&ks[(p0 + i) * Lp + j0], r[i]);
     }
-  for (int64_t i0 = 0; i0 < Mp; i0 += QC) {
-    for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
-      __m512 acc[QC];
-      for (int c = 0; c < QC; ++c) acc[c] = _mm512_setzero_ps();
-      for (int p = 0; p < P; ++p) {
-        __m512bh kv = (__m512bh)_mm512_loadu_si512(&ks[p * Lp + j0]);
-        for (int c = 0; c < QC; ++c)
-          acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_set1_epi32((int)qp[(i0 + c) * P + p]), kv);
+  // keys [P][stride] pairs: the root's (rkt, laid out once per batch, read from cache) and the prompt's (ks)
+  auto pair_scores = [&](const uint32_t* keys, int64_t stride, int64_t cols, int64_t len, int64_t at) {
+    for (int64_t i0 = 0; i0 < Mp; i0 += QC) {
+      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+        __m512 acc[QC];
+        for (int c = 0; c < QC; ++c) acc[c] = _mm512_setzero_ps();
+        for (int p = 0; p < P; ++p) {
+          __m512bh kv = (__m512bh)_mm512_loadu_si512(&keys[p * stride + j0]);
+          for (int c = 0; c < QC; ++c)
+            acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_set1_epi32((int)qp[(i0 + c) * P + p]), kv);
+        }
+        const __mmask16 in = (j0 + 16 <= len) ? (__mmask16)0xFFFF : (__mmask16)((1u << std::max<int64_t>(len - j0, 0)) - 1);
+        for (int c = 0; c < QC && i0 + c < M; ++c)
+          _mm512_storeu_ps(&sc[(i0 + c) * S + at + j0], _mm512_mask_mul_ps(ninf, in, acc[c], vscale));
       }
-      const __mmask16 in = (j0 + 16 <= plen) ? (__mmask16)0xFFFF : (__mmask16)((1u << std::max<int64_t>(plen - j0, 0)) - 1);
-      for (int c = 0; c < QC && i0 + c < M; ++c)
-        _mm512_storeu_ps(&sc[(i0 + c) * S + j0], _mm512_mask_mul_ps(ninf, in, acc[c], vscale));
     }
-  }
+  };
+  pair_scores((const uint32_t*)rkt, Lrq, Lr, rlen, 0);
+  pair_scores(ks.data(), Lp, Lp, plen, Lr);
   }
   // ---- scores against each row's own columns (a few per row: plain dot products) ----
   for (int64_t r = 0; r < R; ++r) {
@@ -269,19 +275,36 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     }
     _tile_release();
   } else {
-  const int64_t Lh = Lp / 2;
+  const int64_t Lh = (Lr + Lp) / 2;  // pp row: the root's pairs, then the prompt's
   for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < Lp; j += 16)  // 16 probabilities -> 8 pairs (key j in the low half)
+    for (int64_t j = 0; j < Lr + Lp; j += 16)  // 16 probabilities -> 8 pairs (key j in the low half)
       _mm256_storeu_si256((__m256i*)&pp[i * Lh + j / 2], (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(&sc[i * S + j])));
   static const bf16 zeros[D] = {};
   const __m512i ia = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i ib = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   const bf16* pvb = pv + grp * ps[0] + h * ps[1];
+  const uint32_t* rv = (const uint32_t*)rvt;  // the root's values: [Lrq / 2][D] pairs of keys, dims in order
   for (int64_t i0 = 0; i0 < M; i0 += VC) {
     const int C = (int)std::min<int64_t>(VC, M - i0);
     __m512 acc[VC][V16];
     for (int c = 0; c < VC; ++c)
       for (int v = 0; v < V16; ++v) acc[c][v] = _mm512_setzero_ps();
+    if (Lr) {  // the root first, into o in dim order; the prompt's sums are added to it below
+      for (int64_t jp = 0; jp < Lr / 2; ++jp) {
+        __m512i vv[V16];
+        for (int v = 0; v < V16; ++v) vv[v] = _mm512_loadu_si512(&rv[jp * D + 16 * v]);
+        for (int c = 0; c < VC; ++c) {
+          if (c >= C) break;
+          const __m512bh pj = (__m512bh)_mm512_set1_epi32((int)pp[(i0 + c) * Lh + jp]);
+          for (int v = 0; v < V16; ++v) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], pj, (__m512bh)vv[v]);
+        }
+      }
+      for (int c = 0; c < C; ++c)
+        for (int v = 0; v < V16; ++v) {
+          _mm512_storeu_ps(&o[(i0 + c) * D + 16 * v], acc[c][v]);
+          acc[c][v] = _mm512_setzero_ps();
+        }
+    }
     for (int64_t j = 0; j < plen; j += 2) {
       const bf16* va = pvb + j * ps[2];
       const bf16* vb = j + 1 < plen ? va + ps[2] : zeros;
@@ -293,15 +316,17 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
       }
       for (int c = 0; c < VC; ++c) {
         if (c >= C) break;
-        const __m512bh pj = (__m512bh)_mm512_set1_epi32((int)pp[(i0 + c) * Lh + j / 2]);
+        const __m512bh pj = (__m512bh)_mm512_set1_epi32((int)pp[(i0 + c) * Lh + Lr / 2 + j / 2]);
         for (int v = 0; v < V16; ++v) acc[c][v] = _mm512_dpbf16_ps(acc[c][v], pj, (__m512bh)vv[v]);
       }
     }
     for (int c = 0; c < C; ++c)
       for (int hh = 0; hh < V16 / 2; ++hh) {
         float* oo = &o[(i0 + c) * D + 32 * hh];
-        _mm512_storeu_ps(oo, _mm512_permutex2var_ps(acc[c][2 * hh], ia, acc[c][2 * hh + 1]));
-        _mm512_storeu_ps(oo + 16, _mm512_permutex2var_ps(acc[c][2 * hh], ib, acc[c][2 * hh + 1]));
+        const __m512 a = _mm512_permutex2var_ps(acc[c][2 * hh], ia, acc[c][2 * hh + 1]);
+        const __m512 b = _mm512_permutex2var_ps(acc[c][2 * hh], ib, acc[c][2 * hh + 1]);
+        _mm512_storeu_ps(oo, Lr ? _mm512_add_ps(a, _mm512_loadu_ps(oo)) : a);
+        _mm512_storeu_ps(oo + 16, Lr ? _mm512_add_ps(b, _mm512_loadu_ps(oo + 16)) : b);
       }
   }
   }
@@ -430,13 +455,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
                 "prompt_kt / prompt_vt must be prompt_tiles of prompt_k / prompt_v");
   }
   // The root (a prefix every rooted prompt shares, held once: kv.py's _Batch): root_kt [Hk, D / 2, Lrq, 2] and
-  // root_vt [Hk, Lrq / 2, D, 2] in prompt_tiles' layouts; root_len [G]: its length for each prompt, 0 where a
-  // prompt holds its whole KV in its slot. Tiles only.
+  // root_vt [Hk, Lrq / 2, D, 2] in prompt_tiles' layouts, which both paths read as they are (the AMX tiles, and
+  // the pairs vdpbf16ps multiplies: no transposing per step); root_len [G]: its length for each prompt, 0 where
+  // a prompt holds its whole KV in its slot.
   const bool rooted = root_len.numel() > 0;
   int64_t Lrq = 0;
   torch::Tensor rl;
   if (rooted) {
-    TORCH_CHECK(tiles, "decode_attention: a root needs AMX tiles (prompt_kt / prompt_vt)");
     Lrq = root_kt.size(2);
     TORCH_CHECK(root_kt.is_contiguous() && root_vt.is_contiguous() && root_kt.dim() == 4 && root_kt.size(0) == Hk &&
                 root_kt.size(1) == D / 2 && Lrq % 32 == 0 && root_vt.dim() == 4 && root_vt.size(0) == Hk &&
@@ -470,7 +495,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
                  rlen ? rvtp + root : nullptr, Lrq, rlen, op);
       else
         task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, vs,
-                  nullptr, nullptr, 0, nullptr, nullptr, 0, 0, op);
+                  nullptr, nullptr, 0, rlen ? rktp + root : nullptr, rlen ? rvtp + root : nullptr, Lrq, rlen, op);
     }
   });
   return out;

@@ -91,7 +91,7 @@ def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group
     """q [B, Hk, g, D]; own_k/own_v [R, Hk, W, D]; own_valid [B, W] bool or None (every column);
     keys/values [G, Hk, L, D]; prompt_len [G]; group_of [B] -> [B, Hk, g, D]. `tiles`: prompt_tiles
     of keys/values, for AMX (else the vdpbf16ps path). own_of [B]: the own row each query row continues
-    (None: rows b * B/R .. continue own row b). `root` (with tiles): (kt [Hk, D/2, Lr, 2], vt, lengths [G])
+    (None: rows b * B/R .. continue own row b). `root`: (kt [Hk, D/2, Lr, 2], vt, lengths [G])
     of a prefix held once, which prompt g continues where lengths[g] > 0: its keys and values come before
     the slot's (_root_args)."""
     kt, vt = tiles or (_EMPTY, _EMPTY)

@@ -268,7 +268,7 @@ class FastLlama:
         (`verify`); own_valid [Q, W + T] bool or None."""
         fp32, hq, hk, D = x.dtype == torch.float32, self.hq, self.hk, self.head_dim
         if fp32 and prompts.root_len is not None:
-            raise ValueError("avx2.cpp's kernels cannot read a root: only decode.cpp's AMX kernels hold one")
+            raise ValueError("avx2.cpp's kernels cannot read a root: only decode.cpp's kernels hold one")
         B = prompts.group.numel()  # rows
         group = prompts.group if own_of is None else prompts.group[own_of]
         own = [cache.layers[i] for i in range(len(self.layers))]
