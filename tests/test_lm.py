@@ -110,6 +110,10 @@ def test_prefix_cache_longest_prefix_partial_edges_and_shared_storage():
     assert m == 3 and torch.equal(kv[0][1][0, :, 0], torch.tensor([-1., -2., -7.]))
     assert c.match([5, 1])[0] == 0
     assert c.match_length([1, 2, 3, 4, 5]) == 4
+    m, parts, vals = c.match_parts([1, 2, 3, 9])  # the path's edges as views, in order: [1, 2] then [3]
+    assert m == 3 and [k.shape[1] for k, _ in parts[1]] == [2, 1]
+    assert torch.equal(torch.cat([k for k, _ in parts[1]], 1), c.match([1, 2, 3, 9])[1][1][0])
+    assert c.match_parts([5])[1] is None
 
 
 def test_prefix_cache_branch_length_is_the_prefix_every_cached_sequence_starting_alike_shares():

@@ -54,6 +54,15 @@ class _RoomyLayer(DynamicLayer):
         if keys is not None:
             self._k[rows, :, start:self.n], self._v[rows, :, start:self.n] = keys, values
 
+    def put_parts(self, row: int, start: int, parts: list) -> None:
+        """Row `row`: zeros before `start`, then each part's (keys, values) in turn (a cached past's edges,
+        PrefixCache.match_parts), filling the columns up to the filled width."""
+        self.put(row, start)
+        for k, v in parts:
+            n = k.shape[-2]
+            self._k[row, :, start:start + n], self._v[row, :, start:start + n] = k, v
+            start += n
+
     def _set(self, n: int) -> None:
         self.n = n
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
@@ -90,7 +99,8 @@ class _RoomyLayer(DynamicLayer):
 
 @dataclass
 class _Row:
-    """One sequence to extend: tokens[:cached] have KV `past`; tokens[cached:] are computed."""
+    """One sequence to extend: tokens[:cached] have KV `past` (per layer, the cache's edges in order:
+    PrefixCache.match_parts); tokens[cached:] are computed."""
 
     tokens: list[int]
     cached: int

@@ -150,9 +150,9 @@ class LocalLM(Scheduler):
     def _lookup(self, tokens: list[int], need_logits: bool) -> _Row:
         """Longest cached prefix of `tokens`; keeps >= 1 token to compute when logits are needed."""
         limit = len(tokens) - 1 if need_logits else len(tokens)
-        m, kv, vals = self.cache.match(tokens[:limit] if need_logits else tokens)
+        m, parts, vals = self.cache.match_parts(tokens[:limit] if need_logits else tokens)
         self.reused_tokens += m
-        return _Row(tokens, m, kv, vals)
+        return _Row(tokens, m, parts, vals)
 
     def _extend(self, rows: list[_Row]) -> None:
         """Compute the uncached tokens of all rows, in forwards whose estimated memory stays within
@@ -201,10 +201,10 @@ class LocalLM(Scheduler):
         cache = DynamicCache()
         if M:  # the cached pasts, written once into buffers with room for the new tokens
             template = next(r.past for r in rows if r.past is not None)
-            for layer, (k0, _) in enumerate(template):
-                roomy = _RoomyLayer.empty(k0, B, M, S)
+            for layer, parts in enumerate(template):
+                roomy = _RoomyLayer.empty(parts[0][0], B, M, S)
                 for i, r in enumerate(rows):
-                    roomy.put(i, M - r.cached, *(r.past[layer] if r.cached else ()))
+                    roomy.put_parts(i, M - r.cached, r.past[layer] if r.cached else [])
                 cache.layers.append(roomy)
         h, cache = self._hidden(ids, attention_mask=mask, past_key_values=cache, position_ids=pos, use_cache=True)
         values = self.model.values_from_hidden(h)

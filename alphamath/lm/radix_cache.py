@@ -85,19 +85,24 @@ class PrefixCache:
 
     def match(self, tokens: Sequence[int]) -> tuple[int, KV | None, torch.Tensor | None]:
         """(m, KV of tokens[:m], value-head outputs of tokens[:m]) for the longest cached prefix."""
+        m, parts, values = self.match_parts(tokens)
+        if parts is None:
+            return 0, None, None
+        kv = [(torch.cat([k for k, _ in layer], dim=1), torch.cat([v for _, v in layer], dim=1)) for layer in parts]
+        return m, kv, values
+
+    def match_parts(self, tokens: Sequence[int]) -> tuple[int, list | None, torch.Tensor | None]:
+        """`match`, with each layer's KV as the path's edges in order, views of the cache: [[(keys, values)
+        of an edge's matched tokens, ...] per layer]. A prefill copies them once, into its own buffer;
+        joining them first had copied every cached past twice."""
         path = list(self._walk(tokens))
         if not path:
             return 0, None, None
         self._touch(path[-1][0])
         m = sum(n for _, n in path)
-        layers = len(path[0][0].kv)
-        kv = [
-            (torch.cat([node.kv[l][0][:, :n] for node, n in path], dim=1),
-             torch.cat([node.kv[l][1][:, :n] for node, n in path], dim=1))
-            for l in range(layers)
-        ]
+        parts = [[(node.kv[l][0][:, :n], node.kv[l][1][:, :n]) for node, n in path] for l in range(len(path[0][0].kv))]
         values = torch.cat([node.values[:n] for node, n in path])
-        return m, kv, values
+        return m, parts, values
 
     def insert(self, tokens: Sequence[int], kv: KV, values: torch.Tensor, start: int = 0) -> None:
         """Store the KV of `tokens`: kv and values cover tokens[start:], and tokens[:start] must be cached
