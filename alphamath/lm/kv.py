@@ -249,13 +249,7 @@ class _Batch:
             return
         self.root_tokens = first.tokens[:R]
         self.root_kv = [(k[:, :R].clone(), v[:, :R].clone()) for k, v in first.kv]
-        Lr = -(-R // 32) * 32
-        self.root_tiles = []
-        for k, v in self.root_kv:
-            Hk, D = k.shape[0], k.shape[-1]
-            kt, vt = k.new_empty(Hk, D // 2, Lr, 2), k.new_empty(Hk, Lr // 2, D, 2)
-            decode.lay_tiles(k, v, kt, vt)
-            self.root_tiles.append((kt, vt))
+        self.root_tiles = [tuple(t[0] for t in decode.prompt_tiles(k[None], v[None])) for k, v in self.root_kv]
 
     def add(self, new: list[_Decoding], room: int, dev) -> None:
         """Append samples: their prompts' KV joins the slab, once per distinct prompt, in free slots;
@@ -364,11 +358,10 @@ class _Batch:
             members[g] = torch.tensor((r + [r[0]] * (R - len(r))) if r else [0] * R, dtype=torch.long)
             if r:
                 slot[r] = g * R + torch.arange(len(r))
-        lens = torch.tensor([len(p.tokens) - self._start(p) if p is not None else 0 for p in self.prompts[:G]],
+        starts = [self._start(p) if p is not None else 0 for p in self.prompts[:G]]
+        lens = torch.tensor([len(p.tokens) - s if p is not None else 0 for p, s in zip(self.prompts[:G], starts)],
                             device=dev)
-        root_len = None
-        if self.root_kv is not None:
-            root_len = torch.tensor([self._start(p) if p is not None else 0 for p in self.prompts[:G]], device=dev)
+        root_len = torch.tensor(starts, device=dev) if self.root_kv is not None else None
         mask = torch.zeros(G, 1, 1, L, dtype=self.keys[0].dtype, device=dev)
         mask.masked_fill_((torch.arange(L, device=dev)[None] >= lens[:, None])[:, None, None], float("-inf"))
         one_each = rows == [[b] for b in range(B)]  # row b continues prompt b: nothing to gather

@@ -75,9 +75,9 @@ class SharedPrompts:
                     tiles, else None;
       root_tiles, root_len  where decode.cpp computes attention: per layer decode.prompt_tiles of a
                     prefix held once (the few-shot prompt every question opens with) and [G] its length
-                    for each prompt, 0 where a slot holds its prompt whole. A rooted prompt's slot, `lengths` and `mask`
-                    hold only what follows the root, so a step reads the root's KV once, not once per
-                    prompt. None: no root.
+                    for each prompt, 0 where a slot holds its prompt whole. A rooted prompt's slot,
+                    `lengths` and `mask` hold only what follows the root, so a step reads the root's KV
+                    once, not once per prompt. None: no root.
     """
 
     keys: list
