@@ -700,7 +700,8 @@ def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):
 def test_avx2_linear_is_the_fp16_weights_matmul_and_computes_each_row_alone():
     """avx2.linear_f16: fp32 rows times the fp16-rounded weight, fp32 sums (within fp32 rounding of the
     exact products), bias added; K past one chunk of k (256) and not a multiple of it; every row count
-    through the 6-row tiles and their remainders gives each row what it gets alone, bit for bit."""
+    through the 6-row tiles and their remainders gives each row what it gets alone, bit for bit (above 12
+    rows the tiles read each chunk converted to fp32 once, with fewer they convert it themselves)."""
     avx2 = avx2_kernels_or_skip()
     torch.manual_seed(0)
     w, b = torch.randn(48, 600), torch.randn(48)
