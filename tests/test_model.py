@@ -475,6 +475,51 @@ def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(hea
                                 root=(kt, vt, torch.tensor([Lr + 1] * G)))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_avx2_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(head_dim):
+    """avx2.cpp's fp32 attention over a batch's root (kv.py's _Batch: the prefix held once as [Hk, Lr, D], each
+    rooted prompt's slot holding the rest) computes what it computes over the whole prompts: the root's keys
+    come first, so the scores are in the same order. Rooted and unrooted prompts in one step (root_len 0
+    holds a prompt whole), suffixes of odd lengths and of one token, a root that is no multiple of the 8-key
+    blocks; against exact attention too; a root_len past the root is an error."""
+    avx2 = avx2_kernels_or_skip()
+    g = torch.Generator().manual_seed(3)
+    Hk, q_heads, D, W, R0 = 3, 3, head_dim, 20, 69
+    suffix, rooted, per = [13, 1, 40, 7, 29], [True, True, False, True, True], 3
+    G, B = len(suffix), len(suffix) * per
+    rk, rv = (torch.randn(Hk, R0, D, generator=g) for _ in range(2))
+    sk, sv = ([torch.randn(Hk, n, D, generator=g) for n in suffix] for _ in range(2))
+    whole_k, whole_v = (torch.zeros(G, Hk, R0 + max(suffix), D) for _ in range(2))
+    slot_k, slot_v = (torch.zeros(G, Hk, R0 + max(suffix), D) for _ in range(2))
+    held = []
+    for i, n in enumerate(suffix):
+        whole_k[i, :, :R0 + n], whole_v[i, :, :R0 + n] = torch.cat([rk, sk[i]], 1), torch.cat([rv, sv[i]], 1)
+        start = R0 if rooted[i] else 0
+        slot_k[i, :, :R0 + n - start] = whole_k[i, :, start:R0 + n]
+        slot_v[i, :, :R0 + n - start] = whole_v[i, :, start:R0 + n]
+        held.append(R0 + n - start)
+    q = torch.randn(B, Hk, q_heads, D, generator=g)
+    own_k, own_v = (torch.randn(B, Hk, W, D, generator=g) for _ in range(2))
+    valid = torch.rand(B, W, generator=g) < 0.7
+    valid[:, -1] = True
+    group_of = torch.arange(B) // per
+    root = (rk, rv, torch.tensor([R0 if r else 0 for r in rooted]))
+    whole = avx2.decode_attention(q, own_k, own_v, valid, whole_k, whole_v, torch.tensor([R0 + n for n in suffix]),
+                                  group_of, D ** -0.5)
+    got = avx2.decode_attention(q, own_k, own_v, valid, slot_k, slot_v, torch.tensor(held), group_of, D ** -0.5,
+                                root=root)
+    torch.testing.assert_close(got, whole, atol=1e-6, rtol=1e-5)  # one key's sum may reduce in another order
+    for b in range(B):
+        i = b // per
+        k = torch.cat([whole_k[i, :, :R0 + suffix[i]], own_k[b][:, valid[b]]], 1).double()
+        v = torch.cat([whole_v[i, :, :R0 + suffix[i]], own_v[b][:, valid[b]]], 1).double()
+        want = torch.softmax(q[b].double() @ k.transpose(1, 2) * D ** -0.5, -1) @ v
+        torch.testing.assert_close(got[b].double(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="root_len out of range"):
+        avx2.decode_attention(q, own_k, own_v, valid, slot_k, slot_v, torch.tensor(held), group_of, D ** -0.5,
+                              root=(rk, rv, torch.tensor([R0 + 1] * G)))
+
+
 def test_decode_attention_kernel_rejects_what_it_cannot_compute():
     """Wrong dtypes or shapes are a clear error from the kernel, never a wrong answer."""
     kernel = decode_kernels_or_skip()
@@ -805,6 +850,20 @@ def test_a_decode_batch_holding_its_root_once_samples_and_stores_what_whole_prom
     if matmul == "tiles" and not (cpu_has_amx() and decode.kernel().set_tiles(True)):
         pytest.skip("AMX tiles need a CPU with AMX-BF16 and the tile state granted")
     monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", matmul)
+    _root_run_samples_and_stores_what_whole_prompts_do(kernel_model_dir, monkeypatch, "bf16", two_calls,
+                                                      matmul == "tiles", 2e-2)
+
+
+@pytest.mark.parametrize("two_calls", [False, True])
+def test_an_fp32_decode_batch_holding_its_root_once_samples_and_stores_what_whole_prompts_do(
+        kernel_model_dir, monkeypatch, two_calls):
+    """The same in fp32, where avx2.cpp's layer kernels compute the step (CPUs without AVX512-BF16)."""
+    avx2_kernels_or_skip()
+    _root_run_samples_and_stores_what_whole_prompts_do(kernel_model_dir, monkeypatch, "fp32", two_calls, False, 1e-4)
+
+
+def _root_run_samples_and_stores_what_whole_prompts_do(model_dir, monkeypatch, dtype, two_calls, tiles, tol):
+    """Two runs of the same generate: the first holds a root, the second (ROOT_MIN past any prompt) none."""
     from alphamath.lm import LocalLM
     from alphamath.lm import kv
 
@@ -819,8 +878,9 @@ def test_a_decode_batch_holding_its_root_once_samples_and_stores_what_whole_prom
     runs, root_min_default = [], kv.ROOT_MIN
     for root_min in (root_min_default, 10 ** 9):
         monkeypatch.setattr(kv, "ROOT_MIN", root_min)
-        lm = LocalLM(kernel_model_dir, dtype="bf16", max_cached_tokens=150)  # too few for both prompts
-        assert lm._root and lm._prompt_tiles == (matmul == "tiles")
+        lm = LocalLM(model_dir, dtype=dtype, max_cached_tokens=150,  # too few for both prompts
+                     decode_weights="fp16")  # fp32: the layer kernels read fp16 panels
+        assert lm._root and lm._prompt_tiles == tiles
         out = lm.generate(texts, 3, **kw)
         stored = {}
         for text, samples in zip(texts, out):
@@ -834,14 +894,14 @@ def test_a_decode_batch_holding_its_root_once_samples_and_stores_what_whole_prom
     for a, b in zip(with_root, whole):
         assert [(s.text, s.token_count) for s in a] == [(s.text, s.token_count) for s in b]
         for x, y in zip(a, b):
-            assert abs(x.cumulative_logprob - y.cumulative_logprob) <= 2e-2 * max(1.0, abs(y.cumulative_logprob))
+            assert abs(x.cumulative_logprob - y.cumulative_logprob) <= tol * max(1.0, abs(y.cumulative_logprob))
     assert kept.keys() == kept_whole.keys()
     for key, (m, kv_) in kept.items():
         m2, kv2 = kept_whole[key]
         assert m == m2
         for (k, v), (k2, v2) in zip(kv_ or [], kv2 or []):
-            torch.testing.assert_close(k.float(), k2.float(), atol=2e-2, rtol=2e-2)
-            torch.testing.assert_close(v.float(), v2.float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(k.float(), k2.float(), atol=tol, rtol=tol)
+            torch.testing.assert_close(v.float(), v2.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype,prompts,two_calls", [("bf16", 1, False), ("bf16", 2, False), ("fp32", 1, False),

@@ -184,25 +184,26 @@ class _Batch:
     stay. Rebuilding the whole prompt set at every admission and drop had cost 30% of the decode
     loop's time at 16 concurrent searches (session 24). The slab grows, and shrinks, by a copy.
 
-    The root (where decode.cpp computes decode attention): every question's prompt opens with the
-    same instructions and worked examples (~340 of a prompt's ~420 tokens), and a slot holding each
-    prompt whole made a step read that prefix's KV once per prompt: at 16 searches, 16 times per
-    layer, from memory. A batch takes as its root the prefix that every cached sequence shares when it
-    starts (`PrefixCache.branch_length`), holds its KV once (`root_tiles`, laid out as both of
-    decode.cpp's paths read it: no per-step transposing of its keys), and a prompt that continues it
-    holds only the rest in its slot; decode.cpp reads the root from cache for every prompt after the
-    first. A prompt that does not continue the root is held whole.
+    The root (where the C++ kernels compute decode attention: decode.cpp in bf16, avx2.cpp in fp32):
+    every question's prompt opens with the same instructions and worked examples (~340 of a prompt's
+    ~420 tokens), and a slot holding each prompt whole made a step read that prefix's KV once per
+    prompt: at 16 searches, 16 times per layer, from memory. A batch takes as its root the prefix that
+    every cached sequence shares when it starts (`PrefixCache.branch_length`), holds its KV once
+    (`root_tiles`, laid out as the kernel reads it: decode.cpp's tiles, so no per-step transposing of
+    its keys; in fp32 the K/V as they are), and a prompt that continues it holds only the rest in its
+    slot; the kernel reads the root from cache for every prompt after the first. A prompt that does not
+    continue the root is held whole.
     """
 
     def __init__(self, key: tuple, window: int, tiles: bool = False, root: int = 0):
         """`tiles`: hold the prompts' KV also as decode.prompt_tiles (decode attention on AMX tiles);
-        `root` (where decode.cpp computes decode attention): the tokens of the root this batch holds once,
+        `root` (where the C++ kernels compute decode attention): the tokens of the root this batch holds once,
         taken from its first prompt that continues past them (under ROOT_MIN tokens it is not worth one)."""
         self.key, self.window, self.tiles = key, window, tiles
         self.root = root if root >= ROOT_MIN else 0
         self.root_tokens: list[int] = []
         self.root_kv: list | None = None  # per layer (keys, values) [Hk, root, D] (_store joins them)
-        self.root_tiles: list | None = None  # per layer decode.prompt_tiles of root_kv
+        self.root_tiles: list | None = None  # per layer decode.prompt_tiles of root_kv (in fp32: root_kv)
         self.samples: list[_Decoding] = []
         self.alive: list[bool] = []
         self.layers: list[_RoomyLayer] = []  # own columns; replaced in place, so `cache` sees the current ones
@@ -249,7 +250,9 @@ class _Batch:
             return
         self.root_tokens = first.tokens[:R]
         self.root_kv = [(k[:, :R].clone(), v[:, :R].clone()) for k, v in first.kv]
-        self.root_tiles = [tuple(t[0] for t in decode.prompt_tiles(k[None], v[None])) for k, v in self.root_kv]
+        # as the kernel reads it: decode.cpp's tiles in bf16, avx2.cpp's the K/V as they are in fp32
+        self.root_tiles = (self.root_kv if self.root_kv[0][0].dtype == torch.float32 else
+                           [tuple(t[0] for t in decode.prompt_tiles(k[None], v[None])) for k, v in self.root_kv])
 
     def add(self, new: list[_Decoding], room: int, dev) -> None:
         """Append samples: their prompts' KV joins the slab, once per distinct prompt, in free slots;

@@ -61,8 +61,9 @@ class LocalLM(Scheduler):
         # Where decode attention runs on AMX tiles, a batch also holds its prompts' KV as decode.prompt_tiles.
         self._prompt_tiles = (self._fast is not None and self.model.dtype == torch.bfloat16 and head_dim == 64
                               and decode.tiles_on())
-        # Where decode.cpp computes decode attention, a batch holds the prefix its prompts share once (kv.py's root).
-        self._root = self._fast is not None and decode.usable(self._fast.embed[:1], head_dim)
+        # Where the C++ kernels compute decode attention (decode.cpp in bf16, avx2.cpp in fp32), a batch holds the
+        # prefix its prompts share once (kv.py's root).
+        self._root = self._fast is not None and self._fast.kernel_attention()
         self.budget = budget or MemoryBudget.from_env()
         self.cache = PrefixCache(max_cached_tokens or self.budget.cached_tokens(self._kv_bytes_per_slot))
         self.max_batch_kv_bytes = max_batch_kv_bytes or self.budget.batch_kv_bytes

@@ -73,11 +73,12 @@ class SharedPrompts:
                     of the same layout: it needs no mask and no gathering);
       tiles         per layer decode.prompt_tiles(keys, values), where decode attention runs on AMX
                     tiles, else None;
-      root_tiles, root_len  where decode.cpp computes attention: per layer decode.prompt_tiles of a
-                    prefix held once (the few-shot prompt every question opens with) and [G] its length
-                    for each prompt, 0 where a slot holds its prompt whole. A rooted prompt's slot,
-                    `lengths` and `mask` hold only what follows the root, so a step reads the root's KV
-                    once, not once per prompt. None: no root.
+      root_tiles, root_len  where the C++ kernels compute attention (decode.cpp, avx2.cpp): per layer
+                    the K/V of a prefix held once (the few-shot prompt every question opens with), as
+                    the kernel reads them (decode.prompt_tiles in bf16; [Hk, Lr, D] as they are in
+                    fp32), and [G] its length for each prompt, 0 where a slot holds its prompt whole. A
+                    rooted prompt's slot, `lengths` and `mask` hold only what follows the root, so a
+                    step reads the root's KV once, not once per prompt. None: no root.
     """
 
     keys: list
@@ -107,7 +108,7 @@ def shared_prompt_attention(q, k, v, own_mask, prompts: SharedPrompts, layer: in
     each prompt's keys are read once per step however many rows continue it.
     """
     if prompts.root_len is not None:
-        raise ValueError("shared_prompt_attention cannot read a root: only decode.cpp's kernels hold one")
+        raise ValueError("shared_prompt_attention cannot read a root: only the C++ kernels hold one")
     B, Hk, g, D = q.shape
     G, R = prompts.members.shape
     if prompts.one_each:  # row b's queries are prompt b's: nothing to gather or scatter

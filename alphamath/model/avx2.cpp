@@ -3,7 +3,7 @@
 //   linear_f16        x w^T of fp32 rows, w held as fp16 panels of 16 outputs (pack_f16), fp32 sums;
 //   rms_norm          transformers' LlamaRMSNorm of fp32 rows in one pass (torch: ~6 ops per call);
 //   rope              rotary embedding of the q and k heads of a qkv projection (torch: ~8 ops);
-//   decode_attention  attention over shared prompts and each row's own columns;
+//   decode_attention  attention over a batch's root, shared prompts and each row's own columns;
 //   decode_qkv/rest   a decode step's decoder layer from the kernels above, in two calls;
 //   decode_layers     every layer of a decode step, its cache writes and the final norm, in one call;
 //   sample            one token per row from softmax(logits / T) by inverse CDF, and its log-prob.
@@ -192,14 +192,17 @@ inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, 
   }
 }
 
-// One (prompt group, KV head): the g query heads of every row continuing the prompt attend to the
-// prompt's plen keys and to the row's own valid columns, softmax over both together.
+// One (prompt group, KV head): the g query heads of every row continuing the prompt attend to the root's
+// rlen keys (rk/rv, this head's [rlen, D]; rlen 0: the slot holds the prompt whole), the prompt's plen keys
+// and the row's own valid columns, one softmax over all three. The root's keys come first, so a rooted
+// prompt's scores are in the order its whole prompt's would be.
 template <int D>
 void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
           const float* q, const int64_t* qs, const float* pk, const float* pv, const int64_t* ps, int64_t plen,
           const float* ok, const float* ov, const int64_t* os, int64_t W, const int64_t* own, const bool* valid,
-          float* out, const int64_t* outs) {
-  const int64_t R = (int64_t)rows.size(), M = R * g, S = plen + W;
+          const float* rk, const float* rv, int64_t rlen, float* out, const int64_t* outs) {
+  const int64_t R = (int64_t)rows.size(), M = R * g, P = rlen + plen, S = P + W;
+  auto all = [](int64_t) { return true; };
   thread_local std::vector<float> qf, sc;
   qf.resize((size_t)M * D);
   sc.resize((size_t)M * S);
@@ -207,11 +210,12 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     std::memcpy(&qf[i * D], q + rows[i / g] * qs[0] + h * qs[1] + (i % g) * qs[2], D * sizeof(float));
   const float* pkb = pk + grp * ps[0] + h * ps[1];
   const float* pvb = pv + grp * ps[0] + h * ps[1];
-  scores<D>(qf.data(), M, pkb, ps[2], plen, scale, [](int64_t) { return true; }, sc.data(), S);
+  if (rlen) scores<D>(qf.data(), M, rk, D, rlen, scale, all, sc.data(), S);
+  scores<D>(qf.data(), M, pkb, ps[2], plen, scale, all, sc.data() + rlen, S);
   for (int64_t r = 0; r < R; ++r) {  // own columns: each row's own keys
     const int64_t b = rows[r];
     scores<D>(&qf[r * g * D], g, ok + own[b] * os[0] + h * os[1], os[2], W, scale,
-              [&](int64_t w) { return valid == nullptr || valid[b * W + w]; }, &sc[r * g * S + plen], S);
+              [&](int64_t w) { return valid == nullptr || valid[b * W + w]; }, &sc[r * g * S + P], S);
   }
   for (int64_t i = 0; i < M; ++i) {
     float* si = &sc[i * S];
@@ -235,8 +239,9 @@ void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, f
     __m256 o[D / 8];
     for (int c = 0; c < D / 8; ++c) o[c] = _mm256_setzero_ps();
     const int64_t b = rows[i / g];
-    weighted_sum<D>(si, pvb, ps[2], plen, o);
-    weighted_sum<D>(si + plen, ov + own[b] * os[0] + h * os[1], os[2], W, o);
+    if (rlen) weighted_sum<D>(si, rv, D, rlen, o);
+    weighted_sum<D>(si + rlen, pvb, ps[2], plen, o);
+    weighted_sum<D>(si + P, ov + own[b] * os[0] + h * os[1], os[2], W, o);
     const __m256 inv = _mm256_set1_ps(1.0f / l);
     float* oi = out + b * outs[0] + h * outs[1] + (i % g) * outs[2];
     for (int c = 0; c < D / 8; ++c) _mm256_storeu_ps(oi + 8 * c, _mm256_mul_ps(o[c], inv));
@@ -321,10 +326,13 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 
 // q [B, Hk, g, D]; own_k/own_v [R, Hk, W, D] (last dim contiguous); own_valid [B, W] bool (per query row) or
 // empty; prompt_k/prompt_v [G, Hk, L, D]; prompt_len [G]; group_of [B]; own_of [B] (query row b continues own
-// row own_of[b]: a draft's positions continue one row) or empty (attention_args.h). Returns [B, Hk, g, D], fp32.
+// row own_of[b]: a draft's positions continue one row) or empty (attention_args.h). The root (kv.py's _Batch: a
+// prefix its rooted prompts share, held once): root_k/root_v [Hk, Lr, D] contiguous, root_len [G] its length
+// for each prompt, 0 where the slot holds the prompt whole; all three empty: no root. Returns [B, Hk, g, D], fp32.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tensor own_v, torch::Tensor own_valid,
                                torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
-                               torch::Tensor group_of, torch::Tensor own_of, double scale) {
+                               torch::Tensor group_of, torch::Tensor own_of, double scale, torch::Tensor root_k,
+                               torch::Tensor root_v, torch::Tensor root_len) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && own_k.scalar_type() == at::kFloat && own_v.scalar_type() == at::kFloat &&
               prompt_k.scalar_type() == at::kFloat && prompt_v.scalar_type() == at::kFloat,
               "decode_attention (avx2) computes fp32");
@@ -333,6 +341,21 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   const int64_t *pl = a.plen, *own = a.own();
   const auto& rows = a.rows;
   const bool* valid = a.valid;
+  const bool rooted = root_len.numel() > 0;
+  torch::Tensor rl;
+  int64_t Lr = 0;
+  if (rooted) {
+    TORCH_CHECK(root_k.scalar_type() == at::kFloat && root_v.scalar_type() == at::kFloat && root_k.dim() == 3 &&
+                root_k.is_contiguous() && root_v.is_contiguous() && root_k.sizes() == root_v.sizes() &&
+                root_k.size(0) == Hk && root_k.size(2) == D && root_len.numel() == G,
+                "root_k / root_v must be one prompt's fp32 K/V [Hk, Lr, D], contiguous; root_len [G]");
+    Lr = root_k.size(1);
+    rl = root_len.to(at::kLong).contiguous();
+    for (int64_t i = 0; i < G; ++i)
+      TORCH_CHECK(rl.data_ptr<int64_t>()[i] >= 0 && rl.data_ptr<int64_t>()[i] <= Lr, "root_len out of range");
+  }
+  const int64_t* rlp = rooted ? rl.data_ptr<int64_t>() : nullptr;
+  const float *rkp = rooted ? root_k.data_ptr<float>() : nullptr, *rvp = rooted ? root_v.data_ptr<float>() : nullptr;
   auto out = torch::empty({B, Hk, g, D}, q.options());
   const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
   const int64_t ps[3] = {prompt_k.stride(0), prompt_k.stride(1), prompt_k.stride(2)};
@@ -345,10 +368,14 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
     for (int64_t t = begin; t < end; ++t) {
       const int64_t gi = t / Hk, h = t % Hk;
       if (rows[gi].empty()) continue;
+      const int64_t rlen = rooted ? rlp[gi] : 0;
+      const float *rk = rlen ? rkp + h * Lr * D : nullptr, *rv = rlen ? rvp + h * Lr * D : nullptr;
       if (D == 64)
-        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, op, outs);
+        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, rk, rv, rlen,
+                 op, outs);
       else
-        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, op, outs);
+        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, rk, rv,
+                  rlen, op, outs);
     }
   });
   return out;
@@ -402,10 +429,11 @@ torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, tor
                           torch::Tensor prompt_k, torch::Tensor prompt_v, torch::Tensor prompt_len,
                           torch::Tensor group_of, torch::Tensor own_of, double scale, torch::Tensor o_w,
                           torch::Tensor o_b, torch::Tensor norm2, torch::Tensor gate_up_w, torch::Tensor gate_up_b,
-                          torch::Tensor down_w, torch::Tensor down_b, double eps) {
+                          torch::Tensor down_w, torch::Tensor down_b, double eps, torch::Tensor root_k,
+                          torch::Tensor root_v, torch::Tensor root_len) {
   const int64_t B = x.size(0), hq = q.size(1), D = q.size(3), hk = k.size(1);
   auto o = decode_attention(q.reshape({B, hk, hq / hk, D}), k, v, own_valid, prompt_k, prompt_v, prompt_len, group_of,
-                            own_of, scale);
+                            own_of, scale, root_k, root_v, root_len);
   x = x + linear_f16(o.reshape({B, 1, hq * D}), o_w, o_b);
   auto gate_up = linear_f16(rms_norm(x, norm2, eps), gate_up_w, gate_up_b);
   const int64_t I = gate_up.size(-1) / 2;
@@ -482,7 +510,12 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
                             std::vector<torch::Tensor> cache_v, int64_t n, int64_t T,
                             std::vector<torch::Tensor> prompt_k, std::vector<torch::Tensor> prompt_v,
                             torch::Tensor prompt_len, torch::Tensor group_of, torch::Tensor own_of, torch::Tensor col,
-                            double scale, int64_t hq, int64_t hk, double eps, torch::Tensor final_norm) {
+                            std::vector<torch::Tensor> root_k, std::vector<torch::Tensor> root_v,
+                            torch::Tensor root_len, double scale, int64_t hq, int64_t hk, double eps,
+                            torch::Tensor final_norm) {
+  const bool rooted = root_len.numel() > 0;
+  TORCH_CHECK(!rooted || (root_k.size() == cache_k.size() && root_v.size() == cache_k.size()),
+              "decode_layers: a root's K/V for every layer");
   x = layer_loop(
       x, weights, cache_k, cache_v, prompt_k, prompt_v, n, T, own_of, col, hk, cos.size(-1),
       [&](const torch::Tensor& h, const torch::Tensor* w) {
@@ -491,7 +524,8 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
       [&](size_t i, const torch::Tensor& h, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
           const torch::Tensor* w) {
         return decode_rest(h, q, k, v, own_valid, prompt_k[i], prompt_v[i], prompt_len, group_of, own_of, scale, w[3],
-                           w[4], w[5], w[6], w[7], w[8], w[9], eps);
+                           w[4], w[5], w[6], w[7], w[8], w[9], eps, rooted ? root_k[i] : torch::empty({0}),
+                           rooted ? root_v[i] : torch::empty({0}), root_len);
       });
   return rms_norm(x, final_norm, eps);
 }

@@ -84,12 +84,19 @@ def rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) ->
 
 
 def decode_attention(q, own_k, own_v, own_valid, keys, values, prompt_len, group_of, scale: float,
-                     own_of=None) -> torch.Tensor:
+                     own_of=None, root: tuple | None = None) -> torch.Tensor:
     """q [B, Hk, g, D]; own_k/own_v [R, Hk, W, D]; own_valid [B, W] bool or None; keys/values [G, Hk, L, D];
     prompt_len [G]; group_of [B]; own_of [B] the own row each query row continues (None: rows b * B/R ..
-    continue own row b) -> [B, Hk, g, D], fp32."""
+    continue own row b) -> [B, Hk, g, D], fp32. `root`: (keys [Hk, Lr, D], values, lengths [G]) of a prefix
+    held once (kv.py's _Batch), which prompt g continues where lengths[g] > 0: its keys come before the slot's."""
     return kernel().decode_attention(q, own_k, own_v, _EMPTY_BOOL if own_valid is None else own_valid, keys, values,
-                                     prompt_len, group_of, _EMPTY if own_of is None else own_of, float(scale))
+                                     prompt_len, group_of, _EMPTY if own_of is None else own_of, float(scale),
+                                     *_root_args(root))
+
+
+def _root_args(root: tuple | None) -> tuple:
+    """The kernels' root arguments: a root's K/V and per-prompt lengths, or empties (no root)."""
+    return root if root is not None else (_EMPTY, _EMPTY, _EMPTY)
 
 
 def decode_qkv(x, norm, qkv, qkv_bias, cos, sin, hq: int, hk: int, eps: float):
@@ -100,13 +107,15 @@ def decode_qkv(x, norm, qkv, qkv_bias, cos, sin, hq: int, hk: int, eps: float):
 
 
 def decode_rest(x, q, k, v, own_valid, prompts_k, prompts_v, lengths, group, scale: float,
-                o, o_bias, norm, gate_up, gate_up_bias, down, down_bias, eps: float, own_of=None):
-    """A decode step's layer, second half: x + o(attention over the prompts and own columns k/v), then
-    + down(silu(gate) * up) with gate|up = gate_up(rms_norm(x)); weights laid out by `pack_f16`."""
+                o, o_bias, norm, gate_up, gate_up_bias, down, down_bias, eps: float, own_of=None,
+                root: tuple | None = None):
+    """A decode step's layer, second half: x + o(attention over the root, the prompts and own columns k/v),
+    then + down(silu(gate) * up) with gate|up = gate_up(rms_norm(x)); weights laid out by `pack_f16`."""
     return kernel().decode_rest(
         x, q, k, v, _EMPTY_BOOL if own_valid is None else own_valid, prompts_k, prompts_v, lengths, group,
         _EMPTY if own_of is None else own_of, float(scale), o, _EMPTY if o_bias is None else o_bias, norm, gate_up,
-        _EMPTY if gate_up_bias is None else gate_up_bias, down, _EMPTY if down_bias is None else down_bias, float(eps))
+        _EMPTY if gate_up_bias is None else gate_up_bias, down, _EMPTY if down_bias is None else down_bias, float(eps),
+        *_root_args(root))
 
 
 def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prompts, group, scale: float, hq: int,
@@ -115,12 +124,17 @@ def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prom
     T new K/V columns written at column n of `buffers` [(K, V) per layer, [B, hk, >= n + T, D]], then
     decode_rest over their columns [0, n + T). x [Q, 1, H] (Q = B * T; ragged: query row r is own row
     own_of[r]'s column n + col[r], int64 [Q], decode_layers.h); `weights` fast_llama.layer_weights(layers,
-    "f16"); `prompts` the step's SharedPrompts, `group` [Q] each query row's prompt. The same numbers
-    as the two calls per layer."""
+    "f16"); `prompts` the step's SharedPrompts (with its root, if it holds one: root_tiles,
+    its K/V as they are in fp32, and root_len),
+    `group` [Q] each query row's prompt. The same numbers as the two calls per layer."""
+    rooted = prompts.root_len is not None
     return kernel().decode_layers(x, cos, sin, _EMPTY_BOOL if own_valid is None else own_valid, weights,
                                   [k for k, _ in buffers], [v for _, v in buffers], int(n), int(T), prompts.keys,
                                   prompts.values, prompts.lengths, group, _EMPTY if own_of is None else own_of,
-                                  _EMPTY if col is None else col, float(scale), int(hq), int(hk), float(eps),
+                                  _EMPTY if col is None else col,
+                                  [k for k, _ in prompts.root_tiles] if rooted else [],
+                                  [v for _, v in prompts.root_tiles] if rooted else [],
+                                  prompts.root_len if rooted else _EMPTY, float(scale), int(hq), int(hk), float(eps),
                                   final_norm)
 
 

@@ -196,7 +196,9 @@ class FastLlama:
         cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
         mask = self._mask(attention_mask, S, past, input_ids.device)
         fused = prompts is not None and kernel.usable(x, self.head_dim)  # decode.cpp: bf16 with AVX512-BF16
-        f32 = prompts is not None and self.layered_f32 and B < self.fp16_below and avx2.usable(x, self.head_dim)
+        # avx2.cpp in fp32, at any rows: its fp16 panels run as fast as the fp32 weights' sgemm at 256 rows and
+        # more (s44, Zen 3), and a batch's root (kv.py) needs the kernels
+        f32 = prompts is not None and self.layered_f32 and avx2.usable(x, self.head_dim)
         own_valid = None if mask is None or prompts is None else mask[:, 0, 0]  # the C++ kernels take it boolean
         if f32 or (fused and rope and self.layered):  # the loop's operations, two C++ calls per layer
             return self._kernel_layers(x, cos, sin, own_valid, cache, prompts, 1), cache
@@ -218,7 +220,7 @@ class FastLlama:
             elif fused:
                 o = kernel.decode_attention(q.reshape(B, hk, hq // hk, D), k, v, own_valid, prompts.keys[i],
                                             prompts.values[i], prompts.lengths, prompts.group, self.scale, tiles,
-                                            root=_root(prompts, i))
+                                            root=_root(prompts, i, False))
                 x = x + layer.o(o.reshape(B, 1, hq * D))
             else:
                 o = shared_prompt_attention(q.reshape(B, hk, hq // hk, D), k, v, mask, prompts, i, self.scale)
@@ -226,6 +228,14 @@ class FastLlama:
             gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps, norm)).chunk(2, dim=-1)
             x = x + layer.down(layer.act(gate) * up)
         return _rms(x, self.norm, self.eps, norm), cache
+
+    def kernel_attention(self) -> bool:
+        """Do decode steps compute attention in the C++ kernels here (decode.cpp in bf16, avx2.cpp's layer kernels
+        in fp32)? Only they read a batch's root (kv.py); the torch path holds every prompt whole."""
+        x = self.embed[:1][None]
+        if x.dtype == torch.bfloat16:
+            return kernel.usable(x, self.head_dim)
+        return self.layered_f32 and avx2.usable(x, self.head_dim)
 
     def verify_rows(self) -> int:
         """The most query rows `verify` takes at once here (0: it cannot run: no layer kernels). A step of
@@ -267,8 +277,6 @@ class FastLlama:
         position of each of B rows (T = 1: a plain step), or query r at row own_of[r]'s step column col[r]
         (`verify`); own_valid [Q, W + T] bool or None."""
         fp32, hq, hk, D = x.dtype == torch.float32, self.hq, self.hk, self.head_dim
-        if fp32 and prompts.root_len is not None:
-            raise ValueError("avx2.cpp's kernels cannot read a root: only decode.cpp's kernels hold one")
         B = prompts.group.numel()  # rows
         group = prompts.group if own_of is None else prompts.group[own_of]
         own = [cache.layers[i] for i in range(len(self.layers))]
@@ -294,13 +302,14 @@ class FastLlama:
             if fp32:
                 x = avx2.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
                                      group, self.scale, layer.o.f16, layer.o.bias, layer.norm2, layer.gate_up.f16,
-                                     layer.gate_up.bias, layer.down.f16, layer.down.bias, self.eps, own_of)
+                                     layer.gate_up.bias, layer.down.f16, layer.down.bias, self.eps, own_of,
+                                     _root(prompts, i, fp32))
             else:
                 x = kernel.decode_rest(x, q, k, v, own_valid, prompts.keys[i], prompts.values[i], prompts.lengths,
                                        group, self.scale, layer.o.weight, layer.o.bias, layer.norm2,
                                        layer.gate_up.weight, layer.gate_up.bias, layer.down.weight, layer.down.bias,
                                        self.eps, prompts.tiles[i] if prompts.tiles else None, own_of,
-                                       _root(prompts, i))
+                                       _root(prompts, i, fp32))
         return avx2.rms_norm(x, self.norm, self.eps) if fp32 else kernel.rms_norm(x, self.norm, self.eps)
 
     def step_weight_bytes(self, rows: int) -> int:
@@ -314,9 +323,12 @@ class FastLlama:
         return self.lm_head(h)
 
 
-def _root(prompts: SharedPrompts, layer: int) -> tuple | None:
-    """decode.cpp's root arguments for one layer (SharedPrompts.root_tiles), or None."""
+def _root(prompts: SharedPrompts, layer: int, fp32: bool) -> tuple | None:
+    """The kernels' root arguments for one layer (SharedPrompts.root_tiles: decode.cpp's tiles in bf16, avx2.cpp's
+    plain K/V in fp32), or None."""
     if prompts.root_len is None:
         return None
     kt, vt = prompts.root_tiles[layer]
+    if (kt.dtype == torch.float32) != fp32:
+        raise ValueError(f"a root held as {kt.dtype} for a step computing {'fp32' if fp32 else 'bf16'}")
     return kt, vt, prompts.root_len
