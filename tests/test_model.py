@@ -423,6 +423,34 @@ def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_ke
                 assert (tiled == pairs).float().mean() >= 0.999
 
 
+def _rooted_prompts(head_dim: int, R0: int, dtype):
+    """One decode step's attention inputs over prompts that open with one R0-token root: each prompt whole,
+    and as slots holding what follows the root (rooted prompts) or the whole prompt (the third, unrooted);
+    suffixes of odd lengths and of one token; 3 rows a prompt, 20 own columns a row, ~70% of them valid."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(3)
+    Hk, q_heads, D, W = 3, 3, head_dim, 20
+    suffix, rooted, per = [13, 1, 40, 7, 29], [True, True, False, True, True], 3
+    G, B = len(suffix), len(suffix) * per
+    rk, rv = (torch.randn(Hk, R0, D, generator=g).to(dtype) for _ in range(2))
+    sk, sv = ([torch.randn(Hk, n, D, generator=g).to(dtype) for n in suffix] for _ in range(2))
+    whole_k, whole_v, slot_k, slot_v = (torch.zeros(G, Hk, R0 + max(suffix), D, dtype=dtype) for _ in range(4))
+    held = []
+    for i, n in enumerate(suffix):
+        whole_k[i, :, :R0 + n], whole_v[i, :, :R0 + n] = torch.cat([rk, sk[i]], 1), torch.cat([rv, sv[i]], 1)
+        start = R0 if rooted[i] else 0
+        slot_k[i, :, :R0 + n - start] = whole_k[i, :, start:R0 + n]
+        slot_v[i, :, :R0 + n - start] = whole_v[i, :, start:R0 + n]
+        held.append(R0 + n - start)
+    q = torch.randn(B, Hk, q_heads, D, generator=g).to(dtype)
+    own_k, own_v = (torch.randn(B, Hk, W, D, generator=g).to(dtype) for _ in range(2))
+    valid = torch.rand(B, W, generator=g) < 0.7
+    valid[:, -1] = True
+    return SimpleNamespace(q=q, own_k=own_k, own_v=own_v, valid=valid, group_of=torch.arange(B) // per, rk=rk, rv=rv,
+                           R0=R0, D=D, whole_k=whole_k, whole_v=whole_v, slot_k=slot_k, slot_v=slot_v, held=held,
+                           suffix=suffix, rooted=rooted, per=per)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(head_dim):
     """A decode batch's root (kv.py's _Batch): prompts that continue one prefix hold only the rest in their
@@ -431,26 +459,12 @@ def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(hea
     unrooted prompts in one step (root_len 0 holds a prompt whole), suffixes of odd lengths and of one token,
     a root that is no multiple of the 32-key tiles, and exact fp32 attention."""
     decode = decode_kernels_or_skip()
-    g = torch.Generator().manual_seed(3)
-    bf, Hk, q_heads, D, W, R0 = torch.bfloat16, 3, 3, head_dim, 20, 70
-    suffix, rooted, per = [13, 1, 40, 7, 29], [True, True, False, True, True], 3
-    G, B = len(suffix), len(suffix) * per
-    rk, rv = (torch.randn(Hk, R0, D, generator=g).to(bf) for _ in range(2))
-    sk, sv = ([torch.randn(Hk, n, D, generator=g).to(bf) for n in suffix] for _ in range(2))
-    whole_k, whole_v = (torch.zeros(G, Hk, R0 + max(suffix), D, dtype=bf) for _ in range(2))
-    slot_k, slot_v = (torch.zeros(G, Hk, R0 + max(suffix), D, dtype=bf) for _ in range(2))
-    held = []
-    for i, n in enumerate(suffix):
-        whole_k[i, :, :R0 + n], whole_v[i, :, :R0 + n] = torch.cat([rk, sk[i]], 1), torch.cat([rv, sv[i]], 1)
-        start = R0 if rooted[i] else 0
-        slot_k[i, :, :R0 + n - start] = whole_k[i, :, start:R0 + n]
-        slot_v[i, :, :R0 + n - start] = whole_v[i, :, start:R0 + n]
-        held.append(R0 + n - start)
-    q = torch.randn(B, Hk, q_heads, D, generator=g).to(bf)
-    own_k, own_v = (torch.randn(B, Hk, W, D, generator=g).to(bf) for _ in range(2))
-    valid = torch.rand(B, W, generator=g) < 0.7
-    valid[:, -1] = True
-    group_of = torch.arange(B) // per
+    bf = torch.bfloat16
+    c = _rooted_prompts(head_dim, 70, bf)
+    q, own_k, own_v, valid, group_of, rk, rv, R0, D = c.q, c.own_k, c.own_v, c.valid, c.group_of, c.rk, c.rv, c.R0, c.D
+    whole_k, whole_v, slot_k, slot_v, held, suffix, rooted, per = (c.whole_k, c.whole_v, c.slot_k, c.slot_v, c.held,
+                                                                  c.suffix, c.rooted, c.per)
+    Hk, G, B = rk.shape[0], len(suffix), len(group_of)
     Lr = -(-R0 // 32) * 32
     kt, vt = rk.new_empty(Hk, D // 2, Lr, 2), rk.new_empty(Hk, Lr // 2, D, 2)
     decode.lay_tiles(rk, rv, kt, vt)
@@ -483,26 +497,11 @@ def test_avx2_decode_attention_over_a_root_held_once_equals_it_over_whole_prompt
     holds a prompt whole), suffixes of odd lengths and of one token, a root that is no multiple of the 8-key
     blocks; against exact attention too; a root_len past the root is an error."""
     avx2 = avx2_kernels_or_skip()
-    g = torch.Generator().manual_seed(3)
-    Hk, q_heads, D, W, R0 = 3, 3, head_dim, 20, 69
-    suffix, rooted, per = [13, 1, 40, 7, 29], [True, True, False, True, True], 3
-    G, B = len(suffix), len(suffix) * per
-    rk, rv = (torch.randn(Hk, R0, D, generator=g) for _ in range(2))
-    sk, sv = ([torch.randn(Hk, n, D, generator=g) for n in suffix] for _ in range(2))
-    whole_k, whole_v = (torch.zeros(G, Hk, R0 + max(suffix), D) for _ in range(2))
-    slot_k, slot_v = (torch.zeros(G, Hk, R0 + max(suffix), D) for _ in range(2))
-    held = []
-    for i, n in enumerate(suffix):
-        whole_k[i, :, :R0 + n], whole_v[i, :, :R0 + n] = torch.cat([rk, sk[i]], 1), torch.cat([rv, sv[i]], 1)
-        start = R0 if rooted[i] else 0
-        slot_k[i, :, :R0 + n - start] = whole_k[i, :, start:R0 + n]
-        slot_v[i, :, :R0 + n - start] = whole_v[i, :, start:R0 + n]
-        held.append(R0 + n - start)
-    q = torch.randn(B, Hk, q_heads, D, generator=g)
-    own_k, own_v = (torch.randn(B, Hk, W, D, generator=g) for _ in range(2))
-    valid = torch.rand(B, W, generator=g) < 0.7
-    valid[:, -1] = True
-    group_of = torch.arange(B) // per
+    c = _rooted_prompts(head_dim, 69, torch.float32)
+    q, own_k, own_v, valid, group_of, rk, rv, R0, D = c.q, c.own_k, c.own_v, c.valid, c.group_of, c.rk, c.rv, c.R0, c.D
+    whole_k, whole_v, slot_k, slot_v, held, suffix, rooted, per = (c.whole_k, c.whole_v, c.slot_k, c.slot_v, c.held,
+                                                                  c.suffix, c.rooted, c.per)
+    G, B = len(suffix), len(group_of)
     root = (rk, rv, torch.tensor([R0 if r else 0 for r in rooted]))
     whole = avx2.decode_attention(q, own_k, own_v, valid, whole_k, whole_v, torch.tensor([R0 + n for n in suffix]),
                                   group_of, D ** -0.5)
