@@ -451,6 +451,14 @@ def _rooted_prompts(head_dim: int, R0: int, dtype):
                            suffix=suffix, rooted=rooted, per=per)
 
 
+def _exact_attention(c, b: int) -> torch.Tensor:
+    """Row b's attention over its whole prompt and its valid own columns, in fp64 (c: _rooted_prompts)."""
+    i = b // c.per
+    k = torch.cat([c.whole_k[i, :, :c.R0 + c.suffix[i]], c.own_k[b][:, c.valid[b]]], 1).double()
+    v = torch.cat([c.whole_v[i, :, :c.R0 + c.suffix[i]], c.own_v[b][:, c.valid[b]]], 1).double()
+    return torch.softmax(c.q[b].double() @ k.transpose(1, 2) * c.D ** -0.5, -1) @ v
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(head_dim):
     """A decode batch's root (kv.py's _Batch): prompts that continue one prefix hold only the rest in their
@@ -462,8 +470,8 @@ def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(hea
     bf = torch.bfloat16
     c = _rooted_prompts(head_dim, 70, bf)
     q, own_k, own_v, valid, group_of, rk, rv, R0, D = c.q, c.own_k, c.own_v, c.valid, c.group_of, c.rk, c.rv, c.R0, c.D
-    whole_k, whole_v, slot_k, slot_v, held, suffix, rooted, per = (c.whole_k, c.whole_v, c.slot_k, c.slot_v, c.held,
-                                                                  c.suffix, c.rooted, c.per)
+    whole_k, whole_v, slot_k, slot_v, held, suffix, rooted = (c.whole_k, c.whole_v, c.slot_k, c.slot_v, c.held,
+                                                             c.suffix, c.rooted)
     Hk, G, B = rk.shape[0], len(suffix), len(group_of)
     Lr = -(-R0 // 32) * 32
     kt, vt = rk.new_empty(Hk, D // 2, Lr, 2), rk.new_empty(Hk, Lr // 2, D, 2)
@@ -479,11 +487,7 @@ def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(hea
         step = 2.0 ** -7 * whole.float().abs().clamp_min(2.0 ** -20)  # one bf16 step: sums in another order
         assert ((got.float() - whole.float()).abs() <= step).all() and (got == whole).float().mean() >= 0.99
         for b in range(B):
-            i = b // per
-            k = torch.cat([whole_k[i, :, :R0 + suffix[i]], own_k[b][:, valid[b]]], 1).float()
-            v = torch.cat([whole_v[i, :, :R0 + suffix[i]], own_v[b][:, valid[b]]], 1).float()
-            want = torch.softmax(q[b].float() @ k.transpose(1, 2) * D ** -0.5, -1) @ v
-            torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(got[b].double(), _exact_attention(c, b), atol=1e-2, rtol=1e-2)
     with pytest.raises(RuntimeError, match="root_len out of range"):
         decode.decode_attention(q, own_k, own_v, valid, slot_k, slot_v, torch.tensor(held), group_of, D ** -0.5,
                                 root=(kt, vt, torch.tensor([Lr + 1] * G)))
@@ -499,8 +503,8 @@ def test_avx2_decode_attention_over_a_root_held_once_equals_it_over_whole_prompt
     avx2 = avx2_kernels_or_skip()
     c = _rooted_prompts(head_dim, 69, torch.float32)
     q, own_k, own_v, valid, group_of, rk, rv, R0, D = c.q, c.own_k, c.own_v, c.valid, c.group_of, c.rk, c.rv, c.R0, c.D
-    whole_k, whole_v, slot_k, slot_v, held, suffix, rooted, per = (c.whole_k, c.whole_v, c.slot_k, c.slot_v, c.held,
-                                                                  c.suffix, c.rooted, c.per)
+    whole_k, whole_v, slot_k, slot_v, held, suffix, rooted = (c.whole_k, c.whole_v, c.slot_k, c.slot_v, c.held,
+                                                             c.suffix, c.rooted)
     G, B = len(suffix), len(group_of)
     root = (rk, rv, torch.tensor([R0 if r else 0 for r in rooted]))
     whole = avx2.decode_attention(q, own_k, own_v, valid, whole_k, whole_v, torch.tensor([R0 + n for n in suffix]),
@@ -509,11 +513,7 @@ def test_avx2_decode_attention_over_a_root_held_once_equals_it_over_whole_prompt
                                 root=root)
     torch.testing.assert_close(got, whole, atol=1e-6, rtol=1e-5)  # one key's sum may reduce in another order
     for b in range(B):
-        i = b // per
-        k = torch.cat([whole_k[i, :, :R0 + suffix[i]], own_k[b][:, valid[b]]], 1).double()
-        v = torch.cat([whole_v[i, :, :R0 + suffix[i]], own_v[b][:, valid[b]]], 1).double()
-        want = torch.softmax(q[b].double() @ k.transpose(1, 2) * D ** -0.5, -1) @ v
-        torch.testing.assert_close(got[b].double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[b].double(), _exact_attention(c, b), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="root_len out of range"):
         avx2.decode_attention(q, own_k, own_v, valid, slot_k, slot_v, torch.tensor(held), group_of, D ** -0.5,
                               root=(rk, rv, torch.tensor([R0 + 1] * G)))
