@@ -289,6 +289,21 @@ def test_exhausted_data_generation_tree_keeps_looking_until_a_correct_path():
     assert t.meta["first_correct_iteration"] == 3
 
 
+def test_batched_resampling_draws_k_times_n_in_one_call_and_counts_k_simulations():
+    """With 4 leaves per call an exhausted tree's fresh samples come as one call of 4 * n at the node,
+    the node's value backed up 4 times: 4 simulations of the budget, as 4 resamples in a row."""
+    policy = SeededPolicy({(): [[WRONG, BROKEN], [WRONG, BROKEN, RIGHT]]})
+    t = solve("q", "mcts", policy, ConstValue(0.0), ScriptedSandbox(),
+              SearchConfig(n_children=2, iterations=10, leaves_per_call=4), ground_truth="7", check=exact,
+              rewards=True)
+    assert [c[1] for c in policy.calls] == [2, 8]  # the root's expansion (the only leaf), then 4 * n
+    assert [n.text for n in t.nodes[1:]] == ["So \\boxed{5}", "I am not sure", "Hence \\boxed{7}"]
+    assert t.meta["resampled"] == 4 and t.meta["iterations_done"] == 5
+    # the root's visits: its value once per simulation (1 + 4) plus each terminal's backup (3)
+    assert t.root.N == 8 and t.root.W == pytest.approx(-1 - 1 + 1)
+    assert t.meta["correct"] is True and t.meta["first_correct_iteration"] == 5
+
+
 def test_resampling_picks_the_exhausted_node_with_the_best_puct_and_inference_never_resamples():
     steps = {n: sample(f"{n}</step>", prior=p) for n, p in (("a", 0.9), ("b", 0.2))}
     policy = SeededPolicy({(): [[steps["a"], steps["b"]]], ("a",): [[WRONG], [WRONG], [RIGHT]],
