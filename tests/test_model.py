@@ -606,6 +606,22 @@ def test_rope_kernel_equals_the_torch_rotation_bit_for_bit():
         assert torch.equal(decode.rope(qkv, cos, sin, hq + hk), want)
 
 
+def test_silu_mul_kernel_equals_torch_silu_times_up_bit_for_bit():
+    """decode.cpp's silu_mul (a decode layer's MLP activation in one pass) against at::silu(gate) * up in
+    bf16: equal for every finite bf16 gate value and for random rows. Gates below 2^-120 are left out: they
+    or their SiLU are denormal, which the bf16 conversion instruction flushes to zero, as in every decode kernel
+    (activations are never that small)."""
+    decode = decode_kernels_or_skip()
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    every = every[torch.isfinite(every) & ((every.float().abs() >= 2 ** -120) | (every == 0))]
+    gate = every[: every.numel() // 1536 * 1536].reshape(-1, 1, 1536)
+    gen = torch.Generator().manual_seed(0)  # |up| >= 1, so no product of a normal SiLU is denormal
+    up = ((1 + 3 * torch.rand(gate.shape, generator=gen)) * torch.randn(gate.shape, generator=gen).sign()).bfloat16()
+    for g, u in ((gate, up), ((torch.randn(5, 1, 1536) * 4).to(torch.bfloat16), torch.randn(5, 1, 1536).bfloat16())):
+        got = decode.kernel().silu_mul(torch.cat([g, u], -1).contiguous())
+        assert got.shape == g.shape and torch.equal(got, torch.nn.functional.silu(g) * u)
+
+
 def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alone(monkeypatch):
     """decode.cpp's linear: x W^T (+ bias) within fp32 summation and one bf16 rounding of the exact
     product, oneDNN's bf16 matmul to one bf16 step, and each row exactly what it is alone (a decode

@@ -15,7 +15,31 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+// The rows' new K (or V) columns into a layer's cache buffer: query row r's head h (src [Q, 1, heads, D] viewed as
+// [Q, hk, 1, D] by its strides, D contiguous) into buf[own(r), h, col(r)], own(r) = own_of[r] or r / T and col(r)
+// = at_col[r] or n + r % T; ragged, the step's columns no query writes are zeroed first. Raw copies of D elements:
+// torch's strided copy_ (or zero_ and index_put_, ragged) cost ~10 us a call, 60-120 calls a step.
+inline void write_columns(const torch::Tensor& buf, const torch::Tensor& src, int64_t n, int64_t T,
+                          const int64_t* own_of, const int64_t* at_col, int64_t hk, int64_t D) {
+  TORCH_CHECK(buf.stride(3) == 1 && src.stride(3) == 1 && buf.scalar_type() == src.scalar_type() && src.size(1) == hk &&
+              src.size(3) == D, "write_columns: K/V [Q, hk, 1, D] with D contiguous into a buffer of its dtype");
+  const int64_t Q = src.size(0), es = buf.element_size(), bytes = D * es;
+  char* bp = (char*)buf.data_ptr();
+  const char* sp = (const char*)src.data_ptr();
+  const int64_t b0 = buf.stride(0) * es, b1 = buf.stride(1) * es, b2 = buf.stride(2) * es;
+  const int64_t s0 = src.stride(0) * es, s1 = src.stride(1) * es;
+  if (own_of != nullptr)
+    for (int64_t b = 0; b < buf.size(0); ++b)
+      for (int64_t h = 0; h < hk; ++h)
+        for (int64_t t = 0; t < T; ++t) std::memset(bp + b * b0 + h * b1 + (n + t) * b2, 0, bytes);
+  for (int64_t r = 0; r < Q; ++r) {
+    const int64_t b = own_of ? own_of[r] : r / T, c = own_of ? at_col[r] : n + r % T;
+    for (int64_t h = 0; h < hk; ++h) std::memcpy(bp + b * b0 + h * b1 + c * b2, sp + r * s0 + h * s1, bytes);
+  }
+}
 
 template <class Qkv, class Rest>
 torch::Tensor layer_loop(torch::Tensor x, const std::vector<torch::Tensor>& weights,
@@ -27,26 +51,28 @@ torch::Tensor layer_loop(torch::Tensor x, const std::vector<torch::Tensor>& weig
   const int64_t Q = x.size(0), B = Q / T;
   const bool ragged = own_of.numel() > 0;
   TORCH_CHECK(ragged ? own_of.numel() == Q && col.numel() == Q : Q % T == 0, "decode_layers: own_of and col [Q]");
-  torch::Tensor at_col;  // n + col: each query row's column
-  if (ragged) at_col = col.to(at::kLong) + n;
+  torch::Tensor owner, at_col;  // ragged: each query row's own row, and its column n + col
+  if (ragged) {
+    owner = own_of.to(at::kLong).contiguous();
+    at_col = (col.to(at::kLong) + n).contiguous();
+    for (int64_t r = 0; r < Q; ++r)
+      TORCH_CHECK(owner.data_ptr<int64_t>()[r] >= 0 && owner.data_ptr<int64_t>()[r] < cache_k[0].size(0) &&
+                  at_col.data_ptr<int64_t>()[r] >= n && at_col.data_ptr<int64_t>()[r] < n + T,
+                  "decode_layers: own_of or col out of range");
+  }
+  const int64_t* op = ragged ? owner.data_ptr<int64_t>() : nullptr;
+  const int64_t* cp = ragged ? at_col.data_ptr<int64_t>() : nullptr;
   TORCH_CHECK(weights.size() == 10 * layers && cache_v.size() == layers && prompt_k.size() == layers &&
               prompt_v.size() == layers, "decode_layers: 10 weights, a K and V buffer and a prompt K/V per layer");
   for (size_t i = 0; i < layers; ++i) {
     const torch::Tensor* w = &weights[10 * i];
     TORCH_CHECK(cache_k[i].size(2) >= n + T && cache_v[i].size(2) >= n + T, "KV buffer out of room: ", n, " + ", T,
                 " > ", cache_k[i].size(2));
-    auto q = qkv(x, w);
-    if (ragged) {
-      using torch::indexing::Slice;
-      cache_k[i].narrow(2, n, T).zero_();
-      cache_v[i].narrow(2, n, T).zero_();
-      torch::Tensor ck = cache_k[i], cv = cache_v[i];  // handles to the same buffers
-      ck.index_put_({own_of, Slice(), at_col}, q[1].reshape({Q, hk, D}));
-      cv.index_put_({own_of, Slice(), at_col}, q[2].reshape({Q, hk, D}));
-    } else {
-      cache_k[i].narrow(2, n, T).copy_(q[1].reshape({B, T, hk, D}).transpose(1, 2));
-      cache_v[i].narrow(2, n, T).copy_(q[2].reshape({B, T, hk, D}).transpose(1, 2));
-    }
+    TORCH_CHECK(cache_v[i].size(0) == cache_k[i].size(0) && (ragged || cache_k[i].size(0) == B),
+                "decode_layers: a K and V buffer row per own row");
+    auto q = qkv(x, w);  // q, k, v [Q, heads, 1, D]
+    write_columns(cache_k[i], q[1], n, T, op, cp, hk, D);
+    write_columns(cache_v[i], q[2], n, T, op, cp, hk, D);
     x = rest(i, x, q[0], cache_k[i].narrow(2, 0, n + T), cache_v[i].narrow(2, 0, n + T), w);
   }
   return x;
