@@ -494,6 +494,33 @@ def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(hea
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_attention_split_into_row_spans_computes_the_same_numbers(head_dim):
+    """With fewer (prompt, KV head) tasks than twice the threads (an MCTS step of one leaf, batch 1 with drafts),
+    decode.cpp splits each prompt's rows into spans so that no thread idles: at 8 threads these prompts' rows
+    are split, at 1 they are not, and every output is the same bit for bit, rooted or whole, on both paths."""
+    decode = decode_kernels_or_skip()
+    c = _rooted_prompts(head_dim, 70, torch.bfloat16)
+    D, Hk = c.D, c.rk.shape[0]
+    assert len(c.suffix) * Hk < 16 and max(torch.bincount(c.group_of)) > 1  # 8 threads split the rows
+    Lr = -(-c.R0 // 32) * 32
+    kt, vt = c.rk.new_empty(Hk, D // 2, Lr, 2), c.rk.new_empty(Hk, Lr // 2, D, 2)
+    decode.lay_tiles(c.rk, c.rv, kt, vt)
+    root = (kt, vt, torch.tensor([c.R0 if r else 0 for r in c.rooted]))
+    threads = torch.get_num_threads()
+    try:
+        for tiled in [False] + ([True] if D == 64 and decode.tiles_on() else []):
+            tiles = decode.prompt_tiles(c.slot_k, c.slot_v) if tiled else None
+            outs = []
+            for n in (1, 8):
+                torch.set_num_threads(n)
+                outs.append(decode.decode_attention(c.q, c.own_k, c.own_v, c.valid, c.slot_k, c.slot_v,
+                                                    torch.tensor(c.held), c.group_of, D ** -0.5, tiles, root=root))
+            assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_avx2_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(head_dim):
     """avx2.cpp's fp32 attention over a batch's root (kv.py's _Batch: the prefix held once as [Hk, Lr, D], each
     rooted prompt's slot holding the rest) computes what it computes over the whole prompts: the root's keys
