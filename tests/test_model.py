@@ -493,29 +493,38 @@ def test_decode_attention_over_a_root_held_once_equals_it_over_whole_prompts(hea
                                 root=(kt, vt, torch.tensor([Lr + 1] * G)))
 
 
+@pytest.mark.parametrize("kernels", ["decode", "avx2"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_attention_split_into_row_spans_computes_the_same_numbers(head_dim):
+def test_decode_attention_split_into_row_spans_computes_the_same_numbers(head_dim, kernels):
     """With fewer (prompt, KV head) tasks than twice the threads (an MCTS step of one leaf, batch 1 with drafts),
-    decode.cpp splits each prompt's rows into spans so that no thread idles: at 8 threads these prompts' rows
-    are split, at 1 they are not, and every output is the same bit for bit, rooted or whole, on both paths."""
-    decode = decode_kernels_or_skip()
-    c = _rooted_prompts(head_dim, 70, torch.bfloat16)
+    both kernel sets split each prompt's rows into spans so that no thread idles (attention_args.h's row_spans):
+    at 8 threads these prompts' rows are split, at 1 they are not, and every output is the same bit for bit,
+    rooted prompts and whole ones in one step, on every path (decode.cpp's pairs and AMX tiles; avx2.cpp)."""
+    bf16 = kernels == "decode"
+    mod = decode_kernels_or_skip() if bf16 else avx2_kernels_or_skip()
+    c = _rooted_prompts(head_dim, 70 if bf16 else 69, torch.bfloat16 if bf16 else torch.float32)
     D, Hk = c.D, c.rk.shape[0]
     assert len(c.suffix) * Hk < 16 and max(torch.bincount(c.group_of)) > 1  # 8 threads split the rows
-    Lr = -(-c.R0 // 32) * 32
-    kt, vt = c.rk.new_empty(Hk, D // 2, Lr, 2), c.rk.new_empty(Hk, Lr // 2, D, 2)
-    decode.lay_tiles(c.rk, c.rv, kt, vt)
-    root = (kt, vt, torch.tensor([c.R0 if r else 0 for r in c.rooted]))
+    root_len = torch.tensor([c.R0 if r else 0 for r in c.rooted])
+    if bf16:
+        Lr = -(-c.R0 // 32) * 32
+        kt, vt = c.rk.new_empty(Hk, D // 2, Lr, 2), c.rk.new_empty(Hk, Lr // 2, D, 2)
+        mod.lay_tiles(c.rk, c.rv, kt, vt)
+        root = (kt, vt, root_len)
+        paths = [False] + ([True] if D == 64 and mod.tiles_on() else [])
+    else:
+        root, paths = (c.rk, c.rv, root_len), [False]
     threads = torch.get_num_threads()
     try:
-        for tiled in [False] + ([True] if D == 64 and decode.tiles_on() else []):
-            tiles = decode.prompt_tiles(c.slot_k, c.slot_v) if tiled else None
+        for tiled in paths:
+            tiles = (mod.prompt_tiles(c.slot_k, c.slot_v),) if tiled else (None,) if bf16 else ()
             outs = []
             for n in (1, 8):
                 torch.set_num_threads(n)
-                outs.append(decode.decode_attention(c.q, c.own_k, c.own_v, c.valid, c.slot_k, c.slot_v,
-                                                    torch.tensor(c.held), c.group_of, D ** -0.5, tiles, root=root))
-            assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+                outs.append(mod.decode_attention(c.q, c.own_k, c.own_v, c.valid, c.slot_k, c.slot_v,
+                                                 torch.tensor(c.held), c.group_of, D ** -0.5, *tiles, root=root))
+            bits = torch.int16 if bf16 else torch.int32
+            assert torch.equal(outs[0].view(bits), outs[1].view(bits)) and not outs[0].isnan().any()
     finally:
         torch.set_num_threads(threads)
 

@@ -373,17 +373,18 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   const float *qp = q.data_ptr<float>(), *pk = prompt_k.data_ptr<float>(), *pv = prompt_v.data_ptr<float>();
   const float *ok = own_k.data_ptr<float>(), *ov = own_v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, G * Hk, 1, [&](int64_t begin, int64_t end) {
+  const Spans spans = row_spans(rows, Hk);
+  at::parallel_for(0, (int64_t)spans.rows.size() * Hk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t gi = t / Hk, h = t % Hk;
-      if (rows[gi].empty()) continue;
+      const int64_t gi = spans.group[t / Hk], h = t % Hk;
+      const std::vector<int64_t>& span = spans.rows[t / Hk];
       const int64_t rlen = rooted ? rlp[gi] : 0;
       const float *rk = rlen ? rkp + h * Lr * D : nullptr, *rv = rlen ? rvp + h * Lr * D : nullptr;
       if (D == 64)
-        task<64>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, rk, rv, rlen,
+        task<64>(gi, h, span, g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, rk, rv, rlen,
                  op, outs);
       else
-        task<128>(gi, h, rows[gi], g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, rk, rv,
+        task<128>(gi, h, span, g, (float)scale, qp, qs, pk, pv, ps, pl[gi], ok, ov, os, W, own, valid, rk, rv,
                   rlen, op, outs);
     }
   });

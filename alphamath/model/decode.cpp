@@ -483,24 +483,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   const bf16 *qp = q.data_ptr<bf16>(), *pk = prompt_k.data_ptr<bf16>(), *pv = prompt_v.data_ptr<bf16>();
   const bf16 *ok = own_k.data_ptr<bf16>(), *ov = own_v.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  // Tasks: a prompt's rows (or a span of them) under one KV head. With fewer (prompt, head) pairs than twice the
-  // threads (one or two prompts: batch 1 with drafts, an MCTS step of one leaf), each prompt's rows are split into
-  // spans so that no thread waits on another's second task; a row's numbers do not depend on the rows beside it.
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = G * Hk < 2 * threads ? (2 * threads + G * Hk - 1) / (G * Hk) : 1;
-  std::vector<std::vector<int64_t>> spans;
-  std::vector<int64_t> span_group;
-  for (int64_t gi = 0; gi < G; ++gi) {
-    const int64_t n = (int64_t)rows[gi].size(), k = std::min(parts, n);
-    for (int64_t j = 0; j < k; ++j) {
-      spans.emplace_back(rows[gi].begin() + j * n / k, rows[gi].begin() + (j + 1) * n / k);
-      span_group.push_back(gi);
-    }
-  }
-  at::parallel_for(0, (int64_t)spans.size() * Hk, 1, [&](int64_t begin, int64_t end) {
+  const Spans spans = row_spans(rows, Hk);
+  at::parallel_for(0, (int64_t)spans.rows.size() * Hk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t gi = span_group[t / Hk], h = t % Hk;
-      const std::vector<int64_t>& span = spans[t / Hk];
+      const int64_t gi = spans.group[t / Hk], h = t % Hk;
+      const std::vector<int64_t>& span = spans.rows[t / Hk];
       const int64_t tile = (gi * Hk + h) * (D / 2) * Lq * 2;  // elements per (group, head) in kt and in vt
       const int64_t rlen = rooted ? rlp[gi] : 0, root = h * D * Lrq;  // the root's elements per head
       if (D == 64)
