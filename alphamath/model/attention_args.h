@@ -73,21 +73,21 @@ inline AttentionArgs attention_args(const torch::Tensor& q, const torch::Tensor&
 // t % Hk). With fewer (prompt, head) pairs than twice the threads (one or two prompts: batch 1 with drafts, an
 // MCTS step of one leaf), each prompt's rows are split into spans so that no thread waits on another's second
 // task (decode.cpp, 1 prompt x 5 / 20 rows: 1.13x / 1.31x, s45); a row's numbers do not depend on its neighbours.
-struct Spans {
-  std::vector<std::vector<int64_t>> rows;  // each span's query rows
-  std::vector<int64_t> group;              // each span's prompt
+struct RowSpan {  // a run of one prompt's query rows, viewing AttentionArgs::rows (no copy per call)
+  int64_t group;    // the prompt
+  const int64_t* p;
+  int64_t n;
+  int64_t size() const { return n; }
+  int64_t operator[](int64_t i) const { return p[i]; }
 };
 
-inline Spans row_spans(const std::vector<std::vector<int64_t>>& rows, int64_t Hk) {
+inline std::vector<RowSpan> row_spans(const std::vector<std::vector<int64_t>>& rows, int64_t Hk) {
   const int64_t G = (int64_t)rows.size(), threads = at::get_num_threads();
   const int64_t parts = G * Hk < 2 * threads ? (2 * threads + G * Hk - 1) / (G * Hk) : 1;
-  Spans s;
+  std::vector<RowSpan> spans;
   for (int64_t gi = 0; gi < G; ++gi) {
     const int64_t n = (int64_t)rows[gi].size(), k = std::min(parts, n);
-    for (int64_t j = 0; j < k; ++j) {
-      s.rows.emplace_back(rows[gi].begin() + j * n / k, rows[gi].begin() + (j + 1) * n / k);
-      s.group.push_back(gi);
-    }
+    for (int64_t j = 0; j < k; ++j) spans.push_back({gi, rows[gi].data() + j * n / k, (j + 1) * n / k - j * n / k});
   }
-  return s;
+  return spans;
 }

@@ -199,7 +199,7 @@ inline void weighted_sum(const float* p, const float* v, int64_t vs, int64_t n, 
 // and the row's own valid columns, one softmax over all three. The root's keys come first, so a rooted
 // prompt's scores are in the order its whole prompt's would be.
 template <int D>
-void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
+void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
           const float* q, const int64_t* qs, const float* pk, const float* pv, const int64_t* ps, int64_t plen,
           const float* ok, const float* ov, const int64_t* os, int64_t W, const int64_t* own, const bool* valid,
           const float* rk, const float* rv, int64_t rlen, float* out, const int64_t* outs) {
@@ -373,11 +373,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   const float *qp = q.data_ptr<float>(), *pk = prompt_k.data_ptr<float>(), *pv = prompt_v.data_ptr<float>();
   const float *ok = own_k.data_ptr<float>(), *ov = own_v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const Spans spans = row_spans(rows, Hk);
-  at::parallel_for(0, (int64_t)spans.rows.size() * Hk, 1, [&](int64_t begin, int64_t end) {
+  const std::vector<RowSpan> spans = row_spans(rows, Hk);
+  at::parallel_for(0, (int64_t)spans.size() * Hk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t gi = spans.group[t / Hk], h = t % Hk;
-      const std::vector<int64_t>& span = spans.rows[t / Hk];
+      const RowSpan& span = spans[t / Hk];
+      const int64_t gi = span.group, h = t % Hk;
       const int64_t rlen = rooted ? rlp[gi] : 0;
       const float *rk = rlen ? rkp + h * Lr * D : nullptr, *rv = rlen ? rvp + h * Lr * D : nullptr;
       if (D == 64)

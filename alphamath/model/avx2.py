@@ -124,9 +124,8 @@ def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prom
     T new K/V columns written at column n of `buffers` [(K, V) per layer, [B, hk, >= n + T, D]], then
     decode_rest over their columns [0, n + T). x [Q, 1, H] (Q = B * T; ragged: query row r is own row
     own_of[r]'s column n + col[r], int64 [Q], decode_layers.h); `weights` fast_llama.layer_weights(layers,
-    "f16"); `prompts` the step's SharedPrompts (with its root, if it holds one: root_tiles,
-    its K/V as they are in fp32, and root_len),
-    `group` [Q] each query row's prompt. The same numbers as the two calls per layer."""
+    "f16"); `prompts` the step's SharedPrompts (with its root, if it holds one: root_tiles, its K/V as they
+    are in fp32, and root_len), `group` [Q] each query row's prompt. The same numbers as the two calls per layer."""
     rooted = prompts.root_len is not None
     return kernel().decode_layers(x, cos, sin, _EMPTY_BOOL if own_valid is None else own_valid, weights,
                                   [k for k, _ in buffers], [v for _, v in buffers], int(n), int(T), prompts.keys,

@@ -102,7 +102,7 @@ void tile_config(int64_t m) {
 }
 
 template <int D>
-void task(int64_t grp, int64_t h, const std::vector<int64_t>& rows, int64_t g, float scale,
+void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
           const bf16* q, const int64_t* qs,                       // q [B, Hk, g, D] contiguous
           const bf16* pk, const bf16* pv, const int64_t* ps, int64_t plen,  // prompt K/V [G, Hk, L, D]
           const bf16* ok, const bf16* ov, const int64_t* os, int64_t W,     // own K/V [R, Hk, W, D]
@@ -483,11 +483,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   const bf16 *qp = q.data_ptr<bf16>(), *pk = prompt_k.data_ptr<bf16>(), *pv = prompt_v.data_ptr<bf16>();
   const bf16 *ok = own_k.data_ptr<bf16>(), *ov = own_v.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
-  const Spans spans = row_spans(rows, Hk);
-  at::parallel_for(0, (int64_t)spans.rows.size() * Hk, 1, [&](int64_t begin, int64_t end) {
+  const std::vector<RowSpan> spans = row_spans(rows, Hk);
+  at::parallel_for(0, (int64_t)spans.size() * Hk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t gi = spans.group[t / Hk], h = t % Hk;
-      const std::vector<int64_t>& span = spans.rows[t / Hk];
+      const RowSpan& span = spans[t / Hk];
+      const int64_t gi = span.group, h = t % Hk;
       const int64_t tile = (gi * Hk + h) * (D / 2) * Lq * 2;  // elements per (group, head) in kt and in vt
       const int64_t rlen = rooted ? rlp[gi] : 0, root = h * D * Lrq;  // the root's elements per head
       if (D == 64)
@@ -776,7 +776,8 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 
 // A decoder layer of a decode step over shared prompts (S = 1), as fast_llama.FastLlama.hidden's layer loop
 // computes it, in two calls around the cache update (Python's per-operation dispatch was ~1.5 ms of a
-// 10 ms batch-1 step): the same kernels and torch operations in the same order, so the same numbers.
+// 10 ms batch-1 step): the same operations in the same order, so the same numbers (the residual adds and
+// SiLU * up as raw loops that round as torch's bf16 ops do: add_into, silu_mul).
 // decode_qkv: x [B, 1, H] -> q [B, hq, 1, D], k and v [B, hk, 1, D] of rope(qkv(norm(x))).
 std::vector<torch::Tensor> decode_qkv(torch::Tensor x, torch::Tensor norm, torch::Tensor qkv_w, torch::Tensor qkv_b,
                                       torch::Tensor cos, torch::Tensor sin, int64_t hq, int64_t hk, double eps) {
