@@ -774,6 +774,59 @@ def test_decode_layer_kernels_sample_what_the_layer_loop_samples_bit_for_bit(ker
             [(s.text, s.token_count, s.cumulative_logprob) for s in b]
 
 
+def test_a_bf16_prefill_over_cached_pasts_attends_in_the_decode_kernel_as_transformers_does(kernel_model_dir,
+                                                                                           monkeypatch):
+    """A bf16 prefill after cached pasts (LocalLM._extend_batch's layout [pad | past | new | pad], pasts of
+    different lengths) computes its attention in decode.cpp's kernel, each new token a query row whose prompt is
+    its row's past: the same hidden states and cache as transformers' forward, a kernel call per run of rows
+    whose pasts start at the same column. Where a new part is longer than a row's past, SDPA computes it."""
+    from transformers import DynamicCache
+
+    from alphamath.model.fast_llama import FastLlama
+
+    kern = decode_kernels_or_skip()
+    dtype = "bf16"
+    calls = []
+    real = kern.decode_attention
+    monkeypatch.setattr(kern, "decode_attention", lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1])
+    model = ValueHeadModel.from_pretrained(kernel_model_dir, dtype=dtype).eval()
+    fast = FastLlama(model.lm, decode_weights="float")
+    tol = dict(atol=3e-2, rtol=3e-2)
+    torch.manual_seed(0)
+    cfg = model.config
+    V, H, D = cfg.vocab_size, cfg.num_key_value_heads, fast.head_dim
+    past_len, S = 9, 4
+
+    def run(mask, pos, ids):
+        past = [torch.randn(3, H, past_len, D).to(model.dtype) for _ in range(2 * cfg.num_hidden_layers)]
+        caches = []
+        for _ in range(2):
+            c = DynamicCache()
+            for layer in range(cfg.num_hidden_layers):
+                c.update(past[2 * layer].clone(), past[2 * layer + 1].clone(), layer)
+            caches.append(c)
+        with torch.inference_mode():
+            h_ref, c_ref = model.hidden(ids, attention_mask=mask, past_key_values=caches[0], position_ids=pos,
+                                        use_cache=True)
+            h, c = fast.hidden(ids, attention_mask=mask, past_key_values=caches[1], position_ids=pos)
+        real = mask.bool()  # padding's states are never read: compared where the tokens are real
+        torch.testing.assert_close(h.float()[real[:, past_len:]], h_ref.float()[real[:, past_len:]], **tol)
+        for layer_ref, layer in zip(c_ref.layers, c.layers):
+            for got, want in ((layer.keys, layer_ref.keys), (layer.values, layer_ref.values)):
+                torch.testing.assert_close(got.float().transpose(1, 2)[real], want.float().transpose(1, 2)[real], **tol)
+
+    # Pasts of 9, 9 and 6 tokens (the last left-padded), 4, 2 and 3 new tokens (right-padded).
+    mask = torch.tensor([[1] * 9 + [1, 1, 1, 1], [1] * 9 + [1, 1, 0, 0], [0, 0, 0] + [1] * 6 + [1, 1, 1, 0]])
+    pos = torch.tensor([[9, 10, 11, 12], [9, 10, 0, 0], [6, 7, 8, 0]])
+    run(mask, pos, torch.randint(0, V, (3, S)))
+    assert calls == [8, 4] * cfg.num_hidden_layers  # two runs of rows (pasts from column 0, from column 3)
+    calls.clear()
+    mask[2, :6] = 0  # a past of 3 tokens, shorter than the new part: SDPA
+    pos[2] = torch.tensor([3, 4, 5, 0])
+    run(mask, pos, torch.randint(0, V, (3, S)))
+    assert calls == []
+
+
 def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):
     """Pods have no compiler and a read-only root: a process given ALPHAMATH_KERNEL_DIR loads the image's
     build from there (here with an empty torch extensions cache, where a JIT build would land)."""
