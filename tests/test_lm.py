@@ -912,6 +912,64 @@ def test_a_batch_holds_its_root_once_and_each_prompt_past_it_in_its_slot():
     assert _Batch((), 4, root=ROOT_MIN - 1).root == 0
 
 
+def test_a_running_batch_that_began_without_a_root_takes_one_when_later_prompts_share_a_prefix():
+    """A batch that began with one prompt, alone in the prefix cache, saw no branch and held it whole (16
+    concurrent searches' prompts then each read their own copy of the 338-token few-shot prefix in every step).
+    When prompts that share a prefix with it join, it takes that prefix as its root: the held prompt moves down
+    its slot (its tiles too), the slab holds only what follows the root, and attention reads the same keys."""
+    from alphamath.lm.kv import ROOT_MIN, _Batch, _Decoding, _Row
+    from tests.test_model import decode_kernels_or_skip
+
+    decode = decode_kernels_or_skip()
+    g = torch.Generator().manual_seed(6)
+    root = [tuple(torch.randn(3, 70, 64, generator=g).bfloat16() for _ in range(2)) for _ in range(2)]
+
+    def row(tokens):
+        kv = [tuple(torch.cat([r, torch.randn(3, len(tokens) - 70, 64, generator=g).bfloat16()], 1) for r in layer)
+              for layer in root]
+        out = _Row(tokens, len(tokens), None, None, kv=kv)
+        out.last_logits = torch.zeros(11)
+        return out
+
+    a, b, c = row(list(range(100))), row(list(range(70)) + [500] * 5), row(list(range(70)) + [600] * 9)
+    dev = torch.device("cpu")
+    batch = _Batch((), 4, tiles=decode.tiles_on(), root=100)  # the cache's first branch was all of a
+    batch.add([_Decoding(a, 0, None), _Decoding(a, 1, None)], 8, dev)
+    assert batch.root_kv is None and batch.shared.lengths.tolist() == [100]
+    q = torch.randn(3, 3, 1, 64, generator=g).bfloat16()
+    own = torch.zeros(3, 3, 1, 64).bfloat16()
+
+    def attend(rows):  # decode attention of query rows continuing slots `rows`, with nothing of their own
+        sh = batch.shared
+        tiles = sh.tiles[1] if sh.tiles else None
+        root_args = (*sh.root_tiles[1], sh.root_len) if sh.root_len is not None else None
+        return decode.decode_attention(q[:len(rows)], own[:len(rows)], own[:len(rows)],
+                                       torch.zeros(len(rows), 1, dtype=torch.bool), sh.keys[1], sh.values[1],
+                                       sh.lengths, torch.tensor(rows), 0.125, tiles, root=root_args)
+
+    before = attend([0])
+    batch.add([_Decoding(b, 0, None)], 8, dev, root=ROOT_MIN - 1)  # too short a shared prefix: none
+    assert batch.root_kv is None
+    batch.add([_Decoding(c, 0, None)], 8, dev, root=70)
+    assert batch.root == 70 and batch.root_tokens == list(range(70))
+    assert batch.shared.lengths.tolist() == [30, 5, 9] and batch.shared.root_len.tolist() == [70, 70, 70]
+    for layer, (rk, rv) in enumerate(root):
+        kt, vt = batch.root_tiles[layer]
+        want = decode.prompt_tiles(rk[None], rv[None])
+        assert torch.equal(kt, want[0][0]) and torch.equal(vt, want[1][0])
+    for slot, (p, start) in enumerate(((a, 70), (b, 70), (c, 70))):
+        n = len(p.tokens) - start
+        for layer, (k, v) in enumerate(p.kv):
+            assert torch.equal(batch.keys[layer][slot, :, :n], k[:, start:])
+            assert torch.equal(batch.values[layer][slot, :, :n], v[:, start:])
+            assert not batch.keys[layer][slot, :, n:].any() and not batch.values[layer][slot, :, n:].any()
+            if batch.slab_tiles is not None:
+                kt, vt = decode.prompt_tiles(k[None, :, start:], v[None, :, start:])
+                L = kt.shape[3]
+                assert torch.equal(batch.slab_tiles[layer][0][slot, :, :, :L], kt[0])
+    torch.testing.assert_close(attend([0]).float(), before.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_attention_over_a_slab_with_a_freed_slot_equals_each_rows_own_attention():
     """After a drop frees a slot below a held one, decode attention over the slab (the torch path, and
     decode.cpp's where it runs, with the AMX tiles where they are on) must still equal, for every row,

@@ -254,12 +254,16 @@ class _Batch:
         self.root_tiles = (self.root_kv if self.root_kv[0][0].dtype == torch.float32 else
                            [tuple(t[0] for t in decode.prompt_tiles(k[None], v[None])) for k, v in self.root_kv])
 
-    def add(self, new: list[_Decoding], room: int, dev) -> None:
+    def add(self, new: list[_Decoding], room: int, dev, root: int = 0) -> None:
         """Append samples: their prompts' KV joins the slab, once per distinct prompt, in free slots;
-        their own columns start empty (left padding at the current width)."""
+        their own columns start empty (left padding at the current width). `root`: the prefix the new
+        prompts share with what the prefix cache holds (its first branch), which a running batch without a
+        root takes as its root (`_late_root`)."""
         fresh = list({id(smp.prompt): smp.prompt for smp in new}.values())
         if self.keys is None and self.root:
             self._take_root(fresh)
+        elif self.keys is not None and self.root_kv is None and root >= ROOT_MIN:
+            self._late_root(root, fresh)
         R, old = len(new), self.size
         live, longest = self.live_prompts + len(fresh), max(len(row.tokens) - self._start(row) for row in fresh)
         if not self.fits(live, longest):
@@ -293,6 +297,28 @@ class _Batch:
         self.alive += [True] * R
         # With no padding (rows that started together: every MCTS expansion) no mask is passed.
         self.padded = not bool(self.mask[:, :W].all())
+
+    def _late_root(self, root: int, rows: list[_Row]) -> None:
+        """Take a root in a running batch. A batch that began with one prompt while the prefix cache held
+        nothing else saw no branch, so it held that prompt whole and every prompt that joined it too: 16
+        concurrent searches' prompts (~400 tokens, 338 of them shared) then each read their own copy of the
+        shared prefix in every layer of every step. The root comes from `rows` (as `_take_root`), and each
+        held prompt that continues it moves down its slot by the root's length (its tiles laid out again)."""
+        self.root = root
+        self._take_root(rows)
+        if self.root_kv is None:
+            return
+        for g, p in enumerate(self.prompts):
+            s = self._start(p) if p is not None else 0
+            if not s:
+                continue
+            n = len(p.tokens) - s
+            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+                k[g, :, :n], v[g, :, :n] = k[g, :, s:s + n].clone(), v[g, :, s:s + n].clone()
+                k[g, :, n:], v[g, :, n:] = 0, 0
+                if self.tiles:
+                    kt, vt = self.slab_tiles[layer]
+                    decode.lay_tiles(k[g, :, :n], v[g, :, :n], kt[g], vt[g])
 
     def fits(self, live: int, length: int) -> bool:
         """Does the slab hold `live` prompts of up to `length` tokens as it is?"""

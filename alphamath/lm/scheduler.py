@@ -223,11 +223,12 @@ class Scheduler:
                     req.samples.append(_Decoding(rows[pi], k, gen, req, j))
             req.left = len(req.samples)
             new.extend(req.samples)
-        if batch is None:  # its root: the prefix every cached sequence shares, the admitted prompts included
-            first = reqs[0].prompts[0]
+        # its root: the prefix every cached sequence shares, the admitted prompts included
+        root = self.cache.branch_length(reqs[0].prompts[0]) if self._root else 0
+        if batch is None:
             batch = _Batch(reqs[0].key, max((len(self.encode(st)) for st in stop), default=0) + 4,
-                           self._prompt_tiles, self.cache.branch_length(first) if self._root else 0)
-        batch.add(new, max_new_tokens, self.device)
+                           self._prompt_tiles, root)
+        batch.add(new, max_new_tokens, self.device, root)
         for r in distinct.values():  # copied into the batch: do not hold a second copy per prompt
             r.kv = r.past = r.past_values = None
         return batch
