@@ -158,6 +158,8 @@ class LocalStack:
             env["ALPHAMATH_MODEL_DIR"] = str(self.model_dir)
         if service == "sandbox":  # a host: gVisor by name, so a missing runsc is an error, not a guess
             env.setdefault("ALPHAMATH_SANDBOX_BACKEND", "runsc")
+        if service in ("policy", "value"):  # two model processes on the same cores: compute in turns (lm/lock.py)
+            env.setdefault("ALPHAMATH_COMPUTE_LOCK", str(self.var / "compute.lock"))
         if service == "policy":
             env.setdefault("ALPHAMATH_POLICY_BACKEND", "local")
             env["ALPHAMATH_POLICY_HTTP_PORT"] = str(self.ports.http)

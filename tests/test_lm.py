@@ -1,6 +1,7 @@
 """LocalLM: exact token accounting of the prefix cache, generation semantics, and value scoring."""
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -606,6 +607,61 @@ def test_the_model_lock_is_granted_in_arrival_order():
     looping.join()
     waiting.join()
     assert took
+
+
+def test_the_compute_lock_keeps_other_processes_out_while_held_and_is_a_no_op_without_a_file(tmp_path, monkeypatch):
+    """ALPHAMATH_COMPUTE_LOCK (the local stack sets it for its policy and value services): model compute holds an
+    flock on that file, which another open file (another process) cannot take until the outermost exit; unset,
+    the lock touches nothing."""
+    import fcntl
+
+    from alphamath.lm.lock import _ComputeLock
+
+    path = tmp_path / "compute.lock"
+    lock = _ComputeLock()
+    monkeypatch.setenv("ALPHAMATH_COMPUTE_LOCK", str(path))
+    other = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        with lock:
+            with lock:  # re-entrant
+                pass
+            with pytest.raises(BlockingIOError):  # still held after the inner exit
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the outer exit
+        fcntl.flock(other, fcntl.LOCK_UN)
+        monkeypatch.delenv("ALPHAMATH_COMPUTE_LOCK")
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with lock:  # no file: nothing is locked
+            pass
+        fcntl.flock(other, fcntl.LOCK_UN)
+    finally:
+        os.close(other)
+
+
+def test_decode_steps_and_scoring_compute_under_the_compute_lock(lm, monkeypatch):
+    """Every forward LocalLM runs (a decode step with its admission's prefill, a score's prefill) holds COMPUTE,
+    so two model services sharing the CPUs take turns at them (lm/lock.py)."""
+    from alphamath.lm import local_lm, scheduler
+
+    held = []
+
+    class Recorder:
+        depth = 0
+
+        def __enter__(self):
+            Recorder.depth += 1
+
+        def __exit__(self, *exc):
+            Recorder.depth -= 1
+
+    monkeypatch.setattr(scheduler, "COMPUTE", Recorder())
+    monkeypatch.setattr(local_lm, "COMPUTE", Recorder())
+    extend, step = lm._extend, _Batch.step
+    monkeypatch.setattr(lm, "_extend", lambda rows: (held.append(("prefill", Recorder.depth)), extend(rows))[1])
+    monkeypatch.setattr(_Batch, "step", lambda self, m: (held.append(("step", Recorder.depth)), step(self, m))[1])
+    lm.generate(["Question: 2 + 3?"], 2, temperature=1.0, max_new_tokens=6, seed=1)
+    lm.score(["Question: 2 + 3? Step: 5."])
+    assert {what for what, _ in held} == {"prefill", "step"} and all(depth == 1 for _, depth in held)
 
 
 def generate_from_workers_while_serving(lm, prompts):

@@ -117,3 +117,15 @@ def test_stop_ends_exactly_the_processes_it_started(stack):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_the_stacks_model_services_compute_in_turns_through_one_lock_file(tmp_path, monkeypatch):
+    """The policy and value services share the machine's cores, so the stack gives both the same
+    ALPHAMATH_COMPUTE_LOCK (lm/lock.py); services without a model get none, and a value set by the caller wins."""
+    monkeypatch.delenv("ALPHAMATH_COMPUTE_LOCK", raising=False)
+    stack = LocalStack(tmp_path, ports=Ports.standard())
+    assert stack._env("policy")["ALPHAMATH_COMPUTE_LOCK"] == stack._env("value")["ALPHAMATH_COMPUTE_LOCK"] \
+        == str(tmp_path / "compute.lock")
+    assert "ALPHAMATH_COMPUTE_LOCK" not in stack._env("search") and "ALPHAMATH_COMPUTE_LOCK" not in stack._env("sandbox")
+    mine = LocalStack(tmp_path, ports=Ports.standard(), env={"ALPHAMATH_COMPUTE_LOCK": "/tmp/elsewhere.lock"})
+    assert mine._env("value")["ALPHAMATH_COMPUTE_LOCK"] == "/tmp/elsewhere.lock"

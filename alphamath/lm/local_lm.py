@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from alphamath.interfaces import Sample, Usage
 from alphamath.lm.kv import _Batch, _Decoding, _Request, _RoomyLayer, _Row
-from alphamath.lm.lock import _FairLock
+from alphamath.lm.lock import COMPUTE, _FairLock
 from alphamath.lm.budget import MemoryBudget, configure_allocator, prefill_bytes
 from alphamath.lm.radix_cache import PrefixCache
 from alphamath.lm.scheduler import DEFAULT_MAX_BATCH_ROWS, Scheduler
@@ -241,7 +241,8 @@ class LocalLM(Scheduler):
                 if not tokens:
                     raise ValueError("cannot score an empty state")
                 rows[s] = self._lookup(tokens, need_logits=False)
-            self._extend([r for r in rows.values() if r.cached < len(r.tokens)])
+            with COMPUTE:
+                self._extend([r for r in rows.values() if r.cached < len(r.tokens)])
             for r in rows.values():
                 if r.kv is not None:
                     self.cache.insert(r.tokens, r.kv, r.values)
@@ -269,7 +270,8 @@ class LocalLM(Scheduler):
                 if not tokens:
                     raise ValueError("cannot read the features of an empty state")
                 rows[s] = self._lookup(tokens, need_logits=True)
-            self._extend(list(rows.values()))
+            with COMPUTE:
+                self._extend(list(rows.values()))
             for r in rows.values():
                 self.cache.insert(r.tokens, r.kv, r.values)
             return torch.stack([rows[s].last_hidden.float() for s in states])

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 import torch
 
 from alphamath.lm.kv import _Batch, _Decoding, _Request, _Row, slab_slots
+from alphamath.lm.lock import COMPUTE
 from alphamath.lm.lookup import DRAFT_MAX
 
 DEFAULT_MAX_BATCH_ROWS = 128  # samples decoded at once
@@ -150,7 +151,7 @@ class Scheduler:
             with self._cv:
                 admit = self._admissible(self._batch)
             try:
-                with self.lock, torch.inference_mode():
+                with self.lock, COMPUTE, torch.inference_mode():
                     if admit:
                         self._batch = self._admit(self._batch, admit)
                     if not self._batch.step(self):
