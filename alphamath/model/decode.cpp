@@ -101,6 +101,25 @@ void tile_config(int64_t m) {
   _tile_loadconfig(&c);
 }
 
+// C queries' scores against `cols` keys laid out by pair (keys[p * stride + j] = key j's dims 2p, 2p + 1): for
+// each 16 keys, C accumulators over the P pairs in order, scaled, -inf from key `len` on; out[c * S + j].
+template <int C, int P>
+inline void score_block(const uint32_t* qp, const uint32_t* keys, int64_t stride, int64_t cols, int64_t len,
+                        __m512 vscale, float* out, int64_t S) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int p = 0; p < P; ++p) {
+      __m512bh kv = (__m512bh)_mm512_loadu_si512(&keys[p * stride + j0]);
+      for (int c = 0; c < C; ++c)
+        acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_set1_epi32((int)qp[c * P + p]), kv);
+    }
+    const __mmask16 in = (j0 + 16 <= len) ? (__mmask16)0xFFFF : (__mmask16)((1u << std::max<int64_t>(len - j0, 0)) - 1);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(&out[c * S + j0], _mm512_mask_mul_ps(ninf, in, acc[c], vscale));
+  }
+}
+
 template <int D>
 void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
           const bf16* q, const int64_t* qs,                       // q [B, Hk, g, D] contiguous
@@ -175,20 +194,22 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
       transpose16(r);
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&ks[(p0 + i) * Lp + j0], r[i]);
     }
-  // keys [P][stride] pairs: the root's (rkt, laid out once per batch, read from cache) and the prompt's (ks)
+  // keys [P][stride] pairs: the root's (rkt, laid out once per batch, read from cache) and the prompt's (ks).
+  // Queries in blocks of QC, the last block exactly as many as are left (score_block<C>), so a task of 3 rows
+  // x 3 heads computes 9 queries, not 16.
   auto pair_scores = [&](const uint32_t* keys, int64_t stride, int64_t cols, int64_t len, int64_t at) {
-    for (int64_t i0 = 0; i0 < Mp; i0 += QC) {
-      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-        __m512 acc[QC];
-        for (int c = 0; c < QC; ++c) acc[c] = _mm512_setzero_ps();
-        for (int p = 0; p < P; ++p) {
-          __m512bh kv = (__m512bh)_mm512_loadu_si512(&keys[p * stride + j0]);
-          for (int c = 0; c < QC; ++c)
-            acc[c] = _mm512_dpbf16_ps(acc[c], (__m512bh)_mm512_set1_epi32((int)qp[(i0 + c) * P + p]), kv);
-        }
-        const __mmask16 in = (j0 + 16 <= len) ? (__mmask16)0xFFFF : (__mmask16)((1u << std::max<int64_t>(len - j0, 0)) - 1);
-        for (int c = 0; c < QC && i0 + c < M; ++c)
-          _mm512_storeu_ps(&sc[(i0 + c) * S + at + j0], _mm512_mask_mul_ps(ninf, in, acc[c], vscale));
+    for (int64_t i0 = 0; i0 < M; i0 += QC) {
+      const uint32_t* qb = &qp[i0 * P];
+      float* out = &sc[i0 * S + at];
+      switch (std::min<int64_t>(QC, M - i0)) {
+        case 8: score_block<8, P>(qb, keys, stride, cols, len, vscale, out, S); break;
+        case 7: score_block<7, P>(qb, keys, stride, cols, len, vscale, out, S); break;
+        case 6: score_block<6, P>(qb, keys, stride, cols, len, vscale, out, S); break;
+        case 5: score_block<5, P>(qb, keys, stride, cols, len, vscale, out, S); break;
+        case 4: score_block<4, P>(qb, keys, stride, cols, len, vscale, out, S); break;
+        case 3: score_block<3, P>(qb, keys, stride, cols, len, vscale, out, S); break;
+        case 2: score_block<2, P>(qb, keys, stride, cols, len, vscale, out, S); break;
+        default: score_block<1, P>(qb, keys, stride, cols, len, vscale, out, S); break;
       }
     }
   };
