@@ -572,7 +572,8 @@ def test_decode_attention_kernel_rejects_what_it_cannot_compute():
 def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob():
     """avx2.cpp's sampler against torch's inverse CDF over softmax(logits / T): the same token for the same
     uniform (away from a boundary, where fp32 sums in another order may round either way), its exact
-    log-prob, a vocabulary that is not a multiple of the kernel's 8-wide blocks, and u at both ends."""
+    log-prob, a vocabulary that is not a multiple of the kernel's 8-wide blocks, and u at both ends; bf16
+    logits give exactly what their fp32 copy gives."""
     avx2 = avx2_kernels_or_skip()
     torch.manual_seed(0)
     B, V = 64, 1003
@@ -591,8 +592,15 @@ def test_sample_kernel_draws_the_inverse_cdf_token_and_its_log_prob():
         assert torch.equal(toks[clear], want[clear])
         torch.testing.assert_close(logp.double(), probs.log().gather(1, toks.unsqueeze(1)).squeeze(1), atol=1e-4, rtol=1e-5)
         assert toks[0] == 7 and toks[1] == probs[1].nonzero()[0]
+        # bf16 logits (a bf16 model's head) are read as they are: the draws of their exact fp32 copy
+        half = logits.bfloat16()
+        toks16, logp16 = avx2.sample(half, u, T)
+        toks32, logp32 = avx2.sample(half.float(), u, T)
+        assert torch.equal(toks16, toks32) and torch.equal(logp16, logp32)
     with pytest.raises(RuntimeError, match="temperature > 0"):
         avx2.sample(logits, u, 0.0)
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        avx2.sample(logits.double(), u, 1.0)
 
 
 def test_rms_norm_kernel_is_llama_rms_norm_with_an_fp64_sum_of_squares():

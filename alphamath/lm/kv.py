@@ -422,7 +422,9 @@ class _Batch:
         while todo:  # position j of the rows whose samples so far equalled their drafts
             rows = [live[i] for i in todo]
             at = [self.first[i] + j for i in todo]
-            toks, lps = lm._pick(self.logits[at], [self.samples[b] for b in rows], temperature, top_p)
+            contiguous = at[-1] - at[0] == len(at) - 1  # at is increasing: a view, not a copy of the rows' logits
+            logits = self.logits[at[0]:at[-1] + 1] if contiguous else self.logits[at]
+            toks, lps = lm._pick(logits, [self.samples[b] for b in rows], temperature, top_p)
             accepted = []
             for i, b, tok, lp in zip(todo, rows, toks, lps):
                 smp = self.samples[b]

@@ -450,39 +450,27 @@ torch::Tensor decode_rest(torch::Tensor x, torch::Tensor q, torch::Tensor k, tor
   return x + linear_f16(at::silu(gate_up.narrow(-1, 0, I)) * gate_up.narrow(-1, I, I), down_w, down_b);
 }
 
-// logits [B, V] fp32, u [B] uniforms in [0, 1), temperature > 0 -> (tokens [B] int64, log-probs [B] fp32).
-// Row b's token is the first j whose cumulative probability exceeds u_b (torch.searchsorted(cdf, u *
-// cdf[-1], right=True) over softmax(logits / T)), in three passes over the row: max, sum of
-// exp((x - max) / T), then the scan, 8 at a time, recomputing the same exps. log p = (x - max) / T - log sum.
-// The engine's one sampler on every CPU with AVX2, bf16 ones included (their logits are fp32 too). The torch
-// path (softmax, cumsum, searchsorted, log over the 49k vocabulary) took 0.18 ms a row, this 0.04 (Zen 3).
-std::vector<torch::Tensor> sample(torch::Tensor logits, torch::Tensor u, double temperature) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "logits must be [B, V] fp32");
-  TORCH_CHECK(temperature > 0, "sample needs temperature > 0 (greedy picks the argmax)");
-  logits = logits.contiguous();
-  auto uu = u.to(at::kFloat).contiguous();
-  const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(uu.numel() == B && V > 0, "one uniform per row");
-  auto tokens = torch::empty({B}, at::kLong);
-  auto logp = torch::empty({B}, at::kFloat);
-  const float* x0 = logits.data_ptr<float>();
-  const float* up = uu.data_ptr<float>();
-  int64_t* tp = tokens.data_ptr<int64_t>();
-  float* lp = logp.data_ptr<float>();
-  const float inv_t = (float)(1.0 / temperature);
+// 8 logits as fp32: bf16 is fp32's upper half, so the conversion is exact.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+template <typename T>
+void sample_rows(const T* x0, int64_t B, int64_t V, const float* up, float inv_t, int64_t* tp, float* lp) {
   const int64_t V8 = V / 8 * 8;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const float* x = x0 + b * V;
+      const T* x = x0 + b * V;
       __m256 mv = _mm256_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < V8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + j));
+      for (int64_t j = 0; j < V8; j += 8) mv = _mm256_max_ps(mv, load8(x + j));
       alignas(32) float lanes[8];
       _mm256_store_ps(lanes, mv);
       float m = *std::max_element(lanes, lanes + 8);
-      for (int64_t j = V8; j < V; ++j) m = std::max(m, x[j]);
+      for (int64_t j = V8; j < V; ++j) m = std::max(m, (float)x[j]);
       const __m256 vm = _mm256_set1_ps(m), vt = _mm256_set1_ps(inv_t);
-      auto block = [&](int64_t j) { return exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vt)); };
-      auto one = [&](int64_t j) { return std::exp((x[j] - m) * inv_t); };
+      auto block = [&](int64_t j) { return exp8(_mm256_mul_ps(_mm256_sub_ps(load8(x + j), vm), vt)); };
+      auto one = [&](int64_t j) { return std::exp(((float)x[j] - m) * inv_t); };
       double total = 0;
       for (int64_t j = 0; j < V8; j += 8) total += hsum(block(j));
       for (int64_t j = V8; j < V; ++j) total += one(j);
@@ -507,9 +495,36 @@ std::vector<torch::Tensor> sample(torch::Tensor logits, torch::Tensor u, double 
       }
       if (tok < 0) tok = V - 1;  // u * total rounded past the last boundary (as torch's clamp)
       tp[b] = tok;
-      lp[b] = (float)((x[tok] - m) * inv_t - std::log(total));
+      lp[b] = (float)(((float)x[tok] - m) * inv_t - std::log(total));
     }
   });
+}
+
+// logits [B, V] fp32 or bf16, u [B] uniforms in [0, 1), temperature > 0 -> (tokens [B] int64, log-probs [B] fp32).
+// Row b's token is the first j whose cumulative probability exceeds u_b (torch.searchsorted(cdf, u *
+// cdf[-1], right=True) over softmax(logits / T)), in three passes over the row: max, sum of
+// exp((x - max) / T), then the scan, 8 at a time, recomputing the same exps. log p = (x - max) / T - log sum.
+// The engine's one sampler on every CPU with AVX2. bf16 logits (a bf16 model's head) are read as they are,
+// converted exactly as they load: the same draws as their fp32 copy, without making one (a 48-row step's was
+// 9.4 MB, written and then read again). The torch path (softmax, cumsum, searchsorted, log over the 49k
+// vocabulary) took 0.18 ms a row, this 0.04 (Zen 3).
+std::vector<torch::Tensor> sample(torch::Tensor logits, torch::Tensor u, double temperature) {
+  TORCH_CHECK(logits.dim() == 2 && (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16),
+              "logits must be [B, V] fp32 or bf16");
+  TORCH_CHECK(temperature > 0, "sample needs temperature > 0 (greedy picks the argmax)");
+  logits = logits.contiguous();
+  auto uu = u.to(at::kFloat).contiguous();
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(uu.numel() == B && V > 0, "one uniform per row");
+  auto tokens = torch::empty({B}, at::kLong);
+  auto logp = torch::empty({B}, at::kFloat);
+  const float inv_t = (float)(1.0 / temperature);
+  if (logits.scalar_type() == at::kFloat)
+    sample_rows(logits.data_ptr<float>(), B, V, uu.data_ptr<float>(), inv_t, tokens.data_ptr<int64_t>(),
+                logp.data_ptr<float>());
+  else
+    sample_rows(logits.data_ptr<at::BFloat16>(), B, V, uu.data_ptr<float>(), inv_t, tokens.data_ptr<int64_t>(),
+                logp.data_ptr<float>());
   return {tokens, logp};
 }
 

@@ -138,7 +138,7 @@ def decode_layers(x, cos, sin, own_valid, weights, buffers, n: int, T: int, prom
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] fp32, u [B] uniforms -> (tokens [B], log-probs [B]) of softmax(logits / T) by inverse
-    CDF: the first token whose cumulative probability exceeds u. The engine's sampler on every CPU with
-    AVX2, bf16 ones included."""
+    """logits [B, V] fp32 or bf16 (read as they are: bf16 converts to fp32 exactly), u [B] uniforms ->
+    (tokens [B], log-probs [B]) of softmax(logits / T) by inverse CDF: the first token whose cumulative
+    probability exceeds u. The engine's sampler on every CPU with AVX2, bf16 ones included."""
     return tuple(kernel().sample(logits, u, float(temperature)))
