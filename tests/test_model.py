@@ -692,6 +692,12 @@ def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alon
             assert torch.equal(decode.linear(x[:m], packed, b), out[:m])
             assert torch.equal(decode.linear(x[m - 1:m], packed, b), out[m - 1:m])
     assert decode.linear(x.view(3, 3, K), packed, None).shape == (3, 3, N)
+    buf = torch.full((12, N), 7.0, dtype=torch.bfloat16)  # into a reused buffer: its first rows, the same numbers
+    into = decode.linear(x, packed, bias, out=buf)
+    assert into.data_ptr() == buf.data_ptr() and torch.equal(into, decode.linear(x, packed, bias))
+    assert (buf[9:] == 7).all() and decode.linear(x.view(3, 3, K), packed, None, out=buf).shape == (3, 3, N)
+    with pytest.raises(RuntimeError, match="first rows"):
+        decode.linear(x, packed, None, out=buf[:4])
     monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "pairs")
     assert decode.linear_usable(w) and not decode.linear_usable(w[:72]) and not decode.linear_usable(w.float())
     monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "onednn")
@@ -833,6 +839,32 @@ def test_a_bf16_prefill_over_cached_pasts_attends_in_the_decode_kernel_as_transf
     pos[2] = torch.tensor([3, 4, 5, 0])
     run(mask, pos, torch.randint(0, V, (3, S)))
     assert calls == []
+
+
+def test_decode_steps_write_their_logits_into_one_reused_buffer_and_sample_the_same_tokens(kernel_model_dir,
+                                                                                            monkeypatch):
+    """A bf16 decode step's logits go into one buffer the LM keeps (LocalLM._logits(step=True)), overwritten by
+    the next step's: the same tokens and log-probs as fresh tensors, from one allocation."""
+    decode_kernels_or_skip()
+    from alphamath.lm import LocalLM
+
+    monkeypatch.setenv("ALPHAMATH_DECODE_MATMUL", "pairs")
+    lm = LocalLM(kernel_model_dir, dtype="bf16")
+    assert lm._fast.lm_head.pairs
+    prompts = ["Question: what is 2 + 3?", "Question: what is 7 * 6 minus 5, and then halved?"]
+    kw = dict(temperature=1.0, max_new_tokens=12, seed=3)
+    buffers = []
+    real = lm._fast.logits
+    monkeypatch.setattr(lm._fast, "logits", lambda h, out=None: (buffers.append(out), real(h, out))[1])
+    reused = lm.generate(prompts, 3, **kw)
+    steps = [b for b in buffers if b is not None]
+    assert len(steps) >= 11 and len({b.data_ptr() for b in steps}) == 1
+    lm.reset_cache()
+    monkeypatch.setattr(lm._fast, "logits", lambda h, out=None: real(h))  # a fresh tensor every step
+    fresh = lm.generate(prompts, 3, **kw)
+    for a, b in zip(reused, fresh):
+        assert [(s.text, s.token_count, s.cumulative_logprob) for s in a] == \
+            [(s.text, s.token_count, s.cumulative_logprob) for s in b]
 
 
 def test_decode_kernels_load_prebuilt_from_the_image_directory(tmp_path):

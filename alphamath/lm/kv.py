@@ -505,7 +505,7 @@ class _Batch:
         for smp in self.samples:
             smp.fed = T
         self.width, self.pos = W + T, self.pos + 1
-        self.logits = lm._logits(h)  # [queries, V]: live row i's position j at row first[i] + j
+        self.logits = lm._logits(h, step=True)  # [queries, V]: live row i's position j at row first[i] + j
         lm.usage.decode_tokens += B if T == 1 else len(h)
         lm.usage.draft_tokens += len(h) - len(self.first) if T > 1 else 0
         return True

@@ -71,6 +71,7 @@ class LocalLM(Scheduler):
         self.usage = Usage()
         self.reused_tokens = 0  # tokens served from the prefix cache instead of being recomputed
         self.lock = _FairLock()  # the model, the prefix cache and the tokenizer
+        self._head_out: torch.Tensor | None = None  # a decode step's logits (`_logits`)
         self.eos_ids = self._eos_ids()
         self.max_batch_rows = max_batch_rows
         # Draft tokens (lm/lookup.py, kv.py's _Batch.step) where the layer kernels can verify them:
@@ -128,10 +129,20 @@ class LocalLM(Scheduler):
         distinct = {p.data_ptr(): p for p in self.model.lm.parameters()}  # tied embeddings count once
         return sum(p.numel() * p.element_size() for p in distinct.values())
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, step: bool = False) -> torch.Tensor:
         """The LM head's logits in the model's dtype. A bf16 model's are sampled as they are (`_pick`): an fp32
-        copy of a 48-row step's was 9.4 MB of fresh pages to write and read once more."""
-        return self._fast.logits(h) if self._fast is not None else self.model.lm_head(h)
+        copy of a 48-row step's was 9.4 MB of fresh pages to write and read once more. `step`: a decode step's,
+        written into one buffer the LM keeps (`_head_out`, grown to the most rows a step has had: at most
+        max_batch_rows x the vocabulary), which the next step's logits overwrite; a fresh tensor of 1 MB or
+        more is mmap-ed (lm/budget.py), and faulting in a 48-row step's 4.7 MB cost ~1.5 ms a step."""
+        if self._fast is None:
+            return self.model.lm_head(h)
+        if not (step and self._fast.lm_head.pairs):
+            return self._fast.logits(h)
+        rows = h.numel() // h.shape[-1]
+        if self._head_out is None or self._head_out.shape[0] < rows:
+            self._head_out = torch.empty(rows, self._fast.lm_head.out_features, dtype=h.dtype, device=h.device)
+        return self._fast.logits(h, self._head_out)
 
     @property
     def device(self) -> torch.device:

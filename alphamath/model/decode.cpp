@@ -670,7 +670,7 @@ void linear_tiles(const bf16* xp, int64_t M, int64_t K, const bf16* w, int64_t B
 // to bf16 once (+ an fp32 bias before the rounding). A row's result never depends on the other rows. The
 // threads split the output blocks, each streaming its blocks' weights once. With tiles on (set_tiles) and
 // K a multiple of 32, AMX computes it (linear_tiles).
-torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
+static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor wp, torch::Tensor bias, torch::Tensor into) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16 && wp.dim() == 4 &&
               wp.size(2) == 16 && wp.size(3) == 2, "linear takes bf16 x and a pack_linear weight");
   const int64_t B = wp.size(0), P = wp.size(1), K = 2 * P, N = 16 * B;
@@ -680,7 +680,14 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
   x = x.reshape({-1, K}).contiguous();
   wp = wp.contiguous();
   const int64_t M = x.size(0);
-  auto out = torch::empty({M, N}, x.options());
+  torch::Tensor out;
+  if (into.defined()) {
+    TORCH_CHECK(into.scalar_type() == at::kBFloat16 && into.dim() == 2 && into.is_contiguous() && into.size(1) == N &&
+                into.size(0) >= M, "linear_into writes the first rows of a contiguous bf16 [>= ", M, ", ", N, "]");
+    out = into.narrow(0, 0, M);
+  } else {
+    out = torch::empty({M, N}, x.options());
+  }
   torch::Tensor b32;
   const float* bp = nullptr;
   if (bias.numel()) {
@@ -709,6 +716,16 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
     }
   });
   return out.view(sizes);
+}
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor wp, torch::Tensor bias) {
+  return linear_impl(x, wp, bias, torch::Tensor());
+}
+
+// linear's numbers written into the first rows of `into` (a buffer its caller reuses: a decode step's logits, 4.7 MB
+// at 48 rows, cost ~1.5 ms of page faults a step when allocated afresh, since tensors of 1 MB and more are mmap-ed).
+torch::Tensor linear_into(torch::Tensor x, torch::Tensor wp, torch::Tensor bias, torch::Tensor into) {
+  return linear_impl(x, wp, bias, into);
 }
 
 // Whether linear multiplies with AMX tiles from now on: `on` and Linux grants this process the tile state
@@ -873,6 +890,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_linear", &pack_linear, "a bf16 weight [N, K] laid out for linear (vdpbf16ps pairs)", nogil);
   m.def("set_tiles", &set_tiles, "linear with AMX tiles from now on (if the CPU and kernel allow); true if on");
   m.def("linear", &linear, "x w^T (+ bias) of bf16 rows and a pack_linear weight (AVX512-BF16)", nogil);
+  m.def("linear_into", &linear_into, "linear, written into the first rows of a reused buffer", nogil);
   m.def("rope", &rope, "rotary embedding of the q and k heads of a bf16 qkv projection (AVX512-BF16)", nogil);
   m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a bf16 gate|up projection, rounded as torch rounds", nogil);

@@ -179,8 +179,12 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     return kernel().pack_linear(weight.detach())
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] bf16 -> x W^T + bias [..., N] bf16, W laid out by `pack_linear`."""
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """x [..., K] bf16 -> x W^T + bias [..., N] bf16, W laid out by `pack_linear`. `out`: a contiguous bf16
+    [>= rows, N] buffer to write into (its first rows, returned), instead of a new tensor."""
+    if out is not None:
+        return kernel().linear_into(x, packed, _EMPTY if bias is None else bias, out).view(*x.shape[:-1], -1)
     return kernel().linear(x, packed, _EMPTY if bias is None else bias)
 
 

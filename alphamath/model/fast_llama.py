@@ -382,8 +382,9 @@ class FastLlama:
         return (sum(m.bytes_read(rows) for m in mats) + sum(n.numel() * n.element_size() for n in norms)
                 + rows * self.embed.shape[1] * self.embed.element_size())
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h)
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The LM head; `out` a buffer decode.cpp's linear may write into (packed.Linear)."""
+        return self.lm_head(h, out)
 
 
 @dataclass

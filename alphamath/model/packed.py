@@ -78,9 +78,10 @@ class Linear:
         per = 2 if rows < self.fp16_below else self.weight.element_size()
         return self.in_features * self.out_features * per + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`out`: where decode.cpp's linear computes, a bf16 buffer to write into (decode.linear); else unused."""
         if self.pairs:
-            return kernels.linear(x, self.weight, self.bias)
+            return kernels.linear(x, self.weight, self.bias, out)
         if self.fp16_below and x.numel() < self.fp16_below * self.in_features:
             if self.f16 is not None:
                 return avx2.linear_f16(x, self.f16, self.bias)
