@@ -137,19 +137,15 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
   // Scratch kept per thread across tasks and steps (a step runs G * Hk tasks per layer): sized, not
   // reallocated; qp is zeroed and kt's padding written as zeros, because their padding is read.
   thread_local std::vector<uint32_t> ks, qp, pp;
-  thread_local std::vector<float> sc, o, qf, inv_l;
+  thread_local std::vector<float> sc, o, inv_l;
   if (!kt) ks.resize((size_t)P * Lp);  // every column up to Lp is written below (zeros past plen)
   qp.assign((size_t)Mp * P, 0);
   sc.resize((size_t)M * S);
   o.resize((size_t)M * D);
-  qf.resize((size_t)M * D);
   inv_l.resize(M);
   pp.resize((size_t)M * ((Lr + Lp) / 2));
   auto qrow = [&](int64_t i) { return q + rows[i / g] * qs[0] + h * qs[1] + (i % g) * qs[2]; };
-  for (int64_t i = 0; i < M; ++i) {
-    std::memcpy(&qp[i * P], qrow(i), D * sizeof(bf16));
-    for (int v = 0; v < V16; ++v) _mm512_storeu_ps(&qf[i * D + 16 * v], load16(qrow(i) + 16 * v));
-  }
+  for (int64_t i = 0; i < M; ++i) std::memcpy(&qp[i * P], qrow(i), D * sizeof(bf16));
   const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
   const bool tiles = kt != nullptr && D == 64;
   if (tiles) {
@@ -216,25 +212,52 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
   pair_scores((const uint32_t*)rkt, Lrq, Lr, rlen, 0);
   pair_scores(ks.data(), Lp, Lp, plen, Lr);
   }
-  // ---- scores against each row's own columns (a few per row: plain dot products) ----
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t b = rows[r];
-    const bf16* okb = ok + own[b] * os[0] + h * os[1];
-    for (int64_t w = 0; w < Wp; ++w) {
-      const bool use = w < W && (valid == nullptr || valid[b * vs + w]);
-      if (!use) {
-        for (int64_t qi = 0; qi < g; ++qi) sc[(r * g + qi) * S + Lr + Lp + w] = -INFINITY;
-        continue;
+  // ---- scores against each row's own columns: its keys laid out by pair, as the prompt's, once per run of query
+  // rows that continue it (a decode step's row, a draft's positions, a prefill's new tokens), then every query of
+  // the run through score_block. Plain dot products with a horizontal sum per key had cost a 48-row step's
+  // attention half as much again at 64 own columns (s46); a prefill's new tokens are all own columns. ----
+  if (W > 0) {
+    thread_local std::vector<uint32_t> ko;
+    ko.resize((size_t)P * Wp);
+    for (int64_t r = 0; r < R;) {
+      const int64_t ob = own[rows[r]];
+      int64_t r1 = r + 1;
+      while (r1 < R && own[rows[r1]] == ob) ++r1;
+      const bf16* okb = ok + ob * os[0] + h * os[1];
+      for (int64_t j0 = 0; j0 < Wp; j0 += 16)
+        for (int p0 = 0; p0 < P; p0 += 16) {
+          __m512i t[16];
+          for (int i = 0; i < 16; ++i)
+            t[i] = j0 + i < W ? _mm512_loadu_si512((const uint32_t*)(okb + (j0 + i) * os[2]) + p0) : _mm512_setzero_si512();
+          transpose16(t);
+          for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&ko[(p0 + i) * Wp + j0], t[i]);
+        }
+      for (int64_t i0 = r * g; i0 < r1 * g; i0 += QC) {
+        const uint32_t* qb = &qp[i0 * P];
+        float* out = &sc[i0 * S + Lr + Lp];
+        switch (std::min<int64_t>(QC, r1 * g - i0)) {
+          case 8: score_block<8, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
+          case 7: score_block<7, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
+          case 6: score_block<6, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
+          case 5: score_block<5, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
+          case 4: score_block<4, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
+          case 3: score_block<3, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
+          case 2: score_block<2, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
+          default: score_block<1, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
+        }
       }
-      __m512 kf[V16];
-      for (int v = 0; v < V16; ++v) kf[v] = load16(okb + w * os[2] + 16 * v);
-      for (int64_t qi = 0; qi < g; ++qi) {
-        const float* qq = &qf[(r * g + qi) * D];
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qq), kf[0]);
-        for (int v = 1; v < V16; ++v) a = _mm512_fmadd_ps(_mm512_loadu_ps(qq + 16 * v), kf[v], a);
-        sc[(r * g + qi) * S + Lr + Lp + w] = _mm512_reduce_add_ps(a) * scale;
-      }
+      if (valid != nullptr)  // columns a query row does not see (padding, a draft's later positions, holes)
+        for (int64_t rr = r; rr < r1; ++rr) {
+          const bool* vb = valid + rows[rr] * vs;
+          for (int64_t w = 0; w < W; ++w)
+            if (!vb[w])
+              for (int64_t qi = 0; qi < g; ++qi) sc[(rr * g + qi) * S + Lr + Lp + w] = -INFINITY;
+        }
+      r = r1;
     }
+  } else {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t w = 0; w < Wp; ++w) sc[i * S + Lr + Lp + w] = -INFINITY;
   }
   // ---- softmax, in place; l = the normaliser ----
   for (int64_t i = 0; i < M; ++i) {
