@@ -53,7 +53,8 @@ class _ComputeLock:
     the other process had descheduled: the stack solved 19-27% fewer problems a minute than the in-process
     engine at concurrency 4 and 16 (s46, Zen 4), where one thread runs every forward in turn
     (scheduler.py). Taken around each decode step and each prefill, the lock gives the stack the same
-    turns. The file is opened on first use, so a process started without it never touches the disk."""
+    turns. The file is opened on first use, so a process started without it never touches the disk; a process
+    that dies holding the lock releases it (the kernel drops an flock with its last descriptor)."""
 
     def __init__(self):
         self._lock = threading.RLock()
