@@ -101,6 +101,20 @@ void tile_config(int64_t m) {
   _tile_loadconfig(&c);
 }
 
+// n keys (key j at k + j * stride, D = 2P bf16 dims) laid out by pair, zeros up to cols (a multiple of 16):
+// out[p * cols + j] = key j's dims 2p, 2p + 1, 16 keys x 16 pairs at a time, transposed in registers.
+template <int P>
+inline void keys_by_pair(const bf16* k, int64_t stride, int64_t n, int64_t cols, uint32_t* out) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 16)
+    for (int p0 = 0; p0 < P; p0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < n ? _mm512_loadu_si512((const uint32_t*)(k + (j0 + i) * stride) + p0) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&out[(p0 + i) * cols + j0], r[i]);
+    }
+}
+
 // C queries' scores against `cols` keys laid out by pair (keys[p * stride + j] = key j's dims 2p, 2p + 1): for
 // each 16 keys, C accumulators over the P pairs in order, scaled, -inf from key `len` on; out[c * S + j].
 template <int C, int P>
@@ -181,15 +195,7 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
     scale_cols(Lr, Lp, plen);
   } else {
   // ---- scores against the prompt: Kt laid out by pair, 16 keys per vdpbf16ps ----
-  const bf16* pkb = pk + grp * ps[0] + h * ps[1];
-  for (int64_t j0 = 0; j0 < Lp; j0 += 16)  // 16 keys x 16 pairs at a time, transposed in registers
-    for (int p0 = 0; p0 < P; p0 += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = j0 + i < plen ? _mm512_loadu_si512((const uint32_t*)(pkb + (j0 + i) * ps[2]) + p0) : _mm512_setzero_si512();
-      transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&ks[(p0 + i) * Lp + j0], r[i]);
-    }
+  keys_by_pair<P>(pk + grp * ps[0] + h * ps[1], ps[2], plen, Lp, ks.data());
   // keys [P][stride] pairs: the root's (rkt, laid out once per batch, read from cache) and the prompt's (ks).
   // Queries in blocks of QC, the last block exactly as many as are left (score_block<C>), so a task of 3 rows
   // x 3 heads computes 9 queries, not 16.
@@ -223,15 +229,7 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
       const int64_t ob = own[rows[r]];
       int64_t r1 = r + 1;
       while (r1 < R && own[rows[r1]] == ob) ++r1;
-      const bf16* okb = ok + ob * os[0] + h * os[1];
-      for (int64_t j0 = 0; j0 < Wp; j0 += 16)
-        for (int p0 = 0; p0 < P; p0 += 16) {
-          __m512i t[16];
-          for (int i = 0; i < 16; ++i)
-            t[i] = j0 + i < W ? _mm512_loadu_si512((const uint32_t*)(okb + (j0 + i) * os[2]) + p0) : _mm512_setzero_si512();
-          transpose16(t);
-          for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&ko[(p0 + i) * Wp + j0], t[i]);
-        }
+      keys_by_pair<P>(ok + ob * os[0] + h * os[1], os[2], W, Wp, ko.data());
       for (int64_t i0 = r * g; i0 < r1 * g; i0 += QC) {
         const uint32_t* qb = &qp[i0 * P];
         float* out = &sc[i0 * S + Lr + Lp];
