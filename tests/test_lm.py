@@ -583,6 +583,34 @@ def test_the_decode_loop_runs_on_the_calling_thread(lm, monkeypatch):
     assert threading.active_count() == before and lm._batch is None and not lm._leading
 
 
+def test_rows_of_a_prefill_that_share_an_uncached_prefix_compute_it_once(head_model_dir):
+    """Cold, a prefill whose rows share SHARED_MIN or more uncached tokens (two prompts opening with the same
+    few-shot text; a question's first children) computes that prefix once, then each row's rest after it: the
+    prefill counts the shared tokens once, the values are those of each state scored alone, and a row that is
+    the prefix itself still computes its last token where it needs logits."""
+    from alphamath.lm.local_lm import SHARED_MIN
+
+    shared = "You are a careful tutor: solve each problem step by step, and check every step twice. " * 4
+    states = [shared + "Question: what is 7 * 6 minus 5?", shared + "Question: what is 2 + 3, doubled?"]
+    lm = LocalLM(head_model_dir, dtype="fp32")
+    common = len(os.path.commonprefix([lm.encode(s) for s in states]))
+    assert common >= SHARED_MIN
+    values = lm.score(states)
+    assert lm.usage.prefill_tokens == sum(len(lm.encode(s)) for s in states) - common
+    alone = []
+    for s in states:
+        one = LocalLM(head_model_dir, dtype="fp32")
+        alone += one.score([s])
+        assert one.usage.prefill_tokens == len(one.encode(s))
+    assert values == pytest.approx(alone, abs=1e-5)
+    lm = LocalLM(head_model_dir, dtype="fp32")  # features need the last token computed, the prefix row too
+    prefix = lm.tokenizer.decode(lm.encode(states[0])[:common])
+    feats = lm.features([prefix, states[0]])
+    assert feats.shape[0] == 2 and lm.usage.prefill_tokens == len(lm.encode(states[0])) + 1  # its last, again
+    want = torch.cat([LocalLM(head_model_dir, dtype="fp32").features([t]) for t in (prefix, states[0])])
+    torch.testing.assert_close(feats, want, atol=1e-4, rtol=1e-4)
+
+
 def test_the_model_lock_is_granted_in_arrival_order():
     """A thread that re-takes the lock in a tight loop (the decode loop) cannot starve another."""
     lock, stop, got = _FairLock(), threading.Event(), threading.Event()

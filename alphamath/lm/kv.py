@@ -106,6 +106,7 @@ class _Row:
     cached: int
     past: KV | None
     past_values: torch.Tensor | None
+    last_logits_needed: bool = False  # looked up leaving its last token to compute (LocalLM._lookup)
     # filled by _extend:
     kv: KV | None = None
     values: torch.Tensor | None = None
