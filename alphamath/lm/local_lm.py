@@ -22,7 +22,7 @@ from alphamath.interfaces import Sample, Usage
 from alphamath.lm.kv import _Batch, _Decoding, _Request, _RoomyLayer, _Row
 from alphamath.lm.lock import COMPUTE, _FairLock
 from alphamath.lm.budget import MemoryBudget, configure_allocator, prefill_bytes
-from alphamath.lm.radix_cache import PrefixCache
+from alphamath.lm.radix_cache import PrefixCache, _lcp
 from alphamath.lm.scheduler import DEFAULT_MAX_BATCH_ROWS, Scheduler
 from alphamath.model import ValueHeadModel, avx2, decode
 from alphamath.model.fast_llama import FastLlama
@@ -164,10 +164,13 @@ class LocalLM(Scheduler):
     # -- prefill / extend ------------------------------------------------------------------------
     def _lookup(self, tokens: list[int], need_logits: bool) -> _Row:
         """Longest cached prefix of `tokens`; keeps >= 1 token to compute when logits are needed."""
-        limit = len(tokens) - 1 if need_logits else len(tokens)
-        m, parts, vals = self.cache.match_parts(tokens[:limit] if need_logits else tokens)
+        m, parts, vals = self._match(tokens, need_logits)
         self.reused_tokens += m
         return _Row(tokens, m, parts, vals, last_logits_needed=need_logits)
+
+    def _match(self, tokens: list[int], need_logits: bool) -> tuple:
+        """The prefix cache's match for `tokens`, short of the last token when logits are needed."""
+        return self.cache.match_parts(tokens[:len(tokens) - 1] if need_logits else tokens)
 
     def _shared_first(self, rows: list[_Row]) -> None:
         """Where every row of a prefill shares a prefix the cache lacks (SHARED_MIN tokens or more past the longest
@@ -178,15 +181,14 @@ class LocalLM(Scheduler):
         if len(rows) < 2:
             return
         first = rows[0].tokens
-        shared = min(_common_prefix(first, r.tokens) for r in rows[1:])
+        shared = min(_lcp(first, r.tokens) for r in rows[1:])
         if shared - max(r.cached for r in rows) < SHARED_MIN:
             return
         prefix = self._lookup(first[:shared], need_logits=False)
         self._extend_batch([prefix])
         self.cache.insert(prefix.tokens, prefix.kv, prefix.values)
         for r in rows:
-            limit = len(r.tokens) - 1 if r.last_logits_needed else len(r.tokens)
-            m, parts, vals = self.cache.match_parts(r.tokens[:limit])
+            m, parts, vals = self._match(r.tokens, r.last_logits_needed)
             if m > r.cached:
                 self.reused_tokens += m - r.cached
                 r.cached, r.past, r.past_values = m, parts, vals
@@ -370,19 +372,19 @@ class LocalLM(Scheduler):
     def _pick(logits: torch.Tensor, rows: list[_Decoding], temperature: float, top_p: float) -> tuple[list[int], list[float]]:
         """Next token of each row (greedy, or sampled with the row's own generator) and its log-prob
         under the distribution it was drawn from (raw logits when greedy)."""
-        if top_p == 1.0 and temperature > 0 and logits.device.type == "cpu" and avx2.kernel() is not None:
-            # avx2.cpp: the inverse-CDF draw below, reading bf16 logits as they are (their fp32 values, exactly)
-            u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
-            toks, picked = avx2.sample(logits, u, temperature)
-            return toks.tolist(), picked.tolist()
-        logits = logits.float()
         if temperature == 0:
+            logits = logits.float()
             toks = torch.argmax(logits, dim=-1)
             picked = logits.gather(1, toks.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
             return toks.tolist(), picked.tolist()
         # Inverse-CDF sampling: one uniform per row from the row's own generator (so a sample does not
         # depend on its batch-mates), then one batched search of the cumulative distribution.
         u = torch.cat([torch.rand(1, generator=r.generator, device=logits.device) for r in rows])
+        if top_p == 1.0 and logits.device.type == "cpu" and avx2.kernel() is not None:
+            # avx2.cpp: the same draw, reading bf16 logits as they are (their fp32 values, exactly)
+            toks, picked = avx2.sample(logits, u, temperature)
+            return toks.tolist(), picked.tolist()
+        logits = logits.float()
         probs = torch.softmax(logits / temperature, dim=-1)
         if top_p < 1.0:
             sorted_p, order = torch.sort(probs, dim=-1, descending=True)
@@ -421,12 +423,3 @@ def _cache_layers(cache: DynamicCache):
     if layers is None:
         raise RuntimeError("this transformers version's DynamicCache has no .layers; need transformers>=4.56")
     return [(layer.keys, layer.values) for layer in layers]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -134,6 +134,27 @@ inline void score_block(const uint32_t* qp, const uint32_t* keys, int64_t stride
   }
 }
 
+// score_block over M queries (query i's pairs at qp[i * P]), QC at a time, the last block exactly as many as are
+// left (a task of 3 rows x 3 heads computes 9 queries' scores, not 16); out[i * S + j].
+template <int P>
+inline void score_rows(const uint32_t* qp, int64_t M, const uint32_t* keys, int64_t stride, int64_t cols,
+                       int64_t len, __m512 vscale, float* out, int64_t S) {
+  for (int64_t i0 = 0; i0 < M; i0 += QC) {
+    const uint32_t* qb = qp + i0 * P;
+    float* o = out + i0 * S;
+    switch (std::min<int64_t>(QC, M - i0)) {
+      case 8: score_block<8, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 7: score_block<7, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 6: score_block<6, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 5: score_block<5, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 4: score_block<4, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 3: score_block<3, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 2: score_block<2, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      default: score_block<1, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+    }
+  }
+}
+
 template <int D>
 void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
           const bf16* q, const int64_t* qs,                       // q [B, Hk, g, D] contiguous
@@ -196,27 +217,9 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
   } else {
   // ---- scores against the prompt: Kt laid out by pair, 16 keys per vdpbf16ps ----
   keys_by_pair<P>(pk + grp * ps[0] + h * ps[1], ps[2], plen, Lp, ks.data());
-  // keys [P][stride] pairs: the root's (rkt, laid out once per batch, read from cache) and the prompt's (ks).
-  // Queries in blocks of QC, the last block exactly as many as are left (score_block<C>), so a task of 3 rows
-  // x 3 heads computes 9 queries, not 16.
-  auto pair_scores = [&](const uint32_t* keys, int64_t stride, int64_t cols, int64_t len, int64_t at) {
-    for (int64_t i0 = 0; i0 < M; i0 += QC) {
-      const uint32_t* qb = &qp[i0 * P];
-      float* out = &sc[i0 * S + at];
-      switch (std::min<int64_t>(QC, M - i0)) {
-        case 8: score_block<8, P>(qb, keys, stride, cols, len, vscale, out, S); break;
-        case 7: score_block<7, P>(qb, keys, stride, cols, len, vscale, out, S); break;
-        case 6: score_block<6, P>(qb, keys, stride, cols, len, vscale, out, S); break;
-        case 5: score_block<5, P>(qb, keys, stride, cols, len, vscale, out, S); break;
-        case 4: score_block<4, P>(qb, keys, stride, cols, len, vscale, out, S); break;
-        case 3: score_block<3, P>(qb, keys, stride, cols, len, vscale, out, S); break;
-        case 2: score_block<2, P>(qb, keys, stride, cols, len, vscale, out, S); break;
-        default: score_block<1, P>(qb, keys, stride, cols, len, vscale, out, S); break;
-      }
-    }
-  };
-  pair_scores((const uint32_t*)rkt, Lrq, Lr, rlen, 0);
-  pair_scores(ks.data(), Lp, Lp, plen, Lr);
+  // keys [P][stride] pairs: the root's (rkt, laid out once per batch, read from cache) and the prompt's (ks)
+  score_rows<P>(qp.data(), M, (const uint32_t*)rkt, Lrq, Lr, rlen, vscale, &sc[0], S);
+  score_rows<P>(qp.data(), M, ks.data(), Lp, Lp, plen, vscale, &sc[Lr], S);
   }
   // ---- scores against each row's own columns: its keys laid out by pair, as the prompt's, once per run of query
   // rows that continue it (a decode step's row, a draft's positions, a prefill's new tokens), then every query of
@@ -230,20 +233,7 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
       int64_t r1 = r + 1;
       while (r1 < R && own[rows[r1]] == ob) ++r1;
       keys_by_pair<P>(ok + ob * os[0] + h * os[1], os[2], W, Wp, ko.data());
-      for (int64_t i0 = r * g; i0 < r1 * g; i0 += QC) {
-        const uint32_t* qb = &qp[i0 * P];
-        float* out = &sc[i0 * S + Lr + Lp];
-        switch (std::min<int64_t>(QC, r1 * g - i0)) {
-          case 8: score_block<8, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
-          case 7: score_block<7, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
-          case 6: score_block<6, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
-          case 5: score_block<5, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
-          case 4: score_block<4, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
-          case 3: score_block<3, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
-          case 2: score_block<2, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
-          default: score_block<1, P>(qb, ko.data(), Wp, Wp, W, vscale, out, S); break;
-        }
-      }
+      score_rows<P>(&qp[r * g * P], (r1 - r) * g, ko.data(), Wp, Wp, W, vscale, &sc[r * g * S + Lr + Lp], S);
       if (valid != nullptr)  // columns a query row does not see (padding, a draft's later positions, holes)
         for (int64_t rr = r; rr < r1; ++rr) {
           const bool* vb = valid + rows[rr] * vs;
@@ -253,9 +243,6 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
         }
       r = r1;
     }
-  } else {
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t w = 0; w < Wp; ++w) sc[i * S + Lr + Lp + w] = -INFINITY;
   }
   // ---- softmax, in place; l = the normaliser ----
   for (int64_t i = 0; i < M; ++i) {
