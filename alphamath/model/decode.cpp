@@ -103,9 +103,13 @@ void tile_config(int64_t m) {
 
 // n keys (key j at k + j * stride, D = 2P bf16 dims) laid out by pair, zeros up to cols (a multiple of 16):
 // out[p * cols + j] = key j's dims 2p, 2p + 1, 16 keys x 16 pairs at a time, transposed in registers.
+// The next 16 keys are prefetched while these are transposed: the slab's and own columns' K/V are read from memory
+// once per step and layer, and the loads' latency, not the shuffles, had been most of this loop's time.
 template <int P>
 inline void keys_by_pair(const bf16* k, int64_t stride, int64_t n, int64_t cols, uint32_t* out) {
-  for (int64_t j0 = 0; j0 < cols; j0 += 16)
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    for (int64_t i = j0 + 16; i < std::min<int64_t>(j0 + 32, n); ++i)
+      for (int64_t b = 0; b < P * 4; b += 64) _mm_prefetch((const char*)(k + i * stride) + b, _MM_HINT_T0);
     for (int p0 = 0; p0 < P; p0 += 16) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i)
@@ -113,6 +117,7 @@ inline void keys_by_pair(const bf16* k, int64_t stride, int64_t n, int64_t cols,
       transpose16(r);
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(&out[(p0 + i) * cols + j0], r[i]);
     }
+  }
 }
 
 // C queries' scores against `cols` keys laid out by pair (keys[p * stride + j] = key j's dims 2p, 2p + 1): for
@@ -336,6 +341,11 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
     }
     for (int64_t j = 0; j < plen; j += 2) {
       const bf16* va = pvb + j * ps[2];
+      if (i0 == 0 && j + 8 < plen)  // the values 4 pairs on, on the first pass over them (see keys_by_pair)
+        for (int64_t b = 0; b < D * 2; b += 64) {
+          _mm_prefetch((const char*)(va + 8 * ps[2]) + b, _MM_HINT_T0);
+          if (j + 9 < plen) _mm_prefetch((const char*)(va + 9 * ps[2]) + b, _MM_HINT_T0);
+        }
       const bf16* vb = j + 1 < plen ? va + ps[2] : zeros;
       __m512i vv[V16];
       for (int hh = 0; hh < V16 / 2; ++hh) {
@@ -360,18 +370,34 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
   }
   }
   // ---- P.V over each row's own columns, normalise, write bf16 ----
+  // The sums are kept in registers, OB queries of the row at a time, over its columns in order (the same fp32 sums
+  // as adding into o column by column); the next row's values are prefetched meanwhile.
+  constexpr int OB = D == 64 ? 4 : 2;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t b = rows[r];
     const bf16* ovb = ov + own[b] * os[0] + h * os[1];
-    for (int64_t w = 0; w < W; ++w) {
-      if (valid != nullptr && !valid[b * vs + w]) continue;
-      __m512 vf[V16];
-      for (int v = 0; v < V16; ++v) vf[v] = load16(ovb + w * os[2] + 16 * v);
-      for (int64_t qi = 0; qi < g; ++qi) {
-        float* oo = &o[(r * g + qi) * D];
-        const __m512 pj = _mm512_set1_ps(sc[(r * g + qi) * S + Lr + Lp + w]);
-        for (int v = 0; v < V16; ++v) _mm512_storeu_ps(oo + 16 * v, _mm512_fmadd_ps(pj, vf[v], _mm512_loadu_ps(oo + 16 * v)));
+    if (r + 1 < R && W > 0) {
+      const bf16* nv = ov + own[rows[r + 1]] * os[0] + h * os[1];
+      for (int64_t w = 0; w < std::min<int64_t>(W, 8); ++w)
+        for (int64_t c = 0; c < D * 2; c += 64) _mm_prefetch((const char*)(nv + w * os[2]) + c, _MM_HINT_T0);
+    }
+    for (int64_t q0 = 0; q0 < g; q0 += OB) {
+      const int C = (int)std::min<int64_t>(OB, g - q0);
+      __m512 acc[OB][V16];
+      for (int c = 0; c < C; ++c)
+        for (int v = 0; v < V16; ++v) acc[c][v] = _mm512_loadu_ps(&o[(r * g + q0 + c) * D + 16 * v]);
+      for (int64_t w = 0; w < W; ++w) {
+        if (valid != nullptr && !valid[b * vs + w]) continue;
+        __m512 vf[V16];
+        for (int v = 0; v < V16; ++v) vf[v] = load16(ovb + w * os[2] + 16 * v);
+        for (int c = 0; c < OB; ++c) {
+          if (c >= C) break;
+          const __m512 pj = _mm512_set1_ps(sc[(r * g + q0 + c) * S + Lr + Lp + w]);
+          for (int v = 0; v < V16; ++v) acc[c][v] = _mm512_fmadd_ps(pj, vf[v], acc[c][v]);
+        }
       }
+      for (int c = 0; c < C; ++c)
+        for (int v = 0; v < V16; ++v) _mm512_storeu_ps(&o[(r * g + q0 + c) * D + 16 * v], acc[c][v]);
     }
     for (int64_t qi = 0; qi < g; ++qi) {
       const int64_t i = r * g + qi;
@@ -386,13 +412,15 @@ void task(int64_t grp, int64_t h, const RowSpan& rows, int64_t g, float scale,
 // One tile of `linear`: R rows x NB blocks of 16 outputs, accumulated over the K/2 pairs in order.
 template <int R, int NB>
 inline void linear_tile(const bf16* x, int64_t K, const bf16* w, int64_t P, const float* bias, bf16* out,
-                        int64_t N) {
+                        int64_t N, const char* pf = nullptr, int64_t pf_lines = 0, int pf_per = 0) {
   __m512 acc[R][NB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
   const int32_t* xi[R];
   for (int r = 0; r < R; ++r) xi[r] = (const int32_t*)(x + r * K);
   for (int64_t p = 0; p < P; ++p) {
+    for (int i = 0; i < pf_per; ++i)  // the next blocks' weights into L2, pf_per lines a pair (linear_blocks)
+      if (pf_per * p + i < pf_lines) _mm_prefetch(pf + 64 * (pf_per * p + i), _MM_HINT_T1);
     __m512bh wv[NB];
     for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512((const void*)(w + (j * P + p) * 32));
     for (int r = 0; r < R; ++r) {
@@ -410,11 +438,28 @@ inline void linear_tile(const bf16* x, int64_t K, const bf16* w, int64_t P, cons
 
 // Every row of x [M, K] through NB blocks (w: the first block's pairs): rows 4 at a time, so a block read
 // from memory once is re-read from cache by the other row tiles.
+//
+// `next`/`next_bytes`: the weights this thread multiplies next. The first row tile reads the blocks from memory
+// at the rate its products consume them; the other row tiles re-read them from cache and, two lines a pair,
+// prefetch the next blocks, so that reading memory overlaps the arithmetic of many rows.
 template <int NB>
-void linear_blocks(const bf16* x, int64_t M, int64_t K, const bf16* w, const float* bias, bf16* out, int64_t N) {
+void linear_blocks(const bf16* x, int64_t M, int64_t K, const bf16* w, const float* bias, bf16* out, int64_t N,
+                   const bf16* next = nullptr, int64_t next_bytes = 0) {
   const int64_t P = K / 2;
   int64_t r = 0;
-  for (; r + 4 <= M; r += 4) linear_tile<4, NB>(x + r * K, K, w, P, bias, out + r * N, N);
+  if (r + 4 <= M) {
+    linear_tile<4, NB>(x, K, w, P, bias, out, N);
+    r = 4;
+  }
+  const char* pf = (const char*)next;
+  int64_t pf_lines = next ? next_bytes / 64 : 0;
+  const int64_t later = M / 4 - 1;  // row tiles that prefetch
+  const int per = later > 0 ? (int)std::min<int64_t>(4, (pf_lines + later * P - 1) / (later * P)) : 0;
+  for (; r + 4 <= M; r += 4) {
+    linear_tile<4, NB>(x + r * K, K, w, P, bias, out + r * N, N, pf, pf_lines, per);
+    pf += per * 64 * P;
+    pf_lines -= per * P;
+  }
   switch (M - r) {
     case 3: linear_tile<3, NB>(x + r * K, K, w, P, bias, out + r * N, N); break;
     case 2: linear_tile<2, NB>(x + r * K, K, w, P, bias, out + r * N, N); break;
@@ -715,8 +760,10 @@ static torch::Tensor linear_impl(torch::Tensor x, torch::Tensor wp, torch::Tenso
     for (int64_t b = begin; b < end; b += 4) {
       const bf16* wb = w + b * P * 32;
       const float* bb = bp ? bp + 16 * b : nullptr;
+      const bf16* nx = b + 4 < end ? wb + 4 * P * 32 : nullptr;  // this thread's next blocks
+      const int64_t nb = nx ? std::min<int64_t>(4, end - b - 4) * P * 64 : 0;
       switch (std::min<int64_t>(4, end - b)) {
-        case 4: linear_blocks<4>(xp, M, K, wb, bb, op + 16 * b, N); break;
+        case 4: linear_blocks<4>(xp, M, K, wb, bb, op + 16 * b, N, nx, nb); break;
         case 3: linear_blocks<3>(xp, M, K, wb, bb, op + 16 * b, N); break;
         case 2: linear_blocks<2>(xp, M, K, wb, bb, op + 16 * b, N); break;
         default: linear_blocks<1>(xp, M, K, wb, bb, op + 16 * b, N); break;

@@ -188,6 +188,10 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     return kernel().linear(x, packed, _EMPTY if bias is None else bias)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a bf16 gate|up projection [..., 2I] -> [..., I], rounded as torch's two bf16 ops round."""
+    return kernel().silu_mul(gate_up.contiguous())
+
 
 def decode_qkv(x, norm, qkv, qkv_bias, cos, sin, hq: int, hk: int, eps: float):
     """A decode step's layer, first half: x [B, 1, H] -> q [B, hq, 1, D], k, v [B, hk, 1, D] of

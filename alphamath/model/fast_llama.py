@@ -130,7 +130,7 @@ class FastLlama:
         # decode.cpp's decode_qkv / decode_rest run a decode step's layer in two calls where every
         # matmul is its `linear` and the activation is SiLU (Llama's); avx2.cpp's do the same in fp32
         # where every matmul has avx2's fp16 panels; elsewhere the loop below.
-        silu = getattr(cfg, "hidden_act", None) == "silu"
+        silu = self.silu = getattr(cfg, "hidden_act", None) == "silu"
         mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.layered = silu and all(m.pairs for m in mats)
         self.layered_f32 = silu and all(m.f16 is not None for m in mats)
@@ -288,8 +288,12 @@ class FastLlama:
             else:
                 o = shared_prompt_attention(q.reshape(B, hk, hq // hk, D), k, v, mask, prompts, i, self.scale)
                 x = x + layer.o(o.reshape(B, 1, hq * D))
-            gate, up = layer.gate_up(_rms(x, layer.norm2, self.eps, norm)).chunk(2, dim=-1)
-            x = x + layer.down(layer.act(gate) * up)
+            gate_up = layer.gate_up(_rms(x, layer.norm2, self.eps, norm))
+            if norm and self.silu:  # decode.cpp's one pass (torch's silu of the strided half, then the product)
+                x = x + layer.down(kernel.silu_mul(gate_up))
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                x = x + layer.down(layer.act(gate) * up)
         return _rms(x, self.norm, self.eps, norm), cache
 
     def kernel_attention(self) -> bool:
