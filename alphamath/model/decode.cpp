@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -558,8 +559,22 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor own_k, torch::Tens
   const bf16 *ok = own_k.data_ptr<bf16>(), *ov = own_v.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
   const std::vector<RowSpan> spans = row_spans(rows, Hk);
-  at::parallel_for(0, (int64_t)spans.size() * Hk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+  // Tasks differ in cost (rows x keys: a prompt of 1 row beside one of 4, prompts of 40 and 160 tokens), so they are
+  // handed out one at a time, the dearest first, rather than as each thread's fixed half of the range: each
+  // thread's wait for the other at the end had been a tenth of a decode step (libgomp's spin) at 16 searches.
+  const int64_t ntask = (int64_t)spans.size() * Hk;
+  std::vector<int64_t> order(ntask);
+  {
+    std::vector<int64_t> cost(spans.size());
+    for (size_t i = 0; i < spans.size(); ++i)
+      cost[i] = (int64_t)spans[i].size() * ((rooted ? rlp[spans[i].group] : 0) + pl[spans[i].group] + W + 16);
+    for (int64_t t = 0; t < ntask; ++t) order[t] = t;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a / Hk] > cost[b / Hk]; });
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), ntask), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < ntask;) {
+      const int64_t t = order[i];
       const RowSpan& span = spans[t / Hk];
       const int64_t gi = span.group, h = t % Hk;
       const int64_t tile = (gi * Hk + h) * (D / 2) * Lq * 2;  // elements per (group, head) in kt and in vt
@@ -856,7 +871,9 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   bf16* o = out.data_ptr<bf16>();
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512i sign = _mm512_set1_epi32(INT32_MIN);
-  for (int64_t r = 0; r < rows; ++r)
+  // rows split over threads from 8 on (a decode step of many rows, a prefill); fewer run here, where a fork costs more
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
     for (int64_t i = 0; i < I; i += 16) {
       const __m512 x = load16(g + r * 2 * I + i);
       const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), sign));  // -x
@@ -864,6 +881,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
       _mm256_storeu_si256((__m256i*)(o + r * I + i),
                           (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(act, load16(g + r * 2 * I + I + i))));
     }
+  });
   return out;
 }
 
