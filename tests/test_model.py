@@ -793,7 +793,8 @@ def test_a_bf16_prefill_over_cached_pasts_attends_in_the_decode_kernel_as_transf
     """A bf16 prefill after cached pasts (LocalLM._extend_batch's layout [pad | past | new | pad], pasts of
     different lengths) computes its attention in decode.cpp's kernel, each new token a query row whose prompt is
     its row's past: the same hidden states and cache as transformers' forward, a kernel call per run of rows
-    whose pasts start at the same column. Where a new part is longer than a row's past, SDPA computes it."""
+    whose pasts start at the same column, over the real new tokens only. Where a new part is longer than a row's
+    past, SDPA computes it."""
     from transformers import DynamicCache
 
     from alphamath.model.fast_llama import FastLlama
@@ -833,7 +834,9 @@ def test_a_bf16_prefill_over_cached_pasts_attends_in_the_decode_kernel_as_transf
     mask = torch.tensor([[1] * 9 + [1, 1, 1, 1], [1] * 9 + [1, 1, 0, 0], [0, 0, 0] + [1] * 6 + [1, 1, 1, 0]])
     pos = torch.tensor([[9, 10, 11, 12], [9, 10, 0, 0], [6, 7, 8, 0]])
     run(mask, pos, torch.randint(0, V, (3, S)))
-    assert calls == [8, 4] * cfg.num_hidden_layers  # two runs of rows (pasts from column 0, from column 3)
+    # two runs of rows (pasts from column 0, from column 3), each query row a real new token (4 + 2, then 3): the
+    # pads are not computed
+    assert calls == [6, 3] * cfg.num_hidden_layers
     calls.clear()
     mask[2, :6] = 0  # a past of 3 tokens, shorter than the new part: SDPA
     pos[2] = torch.tensor([3, 4, 5, 0])
