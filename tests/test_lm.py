@@ -1150,3 +1150,23 @@ def test_a_cache_layer_written_in_place_counts_its_columns_and_refuses_to_overru
     assert layer.keys.shape[2] == 5 and bool((layer.keys[:, :, 3:] == 1).all())
     with pytest.raises(RuntimeError, match="out of room"):
         layer.advance(1)
+
+
+def test_a_step_that_finishes_no_request_wakes_no_waiting_caller(lm, monkeypatch):
+    """Callers waiting on the decode loop are woken when a request is queued, when a step finishes a request and
+    when the loop's leader leaves, not after every step: at 16 concurrent searches every waiting thread had woken
+    after each step only to wait again (s47)."""
+    notified, steps = [], []
+
+    class Counting(threading.Condition):
+        def notify_all(self):
+            notified.append(len(steps))
+            super().notify_all()
+
+    lm._cv = Counting()
+    real_step = _Batch.step
+    monkeypatch.setattr(_Batch, "step", lambda self, owner: (steps.append(1), real_step(self, owner))[1])
+    out = lm.generate([short_prompt(lm)], 2, stop=(), temperature=1.0, max_new_tokens=16, seed=3)
+    assert len(out[0]) == 2 and len(steps) >= 8
+    # queued (before any step), the step that finished the request, the leader leaving (after the last step)
+    assert notified[0] == 0 and len(notified) <= 3 and notified[1:] == [len(steps)] * (len(notified) - 1)

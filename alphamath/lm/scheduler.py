@@ -150,6 +150,7 @@ class Scheduler:
                 _SERVING.run_calls()
             with self._cv:
                 admit = self._admissible(self._batch)
+            waiting = set(admit) | {smp.request for smp in (self._batch.samples if self._batch else [])}
             try:
                 with self.lock, COMPUTE, torch.inference_mode():
                     if admit:
@@ -165,8 +166,9 @@ class Scheduler:
                         req.done.set()
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise
-            with self._cv:
-                self._cv.notify_all()  # wake callers whose requests this step finished
+            if any(req.done.is_set() for req in waiting):
+                with self._cv:  # wake callers whose requests this step finished; a step that finished none wakes
+                    self._cv.notify_all()  # nobody (16 searches' threads had woken every step, to wait again)
 
     def _admissible(self, batch: "_Batch | None") -> list[_Request]:
         """Requests to start now (called under _cv). A running batch admits requests with its key when
