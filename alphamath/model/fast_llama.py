@@ -246,7 +246,6 @@ class FastLlama:
         x = F.embedding(input_ids.reshape(-1)[idx], self.embed)  # [N, hidden]
         N = x.shape[0]
         cos, sin = self.rotary(x[None], position_ids.reshape(-1)[idx][None])  # [1, N, D]
-        cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)
 
         def padded(t):  # [N, hk, D] -> [B, hk, S, D], zeros at the pads (cache.update's layout)
             out = t.new_zeros(B * S, hk, D)
@@ -255,19 +254,9 @@ class FastLlama:
 
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(_rms(x, layer.norm1, self.eps, norm)).view(1, N, hq + 2 * hk, D)
-            if rope:
-                qk = kernel.rope(qkv, cos, sin, hq + hk)
-            else:
-                qk = qkv[:, :, : hq + hk]
-                qk = qk * cos4 + _rotate_half(qk) * sin4
+            qk = self._rope(qkv, cos, sin, rope)
             k, v = cache.update(padded(qk[0, :, hq:]), padded(qkv[0, :, hq + hk:]), i)
-            x = x + layer.o(self._past_attention(qk[0, :, :hq], k, v, plan))
-            gate_up = layer.gate_up(_rms(x, layer.norm2, self.eps, norm))
-            if norm and self.silu:
-                x = x + layer.down(kernel.silu_mul(gate_up))
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                x = x + layer.down(layer.act(gate) * up)
+            x = self._mlp(layer, x + layer.o(self._past_attention(qk[0, :, :hq], k, v, plan)), norm)
         h = x.new_zeros(B * S, x.shape[-1])
         h[idx] = _rms(x, self.norm, self.eps, norm)
         return h.view(B, S, -1)
@@ -298,8 +287,7 @@ class FastLlama:
         if plan is not None:
             return self._packed_layers(input_ids, position_ids, cache, plan, norm, rope), cache
         cos, sin = self.rotary(x, position_ids)  # [B, S, D]
-        cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, S, 1, D]: broadcast over heads
-        mask = None if plan is not None else self._mask(attention_mask, S, past, input_ids.device)
+        mask = self._mask(attention_mask, S, past, input_ids.device)
         # avx2.cpp in fp32, at any rows: its fp16 panels run as fast as the fp32 weights' sgemm at 256 rows and
         # more (s44, Zen 3), and a batch's root (kv.py) needs the kernels
         f32 = prompts is not None and self.layered_f32 and avx2.usable(x, self.head_dim)
@@ -312,11 +300,7 @@ class FastLlama:
         for i, layer in enumerate(self.layers):
             tiles = prompts.tiles[i] if prompts is not None and prompts.tiles else None
             qkv = layer.qkv(_rms(x, layer.norm1, self.eps, norm)).view(B, S, hq + 2 * hk, D)
-            if rope:
-                qk = kernel.rope(qkv, cos, sin, hq + hk)
-            else:
-                qk = qkv[:, :, : hq + hk]
-                qk = qk * cos4 + _rotate_half(qk) * sin4
+            qk = self._rope(qkv, cos, sin, rope)
             q = qk[:, :, :hq].transpose(1, 2)
             k, v = cache.update(qk[:, :, hq:].transpose(1, 2), qkv[:, :, hq + hk:].transpose(1, 2), i)
             if prompts is None:
@@ -329,13 +313,26 @@ class FastLlama:
             else:
                 o = shared_prompt_attention(q.reshape(B, hk, hq // hk, D), k, v, mask, prompts, i, self.scale)
                 x = x + layer.o(o.reshape(B, 1, hq * D))
-            gate_up = layer.gate_up(_rms(x, layer.norm2, self.eps, norm))
-            if norm and self.silu:  # decode.cpp's one pass (torch's silu of the strided half, then the product)
-                x = x + layer.down(kernel.silu_mul(gate_up))
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                x = x + layer.down(layer.act(gate) * up)
+            x = self._mlp(layer, x, norm)
         return _rms(x, self.norm, self.eps, norm), cache
+
+    def _rope(self, qkv: torch.Tensor, cos, sin, fused: bool) -> torch.Tensor:
+        """The rotated q and k heads [B, S, hq + hk, D] of a qkv projection [B, S, heads, D]; `fused`: decode.cpp's
+        one pass (the same bf16 numbers as the torch ops)."""
+        heads = self.hq + self.hk
+        if fused:
+            return kernel.rope(qkv, cos, sin, heads)
+        qk = qkv[:, :, :heads]
+        return qk * cos.unsqueeze(2) + _rotate_half(qk) * sin.unsqueeze(2)
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor, norm: bool) -> torch.Tensor:
+        """x + down(act(gate) * up), gate|up = gate_up(norm2(x)); SiLU * up in decode.cpp's one pass where it runs
+        (torch's silu of the strided half, then the product)."""
+        gate_up = layer.gate_up(_rms(x, layer.norm2, self.eps, norm))
+        if norm and self.silu:
+            return x + layer.down(kernel.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return x + layer.down(layer.act(gate) * up)
 
     def kernel_attention(self) -> bool:
         """Do decode steps compute attention in the C++ kernels here (decode.cpp in bf16, avx2.cpp's layer kernels
