@@ -441,8 +441,8 @@ inline void linear_tile(const bf16* x, int64_t K, const bf16* w, int64_t P, cons
 // from memory once is re-read from cache by the other row tiles.
 //
 // `next`/`next_bytes`: the weights this thread multiplies next. The first row tile reads the blocks from memory
-// at the rate its products consume them; the other row tiles re-read them from cache and, two lines a pair,
-// prefetch the next blocks, so that reading memory overlaps the arithmetic of many rows.
+// at the rate its products consume them; the other row tiles re-read them from cache and share the prefetching
+// of the next blocks (up to 4 lines a pair), so that reading memory overlaps the arithmetic of many rows.
 template <int NB>
 void linear_blocks(const bf16* x, int64_t M, int64_t K, const bf16* w, const float* bias, bf16* out, int64_t N,
                    const bf16* next = nullptr, int64_t next_bytes = 0) {
@@ -873,14 +873,14 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   const __m512i sign = _mm512_set1_epi32(INT32_MIN);
   // rows split over threads from 8 on (a decode step of many rows, a prefill); fewer run here, where a fork costs more
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t i = 0; i < I; i += 16) {
-      const __m512 x = load16(g + r * 2 * I + i);
-      const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), sign));  // -x
-      const __m512 act = round16(_mm512_div_ps(x, _mm512_add_ps(one, Sleef_expf16_u10(neg))));
-      _mm256_storeu_si256((__m256i*)(o + r * I + i),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(act, load16(g + r * 2 * I + I + i))));
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < I; i += 16) {
+        const __m512 x = load16(g + r * 2 * I + i);
+        const __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), sign));  // -x
+        const __m512 act = round16(_mm512_div_ps(x, _mm512_add_ps(one, Sleef_expf16_u10(neg))));
+        _mm256_storeu_si256((__m256i*)(o + r * I + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(act, load16(g + r * 2 * I + I + i))));
+      }
   });
   return out;
 }

@@ -205,17 +205,15 @@ class FastLlama:
         if S > int((past - starts).min()):  # a long new part: SDPA is as fast
             return None
         t = torch.arange(S)
-        real = t[None, :] < n_new[:, None]  # [B, S]: the new tokens, left-aligned
-        valid = (t[None, :] <= t[:, None])[None] & (t[None, None, :] < n_new[:, None, None])  # [B, S(query), S]
         runs, lo = [], 0
         for i in range(1, B + 1):
             if i == B or starts[i] != starts[lo]:
                 runs.append((lo, i, int(starts[lo])))
                 lo = i
-        idx = real.reshape(-1).nonzero().squeeze(1)
-        rows = torch.arange(B).repeat_interleave(S)[idx]
+        idx = (t[None, :] < n_new[:, None]).reshape(-1).nonzero().squeeze(1)  # the new tokens, left-aligned in a row
+        valid = t[None, :] <= (idx % S)[:, None]  # a real new token sees its row's new tokens up to itself, all real
         first = [0] + torch.cumsum(n_new, 0).tolist()
-        return _PastPlan(runs, valid.reshape(B * S, S)[idx].to(device), rows.to(device), past, idx.to(device), first)
+        return _PastPlan(runs, valid.to(device), (idx // S).to(device), past, idx.to(device), first)
 
     def _past_attention(self, q, k, v, plan: "_PastPlan") -> torch.Tensor:
         """q [N, Hq, D], the new tokens only (`_packed_layers`); k/v [B, Hk, past + S, D] (the cache after this
@@ -240,7 +238,8 @@ class FastLlama:
         padded to the longest in [B, S], but every matmul, norm and rotation here runs on the N real tokens
         packed [N, hidden] (a row's numbers never depend on the other rows of a call), and only the cache gets the
         padded layout (zeros at the pads). The value service's and the policy's prefills had computed 9% and 17% of
-        their tokens as padding at 16 searches (s47). -> the final-normed hidden states [B, S, hidden], zeros at pads."""
+        their tokens as padding at 16 searches (s47). -> the final-normed hidden states [B, S, hidden], zeros at
+        pads."""
         B, S = input_ids.shape
         hq, hk, D, idx = self.hq, self.hk, self.head_dim, plan.idx
         x = F.embedding(input_ids.reshape(-1)[idx], self.embed)  # [N, hidden]
@@ -316,11 +315,11 @@ class FastLlama:
             x = self._mlp(layer, x, norm)
         return _rms(x, self.norm, self.eps, norm), cache
 
-    def _rope(self, qkv: torch.Tensor, cos, sin, fused: bool) -> torch.Tensor:
-        """The rotated q and k heads [B, S, hq + hk, D] of a qkv projection [B, S, heads, D]; `fused`: decode.cpp's
-        one pass (the same bf16 numbers as the torch ops)."""
+    def _rope(self, qkv: torch.Tensor, cos, sin, in_kernel: bool) -> torch.Tensor:
+        """The rotated q and k heads [B, S, hq + hk, D] of a qkv projection [B, S, heads, D]; `in_kernel`:
+        decode.cpp's one pass (the same bf16 numbers as the torch ops)."""
         heads = self.hq + self.hk
-        if fused:
+        if in_kernel:
             return kernel.rope(qkv, cos, sin, heads)
         qk = qkv[:, :, :heads]
         return qk * cos.unsqueeze(2) + _rotate_half(qk) * sin.unsqueeze(2)
