@@ -183,6 +183,21 @@ def test_scoring_a_child_after_generation_computes_only_the_appended_tokens(lm):
     assert lm.score([child]) == [v] and lm.usage.prefill_tokens - before == computed
 
 
+def test_scoring_reads_no_lm_head_and_generating_does(lm, monkeypatch):
+    """A prefill computes the LM head only for rows whose next token is drawn: scoring states (the value
+    model's every call) needs values, not logits, and the head is a fifth of the model's weights."""
+    heads = []
+    real = lm._logits
+    monkeypatch.setattr(lm, "_logits", lambda h, *a, **k: (heads.append(h.shape[0]), real(h, *a, **k))[1])
+    prompt = short_prompt(lm, "What is 4 + 4?")
+    states = [prompt + "The sum is 8.", prompt + "The sum is 9."]
+    values = lm.score(states)
+    assert heads == [] and lm.usage.prefill_tokens > 0
+    assert values[0] == pytest.approx(full_value(lm, states[0]), abs=1e-5)
+    lm.generate([short_prompt(lm, "What is 5 + 5?")], 2, stop=[], temperature=0, max_new_tokens=2)
+    assert heads and heads[0] == 1  # the prompt's prefill: its last token's logits
+
+
 def test_siblings_share_the_parent_prefix(lm):
     parent = short_prompt(lm)
     kids = [parent + t for t in ("First add the numbers.</step>\n", "Think about it.</step>\n")]

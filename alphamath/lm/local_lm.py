@@ -250,14 +250,16 @@ class LocalLM(Scheduler):
         values = self.model.values_from_hidden(h)
         last = torch.tensor([len(r.tokens) - r.cached - 1 for r in rows], device=dev)
         last_h = h[torch.arange(B, device=dev), last]
-        logits = self._logits(last_h)
+        # The LM head only where a row's next token is drawn: a value model's prefills (scoring) need none, and
+        # the head is a fifth of the model's weights to read per call.
+        logits = self._logits(last_h) if any(r.last_logits_needed for r in rows) else None
         layers = _cache_layers(cache)
         for i, r in enumerate(rows):
             n = len(r.tokens) - r.cached
             r.kv = [(k[i, :, M - r.cached:M + n], v[i, :, M - r.cached:M + n]) for k, v in layers]
             new_vals = values[i, :n]
             r.values = new_vals if r.past_values is None else torch.cat([r.past_values, new_vals])
-            r.last_logits = logits[i]
+            r.last_logits = logits[i] if logits is not None else None
             r.last_hidden = last_h[i]
             self.usage.prefill_tokens += n
 
