@@ -711,6 +711,20 @@ def test_linear_kernel_is_the_matmul_to_bf16_rounding_and_computes_each_row_alon
         decode.linear(x[:, :100], packed, None)
 
 
+def test_past_tiles_lays_cache_slices_out_as_prompt_tiles_does():
+    """decode.past_tiles (a prefill's pasts, laid out in one pass) equals prompt_tiles, the layouts' reference
+    definition, on slices of a cache (strided rows and heads, the last dim contiguous), for lengths that end
+    inside a key pair, on a 32-key tile's edge and past several tiles."""
+    decode = decode_kernels_or_skip()
+    torch.manual_seed(0)
+    for G, n in ((1, 1), (3, 31), (2, 32), (4, 333)):
+        cache = torch.randn(G + 1, 3, n + 7, 64).bfloat16()
+        k, v = cache[1:, :, 3:3 + n], (2 * cache)[:G, :, 4:4 + n]
+        kt, vt = decode.past_tiles(k, v)
+        want_k, want_v = decode.prompt_tiles(k.contiguous(), v.contiguous())
+        assert torch.equal(kt, want_k) and torch.equal(vt, want_v)
+
+
 def test_linear_kernel_with_amx_tiles_equals_onednn_bit_for_bit(monkeypatch):
     """On CPUs with AMX, decode.cpp's linear multiplies the pairs layout as AMX tiles: the same sums as
     oneDNN's AMX matmul, so the same bf16 outputs, for row counts that fill, split and overrun the

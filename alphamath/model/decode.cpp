@@ -725,6 +725,49 @@ void lay_tiles(torch::Tensor k, torch::Tensor v, torch::Tensor kt, torch::Tensor
 
 // w [N, K] bf16 -> [N / 16, K / 2, 16, 2]: block b, pair p holds w[16 b + i][2p : 2p + 2] for i < 16, the
 // layout vdpbf16ps multiplies: one 64-byte load is 16 outputs' next two weights. Each block is contiguous.
+// A prefill's pasts laid out as prompt_tiles lays a decode batch's prompts out (its reference definition), in one
+// pass: k, v [G, Hk, n, D = 64], the last dim contiguous (a slice of the cache) -> kt [G, Hk, D/2, Lq, 2], vt [G,
+// Hk, Lq/2, D, 2], Lq = n rounded up to 32, zeros past n. The keys go by pair through keys_by_pair's transposes;
+// each pair of keys' values is interleaved by two permutes per 32 dims. torch's pad and permute had cost a
+// prefill over cached pasts as much as its attention (s48).
+std::vector<torch::Tensor> past_tiles(torch::Tensor k, torch::Tensor v) {
+  TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.dim() == 4 &&
+              v.sizes() == k.sizes() && k.size(3) == 64 && k.stride(3) == 1 && v.stride(3) == 1,
+              "past_tiles takes bf16 k, v [G, Hk, n, 64], dims contiguous");
+  constexpr int64_t D = 64, P = D / 2;
+  const int64_t G = k.size(0), Hk = k.size(1), n = k.size(2), Lq = (n + 31) / 32 * 32;
+  auto kt = torch::empty({G, Hk, P, Lq, 2}, k.options()), vt = torch::empty({G, Hk, Lq / 2, D, 2}, k.options());
+  const bf16* kp = k.data_ptr<bf16>();
+  const uint16_t* vp = (const uint16_t*)v.data_ptr<bf16>();
+  uint32_t* ktp = (uint32_t*)kt.data_ptr<bf16>();
+  uint16_t* vtp = (uint16_t*)vt.data_ptr<bf16>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2), vs0 = v.stride(0), vs1 = v.stride(1),
+                vs2 = v.stride(2);
+  __m512i lo, hi;  // output word 2i: a[i], 2i + 1: b[i] (lo: dims 0-15 of the 32, hi: 16-31); b's words are 32-63
+  {
+    alignas(64) uint16_t l[32], h[32];
+    for (int i = 0; i < 16; ++i) { l[2 * i] = i; l[2 * i + 1] = 32 + i; h[2 * i] = 16 + i; h[2 * i + 1] = 48 + i; }
+    lo = _mm512_load_si512(l);
+    hi = _mm512_load_si512(h);
+  }
+  at::parallel_for(0, G * Hk, 2, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / Hk, h = t % Hk;
+      keys_by_pair<P>(kp + g * ks0 + h * ks1, ks2, n, Lq, ktp + t * P * Lq);
+      const uint16_t* vh = vp + g * vs0 + h * vs1;
+      uint16_t* out = vtp + t * (Lq / 2) * D * 2;
+      for (int64_t j = 0; j < Lq; j += 2, out += 2 * D)
+        for (int64_t d = 0; d < D; d += 32) {
+          const __m512i a = j < n ? _mm512_loadu_si512(vh + j * vs2 + d) : _mm512_setzero_si512();
+          const __m512i b = j + 1 < n ? _mm512_loadu_si512(vh + (j + 1) * vs2 + d) : _mm512_setzero_si512();
+          _mm512_storeu_si512(out + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
+          _mm512_storeu_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
+        }
+    }
+  });
+  return {kt, vt};
+}
+
 torch::Tensor pack_linear(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "pack_linear takes a bf16 weight [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
@@ -968,5 +1011,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "LlamaRMSNorm of bf16 rows (AVX512-BF16)", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a bf16 gate|up projection, rounded as torch rounds", nogil);
   m.def("decode_attention", &decode_attention, "shared-prompt decode attention (bf16, AVX512-BF16)", nogil);
+  m.def("past_tiles", &past_tiles, "a prefill's pasts [G, Hk, n, 64] as prompt_tiles' layouts, in one pass", nogil);
   m.def("lay_tiles", &lay_tiles, "a prompt's K/V into its slab slot in prompt_tiles' layouts, zeros after", nogil);
 }

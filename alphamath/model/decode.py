@@ -124,6 +124,13 @@ def prompt_tiles(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor
     return k, v
 
 
+def past_tiles(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prompt_tiles` of K/V [G, Hk, L, 64] computed in decode.cpp in one pass (a prefill lays its rows' pasts
+    out per layer: torch's pad and permute had cost as much as the attention); the inputs may be slices of
+    a cache (the last dim contiguous)."""
+    return tuple(kernel().past_tiles(keys, values))
+
+
 def lay_tiles(k: torch.Tensor, v: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor) -> None:
     """One prompt's K/V [Hk, n, D] into a prompt slab's slot kt [Hk, D/2, Lq, 2], vt [Hk, Lq/2, D, 2]:
     prompt_tiles' layouts, zeros from column n on (in place; only where tiles_on())."""
