@@ -723,8 +723,6 @@ void lay_tiles(torch::Tensor k, torch::Tensor v, torch::Tensor kt, torch::Tensor
   }
 }
 
-// w [N, K] bf16 -> [N / 16, K / 2, 16, 2]: block b, pair p holds w[16 b + i][2p : 2p + 2] for i < 16, the
-// layout vdpbf16ps multiplies: one 64-byte load is 16 outputs' next two weights. Each block is contiguous.
 // A prefill's pasts laid out as prompt_tiles lays a decode batch's prompts out (its reference definition), in one
 // pass: k, v [G, Hk, n, D = 64], the last dim contiguous (a slice of the cache) -> kt [G, Hk, D/2, Lq, 2], vt [G,
 // Hk, Lq/2, D, 2], Lq = n rounded up to 32, zeros past n. The keys go by pair through keys_by_pair's transposes;
@@ -768,6 +766,8 @@ std::vector<torch::Tensor> past_tiles(torch::Tensor k, torch::Tensor v) {
   return {kt, vt};
 }
 
+// w [N, K] bf16 -> [N / 16, K / 2, 16, 2]: block b, pair p holds w[16 b + i][2p : 2p + 2] for i < 16, the
+// layout vdpbf16ps multiplies: one 64-byte load is 16 outputs' next two weights. Each block is contiguous.
 torch::Tensor pack_linear(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "pack_linear takes a bf16 weight [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
