@@ -684,6 +684,29 @@ torch::Tensor rope(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int6
   return out;
 }
 
+// One head's n keys and values (key j at k + j * ks, value j at v + j * vs, D = 2P dims) in prompt_tiles' layouts:
+// kt [P][Lq] pairs of dims (keys_by_pair's transposes) and vt [Lq / 2][D][2] values by pair of keys (two permutes
+// per 32 dims interleave a pair's rows), zeros from column n to Lq (a multiple of 32). lay_tiles and past_tiles.
+template <int P>
+void tile_head(const bf16* k, int64_t ks, const uint16_t* v, int64_t vs, int64_t n, int64_t Lq, uint32_t* kt,
+               uint16_t* vt) {
+  // output word 2i: a's word i, 2i + 1: b's (b's words are 32-63); lo: the 32 dims' first 16, hi: the next 16
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  constexpr int64_t D = 2 * P;
+  keys_by_pair<P>(k, ks, n, Lq, kt);
+  for (int64_t j = 0; j < Lq; j += 2, vt += 2 * D)
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512i a = j < n ? _mm512_loadu_si512(v + j * vs + d) : _mm512_setzero_si512();
+      const __m512i b = j + 1 < n ? _mm512_loadu_si512(v + (j + 1) * vs + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vt + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(vt + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+}
+
 // One prompt's K/V [Hk, n, D] into its slot of a decode batch's prompt slab, in prompt_tiles' layouts:
 // kt [Hk, D / 2, Lq, 2] (keys by pair of dims: the B tiles of q.k) and vt [Hk, Lq / 2, D, 2] (values by
 // pair of keys: the B tiles of p.v), zeros from column n on (the slot may hold an older prompt). torch's
@@ -695,38 +718,23 @@ void lay_tiles(torch::Tensor k, torch::Tensor v, torch::Tensor kt, torch::Tensor
   const int64_t Hk = k.size(0), n = k.size(1), D = k.size(2), Lq = kt.size(2);
   TORCH_CHECK(kt.is_contiguous() && vt.is_contiguous() && kt.dim() == 4 && vt.dim() == 4 && kt.size(0) == Hk &&
               kt.size(1) == D / 2 && kt.size(3) == 2 && vt.size(0) == Hk && vt.size(1) == Lq / 2 && vt.size(2) == D &&
-              vt.size(3) == 2 && D % 2 == 0 && Lq % 2 == 0 && n <= Lq, "kt [Hk, D/2, Lq, 2], vt [Hk, Lq/2, D, 2], n <= Lq");
-  const uint16_t* kp = (const uint16_t*)k.data_ptr<bf16>();
+              vt.size(3) == 2 && (D == 64 || D == 128) && Lq % 32 == 0 && n <= Lq,
+              "kt [Hk, D/2, Lq, 2], vt [Hk, Lq/2, D, 2], D 64 or 128, Lq a multiple of 32, n <= Lq");
+  const bf16* kp = k.data_ptr<bf16>();
   const uint16_t* vp = (const uint16_t*)v.data_ptr<bf16>();
-  uint16_t* ktp = (uint16_t*)kt.data_ptr<bf16>();
+  uint32_t* ktp = (uint32_t*)kt.data_ptr<bf16>();
   uint16_t* vtp = (uint16_t*)vt.data_ptr<bf16>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1), P = D / 2;
   for (int64_t h = 0; h < Hk; ++h) {  // ~56 KB per head: one thread (a fork costs more)
-    uint32_t* kh = (uint32_t*)(ktp + h * P * Lq * 2);  // [P][Lq] pairs
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t* row = (const uint32_t*)(kp + h * ks0 + j * ks1);
-      for (int64_t p = 0; p < P; ++p) kh[p * Lq + j] = row[p];
-    }
-    for (int64_t p = 0; p < P; ++p) std::memset(kh + p * Lq + n, 0, (Lq - n) * sizeof(uint32_t));
-    uint16_t* vh = vtp + h * (Lq / 2) * D * 2;  // [Lq / 2][D][2]
-    for (int64_t j = 0; j < n; ++j) {
-      const uint16_t* row = vp + h * vs0 + j * vs1;
-      uint16_t* out = vh + (j / 2) * D * 2 + (j % 2);
-      for (int64_t d = 0; d < D; ++d) out[2 * d] = row[d];
-    }
-    if (n % 2) {  // the last key's pair partner is a zero key
-      uint16_t* out = vh + (n / 2) * D * 2 + 1;
-      for (int64_t d = 0; d < D; ++d) out[2 * d] = 0;
-    }
-    const int64_t full = (n + 1) / 2;  // key pairs holding a key
-    std::memset(vh + full * D * 2, 0, (Lq / 2 - full) * D * 2 * sizeof(uint16_t));
+    uint32_t* kh = ktp + h * (D / 2) * Lq;
+    uint16_t* vh = vtp + h * (Lq / 2) * D * 2;
+    if (D == 64) tile_head<32>(kp + h * k.stride(0), k.stride(1), vp + h * v.stride(0), v.stride(1), n, Lq, kh, vh);
+    else tile_head<64>(kp + h * k.stride(0), k.stride(1), vp + h * v.stride(0), v.stride(1), n, Lq, kh, vh);
   }
 }
 
 // A prefill's pasts laid out as prompt_tiles lays a decode batch's prompts out (its reference definition), in one
 // pass: k, v [G, Hk, n, D = 64], the last dim contiguous (a slice of the cache) -> kt [G, Hk, D/2, Lq, 2], vt [G,
-// Hk, Lq/2, D, 2], Lq = n rounded up to 32, zeros past n. The keys go by pair through keys_by_pair's transposes;
-// each pair of keys' values is interleaved by two permutes per 32 dims. torch's pad and permute had cost a
+// Hk, Lq/2, D, 2], Lq = n rounded up to 32, zeros past n (tile_head per head). torch's pad and permute had cost a
 // prefill over cached pasts as much as its attention (s48).
 std::vector<torch::Tensor> past_tiles(torch::Tensor k, torch::Tensor v) {
   TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.dim() == 4 &&
@@ -739,28 +747,11 @@ std::vector<torch::Tensor> past_tiles(torch::Tensor k, torch::Tensor v) {
   const uint16_t* vp = (const uint16_t*)v.data_ptr<bf16>();
   uint32_t* ktp = (uint32_t*)kt.data_ptr<bf16>();
   uint16_t* vtp = (uint16_t*)vt.data_ptr<bf16>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2), vs0 = v.stride(0), vs1 = v.stride(1),
-                vs2 = v.stride(2);
-  __m512i lo, hi;  // output word 2i: a[i], 2i + 1: b[i] (lo: dims 0-15 of the 32, hi: 16-31); b's words are 32-63
-  {
-    alignas(64) uint16_t l[32], h[32];
-    for (int i = 0; i < 16; ++i) { l[2 * i] = i; l[2 * i + 1] = 32 + i; h[2 * i] = 16 + i; h[2 * i + 1] = 48 + i; }
-    lo = _mm512_load_si512(l);
-    hi = _mm512_load_si512(h);
-  }
   at::parallel_for(0, G * Hk, 2, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / Hk, h = t % Hk;
-      keys_by_pair<P>(kp + g * ks0 + h * ks1, ks2, n, Lq, ktp + t * P * Lq);
-      const uint16_t* vh = vp + g * vs0 + h * vs1;
-      uint16_t* out = vtp + t * (Lq / 2) * D * 2;
-      for (int64_t j = 0; j < Lq; j += 2, out += 2 * D)
-        for (int64_t d = 0; d < D; d += 32) {
-          const __m512i a = j < n ? _mm512_loadu_si512(vh + j * vs2 + d) : _mm512_setzero_si512();
-          const __m512i b = j + 1 < n ? _mm512_loadu_si512(vh + (j + 1) * vs2 + d) : _mm512_setzero_si512();
-          _mm512_storeu_si512(out + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
-          _mm512_storeu_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
-        }
+      tile_head<P>(kp + g * k.stride(0) + h * k.stride(1), k.stride(2), vp + g * v.stride(0) + h * v.stride(1),
+                   v.stride(2), n, Lq, ktp + t * P * Lq, vtp + t * (Lq / 2) * D * 2);
     }
   });
   return {kt, vt};

@@ -213,7 +213,8 @@ class FastLlama:
         idx = (t[None, :] < n_new[:, None]).reshape(-1).nonzero().squeeze(1)  # the new tokens, left-aligned in a row
         valid = t[None, :] <= (idx % S)[:, None]  # a real new token sees its row's new tokens up to itself, all real
         first = [0] + torch.cumsum(n_new, 0).tolist()
-        return _PastPlan(runs, valid.to(device), (idx // S).to(device), past, idx.to(device), first)
+        tiled = self.head_dim == 64 and kernel.tiles_on()  # the pasts as AMX tiles (`_past_attention`)
+        return _PastPlan(runs, valid.to(device), (idx // S).to(device), past, idx.to(device), first, tiled)
 
     def _past_attention(self, q, k, v, plan: "_PastPlan") -> torch.Tensor:
         """q [N, Hq, D], the new tokens only (`_packed_layers`); k/v [B, Hk, past + S, D] (the cache after this
@@ -228,7 +229,6 @@ class FastLlama:
         N, H, D = q.shape
         hk, P = self.hk, plan.past
         qr = q.reshape(N, hk, H // hk, D)
-        tiled = D == 64 and kernel.tiles_on()
         outs = []
         for lo, hi, start in plan.runs:
             n, a, b = hi - lo, plan.first[lo], plan.first[hi]
@@ -236,7 +236,7 @@ class FastLlama:
             pk, pv = k[lo:hi, :, start:P], v[lo:hi, :, start:P]
             outs.append(kernel.decode_attention(qr[a:b], k[lo:hi, :, P:], v[lo:hi, :, P:], plan.valid[a:b], pk, pv,
                                               torch.full((n,), P - start, dtype=torch.long), group, self.scale,
-                                              tiles=kernel.past_tiles(pk, pv) if tiled else None, own_of=group))
+                                              tiles=kernel.past_tiles(pk, pv) if plan.tiled else None, own_of=group))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.reshape(N, H * D)
 
@@ -440,13 +440,14 @@ class _PastPlan:
     """FastLlama._past_plan: runs (lo, hi, start) of rows whose pasts start at column `start`; the N new tokens
     (query rows) in row order: idx [N] their positions in the padded [B * S], valid [N, S] bool (new token t
     of a row sees its row's new tokens u <= t), rows [N] their rows, first [B + 1] where each row's start;
-    past: the columns before the new part."""
+    past: the columns before the new part; tiled: the pasts laid out as AMX tiles (decided once a forward)."""
     runs: list
     valid: torch.Tensor
     rows: torch.Tensor
     past: int
     idx: torch.Tensor
     first: list
+    tiled: bool
 
 
 def _root(prompts: SharedPrompts, layer: int, fp32: bool) -> tuple | None:
