@@ -423,6 +423,28 @@ def test_decode_attention_kernel_equals_softmax_over_each_rows_prompt_and_own_ke
                 assert (tiled == pairs).float().mean() >= 0.999
 
 
+def test_decode_attention_scores_a_rows_queries_alike_in_every_block_split():
+    """R rows on one prompt make a task of 3R queries, which the score kernel takes in near-equal blocks of up to 16
+    (3: one block, 9: one, 18: 9 + 9, 33: 11 + 11 + 11). A row's numbers must not depend on how many rows share its
+    prompt: each R equals the reference, and its rows equal the same rows computed among 11, bit for bit."""
+    kernel = decode_kernels_or_skip()
+    torch.manual_seed(5)
+    Hk, g, D, L, W, B = 3, 3, 64, 45, 7, 11
+    pk, pv = (torch.randn(1, Hk, L, D).to(torch.bfloat16) for _ in range(2))
+    q = torch.randn(B, Hk, g, D).to(torch.bfloat16)
+    k, v = (torch.randn(B, Hk, W, D).to(torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([L])
+    every = kernel.decode_attention(q, k, v, None, pk, pv, lens, torch.zeros(B, dtype=torch.long), D ** -0.5)
+    for R in (1, 3, 5, 6, 11):
+        got = kernel.decode_attention(q[:R], k[:R], v[:R], None, pk, pv, lens, torch.zeros(R, dtype=torch.long),
+                                      D ** -0.5)
+        assert torch.equal(got, every[:R])
+        for b in range(R):
+            keys, vals = torch.cat([pk[0], k[b]], 1).float(), torch.cat([pv[0], v[b]], 1).float()
+            want = torch.softmax(q[b].float() @ keys.transpose(1, 2) * D ** -0.5, -1) @ vals
+            torch.testing.assert_close(got[b].float(), want, atol=1e-2, rtol=1e-2)
+
+
 def _rooted_prompts(head_dim: int, R0: int, dtype):
     """One decode step's attention inputs over prompts that open with one R0-token root: each prompt whole,
     and as slots holding what follows the root (rooted prompts) or the whole prompt (the third, unrooted);

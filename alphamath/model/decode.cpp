@@ -34,7 +34,7 @@
 namespace {
 
 using bf16 = at::BFloat16;
-constexpr int QC = 8;  // queries per block of the score kernel (8 accumulators)
+constexpr int QC = 16;  // queries per block of the score kernel (up to 16 accumulators)
 
 inline __m512 load16(const bf16* p) {  // 16 bf16 -> 16 fp32 (exact: bf16 is fp32's upper half)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -140,15 +140,27 @@ inline void score_block(const uint32_t* qp, const uint32_t* keys, int64_t stride
   }
 }
 
-// score_block over M queries (query i's pairs at qp[i * P]), QC at a time, the last block exactly as many as are
-// left (a task of 3 rows x 3 heads computes 9 queries' scores, not 16); out[i * S + j].
+// score_block over M queries (query i's pairs at qp[i * P]), in as few blocks of at most QC as M allows, of near
+// equal size: each accumulator is a chain of P dependent vdpbf16ps, so a block of fewer queries than the pipeline holds
+// in flight waits on their latency. A task of 3 rows x 3 heads scores its 9 queries in one block, where 8 + 1 had cost
+// the lone query's chain nearly as much again as the other 8 (s49); out[i * S + j].
 template <int P>
 inline void score_rows(const uint32_t* qp, int64_t M, const uint32_t* keys, int64_t stride, int64_t cols,
                        int64_t len, __m512 vscale, float* out, int64_t S) {
-  for (int64_t i0 = 0; i0 < M; i0 += QC) {
+  const int64_t blocks = (M + QC - 1) / QC;
+  for (int64_t b = 0, i0 = 0; b < blocks; ++b) {
+    const int64_t c = (M - i0) / (blocks - b);  // the rest split evenly, the larger blocks last
     const uint32_t* qb = qp + i0 * P;
     float* o = out + i0 * S;
-    switch (std::min<int64_t>(QC, M - i0)) {
+    switch (c) {
+      case 16: score_block<16, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 15: score_block<15, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 14: score_block<14, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 13: score_block<13, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 12: score_block<12, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 11: score_block<11, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 10: score_block<10, P>(qb, keys, stride, cols, len, vscale, o, S); break;
+      case 9: score_block<9, P>(qb, keys, stride, cols, len, vscale, o, S); break;
       case 8: score_block<8, P>(qb, keys, stride, cols, len, vscale, o, S); break;
       case 7: score_block<7, P>(qb, keys, stride, cols, len, vscale, o, S); break;
       case 6: score_block<6, P>(qb, keys, stride, cols, len, vscale, o, S); break;
@@ -158,6 +170,7 @@ inline void score_rows(const uint32_t* qp, int64_t M, const uint32_t* keys, int6
       case 2: score_block<2, P>(qb, keys, stride, cols, len, vscale, o, S); break;
       default: score_block<1, P>(qb, keys, stride, cols, len, vscale, o, S); break;
     }
+    i0 += c;
   }
 }
 
