@@ -1167,6 +1167,26 @@ def test_a_cache_layer_written_in_place_counts_its_columns_and_refuses_to_overru
         layer.advance(1)
 
 
+def test_a_cache_layer_keeps_one_slice_of_columns_as_it_keeps_them_row_by_row():
+    """`gather` with one slice of columns for every kept row (a compaction with no holes, `_Batch._select`) picks the
+    rows by index_select; it must keep what the row-by-row gather keeps, with the same room after it."""
+    import torch
+
+    from alphamath.lm.kv import _RoomyLayer
+
+    def layer():
+        g = torch.Generator().manual_seed(1)
+        keys, values = (torch.randn(5, 3, 9, 4, generator=g).to(torch.bfloat16) for _ in range(2))
+        return _RoomyLayer(keys, values, 7)
+
+    rows = torch.tensor([0, 2, 3])
+    by_row, by_slice = layer(), layer()
+    by_row.gather(rows, torch.arange(3, 7)[None].expand(3, 4), room=2)
+    by_slice.gather(rows, slice(3, 7), room=2)
+    assert by_slice.n == by_row.n == 4 and by_slice.buffers()[0].shape == by_row.buffers()[0].shape == (3, 3, 6, 4)
+    assert torch.equal(by_slice.keys, by_row.keys) and torch.equal(by_slice.values, by_row.values)
+    assert torch.equal(by_slice.keys, layer().keys[rows][:, :, 3:7])
+
 def test_a_step_that_finishes_no_request_wakes_no_waiting_caller(lm, monkeypatch):
     """Callers waiting on the decode loop are woken when a request is queued, when a step finishes a request and
     when the loop's leader leaves, not after every step: at 16 concurrent searches every waiting thread had woken

@@ -86,13 +86,20 @@ class _RoomyLayer(DynamicLayer):
         self._set(n + m)
         return self.keys, self.values
 
-    def gather(self, rows: torch.Tensor, columns: torch.Tensor, room: int) -> None:
-        """Keep batch `rows`, row r holding its columns `columns[r]` [n] in order, then `room` (one copy)."""
-        n = columns.shape[1]
+    def gather(self, rows: torch.Tensor, columns: torch.Tensor | slice, room: int) -> None:
+        """Keep batch `rows`, row r holding its columns `columns[r]` [n] in order, then `room` (one copy). `columns`
+        may be one slice that every row keeps (no holes): then the rows are picked by index_select, which copied a
+        40-row batch's own columns ~6x faster than the two-index gather (~3 against ~17 ms for the 60 K/V buffers of
+        a compaction at 16 searches, s49)."""
+        n = columns.stop - columns.start if isinstance(columns, slice) else columns.shape[1]
         k = self._k.new_empty(len(rows), self._k.shape[1], n + room, self._k.shape[3])
         v = torch.empty_like(k)
-        k[:, :, :n] = self._k[rows[:, None], :, columns].transpose(1, 2)
-        v[:, :, :n] = self._v[rows[:, None], :, columns].transpose(1, 2)
+        if isinstance(columns, slice):
+            k[:, :, :n] = self._k[:, :, columns].index_select(0, rows)
+            v[:, :, :n] = self._v[:, :, columns].index_select(0, rows)
+        else:
+            k[:, :, :n] = self._k[rows[:, None], :, columns].transpose(1, 2)
+            v[:, :, :n] = self._v[rows[:, None], :, columns].transpose(1, 2)
         self._k, self._v = k, v
         self._set(n)
 
@@ -547,8 +554,11 @@ class _Batch:
         order = torch.sort(used.to(torch.int8), dim=1, stable=True).indices[:, self.width - n:]
         pad = torch.arange(n, device=dev)[None] < (n - counts)[:, None]
         room = max(room, self.mask.shape[1] - n)  # the capacity it had: squeezed holes become room
+        # No holes (no rejected draft among the kept rows): every row keeps the last n columns, one slice for all.
+        W = self.width
+        run = slice(W - n, W) if bool((order == torch.arange(W - n, W, device=dev)).all()) else order
         for layer in self.layers:
-            layer.gather(idx, order, room)
+            layer.gather(idx, run, room)
         self.mask = _with_room((~pad).long(), room)
         self.head_values = _with_room(self.head_values[idx[:, None], order], room)
         self.pos, self.width = self.pos[idx], n
