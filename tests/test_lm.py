@@ -1169,7 +1169,8 @@ def test_a_cache_layer_written_in_place_counts_its_columns_and_refuses_to_overru
 
 def test_a_cache_layer_keeps_one_slice_of_columns_as_it_keeps_them_row_by_row():
     """`gather` with one slice of columns for every kept row (a compaction with no holes, `_Batch._select`) picks the
-    rows by index_select; it must keep what the row-by-row gather keeps, with the same room after it."""
+    rows by index_select; it must keep what the row-by-row gather keeps, with the same room after it. Rows that each
+    keep their own columns (a draft's holes squeezed out) get exactly those, in order."""
     import torch
 
     from alphamath.lm.kv import _RoomyLayer
@@ -1186,6 +1187,11 @@ def test_a_cache_layer_keeps_one_slice_of_columns_as_it_keeps_them_row_by_row():
     assert by_slice.n == by_row.n == 4 and by_slice.buffers()[0].shape == by_row.buffers()[0].shape == (3, 3, 6, 4)
     assert torch.equal(by_slice.keys, by_row.keys) and torch.equal(by_slice.values, by_row.values)
     assert torch.equal(by_slice.keys, layer().keys[rows][:, :, 3:7])
+    holes = torch.tensor([[0, 2, 5, 6], [1, 3, 4, 6], [2, 3, 5, 6]])  # each row its own columns, holes squeezed out
+    by_row = layer()
+    by_row.gather(rows, holes, room=1)
+    want = torch.stack([layer().values[r][:, c] for r, c in zip(rows.tolist(), holes)])
+    assert by_row.buffers()[1].shape == (3, 3, 5, 4) and torch.equal(by_row.values, want)
 
 def test_a_step_that_finishes_no_request_wakes_no_waiting_caller(lm, monkeypatch):
     """Callers waiting on the decode loop are woken when a request is queued, when a step finishes a request and
