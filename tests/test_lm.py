@@ -1193,6 +1193,7 @@ def test_a_cache_layer_keeps_one_slice_of_columns_as_it_keeps_them_row_by_row():
     want = torch.stack([layer().values[r][:, c] for r, c in zip(rows.tolist(), holes)])
     assert by_row.buffers()[1].shape == (3, 3, 5, 4) and torch.equal(by_row.values, want)
 
+
 def test_a_step_that_finishes_no_request_wakes_no_waiting_caller(lm, monkeypatch):
     """Callers waiting on the decode loop are woken when a request is queued, when a step finishes a request and
     when the loop's leader leaves, not after every step: at 16 concurrent searches every waiting thread had woken
