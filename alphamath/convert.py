@@ -141,6 +141,8 @@ def node_from_pb(m: events_pb2.TreeNode) -> Node:
             kw[name] = list(m.children)
         elif name in _NODE_OPTIONAL and not m.HasField(pb_name):
             kw[name] = None
+        elif name == "share" and not m.HasField("share"):  # a tree from before the field: one sample each
+            kw[name] = 1.0
         else:
             kw[name] = getattr(m, pb_name)
     return Node(**kw)
@@ -216,7 +218,7 @@ def check_tree_structure(nodes: list[Node]) -> None:
                                  f"{nodes[n.parent].depth}")
         if n.N < 0 or n.token_count < 0:
             raise ValueError(f"node {i} has a negative count (visits {n.N}, tokens {n.token_count})")
-        for name in ("W", "prior", "value"):
+        for name in ("W", "prior", "value", "share"):
             try:
                 check_finite(f"node {i} {name}", getattr(n, name))
             except ValueError as e:

@@ -35,6 +35,9 @@ class Node:
     correct: bool | None = None
     token_count: int = 0
     children: list[int] = field(default_factory=list)
+    # Of the samples drawn in the expansion that made this node, the share that were this very step
+    # (identical samples are one child). SBS's vote weighs an answer by the product along its path.
+    share: float = 1.0
 
     @property
     def Q(self) -> float:
@@ -70,11 +73,12 @@ class Tree:
     def root(self) -> Node:
         return self.nodes[0]
 
-    def add_child(self, parent: int, step: Step, prior: float, token_count: int = 0) -> Node:
+    def add_child(self, parent: int, step: Step, prior: float, token_count: int = 0,
+                  share: float = 1.0) -> Node:
         node = Node(id=len(self.nodes), parent=parent, depth=self.nodes[parent].depth + 1,
                     text=step.text, kind=step.kind, code=step.code, output=step.output,
                     code_error=step.code_error, prior=prior, answer=step.answer,
-                    token_count=token_count)
+                    token_count=token_count, share=share)
         self.nodes.append(node)
         self.nodes[parent].children.append(node.id)
         return node

@@ -7,12 +7,17 @@ which shrinks the beam.
 Unlike the paper's code, where the answer is the kept answer with the highest value, the answer
 is a value-weighted vote over every answer the search generated (`vote`): equivalent answers form
 a group, and a group scores the sum of its members' (1 + value) / 2, the head's chance that each is
-right. A head that ranks well within a question still decides (one answer at +0.9 outweighs nine
-at -0.9). A head that cannot, which at this model size is what self-training gives (within-question
-AUC 0.53 at round 1 and 0.60 at round 2, session 33), no longer picks nearly at random among the
-samples but falls back on their agreement: under a constant head the vote is a majority vote. On
-the same trees it answered 20 and 29 of 100 held-out problems where the highest value answered 15
-and 27 (README: so far a gain the size of run-to-run noise). It also answers when the beam kept
+right, each weighted by the share of the search's samples that wrote its path (`path_share`).
+Identical samples are one node, so without that weight a step the policy drew 12 times in 15
+counted as much as one drawn once, and the vote leaned to the policy's rare steps, the more so the
+surer a trained policy grew (session 50; `distinct_vote_node` in the tree's meta keeps what that
+rule answered, and the evaluation reports it as `sbs_distinct`). A head that ranks well within a
+question still decides (one answer at +0.9 outweighs nine at -0.9). A head that cannot, which at
+this model size is what self-training gives (within-question AUC 0.53 at round 1 and 0.60 at
+round 2, session 33), no longer picks nearly at random among the samples but falls back on their
+agreement: under a constant head the vote is a majority vote. On the same trees it answered 20 and
+29 of 100 held-out problems where the highest value answered 15 and 27 (README: so far a gain the
+size of run-to-run noise). It also answers when the beam kept
 no answer (every kept path ran into the depth limit), where the paper's code returns nothing.
 """
 from __future__ import annotations
@@ -48,7 +53,19 @@ def sbs(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchC
     answers = [n for n in tree.nodes if n.terminal_reason == "answer" and n.value is not None]
     tree.meta["iterations_done"] = step
     tree.meta["kept_answers"] = len(final)
-    return finish(tree, vote(answers, equiv), check)
+    distinct = vote(answers, equiv, weight=lambda n: 1.0)  # the rule before session 50, for comparison
+    tree.meta["distinct_vote_node"] = distinct.id if distinct else None
+    return finish(tree, vote(answers, equiv, weight=lambda n: path_share(tree, n)), check)
+
+
+def path_share(tree: Tree, node: Node) -> float:
+    """The share of the search's samples that led to `node`: the product of `Node.share` along its
+    path, an estimate of how often the policy (at the search's temperature, within the kept beams)
+    writes this path."""
+    share = 1.0
+    for n in tree.path(node.id):
+        share *= n.share
+    return share
 
 
 def group_answers(answers: list[Node], same: Checker | None = None) -> list[list[Node]]:
@@ -66,18 +83,21 @@ def group_answers(answers: list[Node], same: Checker | None = None) -> list[list
     return groups
 
 
-def vote_score(values) -> float:
-    """A group's score in the vote: the sum of (1 + value) / 2, the head's chance that each is right."""
-    return sum((1 + v) / 2 for v in values)
+def vote_score(values, weights=None) -> float:
+    """A group's score in the vote: the sum of (1 + value) / 2, the head's chance that each is right,
+    each times its weight (default 1)."""
+    values = list(values)
+    weights = [1.0] * len(values) if weights is None else list(weights)
+    return sum(w * (1 + v) / 2 for v, w in zip(values, weights))
 
 
-def vote(answers: list[Node], same: Checker | None = None) -> Node | None:
+def vote(answers: list[Node], same: Checker | None = None, weight=lambda n: 1.0) -> Node | None:
     """Value-weighted vote: each group of equivalent answers scores `vote_score` of its members'
-    values; the best group's highest-valued member (ties: the group seen first)."""
+    values and weights; the best group's highest-valued member (ties: the group seen first)."""
     groups = group_answers(answers, same)
     if not groups:
         return None
-    best = max(groups, key=lambda g: vote_score(n.value for n in g))
+    best = max(groups, key=lambda g: vote_score((n.value for n in g), (weight(n) for n in g)))
     return max(best, key=lambda n: n.value)
 
 

@@ -41,11 +41,15 @@ def test_paired_comparisons_count_discordant_problems():
     base["sbs_zero"] = base["sbs"]
     r1 = {"greedy": {i: k < 6 for k, i in enumerate(ids)},     # +4 problems, none lost
           "sbs": {i: 1 <= k < 4 for k, i in enumerate(ids)},   # wins q3, loses q0: net 0
-          "sbs_zero": {i: k < 1 for k, i in enumerate(ids)}}
+          "sbs_zero": {i: k < 1 for k, i in enumerate(ids)},
+          "sbs_distinct": {i: k < 2 for k, i in enumerate(ids)}}  # the same SBS trees, one vote a distinct step
     report = {"rows": [{"round": 0, "outcomes": base}, {"round": 1, "outcomes": r1}]}
     got = {(c["round"], c["a"], c["b"]): c for c in paired(report)}
     assert set(got) == {(0, "sbs", "greedy"), (1, "greedy", "round 0 greedy"), (1, "sbs", "round 0 sbs"),
-                        (1, "sbs_zero", "round 0 sbs_zero"), (1, "sbs", "sbs_zero"), (1, "sbs", "greedy")}
+                        (1, "sbs_zero", "round 0 sbs_zero"), (1, "sbs", "sbs_zero"), (1, "sbs", "greedy"),
+                        (1, "sbs", "sbs_distinct")}
+    d = got[(1, "sbs", "sbs_distinct")]
+    assert (d["a_only"], d["b_only"], d["points"]) == (2, 1, 10.0)
     g = got[(1, "greedy", "round 0 greedy")]
     assert (g["a_only"], g["b_only"], g["n"], g["points"]) == (4, 0, 10, 40.0)
     assert g["p_value"] == 2 / 16  # all 4 discordant problems on one side: 2 * (1/2)^4
@@ -69,7 +73,8 @@ def test_one_round_writes_report_and_learning_curve(tiny_model_dir, tmp_path):
     rows = report["rows"]
     assert [r["round"] for r in rows] == [0, 1]
     for r in rows:
-        assert set(r["acc"]) == {f"{s}_{m}" for s in ("arith", "hand") for m in ("greedy", "sbs", "sbs_zero")}
+        methods = ("greedy", "sbs", "sbs_zero", "sbs_distinct")
+        assert set(r["acc"]) == {f"{s}_{m}" for s in ("arith", "hand") for m in methods}
         assert all(len(v) == 4 for v in r["outcomes"].values())  # 2 + 2 held-out problems
     assert rows[0]["value_next"]["trees"] == 2  # the base head on round 1's fresh trees
     assert rows[1]["trees"] == 2 and set(rows[1]["coverage"]) == {"N=1", "N=2"}

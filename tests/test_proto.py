@@ -33,7 +33,7 @@ def _tree() -> Tree:
                    "timings": {"total_s": 0.123456789}, "unicode": "√2 ≈ 1.414"})
     a = t.add_child(0, Step("Add them.\n", "code", code="print(2+3)", output="5\n"), prior=0.8123456789,
                     token_count=17)
-    b = t.add_child(0, Step("It is 6.", "answer", answer="6"), prior=0.1 + 0.2, token_count=5)
+    b = t.add_child(0, Step("It is 6.", "answer", answer="6"), prior=0.1 + 0.2, token_count=5, share=0.4)
     c = t.add_child(a.id, Step("So \\boxed{5}.", "answer", answer="5"), prior=1 / 3, token_count=8)
     t.add_child(a.id, Step("", "malformed"), prior=1e-300, token_count=0)
     a.value, b.value, c.value = -0.25, -1.0, 1.0
@@ -59,6 +59,15 @@ def test_tree_event_round_trip_is_exact():
     assert ev.created_at.ToDatetime(tzinfo=timezone.utc) == when
     assert ev.nodes[1].q == pytest.approx(0.875) and ev.nodes[1].visits == 2
     assert not ev.nodes[0].HasField("parent") and ev.nodes[1].parent == 0
+
+
+def test_a_tree_event_from_before_the_share_field_reads_one_sample_a_node():
+    ev = convert.tree_to_event(_tree(), event_id="e1")
+    for m in ev.nodes:
+        m.ClearField("share")
+    back = convert.tree_from_event(events_pb2.TreeEvent.FromString(ev.SerializeToString()))
+    assert [n.share for n in back.nodes] == [1.0] * len(back.nodes)
+    assert convert.tree_from_event(convert.tree_to_event(_tree())).nodes[2].share == 0.4
 
 
 def test_tree_event_covers_every_node_field():

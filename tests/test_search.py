@@ -70,6 +70,7 @@ def test_expansion_dedupes_keeps_malformed_and_sets_priors():
     assert [k.text for k in kids] == ["A", "I am not sure", "So \\boxed{5}"]
     assert [k.terminal_reason for k in kids] == [None, "malformed", "answer"]
     assert kids[0].prior == pytest.approx(0.8) and prior(A) == pytest.approx(0.8)
+    assert [k.share for k in kids] == [0.6, 0.2, 0.2]  # A was drawn 3 times of 5
     values = evaluate(t, kids[1:], ConstValue(0.3), exact)
     assert values == [-1.0, -1.0] and kids[2].correct is False
 
@@ -214,6 +215,30 @@ def test_sbs_answers_by_a_value_weighted_vote_over_every_answer_it_generated():
     value = ConstValue(-0.9, by_text={"four": 0.9})
     t = solve("q", "sbs", ScriptedPolicy({(): root}), value, ScriptedSandbox(), cfg, ground_truth="4", check=exact)
     assert t.meta["answer"] == "4" and t.meta["correct"] is True
+
+
+def test_sbs_counts_every_sample_of_a_merged_step_in_its_vote():
+    """Identical samples are one node; the vote weighs an answer by the share of the samples that wrote
+    its path, so a step the policy drew 3 times in 5 outweighs two answers drawn once each."""
+    root = [sample("four \\boxed{4}</step>"), sample("five \\boxed{5}</step>"), sample("four \\boxed{4}</step>"),
+            sample("again \\boxed{5}</step>"), sample("four \\boxed{4}</step>")]
+    cfg = SearchConfig(beam_b1=5, beam_b2=1, max_depth=8)
+    t = solve("q", "sbs", ScriptedPolicy({(): root}), ConstValue(0.0), ScriptedSandbox(), cfg,
+              ground_truth="4", check=exact)
+    answers = [n for n in t.nodes if n.terminal_reason == "answer"]
+    assert [(n.answer, n.share) for n in answers] == [("4", 0.6), ("5", 0.2), ("5", 0.2)]
+    assert t.meta["answer"] == "4" and t.meta["correct"] is True  # 0.6 x 0.5 against 2 x 0.2 x 0.5
+    assert t.nodes[t.meta["distinct_vote_node"]].answer == "5"  # one vote per node: 2 against 1
+    # Deeper, the shares multiply along the path: "7" is 3/4 x 1/2 of the samples, "8" 1/4.
+    policy = ScriptedPolicy({(): [sample("a</step>"), sample("a</step>"), sample("a</step>"),
+                                  sample("b \\boxed{8}</step>")],
+                             ("a",): [sample("x \\boxed{7}</step>"), sample("y \\boxed{9}</step>")]})
+    value = ConstValue(0.0, by_text={"a<": 0.9})
+    t = solve("q", "sbs", policy, value, ScriptedSandbox(), SearchConfig(beam_b1=2, beam_b2=2, max_depth=8))
+    shares = {n.answer: n.share for n in t.nodes if n.terminal_reason == "answer"}
+    assert shares == {"8": 0.25, "7": 0.5, "9": 0.5}
+    assert t.meta["answer"] == "7"  # 0.375 (ties with "9", seen later) against 0.25 for "8"
+    assert t.nodes[t.meta["distinct_vote_node"]].answer == "8"  # one node each: the first seen
 
 
 def test_greedy_and_majority():

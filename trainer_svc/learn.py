@@ -178,7 +178,7 @@ def paired(report: dict) -> list[dict]:
     out = []
     for r in rows:
         o = r["outcomes"]
-        pairs = [("sbs", "greedy", o)]
+        pairs = [("sbs", "greedy", o), ("sbs", "sbs_distinct", o)]  # the vote by samples against by distinct steps
         if r is not base:  # at round 0 the head is zero already: sbs_zero is sbs
             pairs = [("sbs", "sbs_zero", o)] + pairs
             if base is not None:

@@ -105,6 +105,10 @@ def evaluate(engine, problems: Sequence, cfg: EvalConfig | None = None, check=No
         def done(p, tree, _secs):
             nonlocal agree, judged
             outcomes[p.id] = bool(tree.meta.get("correct"))
+            if "distinct_vote_node" in tree.meta:  # SBS: what the vote by distinct steps answered, same tree
+                alt = tree.meta["distinct_vote_node"]
+                metrics["outcomes"].setdefault(f"{method}_distinct", {})[p.id] = alt is not None and bool(
+                    check(tree.nodes[alt].answer, p.answer))
             for node in tree.nodes:
                 if node.terminal_reason == "answer" and node.value is not None:
                     ok = node.correct if node.correct is not None else bool(check(node.answer, p.answer))

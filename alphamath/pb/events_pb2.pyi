@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TreeNode(_message.Message):
-    __slots__ = ("id", "parent", "depth", "text", "kind", "code", "output", "code_error", "prior", "value", "visits", "value_sum", "q", "terminal_reason", "answer", "correct", "token_count", "children")
+    __slots__ = ("id", "parent", "depth", "text", "kind", "code", "output", "code_error", "prior", "value", "visits", "value_sum", "q", "terminal_reason", "answer", "correct", "token_count", "children", "share")
     ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class TreeNode(_message.Message):
     CORRECT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
     id: int
     parent: int
     depth: int
@@ -47,7 +48,8 @@ class TreeNode(_message.Message):
     correct: bool
     token_count: int
     children: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[int] = ..., parent: _Optional[int] = ..., depth: _Optional[int] = ..., text: _Optional[str] = ..., kind: _Optional[str] = ..., code: _Optional[str] = ..., output: _Optional[str] = ..., code_error: _Optional[bool] = ..., prior: _Optional[float] = ..., value: _Optional[float] = ..., visits: _Optional[int] = ..., value_sum: _Optional[float] = ..., q: _Optional[float] = ..., terminal_reason: _Optional[str] = ..., answer: _Optional[str] = ..., correct: _Optional[bool] = ..., token_count: _Optional[int] = ..., children: _Optional[_Iterable[int]] = ...) -> None: ...
+    share: float
+    def __init__(self, id: _Optional[int] = ..., parent: _Optional[int] = ..., depth: _Optional[int] = ..., text: _Optional[str] = ..., kind: _Optional[str] = ..., code: _Optional[str] = ..., output: _Optional[str] = ..., code_error: _Optional[bool] = ..., prior: _Optional[float] = ..., value: _Optional[float] = ..., visits: _Optional[int] = ..., value_sum: _Optional[float] = ..., q: _Optional[float] = ..., terminal_reason: _Optional[str] = ..., answer: _Optional[str] = ..., correct: _Optional[bool] = ..., token_count: _Optional[int] = ..., children: _Optional[_Iterable[int]] = ..., share: _Optional[float] = ...) -> None: ...
 
 class TreeEvent(_message.Message):
     __slots__ = ("schema_version", "event_id", "question_id", "question", "ground_truth", "prompt", "checkpoint", "search_config_json", "nodes", "meta_json", "created_at")
