@@ -12,6 +12,9 @@ sign tests between the methods on the same problems.
     python -m tests.sbs_choices --model var/learn/checkpoints/round-1-XXXX --problems var/learn/heldout.jsonl \
         --out choices.json [--temperature 0.6] [--seed 0] [--anchor]
 
+SBS rows also keep what one vote per distinct step (the vote before session 50) answered on the same
+tree, and the report tests the two rules against each other.
+
 `--anchor` adds `sbs_anchor`: SBS where each beam node's B2 children include its greedy (temperature
 0) next step, so greedy's own steps are always among the candidates the head ranks (session 37: on
 60 fresh arithmetic problems at a round-1 checkpoint it answered 33 against plain SBS's 40 and
@@ -36,9 +39,12 @@ def run_method(engine, problems, method: str, value, cfg, check, concurrency: in
     rows = {}
 
     def done(p, tree, _secs):
-        chosen = tree.meta.get("answer_node")
+        chosen, distinct = tree.meta.get("answer_node"), tree.meta.get("distinct_vote_node")
         rows[p.id] = {
             "correct": bool(tree.meta.get("correct")),
+            # SBS: what one vote per distinct step (the rule before session 50) answered on this tree
+            "distinct_correct": None if "distinct_vote_node" not in tree.meta else
+            distinct is not None and bool(check(tree.nodes[distinct].answer, p.answer)),
             "depth": tree.nodes[chosen].depth if chosen is not None else None,
             "answers": [{"depth": n.depth, "value": n.value, "correct": bool(check(n.answer, p.answer)),
                          "answer": n.answer} for n in tree.nodes if n.terminal_reason == "answer"],
@@ -82,7 +88,9 @@ def summary(rows: dict) -> dict:
     answers = [[(a["value"], a["correct"], a["answer"]) for a in r["answers"]] for r in rows.values()]
     a1 = [a["value"] for r in rows.values() for a in r["answers"] if a["depth"] == 1]
     o1 = [v for r in rows.values() for d, v in r["opens"] if d == 1]
+    distinct = [r.get("distinct_correct") for r in rows.values()]
     return {"solved": sum(r["correct"] for r in rows.values()), "n": len(rows),
+            "solved_by_distinct_steps": None if None in distinct else sum(distinct),
             "chosen_depth": dict(Counter(str(r["depth"]) for r in rows.values())),
             **per_question(answers),
             "weighted_vote": mean([w for w in map(weighted_vote, answers) if w is not None]),
@@ -139,6 +147,12 @@ def main(argv=None) -> None:
             ids = sorted(set(ra) & set(rb))
             t = sign_test([ra[k]["correct"] for k in ids], [rb[k]["correct"] for k in ids])
             print(f"{a} vs {b}: {t['a_only']} won, {t['b_only']} lost of {len(ids)}, p = {t['p_value']:.3g}")
+    for a in names:
+        rows = res[a]["rows"]
+        if rows and all(r.get("distinct_correct") is not None for r in rows.values()):
+            t = sign_test([r["correct"] for r in rows.values()], [r["distinct_correct"] for r in rows.values()])
+            print(f"{a}, votes by samples vs by distinct steps (same trees): {t['a_only']} won, {t['b_only']} lost "
+                  f"of {len(rows)}, p = {t['p_value']:.3g}")
     out.write_text(json.dumps(res))
     print(f"peak RSS {peak_rss_mb()} MB")
 

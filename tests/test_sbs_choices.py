@@ -20,6 +20,10 @@ def test_summary_counts_the_chosen_depths_and_compares_depth_one_answers_with_op
     assert s["depth1_open_value"] == pytest.approx(-0.7)    # (-0.8 - 0.6) / 2
     assert s["within_auc"] == 1.0 and s["within_trees"] == 1  # only tree a holds both kinds
     assert s["oracle"] == pytest.approx(0.5)                  # trees with answers: a (right), c (wrong)
+    assert s["solved_by_distinct_steps"] is None              # rows without the other rule's answer (greedy)
+    for r, got in zip(rows.values(), (False, False, True)):
+        r["distinct_correct"] = got
+    assert summary(rows)["solved_by_distinct_steps"] == 1
 
 
 def test_weighted_vote_sums_each_answers_chance_and_is_majority_under_a_constant_head():
