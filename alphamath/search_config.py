@@ -11,7 +11,7 @@ METHODS = ("greedy", "sbs", "mcts", "majority")
 # arithmetic problems at a round-1 checkpoint, 3 seeds: 44, 42, 44 solved at 0.3, 40, 36, 38 at 0.6 (greedy 42).
 # MCTS data generation keeps `temperature` (0.6): its coverage needs varied samples. A trained policy is surer: at a
 # round-3 checkpoint (session 50) 0.3's 15 root samples made a median of 2 distinct steps, and SBS solved 49 of 100
-# at 0.3, 51 at 0.6, 46 at 1.0 (greedy 48); one run, so 0.3 stays until rounds at another setting are measured.
+# at 0.3, 51 at 0.6, 46 at 1.0 (greedy 48); but at rounds 1 and 2, 0.6 solved 36 and 41 against 0.3's 42 and 42.
 SBS_TEMPERATURE = 0.3
 SELECT_BY = ("q", "value", "visits")
 

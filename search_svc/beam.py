@@ -10,8 +10,8 @@ a group, and a group scores the sum of its members' (1 + value) / 2, the head's 
 right, each weighted by the share of the search's samples that wrote its path (`path_share`).
 Identical samples are one node, so without that weight a step the policy drew 12 times in 15
 counted as much as one drawn once, which leans to the policy's rare steps once its samples differ:
-at a round-3 checkpoint with samples at 0.6 the vote by samples answered 51 of 100 held-out
-problems where one vote per distinct step answered 44 on the same trees; at 0.3 the two rules
+with samples at 0.6 the vote by samples answered 36, 41 and 51 of 100 held-out problems at
+rounds 1-3 where one vote per distinct step answered 28, 40 and 44 on the same trees; at 0.3 the two rules
 answered alike (19 won, 17 lost over rounds 0-3), as the samples barely differed (session 50;
 `distinct_vote_node` in the tree's meta keeps what the old rule answered, and the evaluation
 reports it as `sbs_distinct`). A head that ranks well within a
