@@ -10,20 +10,22 @@ a group, and a group scores the sum of its members' (1 + value) / 2, the head's 
 right, each weighted by the share of the search's samples that wrote its path (`path_share`).
 Identical samples are one node, so without that weight a step the policy drew 12 times in 15
 counted as much as one drawn once, which leans to the policy's rare steps once its samples differ:
-with samples at 0.6 the vote by samples answered 36, 41 and 51 of 100 held-out problems at
-rounds 1-3 where one vote per distinct step answered 28, 40 and 44 on the same trees; at 0.3 the two rules
+with samples at 0.6 the vote by samples answered 36, 41 and 51 of 100 held-out problems at rounds
+1-3 where one vote per distinct step answered 28, 40 and 44 on the same trees; at 0.3 the two rules
 answered alike (19 won, 17 lost over rounds 0-3), as the samples barely differed (session 50;
 `distinct_vote_node` in the tree's meta keeps what the old rule answered, and the evaluation
-reports it as `sbs_distinct`). A head that ranks well within a
-question still decides (one answer at +0.9 outweighs nine at -0.9). A head that cannot, which at
-this model size is what self-training gives (within-question AUC 0.53 at round 1 and 0.60 at
-round 2, session 33), no longer picks nearly at random among the samples but falls back on their
-agreement: under a constant head the vote is a majority vote. On the same trees it answered 20 and
-29 of 100 held-out problems where the highest value answered 15 and 27 (README: so far a gain the
-size of run-to-run noise). It also answers when the beam kept
-no answer (every kept path ran into the depth limit), where the paper's code returns nothing.
+reports it as `sbs_distinct`). A head that ranks well within a question still decides (one answer
+at +0.9 outweighs nine at -0.9). A head that cannot, which at this model size is what
+self-training gives (within-question AUC 0.53 at round 1 and 0.60 at round 2, session 33), no
+longer picks nearly at random among the samples but falls back on their agreement: under a
+constant head the vote is a majority vote. On the same trees it answered 20 and 29 of 100
+held-out problems where the highest value answered 15 and 27 (README: so far a gain the size of
+run-to-run noise). It also answers when the beam kept no answer (every kept path ran into the
+depth limit), where the paper's code returns nothing.
 """
 from __future__ import annotations
+
+from itertools import repeat
 
 from alphamath.interfaces import Policy, Sandbox, Value
 from alphamath.search_config import SearchConfig
@@ -56,7 +58,7 @@ def sbs(tree: Tree, policy: Policy, value: Value, sandbox: Sandbox, cfg: SearchC
     answers = [n for n in tree.nodes if n.terminal_reason == "answer" and n.value is not None]
     tree.meta["iterations_done"] = step
     tree.meta["kept_answers"] = len(final)
-    distinct = vote(answers, equiv, weight=lambda n: 1.0)  # the rule before session 50, for comparison
+    distinct = vote(answers, equiv)  # one vote per distinct step, the rule before session 50: for comparison
     tree.meta["distinct_vote_node"] = distinct.id if distinct else None
     return finish(tree, vote(answers, equiv, weight=lambda n: path_share(tree, n)), check)
 
@@ -89,9 +91,7 @@ def group_answers(answers: list[Node], same: Checker | None = None) -> list[list
 def vote_score(values, weights=None) -> float:
     """A group's score in the vote: the sum of (1 + value) / 2, the head's chance that each is right,
     each times its weight (default 1)."""
-    values = list(values)
-    weights = [1.0] * len(values) if weights is None else list(weights)
-    return sum(w * (1 + v) / 2 for v, w in zip(values, weights))
+    return sum(w * (1 + v) / 2 for v, w in zip(values, repeat(1.0) if weights is None else weights))
 
 
 def vote(answers: list[Node], same: Checker | None = None, weight=lambda n: 1.0) -> Node | None:

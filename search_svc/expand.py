@@ -93,7 +93,7 @@ def add_children(tree: Tree, node_ids: Sequence[int], samples: Sequence[Sequence
         if unique:
             kept, shares = dedupe(node_samples)
         else:
-            kept, shares = list(node_samples), [1 / len(node_samples)] * len(node_samples)
+            kept, shares = list(node_samples), [1 / len(node_samples) for _ in node_samples]
         steps = [parse_step(s) for s in kept]
         if unique and tree.nodes[node_id].children:  # fresh samples at an expanded node: new steps only
             have = {(n.text.strip(), n.code) for n in map(tree.nodes.__getitem__, tree.nodes[node_id].children)}
